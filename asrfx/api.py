@@ -1,0 +1,276 @@
+"""``prepare`` and ``fold``: the two calls a user makes. They orchestrate the passes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+from torch.utils._pytree import tree_flatten
+
+from asrfx.passes import (apply_asr, cleanup, evaluate_constants, find_attention_sites,
+                          fold_scales, fuse_batchnorm)
+from asrfx.passes.graph_utils import module_path
+
+from .errors import FoldMismatch, InputError
+from .report import Report
+from .tracing import (DualModeGraphModule, infer_example_inputs, normalize_inputs,
+                      propagate_shapes, trace_modes)
+
+__all__ = ["prepare", "fold", "relative_error"]
+
+_MODES = ("replace", "both")
+
+
+def _count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _meta(model: nn.Module) -> dict:
+    meta = getattr(model, "meta", None)
+    return meta.get("asrfx", {}) if isinstance(meta, dict) else {}
+
+
+def _attach(gm: fx.GraphModule, report: Report, **info: Any) -> None:
+    gm.meta["asrfx"] = dict(info, stage=report.stage)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["asrfx_report"] = report
+    gm.asrfx_report = report
+
+
+def _inputs_for(model: nn.Module, example_inputs: Any) -> tuple:
+    inputs = normalize_inputs(example_inputs, model)
+    if inputs is not None:
+        return inputs
+    specs = _meta(model).get("input_specs")
+    if specs:
+        device = next((t.device for t in list(model.parameters()) + list(model.buffers())),
+                      torch.device("cpu"))
+        gen = torch.Generator().manual_seed(0)
+        return tuple(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+                     for shape, dtype in specs)
+    return infer_example_inputs(model)
+
+
+def _input_specs(inputs: tuple) -> list:
+    return [(tuple(t.shape), t.dtype) for t in inputs if isinstance(t, torch.Tensor)]
+
+
+def _check_init(init: Any) -> None:
+    if isinstance(init, (int, float, torch.Tensor, dict)) and not isinstance(init, bool):
+        return
+    if init == "normal":
+        return
+    raise InputError(f"init must be a float, a tensor, 'normal' or a dict of those, got {init!r}")
+
+
+def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replace",
+            init: Any = 0.1, leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
+    """Turn every channel attention of ``model`` into its ASR training form.
+
+    Args:
+        model: any ``nn.Module``; it is not modified.
+        example_inputs: a tensor or tuple of tensors the model accepts (shapes are read from
+            them). When omitted, a batch is guessed from the first conv/linear layer.
+        mode: ``"replace"`` — each pooled statistic an attention branch reads becomes a learnable
+            psi (ASR(SE)); ``"both"`` — the original attention stays and an ASR copy with fresh
+            weights is added in front of it (ASR(SE)+SE).
+        init: psi's initial value: a float (0.1, as in the reference), a tensor broadcastable to
+            the statistic's shape, ``"normal"``, or a dict psi name -> one of those.
+        leaf_modules: module names or types to keep opaque while tracing.
+
+    Returns:
+        A GraphModule in the training form (same mode as ``model``), with original parameter
+        names, new ``...psi`` parameters and a report in ``.asrfx_report``.
+
+    Example:
+        >>> train_model = asrfx.prepare(model, example_inputs=(torch.randn(2, 3, 32, 32),))
+        >>> print(train_model.asrfx_report)
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"asrfx.prepare expects an nn.Module, got {type(model).__name__}")
+    if mode not in _MODES:
+        raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
+    _check_init(init)
+    stage = _meta(model).get("stage")
+    if stage in ("prepared", "folded"):
+        out = copy.deepcopy(model)
+        report = Report("prepare", params_before=_count_params(model),
+                        params_after=_count_params(out),
+                        notes=[f"model is already {stage}; returned unchanged"])
+        _attach(out, report, **{k: v for k, v in _meta(model).items() if k != "stage"})
+        out.meta["asrfx"]["stage"] = stage
+        return out
+    work = copy.deepcopy(model)
+    inputs = _inputs_for(work, example_inputs)
+    tr = trace_modes(work, leaf_modules)
+    report = Report("prepare", params_before=_count_params(model))
+    created: dict[str, Any] = {}
+    per_mode_counts = []
+    for i, gm in enumerate(tr.modules()):
+        propagate_shapes(gm, inputs)
+        sites, refusals = find_attention_sites(gm)
+        names = apply_asr(gm, sites, mode=mode, init=init, created=created, root=work)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        per_mode_counts.append(len(sites))
+        if i == 0:
+            for site, psis in zip(sites, names):
+                report.add(site.path, "channel-attention", site.channels,
+                           "converted" if mode == "replace" else "added",
+                           ", ".join(psis), "")
+            for path, reason in refusals:
+                report.add(path, "channel-attention?", 0, "refused", "", reason)
+    if tr.dual:
+        report.notes.append("forward differs between train and eval mode (e.g. drop-path); "
+                            "both graphs were converted")
+        if per_mode_counts[0] != per_mode_counts[1]:
+            report.notes.append(f"train graph has {per_mode_counts[0]} sites, eval graph "
+                                f"{per_mode_counts[1]}")
+    out = tr.build()
+    out.train(model.training)
+    report.params_after = _count_params(out)
+    if not report.sites:
+        report.notes.append("no channel attention found; the model is returned unchanged "
+                            "(use fold() for BN fusion)")
+    _attach(out, report, mode=mode, input_specs=_input_specs(inputs),
+            psi=[n for n in created if n.endswith("psi")])
+    return out
+
+
+def relative_error(ref: Any, out: Any) -> float:
+    """max |ref - out| / max |ref| over all tensors of two (nested) outputs."""
+    a, _ = tree_flatten(ref)
+    b, _ = tree_flatten(out)
+    num, den = 0.0, 0.0
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            x64, y64 = x.detach().double(), y.detach().double()
+            num = max(num, (x64 - y64).abs().max().item() if x64.numel() else 0.0)
+            den = max(den, x64.abs().max().item() if x64.numel() else 0.0)
+    return num / max(den, 1e-12)
+
+
+def _eval_graph_module(model: nn.Module, leaf_modules: Sequence[str | type]) -> fx.GraphModule:
+    """An eval-mode GraphModule over (a copy of) ``model``."""
+    work = copy.deepcopy(model)
+    if isinstance(work, DualModeGraphModule):
+        gm = fx.GraphModule(work, copy.deepcopy(work.eval_graph), "GraphModule")
+    elif isinstance(work, fx.GraphModule):
+        gm = work
+    else:
+        gm = trace_modes(work, leaf_modules).eval
+    gm.eval()
+    return gm
+
+
+def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
+                select: Callable[[str], bool] = lambda k: True) -> dict[str, list]:
+    propagate_shapes(gm, inputs)
+    consts = evaluate_constants(gm, inputs)
+    gm.recompile()
+    propagate_shapes(gm, inputs)
+    scales = fold_scales(gm, select)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    bns = fuse_batchnorm(gm, select) if fuse_bn else []
+    cleanup(gm)
+    return {"consts": consts, "scales": scales, "bns": bns}
+
+
+def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
+         fuse_bn: bool = True, tol: float = 1e-4,
+         leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
+    """Fold a model's ASR branches (and BatchNorms) away: the deploy form.
+
+    Every input-independent branch is evaluated to its constant (eval mode); per-channel
+    constants fold into the producing BatchNorm / Conv / Linear, or into the consuming Conv /
+    Linear; each Conv -> BatchNorm pair becomes one Conv.
+
+    Args:
+        model: a model from :func:`prepare`, or any ``nn.Module`` (then only BN fusion and any
+            constant scales apply). It is not modified and keeps its mode.
+        example_inputs: inputs for evaluating constants and checking the result. Defaults to the
+            shapes recorded by ``prepare``, else a batch guessed from the first layer.
+        check: compare outputs with the unfolded model in eval mode.
+        fuse_bn: fuse Conv -> BatchNorm pairs.
+        tol: the largest relative error (max |a-b| / max |a|) the check accepts.
+
+    Returns:
+        A GraphModule in eval mode with ``.asrfx_report``.
+
+    Raises:
+        FoldMismatch: the check failed; names the site whose fold alone errs most.
+
+    Example:
+        >>> deploy = asrfx.fold(train_model, example_inputs=(x,))
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"asrfx.fold expects an nn.Module, got {type(model).__name__}")
+    if _meta(model).get("stage") == "folded":
+        out = copy.deepcopy(model).eval()
+        report = Report("fold", params_before=_count_params(model),
+                        params_after=_count_params(out), notes=["model is already folded; "
+                                                                "returned unchanged"])
+        _attach(out, report, **{k: v for k, v in _meta(model).items() if k != "stage"})
+        return out
+    inputs = _inputs_for(model, example_inputs)
+    gm = _eval_graph_module(model, leaf_modules)
+    base = copy.deepcopy(gm) if check else None
+    with torch.no_grad():
+        ref = gm(*inputs) if check else None
+    recs = _run_passes(gm, inputs, fuse_bn)
+    report = _fold_report(model, gm, recs, inputs)
+    if check:
+        with torch.no_grad():
+            err = relative_error(ref, gm(*inputs))
+        report.notes.append(f"checked against the unfolded model in eval mode: relative error "
+                            f"{err:.2e} (tolerance {tol:.0e})")
+        if not err <= tol:
+            worst, worst_err = _isolate(base, inputs, fuse_bn, ref, recs)
+            raise FoldMismatch(err, tol, worst,
+                               f"(that site alone gives {worst_err:.2e}) " if worst else "")
+    info = {k: v for k, v in _meta(model).items() if k != "stage"}
+    info["input_specs"] = _input_specs(inputs)
+    _attach(gm, report, **info)
+    return gm
+
+
+def _isolate(base: fx.GraphModule, inputs: tuple, fuse_bn: bool, ref: Any,
+             recs: dict[str, list]) -> tuple[str | None, float]:
+    worst, worst_err = None, -1.0
+    for rec in recs["scales"] + recs["bns"]:
+        if rec.get("action") not in ("folded", "fused"):
+            continue
+        gm = copy.deepcopy(base)
+        _run_passes(gm, inputs, fuse_bn, select=lambda k, key=rec["key"]: k == key)
+        with torch.no_grad():
+            e = relative_error(ref, gm(*inputs))
+        if e > worst_err:
+            worst, worst_err = f"{rec['path'] or '(top)'} -> {rec.get('target')}", e
+    return worst, worst_err
+
+
+def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: dict[str, list],
+                 inputs: tuple) -> Report:
+    report = Report("fold", params_before=_count_params(model), params_after=_count_params(gm))
+    for c in recs["consts"]:
+        if "refused" in c:
+            report.add(c["path"], "constant branch", 0, "kept", "", c["refused"])
+    for r in recs["scales"]:
+        report.add(r["path"], "channel scale", r["channels"], r["action"], r["target"],
+                   r.get("reason", ""))
+    for r in recs["bns"]:
+        report.add(r["path"], "conv+bn", r["channels"], r["action"], r["target"], r["reason"])
+    try:
+        propagate_shapes(gm, inputs)
+        left, _ = find_attention_sites(gm)
+    except Exception:  # noqa: BLE001 - the report must not fail the fold
+        left = []
+    for site in left:
+        report.add(site.path, "channel-attention", site.channels, "kept", "",
+                   "input-dependent attention (prepare() converts it)")
+    return report

@@ -1,0 +1,121 @@
+"""The fold identities, as pure tensor functions (no torch.fx here).
+
+Each function takes and returns plain tensors, computes in float64 and casts the results back to
+the dtype of the weights it was given. A per-channel affine map ``x -> x * s + t`` is the common
+currency: ASR's constant attention is ``s = A(psi)``, ``t = 0``; a residual gate ``x + x * g`` is
+``s = 1 + g``; an additive context block is ``s = 1``, ``t = f(psi)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "fold_scale_into_norm",
+    "fold_scale_into_conv_out",
+    "fold_scale_into_conv_in",
+    "fold_scale_into_linear_in",
+    "compose_affine",
+]
+
+
+def _f64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def _shape_for(vec: Tensor, ndim: int, dim: int = 0) -> Tensor:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return vec.reshape(shape)
+
+
+def compose_affine(s1: Tensor, t1: Tensor, s2: Tensor, t2: Tensor) -> tuple[Tensor, Tensor]:
+    """Compose two per-channel affine maps: ``(x*s1 + t1)*s2 + t2 = x*(s1*s2) + (t1*s2 + t2)``."""
+    return s1 * s2, t1 * s2 + t2
+
+
+def fold_scale_into_norm(weight: Tensor | None, bias: Tensor | None, scale: Tensor,
+                         shift: Tensor | None = None, num_features: int | None = None
+                         ) -> tuple[Tensor, Tensor]:
+    """Fold ``y = norm(x) * s + t`` into the norm's affine parameters.
+
+    A normalisation layer ends with ``gamma * xhat + beta``; then
+    ``(gamma * xhat + beta) * s + t = (gamma * s) * xhat + (beta * s + t)``, so
+    ``gamma' = gamma * s`` and ``beta' = beta * s + t``. A non-affine norm has
+    ``gamma = 1, beta = 0``.
+
+    Returns:
+        (gamma', beta') in the dtype of ``weight`` (or of ``scale`` when the norm had none).
+    """
+    dtype = weight.dtype if weight is not None else scale.dtype
+    n = num_features if num_features is not None else scale.numel()
+    s = _f64(scale).reshape(-1).expand(n)
+    t = torch.zeros_like(s) if shift is None else _f64(shift).reshape(-1).expand(n)
+    g = torch.ones_like(s) if weight is None else _f64(weight)
+    b = torch.zeros_like(s) if bias is None else _f64(bias)
+    return (g * s).to(dtype), (b * s + t).to(dtype)
+
+
+def fold_scale_into_conv_out(weight: Tensor, bias: Tensor | None, scale: Tensor,
+                             shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Fold ``y = conv(x) * s + t`` (or ``linear(x) * s + t``) into the layer.
+
+    Output channel ``o`` of a conv or linear is ``sum_i W[o, i, ...] * x_i + b[o]``, so scaling it
+    by ``s[o]`` and adding ``t[o]`` gives ``W'[o] = s[o] * W[o]`` and ``b'[o] = s[o] * b[o] + t[o]``.
+    Grouping does not matter on the output side.
+
+    Returns:
+        (W', b'); ``b'`` is always a tensor (zeros-based when the layer had no bias).
+    """
+    dtype = weight.dtype
+    w = _f64(weight)
+    out = w.shape[0]
+    s = _f64(scale).reshape(-1).expand(out)
+    t = torch.zeros_like(s) if shift is None else _f64(shift).reshape(-1).expand(out)
+    b = torch.zeros_like(s) if bias is None else _f64(bias)
+    return (w * _shape_for(s, w.dim())).to(dtype), (b * s + t).to(dtype)
+
+
+def fold_scale_into_conv_in(weight: Tensor, bias: Tensor | None, scale: Tensor,
+                            shift: Tensor | None = None, groups: int = 1
+                            ) -> tuple[Tensor, Tensor]:
+    """Fold ``y = conv(x * s + t)`` into the conv's input columns.
+
+    With ``groups`` groups, output channel ``o`` in group ``g`` reads input channels
+    ``g*Cg .. g*Cg + Cg - 1`` (``Cg = C_in / groups``) through ``W[o, j]``; so
+    ``W'[o, j, ...] = W[o, j, ...] * s[g*Cg + j]`` and
+    ``b'[o] = b[o] + sum_{j,k} W[o, j, k] * t[g*Cg + j]``.
+
+    The bias identity holds only where the kernel never reads padding: with zero padding the
+    padded border sees 0, not ``t``. Callers must pass ``shift=None`` (or zeros) unless the conv
+    has no padding. Scaling alone is exact with zero padding, because ``0 * s = 0``.
+
+    Returns:
+        (W', b').
+    """
+    dtype = weight.dtype
+    w = _f64(weight)
+    out, cg = w.shape[0], w.shape[1]
+    s = _f64(scale).reshape(-1).expand(cg * groups)
+    # column scale for each output row: rows of group g use s[g*cg:(g+1)*cg]
+    col = s.reshape(groups, 1, cg).expand(groups, out // groups, cg).reshape(out, cg)
+    w2 = w * col.reshape(out, cg, *([1] * (w.dim() - 2)))
+    b = torch.zeros(out, dtype=torch.float64, device=w.device) if bias is None else _f64(bias)
+    if shift is not None:
+        t = _f64(shift).reshape(-1).expand(cg * groups)
+        tcol = t.reshape(groups, 1, cg).expand(groups, out // groups, cg).reshape(out, cg)
+        b = b + (w * tcol.reshape(out, cg, *([1] * (w.dim() - 2)))).flatten(1).sum(1)
+    return w2.to(dtype), b.to(dtype)
+
+
+def fold_scale_into_linear_in(weight: Tensor, bias: Tensor | None, scale: Tensor,
+                              shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Fold ``y = linear(x * s + t)``: ``W' = W diag(s)``, ``b' = b + W t``."""
+    dtype = weight.dtype
+    w = _f64(weight)
+    s = _f64(scale).reshape(-1).expand(w.shape[1])
+    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else _f64(bias)
+    if shift is not None:
+        b = b + w @ _f64(shift).reshape(-1).expand(w.shape[1])
+    return (w * s.reshape(1, -1)).to(dtype), b.to(dtype)

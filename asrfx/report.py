@@ -1,0 +1,76 @@
+"""Reports attached to prepared and folded models (``gm.asrfx_report``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+from typing import Any
+
+from tabulate import tabulate
+
+__all__ = ["Site", "Report"]
+
+
+@dataclass
+class Site:
+    """One place in the graph a pass looked at.
+
+    Attributes:
+        path: module path of the site (the attention module, or the op's enclosing module).
+        kind: what was found, e.g. "channel-attention", "scale", "conv+bn".
+        channels: number of channels the site acts on (0 if not applicable).
+        action: what happened: "converted", "added", "folded", "fused", "kept", "refused", ...
+        target: where it went (module or parameter the constant was folded into), if anywhere.
+        reason: why a site was refused or kept, empty when it went through.
+    """
+
+    path: str
+    kind: str
+    channels: int = 0
+    action: str = ""
+    target: str = ""
+    reason: str = ""
+
+
+@dataclass
+class Report:
+    """What a call to :func:`asrfx.prepare` or :func:`asrfx.fold` did.
+
+    ``print(report)`` shows a table of sites and the parameter counts.
+    """
+
+    stage: str
+    sites: list[Site] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *args: Any, **kwargs: Any) -> Site:
+        site = Site(*args, **kwargs)
+        self.sites.append(site)
+        return site
+
+    def count(self, action: str | None = None, kind: str | None = None) -> int:
+        """Number of sites with the given action and/or kind."""
+        return sum(1 for s in self.sites
+                   if (action is None or s.action == action) and (kind is None or s.kind == kind))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "sites": [asdict(s) for s in self.sites],
+                "params_before": self.params_before, "params_after": self.params_after,
+                "notes": list(self.notes)}
+
+    def __str__(self) -> str:
+        rows = [[s.path or "(top)", s.kind, s.channels or "", s.action, s.target, s.reason]
+                for s in self.sites]
+        table = tabulate(rows, headers=["site", "kind", "C", "action", "into", "reason"]) if rows \
+            else "(no sites)"
+        counts: dict[str, int] = {}
+        for s in self.sites:
+            counts[s.action] = counts.get(s.action, 0) + 1
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "nothing to do"
+        lines = [f"asrfx {self.stage}: {summary}", table,
+                 f"parameters: {self.params_before:,} -> {self.params_after:,}"]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __repr__ = __str__

@@ -1,0 +1,323 @@
+"""Capturing models as torch.fx graphs.
+
+Tracing degrades instead of crashing: a submodule whose forward cannot be traced symbolically is
+retried as a leaf (an opaque call), with a warning naming it. Only a failure at the top level is
+an error, a :class:`~asrfx.errors.TraceError` that names the reason and the fix.
+
+fx bakes Python branches on ``self.training`` into the graph (drop-path, stochastic depth, aux
+heads). We therefore trace a model in train mode and in eval mode; when the two graphs differ, the
+result is a :class:`DualModeGraphModule` whose ``forward`` runs the train-mode graph while
+``self.training`` is set and the eval-mode graph otherwise, over one set of modules and parameters.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.graph_module import GraphModule, _copy_attr, _forward_from_src
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import InputError, TraceError
+
+__all__ = ["trace", "AsrTracer", "DualModeGraphModule", "TraceResult", "trace_modes",
+           "propagate_shapes", "normalize_inputs", "infer_example_inputs"]
+
+# Norm and dropout layers decide their behaviour on self.training at run time; a subclass of
+# one of them traced through would freeze that decision, so they stay opaque calls.
+_MODE_DEPENDENT_BASES: tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.modules.dropout._DropoutNd,
+)
+
+
+class _SubmoduleTraceFailure(Exception):
+    def __init__(self, path: str, error: BaseException):
+        super().__init__(path)
+        self.path = path
+        self.error = error
+
+
+class AsrTracer(fx.Tracer):
+    """fx tracer that keeps standard ``torch.nn`` layers, norm/dropout subclasses and any
+    user-named modules as leaves, and reports which submodule a tracing failure came from."""
+
+    def __init__(self, leaf_modules: Iterable[str | type] = ()):
+        super().__init__()
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, _MODE_DEPENDENT_BASES):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except _SubmoduleTraceFailure:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure inside a submodule makes it a leaf
+            path = self.path_of_module(m)
+            if self.is_leaf_module(m, path):
+                raise
+            raise _SubmoduleTraceFailure(path, e) from e
+
+
+def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | type]) -> fx.Graph:
+    tracer = AsrTracer(list(user_leaves) + sorted(leaves))
+    return tracer.trace(model)
+
+
+def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
+                         leaves: set[str]) -> fx.Graph:
+    name = type(model).__name__
+    for _ in range(1000):
+        try:
+            return _trace_once(model, leaves, user_leaves)
+        except _SubmoduleTraceFailure as f:
+            if f.path in leaves:  # cannot happen unless the tracer misbehaves; avoid a loop
+                raise TraceError(f.path, str(f.error), "pass leaf_modules=[...] naming it") from None
+            warnings.warn(
+                f"asrfx: submodule '{f.path}' ({type(model.get_submodule(f.path)).__name__}) "
+                f"cannot be traced symbolically ({_short(f.error)}); it is kept as an opaque leaf "
+                f"and nothing inside it will be converted.", stacklevel=3)
+            leaves.add(f.path)
+        except Exception as e:  # noqa: BLE001 - the top level itself failed
+            raise TraceError(
+                "", f"{type(e).__name__}: {_short(e)} (in {name}.forward)",
+                "remove data-dependent Python control flow from the top-level forward, or wrap the "
+                "offending part in a submodule and pass its name in leaf_modules=[...] "
+                "(asrfx.trace / asrfx.prepare accept leaf_modules)") from None
+    raise TraceError("", "too many untraceable submodules", "pass leaf_modules=[...]")
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return msg[0][:300] if msg else type(e).__name__
+
+
+def _graph_signature(graph: fx.Graph) -> list[tuple]:
+    names = {}
+    sig = []
+    for i, n in enumerate(graph.nodes):
+        names[n] = i
+        args = fx.node.map_arg((n.args, n.kwargs), lambda a: ("%", names.get(a, -1)))
+        sig.append((n.op, str(n.target), repr(args)))
+    return sig
+
+
+class TraceResult:
+    """The graphs of a model: ``train`` and ``eval`` (the same graph object when they agree)."""
+
+    def __init__(self, root: nn.Module, train: GraphModule, eval: GraphModule, leaves: set[str]):
+        self.root = root
+        self.train = train
+        self.eval = eval
+        self.leaves = leaves
+
+    @property
+    def dual(self) -> bool:
+        return self.train is not self.eval
+
+    def modules(self) -> list[GraphModule]:
+        return [self.train] if not self.dual else [self.train, self.eval]
+
+    def build(self) -> GraphModule:
+        """One module for both modes (a plain GraphModule when the graphs agree)."""
+        for gm in self.modules():
+            gm.graph.lint()
+            gm.recompile()
+        if not self.dual:
+            return self.train
+        return DualModeGraphModule(self.train, self.train.graph, self.eval.graph)
+
+
+def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = ()) -> TraceResult:
+    """Trace ``model`` in train and in eval mode (restoring its mode afterwards)."""
+    was_training = model.training
+    leaves: set[str] = set()
+    try:
+        model.train()
+        g_train = _trace_with_fallback(model, leaf_modules, leaves)
+        model.eval()
+        g_eval = _trace_with_fallback(model, leaf_modules, leaves)
+        if len(leaves) and _graph_signature(g_train) != _graph_signature(g_eval):
+            # a module made a leaf only on the second pass: retrace train with the same leaves
+            model.train()
+            g_train = _trace_once(model, leaves, leaf_modules)
+    finally:
+        model.train(was_training)
+    name = type(model).__name__
+    gm_train = GraphModule(model, g_train, name)
+    if _graph_signature(g_train) == _graph_signature(g_eval):
+        return TraceResult(model, gm_train, gm_train, leaves)
+    gm_eval = GraphModule(model, g_eval, name)
+    _share_attributes(gm_train, gm_eval)
+    return TraceResult(model, gm_train, gm_eval, leaves)
+
+
+def _share_attributes(a: GraphModule, b: GraphModule) -> None:
+    """Make ``b`` use the very same container modules as ``a`` wherever both have a path."""
+    for name, mod in list(b.named_children()):
+        if hasattr(a, name):
+            setattr(b, name, getattr(a, name))
+        else:
+            setattr(a, name, mod)
+    for name, t in list(b.named_parameters(recurse=False)) + list(b.named_buffers(recurse=False)):
+        if not hasattr(a, name):
+            _copy_attr(b, a, name)
+
+
+class DualModeGraphModule(GraphModule):
+    """A GraphModule with a second graph for eval mode.
+
+    ``forward`` runs ``self.graph`` (traced in train mode) when ``self.training`` is True and
+    ``self.eval_graph`` otherwise. Both graphs address the same submodules and parameters, so
+    there is one ``state_dict``, and ``.to()``, optimizers and hooks see one set of weights.
+    """
+
+    def __init__(self, root: nn.Module | dict, graph: fx.Graph, eval_graph: fx.Graph,
+                 class_name: str = "GraphModule"):
+        self._asrfx_eval_graph_pending = eval_graph
+        super().__init__(root, graph, class_name)
+        for node in eval_graph.nodes:
+            if node.op in ("get_attr", "call_module"):
+                try:
+                    self.get_submodule(node.target) if node.op == "call_module" else \
+                        _getattr_path(self, node.target)
+                except AttributeError:
+                    _copy_attr(root, self, node.target)
+        self.eval_graph = eval_graph
+        del self._asrfx_eval_graph_pending
+        self.recompile()
+
+    @property
+    def eval_graph(self) -> fx.Graph:
+        return self.__dict__["_asrfx_eval_graph"]
+
+    @eval_graph.setter
+    def eval_graph(self, g: fx.Graph) -> None:
+        self.__dict__["_asrfx_eval_graph"] = g
+
+    def recompile(self):
+        code = super().recompile()
+        if "_asrfx_eval_graph" not in self.__dict__:
+            return code
+        cls = type(self)
+        train_forward = cls.forward
+        ecode = self.eval_graph.python_code(root_module="self")
+        self.eval_code = ecode.src
+        eval_forward = _forward_from_src(ecode.src, ecode.globals)
+
+        def forward(self, *args, **kwargs):
+            fn = train_forward if self.training else eval_forward
+            return fn(self, *args, **kwargs)
+
+        cls.forward = forward
+        return code
+
+    def _deepcopy_init(self):
+        def init(res, fake_root, graph):
+            DualModeGraphModule.__init__(res, fake_root, graph,
+                                         fake_root.__dict__["_asrfx_eval_graph"])
+        return init
+
+    def __reduce__(self):
+        raise TypeError("a DualModeGraphModule is saved through its state_dict: "
+                        "torch.save(model.state_dict(), path), then asrfx.prepare the original "
+                        "architecture again and load_state_dict")
+
+
+def _getattr_path(mod: nn.Module, target: str) -> Any:
+    obj: Any = mod
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def normalize_inputs(example_inputs: Any, model: nn.Module) -> tuple | None:
+    """Return example inputs as a tuple, or None. A single tensor becomes a 1-tuple."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise InputError(f"example_inputs for {type(model).__name__} must be a tensor or a tuple of "
+                     f"tensors, got {type(example_inputs).__name__}")
+
+
+def infer_example_inputs(model: nn.Module, size: int = 32, batch: int = 2) -> tuple:
+    """Guess one input batch from the first conv or linear layer (channels, dims).
+
+    Used only when the caller gives no example inputs; the guess is checked by running it.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(
+                m, nn.modules.conv._ConvTransposeNd):
+            nd = len(m.kernel_size)
+            return (torch.randn(batch, m.in_channels, *([size] * nd),
+                                device=m.weight.device, dtype=m.weight.dtype),)
+        if isinstance(m, nn.Linear):
+            return (torch.randn(batch, m.in_features, device=m.weight.device,
+                                dtype=m.weight.dtype),)
+    raise InputError(f"cannot guess an input for {type(model).__name__}: pass example_inputs=(x,)")
+
+
+def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
+    """Record ``tensor_meta`` (shape, dtype) on every node by running ``gm`` in eval mode.
+
+    Runs without gradients and in eval mode so BatchNorm running statistics are not touched; the
+    module's mode is restored afterwards.
+    """
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(
+            f"running {gm.__class__.__name__} on the example inputs failed ({_short(e)}); "
+            f"pass example_inputs=(x,) with tensors the model accepts "
+            f"(shapes given: {[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs]})"
+        ) from None
+    finally:
+        gm.train(was)
+
+
+def trace(model: nn.Module, example_inputs: Any = None, *,
+          leaf_modules: Sequence[str | type] = ()) -> GraphModule:
+    """Capture ``model`` as a torch.fx GraphModule.
+
+    Args:
+        model: any ``nn.Module``. It is not modified (its mode is restored after tracing).
+        example_inputs: a tensor or tuple of tensors; when given, every node gets shape metadata
+            (``node.meta["tensor_meta"]``).
+        leaf_modules: qualified module names or module types to keep as opaque calls.
+
+    Returns:
+        A GraphModule sharing parameters with ``model``; a :class:`DualModeGraphModule` when the
+        model's forward differs between train and eval mode.
+
+    Raises:
+        TraceError: the top-level forward cannot be traced (names the reason and the fix).
+
+    Example:
+        >>> gm = asrfx.trace(model, torch.randn(1, 3, 32, 32))
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"asrfx.trace expects an nn.Module, got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs, model)
+    tr = trace_modes(model, leaf_modules)
+    if inputs is not None:
+        for gm in tr.modules():
+            propagate_shapes(gm, inputs)
+    return tr.build()

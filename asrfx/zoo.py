@@ -1,0 +1,434 @@
+"""Reference models for asrfx: CIFAR ResNets with optional channel attention.
+
+The models here are the test subjects of the compiler: networks that are
+trained *with* a channel-attention module in every residual block and that
+asrfx later rewrites into plain networks for deployment.
+
+* :class:`SEModule` -- squeeze-and-excitation channel attention
+  (Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018,
+  arXiv:1709.01507).
+* :class:`BasicBlock` and :class:`Bottleneck` -- the original
+  (post-activation) residual blocks of He, Zhang, Ren, Sun, "Deep Residual
+  Learning for Image Recognition", CVPR 2016, arXiv:1512.03385.
+* :func:`cifar_resnet` -- the three-stage CIFAR ResNets of the same paper
+  (ResNet-20/56/110 with basic blocks, ResNet-164 with bottlenecks), with an
+  optional attention module in every block.
+
+Everything is dimension-agnostic (``dims`` = 1, 2 or 3 picks Conv1d/2d/3d,
+BatchNorm1d/2d/3d and the matching pools), and every model is traceable with
+:func:`torch.fx.symbolic_trace`: ``forward`` methods only branch on Python
+attributes, never on tensor values.
+
+Projection shortcuts (1x1 conv + BN, the paper's option B) are used wherever
+a block changes shape; with them ResNet-110 for CIFAR-10 has 1,730,714
+parameters.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SEModule",
+    "BasicBlock",
+    "Bottleneck",
+    "CifarResNet",
+    "cifar_resnet",
+]
+
+AttentionFactory = Callable[[int], nn.Module]
+AttentionSpec = Union[None, str, AttentionFactory]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+
+_ATTENTIONS = ("se",)
+_BLOCKS = ("basic", "bottleneck")
+
+
+def _check_dims(dims: int) -> int:
+    if isinstance(dims, bool) or not isinstance(dims, int) or dims not in _CONV:
+        raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+    return dims
+
+
+def _conv(dims: int, cin: int, cout: int, kernel_size: int, stride: int = 1) -> nn.Module:
+    """Bias-free convolution with 'same' padding for odd kernels."""
+    return _CONV[dims](
+        cin, cout, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2, bias=False
+    )
+
+
+def _make_attention(attention: Union[None, nn.Module, AttentionFactory], channels: int) -> Optional[nn.Module]:
+    """Turn a block's ``attention`` argument into a module (or None)."""
+    if attention is None:
+        return None
+    if isinstance(attention, nn.Module):
+        return attention
+    if callable(attention):
+        module = attention(channels)
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"attention factory must return an nn.Module, got {type(module).__name__}"
+            )
+        return module
+    raise TypeError(
+        "attention must be None, an nn.Module or a callable channels -> nn.Module, "
+        f"got {type(attention).__name__}"
+    )
+
+
+class SEModule(nn.Module):
+    """Squeeze-and-excitation channel attention.
+
+    Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018,
+    arXiv:1709.01507. Global average pooling squeezes each channel to a
+    scalar, a two-layer bottleneck MLP (``channels -> channels // reduction
+    -> channels``, ReLU between) followed by a sigmoid gives one gate per
+    channel, and the input is rescaled channel-wise by the gate.
+
+    Args:
+        channels: number of input (and output) channels.
+        reduction: reduction ratio of the hidden layer;
+            ``hidden = max(channels // reduction, 1)``.
+        dims: spatial dimensionality of the input (1, 2 or 3), which picks
+            ``AdaptiveAvgPool1d/2d/3d``.
+
+    Shape:
+        Input ``(N, C, *spatial)`` with ``len(spatial) == dims``; output has
+        the same shape.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, dims: int = 2) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be positive, got {channels}")
+        if reduction < 1:
+            raise ValueError(f"reduction must be positive, got {reduction}")
+        self.dims = _check_dims(dims)
+        self.channels = channels
+        self.reduction = reduction
+        hidden = max(channels // reduction, 1)
+        self.pool = _POOL[dims](1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden, channels)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        y = self.pool(x).flatten(1)
+        y = self.fc2(self.relu(self.fc1(y)))
+        # self.dims (a Python int) rather than x.dim(): keeps fx tracing
+        # free of Proxy arithmetic in the view's shape.
+        y = self.gate(y).view(b, c, *([1] * self.dims))
+        return x * y
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, reduction={self.reduction}, dims={self.dims}"
+
+
+class _ResidualBlock(nn.Module):
+    """Shared plumbing of :class:`BasicBlock` and :class:`Bottleneck`."""
+
+    expansion = 1
+
+    def _finish(
+        self,
+        in_planes: int,
+        out_planes: int,
+        stride: int,
+        attention: Union[None, nn.Module, AttentionFactory],
+        dims: int,
+    ) -> None:
+        self.in_planes = in_planes
+        self.out_planes = out_planes
+        self.stride = stride
+        self.dims = dims
+        self.attention = _make_attention(attention, out_planes)
+        if stride != 1 or in_planes != out_planes:
+            self.downsample: Optional[nn.Sequential] = nn.Sequential(
+                _conv(dims, in_planes, out_planes, 1, stride),
+                _BN[dims](out_planes),
+            )
+        else:
+            self.downsample = None
+
+
+class BasicBlock(_ResidualBlock):
+    """Original (post-activation) basic residual block of He et al. 2016.
+
+    ``conv3x3(stride)-BN-ReLU-conv3x3-BN[-attention] + shortcut, ReLU``
+    (arXiv:1512.03385). The shortcut is the identity when shapes match and a
+    1x1 convolution (with ``stride``) plus BN otherwise.
+
+    Args:
+        in_planes: input channels.
+        planes: output channels (``expansion`` is 1).
+        stride: stride of the first convolution and of the shortcut.
+        attention: None, an ``nn.Module`` instance, or a callable
+            ``channels -> nn.Module``; applied after the last BN, before the
+            residual addition.
+        dims: 1, 2 or 3 (Conv1d/2d/3d, BatchNorm1d/2d/3d).
+    """
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        attention: Union[None, nn.Module, AttentionFactory] = None,
+        dims: int = 2,
+    ) -> None:
+        super().__init__()
+        _check_dims(dims)
+        out_planes = planes * self.expansion
+        self.conv1 = _conv(dims, in_planes, planes, 3, stride)
+        self.bn1 = _BN[dims](planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv(dims, planes, out_planes, 3)
+        self.bn2 = _BN[dims](out_planes)
+        self._finish(in_planes, out_planes, stride, attention, dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.attention is not None:
+            out = self.attention(out)
+        return self.relu(out + identity)
+
+
+class Bottleneck(_ResidualBlock):
+    """Original (post-activation) bottleneck residual block of He et al. 2016.
+
+    ``conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1-BN[-attention]
+    + shortcut, ReLU`` with ``expansion = 4`` (arXiv:1512.03385). The
+    shortcut is the identity when shapes match and a 1x1 convolution (with
+    ``stride``) plus BN otherwise.
+
+    Args:
+        in_planes: input channels.
+        planes: bottleneck width; the block outputs ``4 * planes`` channels.
+        stride: stride of the 3x3 convolution and of the shortcut.
+        attention: None, an ``nn.Module`` instance, or a callable
+            ``channels -> nn.Module`` (called with ``4 * planes``); applied
+            after the last BN, before the residual addition.
+        dims: 1, 2 or 3 (Conv1d/2d/3d, BatchNorm1d/2d/3d).
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        attention: Union[None, nn.Module, AttentionFactory] = None,
+        dims: int = 2,
+    ) -> None:
+        super().__init__()
+        _check_dims(dims)
+        out_planes = planes * self.expansion
+        self.conv1 = _conv(dims, in_planes, planes, 1)
+        self.bn1 = _BN[dims](planes)
+        self.conv2 = _conv(dims, planes, planes, 3, stride)
+        self.bn2 = _BN[dims](planes)
+        self.conv3 = _conv(dims, planes, out_planes, 1)
+        self.bn3 = _BN[dims](out_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self._finish(in_planes, out_planes, stride, attention, dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.attention is not None:
+            out = self.attention(out)
+        return self.relu(out + identity)
+
+
+class CifarResNet(nn.Module):
+    """Three-stage CIFAR ResNet (He et al. 2016, section 4.2).
+
+    Stem ``conv3x3(in_channels, width)-BN-ReLU``, three stages of ``n``
+    blocks each with widths ``width, 2*width, 4*width`` (times the block's
+    expansion) and strides 1, 2, 2, then global average pooling, flatten and
+    a linear classifier. Usually built through :func:`cifar_resnet`.
+    """
+
+    def __init__(
+        self,
+        block: type,
+        n: int,
+        attention: Optional[AttentionFactory] = None,
+        num_classes: int = 100,
+        width: int = 16,
+        in_channels: int = 3,
+        dims: int = 2,
+    ) -> None:
+        super().__init__()
+        _check_dims(dims)
+        self.dims = dims
+        self.conv1 = _conv(dims, in_channels, width, 3)
+        self.bn1 = _BN[dims](width)
+        self.relu = nn.ReLU(inplace=True)
+        planes_in = width
+        stages = []
+        for i, stride in enumerate((1, 2, 2)):
+            planes = width * 2**i
+            blocks = []
+            for j in range(n):
+                blk = block(planes_in, planes, stride if j == 0 else 1, attention, dims)
+                blocks.append(blk)
+                planes_in = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = _POOL[dims](1)
+        self.fc = nn.Linear(planes_in, num_classes)
+        self.num_features = planes_in
+
+        for m in self.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.avgpool(x).flatten(1)
+        return self.fc(x)
+
+
+def _blocks_per_stage(depth: int, block: str) -> int:
+    """Apply the paper's depth rule: 6n+2 (basic) or 9n+2 (bottleneck)."""
+    per = 6 if block == "basic" else 9
+    rule = f"{per}n+2"
+    try:
+        d = operator.index(depth)
+    except TypeError:
+        raise TypeError(f"depth must be an int, got {type(depth).__name__}") from None
+    if isinstance(depth, bool):
+        raise TypeError("depth must be an int, got bool")
+    if d >= per + 2 and (d - 2) % per == 0:
+        return (d - 2) // per
+    lower = (d - 2) // per
+    candidates = [per * k + 2 for k in (lower, lower + 1) if k >= 1] or [per + 2]
+    nearest = " or ".join(str(c) for c in candidates)
+    raise ValueError(
+        f"depth {d} does not fit the {block} rule depth = {rule} with n >= 1; "
+        f"nearest valid depths: {nearest}"
+    )
+
+
+def cifar_resnet(
+    depth: int,
+    attention: AttentionSpec = None,
+    num_classes: int = 100,
+    block: str = "bottleneck",
+    width: int = 16,
+    in_channels: int = 3,
+    dims: int = 2,
+) -> nn.Module:
+    """Build a CIFAR ResNet of He et al. 2016 (arXiv:1512.03385).
+
+    Three stages of ``n`` residual blocks with widths ``width``,
+    ``2*width``, ``4*width`` and strides 1, 2, 2 after a
+    ``conv3x3-BN-ReLU`` stem; global average pooling, flatten and a linear
+    classifier. Bottleneck blocks output four times their width (64/128/256
+    channels for ``width=16``). Shortcuts are identities, or 1x1 conv + BN
+    projections where a block changes shape. Convolutions use Kaiming-normal
+    initialisation (fan_out, ReLU); BatchNorm starts at weight 1, bias 0.
+
+    Args:
+        depth: total number of weighted layers. Basic blocks need
+            ``depth = 6n + 2`` (20, 32, 44, 56, 110, ...); bottlenecks need
+            ``depth = 9n + 2`` (29, 56, 110, 164, ...), with ``n >= 1``
+            blocks per stage.
+        attention: channel attention placed after the last BN of every
+            block, before the residual addition: ``None`` (plain ResNet),
+            ``"se"`` (:class:`SEModule` with reduction 16), or a callable
+            ``channels -> nn.Module`` called once per block.
+        num_classes: output size of the classifier.
+        block: ``"basic"`` or ``"bottleneck"``.
+        width: channels of the stem and of the first stage.
+        in_channels: channels of the input.
+        dims: 1, 2 or 3 -- selects Conv1d/2d/3d, BatchNorm1d/2d/3d and the
+            matching adaptive average pools, so the same network runs on
+            signals ``(N, C, L)``, images ``(N, C, H, W)`` or volumes
+            ``(N, C, D, H, W)``.
+
+    Returns:
+        A :class:`CifarResNet` (an ``nn.Module``) mapping
+        ``(N, in_channels, *spatial)`` to logits ``(N, num_classes)``.
+
+    Raises:
+        ValueError: ``depth`` does not fit the depth rule of ``block``;
+            unknown ``attention`` string or ``block``; ``dims`` not 1, 2 or
+            3; non-positive ``width``, ``num_classes`` or ``in_channels``.
+        TypeError: ``depth`` is not an int, or ``attention`` is neither
+            None, a string nor a callable (an ``nn.Module`` instance is
+            rejected: it would be shared by every block).
+
+    Example:
+        >>> import torch
+        >>> from asrfx.zoo import cifar_resnet
+        >>> model = cifar_resnet(20, attention="se", num_classes=10, block="basic")
+        >>> model(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+        >>> gm = torch.fx.symbolic_trace(model.eval())
+    """
+    if block not in _BLOCKS:
+        raise ValueError(f"block must be one of {_BLOCKS}, got {block!r}")
+    _check_dims(dims)
+    for name, value in (("num_classes", num_classes), ("width", width), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    n = _blocks_per_stage(depth, block)
+
+    factory: Optional[AttentionFactory]
+    if attention is None:
+        factory = None
+    elif isinstance(attention, str):
+        if attention not in _ATTENTIONS:
+            accepted = ", ".join(repr(a) for a in _ATTENTIONS)
+            raise ValueError(
+                f"unknown attention {attention!r}; accepted values: None, {accepted}, "
+                "or a callable channels -> nn.Module"
+            )
+        factory = lambda channels: SEModule(channels, reduction=16, dims=dims)  # noqa: E731
+    elif isinstance(attention, nn.Module):
+        raise TypeError(
+            "attention must be a factory (callable channels -> nn.Module), not an "
+            "nn.Module instance, which every block would share"
+        )
+    elif callable(attention):
+        factory = attention
+    else:
+        raise TypeError(
+            "attention must be None, 'se' or a callable channels -> nn.Module, "
+            f"got {type(attention).__name__}"
+        )
+
+    block_cls = BasicBlock if block == "basic" else Bottleneck
+    return CifarResNet(
+        block_cls,
+        n,
+        attention=factory,
+        num_classes=num_classes,
+        width=width,
+        in_channels=in_channels,
+        dims=dims,
+    )

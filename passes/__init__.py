@@ -1,0 +1,18 @@
+"""Graph passes of asrfx (installed as ``asrfx.passes``).
+
+One module per pass family: finding attention sites, the ASR rewrite, constant evaluation, scale
+folding, BatchNorm fusion, and clean-up. Each pass takes a GraphModule, edits it in place and
+returns what it did (and refused) as :class:`asrfx.report.Site` records.
+"""
+
+from .graph_utils import value_dependent, module_path, tensor_shape  # noqa: F401
+from .find_attention import AttentionSite, find_attention_sites  # noqa: F401
+from .asr_rewrite import apply_asr  # noqa: F401
+from .const_eval import evaluate_constants  # noqa: F401
+from .scale_fold import fold_scales  # noqa: F401
+from .bn_fusion import fuse_batchnorm  # noqa: F401
+from .cleanup import cleanup  # noqa: F401
+
+__all__ = ["value_dependent", "module_path", "tensor_shape", "AttentionSite",
+           "find_attention_sites", "apply_asr", "evaluate_constants", "fold_scales",
+           "fuse_batchnorm", "cleanup"]

@@ -1,0 +1,197 @@
+"""The ASR rewrite: attention branches read a learnable constant psi instead of the feature map.
+
+``mode="replace"`` (the paper's ASR(SE)): every pooled statistic the branch reads is replaced by a
+parameter psi of the statistic's shape with batch 1, expanded to the batch size of ``x`` so that
+third-party code that reads ``b, c = x.shape[:2]`` keeps working. The branch then depends on ``x``
+only through its shape; fold evaluates it to a constant.
+
+``mode="both"`` (ASR(SE)+SE): the original branch stays; a copy of it with fresh weights reads psi
+and scales ``x`` before the original attention sees it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .find_attention import AttentionSite
+from .graph_utils import get_attr_path, set_attr_path, stable_toposort, tensor_shape
+
+__all__ = ["apply_asr", "make_psi", "fresh_module"]
+
+
+def make_psi(shape: tuple[int, ...], init: Any, dtype: torch.dtype, device: torch.device
+             ) -> nn.Parameter:
+    """A new psi of ``shape``: ``init`` is a float, a broadcastable tensor, or ``"normal"``."""
+    if isinstance(init, str):
+        if init != "normal":
+            raise ValueError(f"unknown psi init {init!r}")
+        value = torch.randn(shape, dtype=dtype, device=device)
+    elif isinstance(init, torch.Tensor):
+        value = init.detach().to(dtype=dtype, device=device).clone()
+        try:
+            value = value.reshape(shape) if value.numel() == math.prod(shape) else \
+                value.expand(shape).clone()
+        except RuntimeError:
+            raise ValueError(f"psi init of shape {tuple(init.shape)} does not fit the pooled "
+                             f"statistic's shape {shape}") from None
+    else:
+        value = torch.full(shape, float(init), dtype=dtype, device=device)
+    return nn.Parameter(value)
+
+
+def fresh_module(mod: nn.Module) -> nn.Module:
+    """A deep copy of ``mod`` with every parameter re-initialised by its layer's own rule."""
+    new = copy.deepcopy(mod)
+    for m in new.modules():
+        if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
+            m.reset_parameters()
+    return new
+
+
+def _fresh_param(root: nn.Module | None, target: str, current: torch.Tensor) -> torch.Tensor:
+    owner_path, _, field = target.rpartition(".")
+    if root is not None:
+        try:
+            owner = root.get_submodule(owner_path) if owner_path else root
+            if hasattr(owner, "reset_parameters") and isinstance(getattr(owner, field, None),
+                                                                  torch.Tensor):
+                value = getattr(fresh_module(owner), field)
+                if value.shape == current.shape:
+                    return nn.Parameter(value.detach().clone()) if isinstance(
+                        current, nn.Parameter) else value.detach().clone()
+        except AttributeError:
+            pass
+    value = current.detach().clone()
+    if isinstance(current, nn.Parameter):
+        if value.dim() >= 2:
+            nn.init.kaiming_uniform_(value, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(value)
+        return nn.Parameter(value)
+    return value
+
+
+def _psi_node(gm: fx.GraphModule, site: AttentionSite, stat: fx.Node, name: str,
+              init: Any, created: dict[str, Any]) -> fx.Node:
+    shape = tensor_shape(stat)
+    assert shape is not None
+    psi_shape = (1, *shape[1:])
+    psi = created.get(name)
+    if psi is None:
+        tm = stat.meta["tensor_meta"]
+        device = _device_of(gm)
+        this_init = init[name] if isinstance(init, dict) else init
+        psi = make_psi(psi_shape, this_init, tm.dtype, device)
+        created[name] = psi
+    set_attr_path(gm, name, psi)
+    g = gm.graph
+    p = g.get_attr(name)
+    n = g.call_method("size", (stat.args[0], 0))
+    e = g.call_method("expand", (p, n, *([-1] * (len(psi_shape) - 1))))
+    return e
+
+
+def _device_of(gm: nn.Module) -> torch.device:
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def psi_names(sites: list[AttentionSite]) -> list[list[str]]:
+    """Deterministic psi names (``<site path>.psi``, ``.stat1_psi``...) for each site's stats."""
+    seen: dict[str, int] = {}
+    out = []
+    for site in sites:
+        k = seen.get(site.path, 0)
+        seen[site.path] = k + 1
+        tag = "" if k == 0 else f"site{k}_"
+        prefix = f"{site.path}." if site.path else ""
+        out.append([f"{prefix}{tag}{'' if i == 0 else f'stat{i}_'}psi"
+                    for i in range(len(site.stats))])
+    return out
+
+
+def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "replace",
+              init: Any = 0.1, created: dict[str, Any] | None = None,
+              root: nn.Module | None = None) -> list[list[str]]:
+    """Rewrite ``sites`` of ``gm`` into ASR form, in place.
+
+    Args:
+        gm: the graph module the sites were found in.
+        sites: from :func:`find_attention_sites`.
+        mode: "replace" or "both".
+        init: psi initial value: a float, a tensor, "normal", or a dict psi name -> any of those.
+        created: psi parameters and ASR modules already made for the other mode's graph of the
+            same model, keyed by attribute path; new ones are added to it, existing ones reused.
+        root: the original model, used to re-initialise copied parameters in mode "both".
+
+    Returns:
+        The psi names of each site.
+    """
+    created = {} if created is None else created
+    graph = gm.graph
+    all_names = psi_names(sites)
+    for site, names in zip(sites, all_names):
+        with graph.inserting_before(site.mul):
+            psis = {stat: _psi_node(gm, site, stat, name, init, created)
+                    for stat, name in zip(site.stats, names)}
+            if mode == "replace":
+                branch = set(site.branch)
+                for stat, e in psis.items():
+                    for user in list(stat.users):
+                        if user in branch:
+                            user.replace_input_with(stat, e)
+            elif mode == "both":
+                _add_copy(gm, site, psis, created, root)
+            else:
+                raise ValueError(f"unknown mode {mode!r}")
+    stable_toposort(graph)
+    return all_names
+
+
+def _add_copy(gm: fx.GraphModule, site: AttentionSite, psis: dict[fx.Node, fx.Node],
+              created: dict[str, Any], root: nn.Module | None) -> None:
+    graph = gm.graph
+    prefix = f"{site.path}.asr" if site.path else "asr"
+    mapping: dict[fx.Node, fx.Node] = dict(psis)
+
+    def rel(target: str) -> str:
+        t = str(target)
+        return t[len(site.path) + 1:] if site.path and t.startswith(site.path + ".") else t
+
+    def arg_map(a: fx.Node) -> fx.Node:
+        if a in mapping:
+            return mapping[a]
+        if a.op == "get_attr":
+            value = get_attr_path(gm, str(a.target))
+            if isinstance(value, nn.Parameter):
+                name = f"{prefix}.{rel(a.target)}"
+                if name not in created:
+                    created[name] = _fresh_param(root, str(a.target), value)
+                set_attr_path(gm, name, created[name])
+                mapping[a] = graph.get_attr(name)
+                return mapping[a]
+        return a
+
+    for n in site.branch:
+        new = graph.node_copy(n, arg_map)
+        if n.op == "call_module":
+            name = f"{prefix}.{rel(n.target)}"
+            if name not in created:
+                created[name] = fresh_module(gm.get_submodule(str(n.target)))
+            set_attr_path(gm, name, created[name])
+            new.target = name
+        mapping[n] = new
+    scaled = graph.call_function(operator.mul, (site.x, mapping[site.gate]))
+    site.mul.replace_input_with(site.x, scaled)
+    for stat in site.stats:
+        if stat.args and stat.args[0] is site.x:
+            stat.replace_input_with(site.x, scaled)
+    site.extra["asr_mul"] = scaled

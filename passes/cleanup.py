@@ -1,0 +1,43 @@
+"""Dead-code elimination and removal of parameters, buffers and modules no node uses."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["cleanup"]
+
+
+def cleanup(gm: fx.GraphModule) -> None:
+    """Remove dead nodes, then every submodule, parameter and buffer the graph no longer reads."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    used_modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    used_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+
+    def inside_used_module(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in used_modules for i in range(1, len(parts)))
+
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + \
+            list(gm.named_buffers(remove_duplicate=False)):
+        if name in used_attrs or inside_used_module(name):
+            continue
+        owner_path, _, field = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner._parameters.pop(field, None)
+        owner._buffers.pop(field, None)
+
+    def prune(mod: nn.Module, prefix: str) -> bool:
+        """Drop unused children; True when ``mod`` itself holds nothing and can go."""
+        for cname, child in list(mod.named_children()):
+            full = f"{prefix}.{cname}" if prefix else cname
+            if full in used_modules:
+                continue
+            if prune(child, full):
+                delattr(mod, cname)
+        return (not mod._modules and not mod._parameters and not mod._buffers
+                and not any(a == prefix or a.startswith(prefix + ".") for a in used_attrs))
+
+    prune(gm, "")
+    gm.recompile()

@@ -1,0 +1,94 @@
+"""Constant evaluation: input-independent branches become constant buffers.
+
+After the ASR rewrite an attention branch depends on the input only through its shape (psi is
+expanded to the batch size). In eval mode its value is a constant; this pass runs the graph once
+on example inputs, records the value of every input-independent tensor that feeds the
+input-dependent part of the graph, and replaces the branch with a buffer. Values that were
+expanded over the batch are stored with batch 1 (they only meet the input through broadcasting).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, _reads_shape_only, is_op, module_path,
+                          set_attr_path, unique_name, value_dependent)
+
+__all__ = ["evaluate_constants"]
+
+_BROADCAST_OPS = MUL_OPS | ADD_OPS | SUB_OPS | {operator.truediv, torch.div, "div", "div_",
+                                                 operator.itruediv}
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+        return out
+
+
+def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple) -> list[dict[str, Any]]:
+    """Replace input-independent tensor subgraphs feeding the input-dependent graph by buffers.
+
+    Args:
+        gm: a GraphModule in eval mode (the constants are eval-mode values).
+        example_inputs: inputs to run ``gm`` on once.
+
+    Returns:
+        One record per constant: ``{"node", "path", "shape", "buffer"}`` when baked, or
+        ``{"node", "path", "refused": reason}`` when it had to stay a computation.
+    """
+    graph = gm.graph
+    dep = value_dependent(graph)
+    shape_dep: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n in dep:
+            continue
+        if (_reads_shape_only(n) and any(a in dep for a in n.all_input_nodes)) or \
+                any(a in shape_dep for a in n.all_input_nodes):
+            shape_dep.add(n)
+    frontier = [n for n in graph.nodes
+                if n not in dep and n.op in ("call_function", "call_method", "call_module")
+                and not _reads_shape_only(n) and any(u in dep for u in n.users)]
+    if not frontier:
+        return []
+    rec = _Recorder(gm, set(frontier))
+    with torch.no_grad():
+        rec.run(*example_inputs)
+    records = []
+    for n in frontier:
+        v = rec.values.get(n)
+        path = module_path(n)
+        if not isinstance(v, torch.Tensor):
+            continue
+        broadcast_only = all(is_op(u, _BROADCAST_OPS) for u in n.users)
+        if n in shape_dep:
+            if not broadcast_only:
+                records.append({"node": n.name, "path": path,
+                                "refused": "its shape follows the input's; kept as computed"})
+                continue
+            if v.dim() >= 1 and v.shape[0] > 1:
+                first = v[:1]
+                if not torch.allclose(v, first.expand_as(v), rtol=1e-6, atol=0):
+                    records.append({"node": n.name, "path": path,
+                                    "refused": "differs across the batch; kept as computed"})
+                    continue
+                v = first.clone()
+        name = unique_name(gm, f"{path}.asrfx_const" if path else "asrfx_const")
+        set_attr_path(gm, name, v)
+        with graph.inserting_before(n):
+            c = graph.get_attr(name)
+        n.replace_all_uses_with(c)
+        records.append({"node": n.name, "path": path, "shape": tuple(v.shape), "buffer": name})
+    graph.eliminate_dead_code()
+    return records

@@ -1,0 +1,180 @@
+"""Small graph queries shared by the passes: shapes, input dependence, module paths, op kinds."""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from typing import Any, Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["tensor_shape", "value_dependent", "module_path", "is_op", "to_networkx",
+           "MUL_OPS", "ADD_OPS", "SUB_OPS", "SHAPE_ATTRS", "SHAPE_METHODS", "call_sites",
+           "node_module", "set_attr_path", "get_attr_path", "unique_name"]
+
+MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.Tensor.mul}
+ADD_OPS = {operator.add, operator.iadd, torch.add, "add", "add_", torch.Tensor.add}
+SUB_OPS = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
+SHAPE_METHODS = {"size", "dim", "numel", "type_as_shape", "get_device", "ndimension", "nelement"}
+
+
+def is_op(node: fx.Node, ops: set) -> bool:
+    """True when ``node`` is a call_function or call_method whose target is in ``ops``."""
+    if node.op == "call_function":
+        return node.target in ops
+    if node.op == "call_method":
+        return node.target in ops
+    return False
+
+
+def tensor_shape(node: Any) -> tuple[int, ...] | None:
+    """Shape recorded by shape propagation, or None for non-tensors / unknown."""
+    if not isinstance(node, fx.Node):
+        return None
+    tm = node.meta.get("tensor_meta")
+    shape = getattr(tm, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _reads_shape_only(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is builtins.getattr:
+        return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
+    if node.op == "call_method" and node.target in SHAPE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is builtins.len:
+        return True
+    return False
+
+
+def value_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose *values* depend on the graph inputs.
+
+    A node that reads only the shape of an input (``x.shape``, ``x.size(0)``, ``x.dim()``) is not
+    value-dependent, nor is anything computed from parameters and such shapes alone: those are the
+    constants of an input-independent branch (an ASR branch sizes its output from ``x.shape``).
+    """
+    dep: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            dep.add(node)
+        elif node.op in ("call_function", "call_method", "call_module"):
+            if _reads_shape_only(node):
+                continue
+            if any(a in dep for a in node.all_input_nodes):
+                dep.add(node)
+        elif node.op == "output":
+            continue
+    return dep
+
+
+def module_path(node: fx.Node) -> str:
+    """The deepest module a node was traced in ('' for the top level)."""
+    if node.op == "call_module":
+        parts = str(node.target).rsplit(".", 1)
+        stack = node.meta.get("nn_module_stack")
+        if stack and len(stack) >= 2:
+            return list(stack.keys())[-2]
+        return parts[0] if len(parts) > 1 else ""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0] if isinstance(list(stack.values())[-1], tuple) \
+            else list(stack.keys())[-1]
+    return ""
+
+
+def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(str(node.target))
+
+
+def call_sites(graph: fx.Graph, target: str) -> int:
+    """How many call_module nodes call the module ``target``."""
+    return sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def get_attr_path(mod: nn.Module, target: str) -> Any:
+    obj: Any = mod
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr_path(mod: nn.Module, target: str, value: Any) -> None:
+    """Set ``mod.<target>`` creating plain container modules along the way."""
+    *prefix, field = target.split(".")
+    for part in prefix:
+        nxt = getattr(mod, part, None)
+        if nxt is None:
+            nxt = nn.Module()
+            setattr(mod, part, nxt)
+        mod = nxt
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        if field in mod._parameters:
+            del mod._parameters[field]
+        mod.register_buffer(field, value)
+    else:
+        if isinstance(value, nn.Parameter) and field in mod._buffers:
+            del mod._buffers[field]
+        setattr(mod, field, value)
+
+
+def unique_name(mod: nn.Module, base: str) -> str:
+    """``base`` or ``base_1``, ``base_2``... whichever is not an attribute path of ``mod`` yet."""
+    def exists(name: str) -> bool:
+        try:
+            get_attr_path(mod, name)
+            return True
+        except AttributeError:
+            return False
+    if not exists(base):
+        return base
+    k = 1
+    while exists(f"{base}_{k}"):
+        k += 1
+    return f"{base}_{k}"
+
+
+def to_networkx(graph: fx.Graph, nodes: Iterable[fx.Node] | None = None) -> nx.DiGraph:
+    """The data-flow graph (edge u -> v when v reads u), optionally restricted to ``nodes``."""
+    keep = set(nodes) if nodes is not None else None
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        if keep is not None and n not in keep:
+            continue
+        g.add_node(n)
+        for a in n.all_input_nodes:
+            if keep is None or a in keep:
+                g.add_edge(a, n)
+    return g
+
+
+def prod(xs: Iterable[int]) -> int:
+    return int(math.prod(xs))
+
+
+def stable_toposort(graph: fx.Graph) -> None:
+    """Reorder ``graph`` so every node follows its inputs, keeping the current order otherwise.
+
+    Rewrites insert nodes at a convenient point and then rewire earlier nodes to them; this puts
+    the graph back into a valid order (placeholders stay first, the output stays last).
+    """
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    g = to_networkx(graph)
+    order = list(nx.lexicographical_topological_sort(g, key=lambda n: (
+        0 if n.op == "placeholder" else 2 if n.op == "output" else 1, index[n])))
+    if order == nodes:
+        return
+    prev = order[0]
+    if nodes[0] is not prev:
+        nodes[0].prepend(prev)
+    for n in order[1:]:
+        prev.append(n)
+        prev = n

@@ -1,0 +1,328 @@
+"""Folding per-channel constants into neighbouring layers.
+
+After constant evaluation an ASR site is ``x * v`` with ``v`` a constant buffer. This pass
+collects chains of per-channel affine ops on one tensor (``x * s``, ``x + t``, ``x - t``,
+``x / s``, and the residual gate ``x * g + x``) into one map ``x -> x * s + t`` and folds it:
+
+1. into the producer of ``x`` when nothing else reads ``x``: an (exact-type) BatchNorm's affine,
+   or a Conv's / Linear's output rows and bias (module or functional conv on parameters);
+2. else into the consumers, when every reader of the result is an exact Conv / Linear
+   (input columns; a shift only where the kernel never reads padding);
+3. else the multiply by a constant buffer stays, and the report says why.
+
+A module called at several places is cloned for the folded call site, never changed for all.
+Subclasses are never targets: their forward may do more than their base class (the tracer traces
+through them, so their real ops are visible to this pass instead).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from asrfx import foldmath
+from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, call_sites, get_attr_path, is_op,
+                          module_path, set_attr_path, tensor_shape, unique_name, value_dependent)
+
+__all__ = ["fold_scales", "Chain", "CONV_TYPES", "NORM_TYPES", "FUNCTIONAL_CONVS",
+           "module_for_call_site"]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_DIV_OPS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+@dataclass
+class Chain:
+    base: fx.Node
+    scale: torch.Tensor
+    shift: torch.Tensor
+    members: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def root(self) -> fx.Node:
+        return self.members[-1]
+
+
+def _exact(mod: Any, types: tuple) -> bool:
+    return type(mod) in types
+
+
+def _per_channel_const(gm: fx.GraphModule, node: Any, xshape: tuple, dep: set
+                       ) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or node in dep:
+        return None
+    value = get_attr_path(gm, str(node.target))
+    if not isinstance(value, torch.Tensor) or len(xshape) < 2:
+        return None
+    cs = tuple(value.shape)
+    if len(cs) > len(xshape):
+        return None
+    cs = (1,) * (len(xshape) - len(cs)) + cs
+    c = xshape[1]
+    if cs[0] != 1 or cs[1] not in (1, c) or any(d != 1 for d in cs[2:]):
+        return None
+    return value.detach().reshape(-1).expand(c).to(torch.float64)
+
+
+def _collect_chains(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[Chain]:
+    dep = value_dependent(gm.graph)
+    chains: dict[fx.Node, Chain] = {}
+
+    def start(x: fx.Node) -> Chain:
+        c = tensor_shape(x)[1]
+        if x in chains and len(x.users) == 1:
+            return chains.pop(x)
+        ones = torch.ones(c, dtype=torch.float64)
+        return Chain(x, ones, torch.zeros_like(ones))
+
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method") or len(n.args) != 2 or n.kwargs:
+            continue
+        shape = tensor_shape(n)
+        if shape is None or len(shape) < 2 or n not in dep:
+            continue
+        a, b = n.args
+        chain = None
+        for x, k in ((a, b), (b, a)):
+            if not (isinstance(x, fx.Node) and x in dep and tensor_shape(x) == shape):
+                continue
+            const = _per_channel_const(gm, k, shape, dep)
+            if const is not None:
+                if is_op(n, MUL_OPS):
+                    chain = start(x)
+                    chain.scale, chain.shift = chain.scale * const, chain.shift * const
+                elif is_op(n, ADD_OPS):
+                    chain = start(x)
+                    chain.shift = chain.shift + const
+                elif is_op(n, SUB_OPS) and x is a:
+                    chain = start(x)
+                    chain.shift = chain.shift - const
+                elif is_op(n, _DIV_OPS) and x is a:
+                    chain = start(x)
+                    chain.scale, chain.shift = chain.scale / const, chain.shift / const
+                break
+            # residual gate: (x * s + t) + x
+            if is_op(n, ADD_OPS) and isinstance(k, fx.Node) and x in chains and \
+                    len(x.users) == 1 and chains[x].base is k:
+                chain = chains.pop(x)
+                chain.scale = chain.scale + 1
+                break
+        if chain is not None:
+            chain.members.append(n)
+            chains[n] = chain
+    return [c for c in chains.values() if select(f"scale:{c.root.name}")]
+
+
+def module_for_call_site(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    """The module ``node`` calls, cloned under a new name first if other nodes call it too."""
+    target = str(node.target)
+    mod = gm.get_submodule(target)
+    if call_sites(gm.graph, target) > 1:
+        name = unique_name(gm, f"{target}_site")
+        mod = copy.deepcopy(mod)
+        set_attr_path(gm, name, mod)
+        node.target = name
+    return mod
+
+
+def _conv_param_nodes(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
+    """(weight, bias) get_attr nodes of a functional conv, if it is foldable (sole users)."""
+    if node.op != "call_function" or node.target not in FUNCTIONAL_CONVS:
+        return None
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) == 1):
+        return None
+    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr" and len(b.users) == 1):
+        return None
+    return w, b
+
+
+def _functional_conv_arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def set_functional_conv_params(gm: fx.GraphModule, node: fx.Node, w_node: fx.Node,
+                               b_node: fx.Node | None, w: torch.Tensor, b: torch.Tensor) -> str:
+    """Write new weight/bias of a functional conv, creating a bias parameter if it had none."""
+    old_w = get_attr_path(gm, str(w_node.target))
+    set_attr_path(gm, str(w_node.target), nn.Parameter(w, requires_grad=old_w.requires_grad))
+    if b_node is None:
+        owner = str(w_node.target).rpartition(".")[0]
+        name = unique_name(gm, f"{owner}.bias" if owner else "bias")
+        set_attr_path(gm, name, nn.Parameter(b, requires_grad=old_w.requires_grad))
+        with gm.graph.inserting_before(node):
+            b_node = gm.graph.get_attr(name)
+        if len(node.args) > 2:
+            args = list(node.args)
+            args[2] = b_node
+            node.args = tuple(args)
+        else:
+            kwargs = dict(node.kwargs)
+            kwargs["bias"] = b_node
+            node.kwargs = kwargs
+            if len(node.args) == 2:
+                node.args = node.args + (kwargs.pop("bias"),)
+                node.kwargs = kwargs
+    else:
+        set_attr_path(gm, str(b_node.target), nn.Parameter(b, requires_grad=old_w.requires_grad))
+    return str(w_node.target).rpartition(".")[0]
+
+
+def _fold_into_producer(gm: fx.GraphModule, chain: Chain) -> str | None:
+    x = chain.base
+    members = set(chain.members)
+    if any(u not in members for u in x.users):
+        return None
+    s, t = chain.scale, chain.shift
+    shape = tensor_shape(x)
+    if x.op == "call_module":
+        mod = gm.get_submodule(str(x.target))
+        if _exact(mod, NORM_TYPES):
+            if mod.running_mean is None or mod.num_features != s.numel():
+                return None
+            mod = module_for_call_site(gm, x)
+            w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, mod.num_features)
+            w, b = w.to(mod.running_var.dtype), b.to(mod.running_var.dtype)
+            if not mod.affine:
+                mod.affine = True
+            mod.weight = nn.Parameter(w)
+            mod.bias = nn.Parameter(b)
+            return f"{x.target} (norm affine)"
+        if _exact(mod, CONV_TYPES) or (_exact(mod, (nn.Linear,)) and len(shape) == 2):
+            if mod.weight.shape[0] != s.numel():
+                return None
+            mod = module_for_call_site(gm, x)
+            w, b = foldmath.fold_scale_into_conv_out(mod.weight, mod.bias, s, t)
+            mod.weight = nn.Parameter(w)
+            mod.bias = nn.Parameter(b)
+            return f"{x.target} (output rows)"
+        return None
+    params = _conv_param_nodes(gm, x)
+    if params is not None:
+        w_node, b_node = params
+        weight = get_attr_path(gm, str(w_node.target))
+        bias = None if b_node is None else get_attr_path(gm, str(b_node.target))
+        w, b = foldmath.fold_scale_into_conv_out(weight, bias, s, t)
+        owner = set_functional_conv_params(gm, x, w_node, b_node, w, b)
+        return f"{owner} (output rows)"
+    return None
+
+
+def _consumer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """Follow pass-through modules (Identity, eval-mode Dropout) to the consuming layer."""
+    while node.op == "call_module" and _exact(gm.get_submodule(str(node.target)), _PASS_THROUGH) \
+            and len(node.users) == 1:
+        node = next(iter(node.users))
+    return node
+
+
+def _fold_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
+    root = chain.root
+    s, t = chain.scale, chain.shift
+    has_shift = bool(torch.any(t != 0))
+    shape = tensor_shape(root)
+    plans = []
+    for user in root.users:
+        c = _consumer(gm, user)
+        if c is None:
+            return None
+        if c is not user and user.args[0] is not root:
+            return None
+        first = c.args[0] if c.args else None
+        if c is user and (first is not root or root in c.args[1:]):
+            return None
+        if c.op == "call_module":
+            mod = gm.get_submodule(str(c.target))
+            if _exact(mod, CONV_TYPES):
+                if has_shift and (any(p != 0 for p in _tuple(mod.padding)) or
+                                  mod.padding == "same"):
+                    return None
+                plans.append(("conv", c))
+            elif _exact(mod, (nn.Linear,)) and len(shape) == 2:
+                plans.append(("linear", c))
+            else:
+                return None
+        elif _conv_param_nodes(gm, c) is not None:
+            pad = _functional_conv_arg(c, 4, "padding", 0)
+            if has_shift and (isinstance(pad, str) or any(p != 0 for p in _tuple(pad))):
+                return None
+            plans.append(("fconv", c))
+        else:
+            return None
+    if not plans:
+        return None
+    targets = []
+    for kind, c in plans:
+        if kind in ("conv", "linear"):
+            mod = module_for_call_site(gm, c)
+            if kind == "conv":
+                w, b = foldmath.fold_scale_into_conv_in(mod.weight, mod.bias, s,
+                                                        t if has_shift else None, mod.groups)
+            else:
+                w, b = foldmath.fold_scale_into_linear_in(mod.weight, mod.bias, s,
+                                                          t if has_shift else None)
+            mod.weight = nn.Parameter(w)
+            mod.bias = nn.Parameter(b)
+            targets.append(f"{c.target} (input columns)")
+        else:
+            w_node, b_node = _conv_param_nodes(gm, c)
+            weight = get_attr_path(gm, str(w_node.target))
+            bias = None if b_node is None else get_attr_path(gm, str(b_node.target))
+            groups = _functional_conv_arg(c, 6, "groups", 1)
+            w, b = foldmath.fold_scale_into_conv_in(weight, bias, s, t if has_shift else None,
+                                                    groups)
+            owner = set_functional_conv_params(gm, c, w_node, b_node, w, b)
+            targets.append(f"{owner} (input columns)")
+    return ", ".join(targets)
+
+
+def _tuple(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: True
+                ) -> list[dict[str, Any]]:
+    """Fold every per-channel affine chain of ``gm`` (eval mode) into a neighbouring layer.
+
+    Args:
+        gm: a GraphModule with shape metadata, whose constants are get_attr buffers
+            (run :func:`evaluate_constants` first).
+        select: called with each chain's key (``"scale:<node name>"``); only chains it accepts
+            are folded (used to isolate the site behind a failed check).
+
+    Returns:
+        One record per chain: ``{"key", "path", "channels", "action", "target"}``.
+    """
+    records = []
+    for chain in _collect_chains(gm, select):
+        root = chain.root
+        rec = {"key": f"scale:{root.name}", "path": module_path(root),
+               "channels": int(chain.scale.numel())}
+        target = _fold_into_producer(gm, chain)
+        if target is None:
+            target = _fold_into_consumers(gm, chain)
+        if target is None:
+            rec.update(action="kept", target="",
+                       reason="no exact BatchNorm/Conv/Linear producer or consumer takes it")
+            records.append(rec)
+            continue
+        root.replace_all_uses_with(chain.base)
+        for m in reversed(chain.members):
+            if not m.users:
+                gm.graph.erase_node(m)
+        rec.update(action="folded", target=target, reason="")
+        records.append(rec)
+    return records
