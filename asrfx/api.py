@@ -168,11 +168,16 @@ def _eval_graph_module(model: nn.Module, leaf_modules: Sequence[str | type]) -> 
 
 
 def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
-                select: Callable[[str], bool] = lambda k: True) -> dict[str, list]:
-    propagate_shapes(gm, inputs)
-    consts = evaluate_constants(gm, inputs)
+                select: Callable[[str], bool] = lambda k: True,
+                outputs: list | None = None) -> dict[str, list]:
+    try:
+        consts = evaluate_constants(gm, inputs, outputs)
+    except Exception as e:  # noqa: BLE001 - a bad input must name itself, not fail deep in fx
+        raise InputError(
+            f"running {type(gm).__name__} on the example inputs failed ({str(e).splitlines()[0]}); "
+            f"pass example_inputs=(x,) with tensors the model accepts (shapes given: "
+            f"{[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})") from None
     gm.recompile()
-    propagate_shapes(gm, inputs)
     scales = fold_scales(gm, select)
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -219,18 +224,17 @@ def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
         return out
     inputs = _inputs_for(model, example_inputs)
     gm = _eval_graph_module(model, leaf_modules)
-    base = copy.deepcopy(gm) if check else None
-    with torch.no_grad():
-        ref = gm(*inputs) if check else None
-    recs = _run_passes(gm, inputs, fuse_bn)
-    report = _fold_report(model, gm, recs, inputs)
+    outputs: list = []
+    recs = _run_passes(gm, inputs, fuse_bn, outputs=outputs)
+    ref = outputs[0]
+    report = _fold_report(model, gm, recs)
     if check:
         with torch.no_grad():
             err = relative_error(ref, gm(*inputs))
         report.notes.append(f"checked against the unfolded model in eval mode: relative error "
                             f"{err:.2e} (tolerance {tol:.0e})")
         if not err <= tol:
-            worst, worst_err = _isolate(base, inputs, fuse_bn, ref, recs)
+            worst, worst_err = _isolate(model, leaf_modules, inputs, fuse_bn, ref, recs)
             raise FoldMismatch(err, tol, worst,
                                f"(that site alone gives {worst_err:.2e}) " if worst else "")
     info = {k: v for k, v in _meta(model).items() if k != "stage"}
@@ -239,13 +243,14 @@ def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
     return gm
 
 
-def _isolate(base: fx.GraphModule, inputs: tuple, fuse_bn: bool, ref: Any,
-             recs: dict[str, list]) -> tuple[str | None, float]:
+def _isolate(model: nn.Module, leaf_modules: Sequence[str | type], inputs: tuple,
+             fuse_bn: bool, ref: Any, recs: dict[str, list]) -> tuple[str | None, float]:
+    """Fold one site at a time to find the one that breaks equivalence."""
     worst, worst_err = None, -1.0
     for rec in recs["scales"] + recs["bns"]:
         if rec.get("action") not in ("folded", "fused"):
             continue
-        gm = copy.deepcopy(base)
+        gm = _eval_graph_module(model, leaf_modules)
         _run_passes(gm, inputs, fuse_bn, select=lambda k, key=rec["key"]: k == key)
         with torch.no_grad():
             e = relative_error(ref, gm(*inputs))
@@ -254,8 +259,7 @@ def _isolate(base: fx.GraphModule, inputs: tuple, fuse_bn: bool, ref: Any,
     return worst, worst_err
 
 
-def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: dict[str, list],
-                 inputs: tuple) -> Report:
+def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: dict[str, list]) -> Report:
     report = Report("fold", params_before=_count_params(model), params_after=_count_params(gm))
     for c in recs["consts"]:
         if "refused" in c:
@@ -265,8 +269,7 @@ def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: dict[str, list],
                    r.get("reason", ""))
     for r in recs["bns"]:
         report.add(r["path"], "conv+bn", r["channels"], r["action"], r["target"], r["reason"])
-    try:
-        propagate_shapes(gm, inputs)
+    try:  # nodes kept from the unfolded graph still carry their shape metadata
         left, _ = find_attention_sites(gm)
     except Exception:  # noqa: BLE001 - the report must not fail the fold
         left = []

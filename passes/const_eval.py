@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, _reads_shape_only, is_op, module_path,
                           set_attr_path, unique_name, value_dependent)
@@ -24,7 +25,9 @@ _BROADCAST_OPS = MUL_OPS | ADD_OPS | SUB_OPS | {operator.truediv, torch.div, "di
                                                  operator.itruediv}
 
 
-class _Recorder(fx.Interpreter):
+class _Recorder(ShapeProp):
+    """Shape propagation that also keeps the values of the wanted nodes."""
+
     def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
         super().__init__(gm)
         self.wanted = wanted
@@ -37,12 +40,15 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple) -> list[dict[str, Any]]:
+def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
+                       outputs: list | None = None) -> list[dict[str, Any]]:
     """Replace input-independent tensor subgraphs feeding the input-dependent graph by buffers.
 
     Args:
         gm: a GraphModule in eval mode (the constants are eval-mode values).
-        example_inputs: inputs to run ``gm`` on once.
+        example_inputs: inputs to run ``gm`` on once (this run also refreshes every node's
+            ``tensor_meta``).
+        outputs: if a list is given, the output of that run (before any change) is appended.
 
     Returns:
         One record per constant: ``{"node", "path", "shape", "buffer"}`` when baked, or
@@ -60,11 +66,11 @@ def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple) -> list[dict[s
     frontier = [n for n in graph.nodes
                 if n not in dep and n.op in ("call_function", "call_method", "call_module")
                 and not _reads_shape_only(n) and any(u in dep for u in n.users)]
-    if not frontier:
-        return []
     rec = _Recorder(gm, set(frontier))
     with torch.no_grad():
-        rec.run(*example_inputs)
+        out = rec.propagate(*example_inputs)
+    if outputs is not None:
+        outputs.append(out)
     records = []
     for n in frontier:
         v = rec.values.get(n)

@@ -83,8 +83,6 @@ def is_global_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
     ins, outs = tensor_shape(src), tensor_shape(node)
     if ins is None or outs is None or len(ins) < 3:
         return False
-    if prod(ins[2:]) <= 1:
-        return False
     if tuple(outs[:2]) != tuple(ins[:2]):
         return False
     return all(d == 1 for d in outs[2:])
@@ -92,8 +90,6 @@ def is_global_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _per_channel(xs: tuple, gs: tuple) -> bool:
     if len(xs) < 3 or len(gs) != len(xs):
-        return False
-    if prod(xs[2:]) <= 1:
         return False
     return gs[1] == xs[1] and gs[0] in (1, xs[0]) and all(d == 1 for d in gs[2:])
 
@@ -149,6 +145,8 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
                 continue
             if g not in dep:
                 break  # already input-independent: a constant scale (fold's business)
+            if prod(xs[2:]) == 1 and not isinstance(_trace_branch(gm, x, dep), str):
+                break  # x is itself pooled data (e.g. a swish inside an excitation branch)
             found = _trace_branch(gm, g, dep)
             if isinstance(found, str):
                 if "spatial extent" not in found:
