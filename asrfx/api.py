@@ -105,7 +105,7 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
         return out
     work = copy.deepcopy(model)
     inputs = _inputs_for(work, example_inputs)
-    tr = trace_modes(work, leaf_modules)
+    tr = trace_modes(work, leaf_modules, inputs)
     report = Report("prepare", params_before=_count_params(model))
     created: dict[str, Any] = {}
     per_mode_counts = []
@@ -154,7 +154,8 @@ def relative_error(ref: Any, out: Any) -> float:
     return num / max(den, 1e-12)
 
 
-def _eval_graph_module(model: nn.Module, leaf_modules: Sequence[str | type]) -> fx.GraphModule:
+def _eval_graph_module(model: nn.Module, leaf_modules: Sequence[str | type],
+                       inputs: tuple | None = None) -> fx.GraphModule:
     """An eval-mode GraphModule over (a copy of) ``model``."""
     work = copy.deepcopy(model)
     if isinstance(work, DualModeGraphModule):
@@ -162,7 +163,7 @@ def _eval_graph_module(model: nn.Module, leaf_modules: Sequence[str | type]) -> 
     elif isinstance(work, fx.GraphModule):
         gm = work
     else:
-        gm = trace_modes(work, leaf_modules).eval
+        gm = trace_modes(work, leaf_modules, inputs).eval
     gm.eval()
     return gm
 
@@ -223,7 +224,7 @@ def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
         _attach(out, report, **{k: v for k, v in _meta(model).items() if k != "stage"})
         return out
     inputs = _inputs_for(model, example_inputs)
-    gm = _eval_graph_module(model, leaf_modules)
+    gm = _eval_graph_module(model, leaf_modules, inputs)
     outputs: list = []
     recs = _run_passes(gm, inputs, fuse_bn, outputs=outputs)
     ref = outputs[0]
@@ -250,7 +251,7 @@ def _isolate(model: nn.Module, leaf_modules: Sequence[str | type], inputs: tuple
     for rec in recs["scales"] + recs["bns"]:
         if rec.get("action") not in ("folded", "fused"):
             continue
-        gm = _eval_graph_module(model, leaf_modules)
+        gm = _eval_graph_module(model, leaf_modules, inputs)
         _run_passes(gm, inputs, fuse_bn, select=lambda k, key=rec["key"]: k == key)
         with torch.no_grad():
             e = relative_error(ref, gm(*inputs))

@@ -140,10 +140,95 @@ class TraceResult:
         return DualModeGraphModule(self.train, self.train.graph, self.eval.graph)
 
 
-def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = ()) -> TraceResult:
-    """Trace ``model`` in train and in eval mode (restoring its mode afterwards)."""
-    was_training = model.training
+def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
+                example_inputs: tuple | None = None) -> TraceResult:
+    """Trace ``model`` in train and in eval mode (restoring its mode afterwards).
+
+    With ``example_inputs`` the eval graph is validated against the eager model: fx silently
+    drops Python branches that test a proxy (``isinstance(proxy, Tensor)`` is False while
+    tracing), so a graph can trace fine and compute something else. A submodule whose traced
+    graph fails or disagrees is retraced as a leaf, innermost first, with a warning.
+    """
     leaves: set[str] = set()
+    if example_inputs is None:
+        return _trace_modes(model, leaf_modules, leaves)
+    reference = _eager_eval(model, example_inputs)
+    for _ in range(200):
+        tr = _trace_modes(model, leaf_modules, leaves)
+        culprit = _validate(tr.eval, example_inputs, reference, leaves, leaf_modules)
+        if culprit is None:
+            return tr
+        path, why = culprit
+        if path == "":
+            raise TraceError("", f"the traced graph {why}",
+                             "pass leaf_modules=[...] naming the submodule with Python control "
+                             "flow on tensors (isinstance/None checks on inputs, len(x.shape))")
+        warnings.warn(f"asrfx: submodule '{path}' ({type(model.get_submodule(path)).__name__}) "
+                      f"traces to a graph that {why}; it is kept as an opaque leaf and nothing "
+                      f"inside it will be converted.", stacklevel=3)
+        leaves.add(path)
+    raise TraceError("", "could not find a faithful graph", "pass leaf_modules=[...]")
+
+
+def _eager_eval(model: nn.Module, inputs: tuple) -> Any:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(
+            f"{type(model).__name__} fails on the example inputs ({_short(e)}); pass "
+            f"example_inputs=(x,) with tensors the model accepts (shapes given: "
+            f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]})"
+        ) from None
+    finally:
+        model.train(was)
+
+
+class _NodeTracker(ShapeProp):
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)
+
+
+def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
+              user_leaves: Sequence[str | type]) -> tuple[str, str] | None:
+    """None when ``gm`` (eval) reproduces ``reference``; else (module path to make a leaf, why)."""
+    from torch.utils._pytree import tree_flatten
+
+    was = gm.training
+    gm.eval()
+    runner = _NodeTracker(gm)
+    runner.current = None
+    try:
+        with torch.no_grad():
+            out = runner.propagate(*inputs)
+    except Exception as e:  # noqa: BLE001
+        node = runner.current
+        stack = list((node.meta.get("nn_module_stack") or {}).keys()) if node is not None else []
+        if node is not None and node.op == "call_module" and stack and stack[-1] == node.target:
+            stack = stack[:-1]  # the leaf being called is not the culprit; its caller is
+        for path in reversed(stack):
+            if path not in leaves and path not in user_leaves:
+                return path, f"fails to run ({_short(e.__cause__ or e)})"
+        return "", f"fails to run ({_short(e.__cause__ or e)})"
+    finally:
+        gm.train(was)
+    a, _ = tree_flatten(reference)
+    b, _ = tree_flatten(out)
+    same = len(a) == len(b) and all(
+        (not isinstance(x, torch.Tensor)) or (isinstance(y, torch.Tensor) and x.shape == y.shape
+                                              and torch.allclose(x, y, rtol=1e-4, atol=1e-5))
+        for x, y in zip(a, b))
+    if same:
+        return None
+    return "", "computes different outputs from the eager model"
+
+
+def _trace_modes(model: nn.Module, leaf_modules: Sequence[str | type], leaves: set[str]
+                 ) -> TraceResult:
+    was_training = model.training
     try:
         model.train()
         g_train = _trace_with_fallback(model, leaf_modules, leaves)
@@ -316,7 +401,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *,
     if not isinstance(model, nn.Module):
         raise InputError(f"asrfx.trace expects an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs, model)
-    tr = trace_modes(model, leaf_modules)
+    tr = trace_modes(model, leaf_modules, inputs)
     if inputs is not None:
         for gm in tr.modules():
             propagate_shapes(gm, inputs)
