@@ -95,7 +95,7 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
         raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
     _check_init(init)
     stage = _meta(model).get("stage")
-    if stage in ("prepared", "folded"):
+    if stage in ("prepare", "fold"):
         out = copy.deepcopy(model)
         report = Report("prepare", params_before=_count_params(model),
                         params_after=_count_params(out),
@@ -112,7 +112,11 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
     for i, gm in enumerate(tr.modules()):
         propagate_shapes(gm, inputs)
         sites, refusals = find_attention_sites(gm)
-        names = apply_asr(gm, sites, mode=mode, init=init, created=created, root=work)
+        try:
+            names = apply_asr(gm, sites, mode=mode, init=init, created=created, root=work)
+        except (ValueError, KeyError) as e:
+            raise InputError(f"bad psi init for {type(model).__name__}: "
+                             f"{e.args[0] if e.args else e}") from None
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
@@ -216,7 +220,7 @@ def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"asrfx.fold expects an nn.Module, got {type(model).__name__}")
-    if _meta(model).get("stage") == "folded":
+    if _meta(model).get("stage") == "fold":
         out = copy.deepcopy(model).eval()
         report = Report("fold", params_before=_count_params(model),
                         params_after=_count_params(out), notes=["model is already folded; "

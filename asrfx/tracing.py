@@ -159,6 +159,9 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
         if culprit is None:
             return tr
         path, why = culprit
+        if path == "" and why.startswith("computes different"):
+            path = _find_unfaithful_module(model, tr, leaf_modules, leaves, example_inputs,
+                                           reference) or ""
         if path == "":
             raise TraceError("", f"the traced graph {why}",
                              "pass leaf_modules=[...] naming the submodule with Python control "
@@ -168,6 +171,29 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
                       f"inside it will be converted.", stacklevel=3)
         leaves.add(path)
     raise TraceError("", "could not find a faithful graph", "pass leaf_modules=[...]")
+
+
+def _find_unfaithful_module(model: nn.Module, tr: TraceResult,
+                            leaf_modules: Sequence[str | type], leaves: set[str],
+                            inputs: tuple, reference: Any, limit: int = 64) -> str | None:
+    """The innermost traced-through submodule whose becoming a leaf makes the graph faithful."""
+    paths: set[str] = set()
+    for node in tr.eval.graph.nodes:
+        stack = list((node.meta.get("nn_module_stack") or {}).keys())
+        if node.op == "call_module" and stack and stack[-1] == node.target:
+            stack = stack[:-1]
+        paths.update(p for p in stack if p and p not in leaves)
+    # a module whose traced forward emitted no node at all (a skipped branch) is in no stack
+    called = {str(n.target) for n in tr.eval.graph.nodes if n.op == "call_module"}
+    for name, _ in model.named_modules():
+        if name and name not in leaves and not any(
+                name == c or name.startswith(c + ".") for c in called):
+            paths.add(name)
+    for path in sorted(paths, key=lambda p: (-p.count("."), p))[:limit]:
+        trial = _trace_modes(model, leaf_modules, leaves | {path})
+        if _validate(trial.eval, inputs, reference, leaves | {path}, leaf_modules) is None:
+            return path
+    return None
 
 
 def _eager_eval(model: nn.Module, inputs: tuple) -> Any:

@@ -87,6 +87,9 @@ def _psi_node(gm: fx.GraphModule, site: AttentionSite, stat: fx.Node, name: str,
     if psi is None:
         tm = stat.meta["tensor_meta"]
         device = _device_of(gm)
+        if isinstance(init, dict) and name not in init:
+            raise KeyError(f"init has no value for {name!r}; psi names of this model: see "
+                           f"the prepare report, or pass a float")
         this_init = init[name] if isinstance(init, dict) else init
         psi = make_psi(psi_shape, this_init, tm.dtype, device)
         created[name] = psi
@@ -190,8 +193,10 @@ def _add_copy(gm: fx.GraphModule, site: AttentionSite, psis: dict[fx.Node, fx.No
             new.target = name
         mapping[n] = new
     scaled = graph.call_function(operator.mul, (site.x, mapping[site.gate]))
-    site.mul.replace_input_with(site.x, scaled)
-    for stat in site.stats:
-        if stat.args and stat.args[0] is site.x:
-            stat.replace_input_with(site.x, scaled)
+    scaled.meta["nn_module_stack"] = dict(site.mul.meta.get("nn_module_stack") or {})
+    # ASR sits right after the producer of x: every reader of x (the original attention, its
+    # shape reads, anything else) now sees x * A(psi); only psi's own batch-size reads stay on x
+    own_size_reads = {e.args[1] for e in psis.values()}
+    site.x.replace_all_uses_with(
+        scaled, delete_user_cb=lambda u: u is not scaled and u not in own_size_reads)
     site.extra["asr_mul"] = scaled

@@ -1,0 +1,661 @@
+"""Tracing and the edges of the public API: untraceable code, leaves, shape metadata, norm
+subclasses, idempotence, bad inputs, shared modules, and the fold check."""
+
+from __future__ import annotations
+
+import operator
+import re
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import asrfx
+import asrfx.foldmath
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes
+    slow convolutions down by orders of magnitude. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------
+# private helpers
+
+
+def _randomize_bn(model: nn.Module, seed: int) -> int:
+    """Random running_mean/var (var > 0), weight and bias for every BatchNorm; returns the count."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            n += 1
+            c = m.num_features
+            if m.running_mean is not None:
+                m.running_mean.copy_((torch.rand(c, generator=gen) - 0.5).to(m.running_mean))
+                m.running_var.copy_((torch.rand(c, generator=gen) * 1.5 + 0.5).to(m.running_var))
+            if m.weight is not None:
+                m.weight.copy_((torch.rand(c, generator=gen) + 0.5).to(m.weight))
+            if m.bias is not None:
+                m.bias.copy_((torch.rand(c, generator=gen) - 0.5).to(m.bias))
+    assert n > 0, "model has no BatchNorm to randomize"
+    return n
+
+
+def _randomize_psi(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("psi"):
+                p.copy_(torch.randn(p.shape, generator=gen).to(p))
+
+
+def _psi_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.endswith("psi")]
+
+
+def _rel(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach().double(), out.detach().double()
+    assert ref.shape == out.shape, (ref.shape, out.shape)
+    return (ref - out).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+
+
+def _call_module_targets(gm: fx.GraphModule) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+
+
+class SE(nn.Module):
+    """Squeeze-and-excitation with 1x1 convs."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, max(c // 2, 1), 1)
+        self.fc2 = nn.Conv2d(max(c // 2, 1), c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+class SENet(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.se = SE(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.se(self.bn(self.conv(x))))))
+
+
+# --------------------------------------------------------------------------------------------
+# untraceable code
+
+
+class TopLevelBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.bn(self.conv(x))
+        return self.bn(self.conv(-x))
+
+
+@pytest.mark.parametrize("entry", ["trace", "prepare", "fold"])
+def test_top_level_data_dependent_control_flow_is_a_trace_error(entry):
+    model = TopLevelBranch()
+    x = torch.randn(2, 3, 8, 8)
+    call = {"trace": lambda: asrfx.trace(model, x),
+            "prepare": lambda: asrfx.prepare(model, example_inputs=(x,)),
+            "fold": lambda: asrfx.fold(model, example_inputs=(x,))}[entry]
+    with pytest.raises(asrfx.TraceError) as info:
+        call()
+    err = info.value
+    assert isinstance(err, asrfx.ASRError)
+    assert type(err) is asrfx.TraceError
+    assert not isinstance(err, torch.fx.proxy.TraceError)
+    assert err.module_path == ""
+    msg = str(err)
+    assert "control flow" in msg  # the reason
+    assert "leaf_modules" in msg  # the fix
+    assert "TopLevelBranch" in msg
+    # no raw fx exception chained underneath
+    assert err.__cause__ is None and err.__suppress_context__
+
+
+class Gate(nn.Module):
+    """Data-dependent branch: cannot be traced symbolically."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.conv(x)
+        return x * 0.5
+
+
+class NestedGate(nn.Module):
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.body = nn.Sequential(nn.ReLU(), Gate(c))
+        self.se = SE(c)
+
+    def forward(self, x):
+        return self.se(self.body(self.bn(self.stem(x))))
+
+
+def test_nested_untraceable_submodule_becomes_a_leaf_with_a_warning():
+    model = NestedGate().eval()
+    _randomize_bn(model, 1)
+    with pytest.warns(UserWarning, match=r"'body\.1'") as rec:
+        gm = asrfx.trace(model, torch.randn(2, 3, 8, 8))
+    assert any("Gate" in str(w.message) for w in rec)
+    assert "body.1" in _call_module_targets(gm)
+    # nothing inside the leaf was traced through
+    assert not any(t.startswith("body.1.") for t in _call_module_targets(gm))
+    gm.eval()
+    with torch.no_grad():
+        for sign in (1.0, -1.0):  # both branches of the gate
+            x = sign * (torch.rand(2, 3, 8, 8) + 0.1)
+            ref = model(x)
+            assert torch.equal(gm(x), ref)
+    # the model's mode is left alone
+    assert not model.training
+
+
+def test_untraceable_leaf_does_not_block_conversion_elsewhere():
+    model = NestedGate()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"'body\.1'"):
+        prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert prepared.asrfx_report.count(action="converted") == 1
+    assert _psi_names(prepared) == ["se.psi"]
+    _randomize_bn(prepared, 2)
+    _randomize_psi(prepared, 3)
+    prepared.eval()
+    folded = asrfx.fold(prepared, example_inputs=(x,))  # a GraphModule: not traced again
+    assert "body.1" in _call_module_targets(folded)
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            xi = sign * (torch.rand(3, 3, 8, 8) + 0.1)
+            assert _rel(prepared(xi), folded(xi)) <= TOL
+
+
+class Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gate = Gate(c)
+        self.se = SE(c)
+
+    def forward(self, x):
+        return self.se(self.gate(self.conv(x)))
+
+
+class DeepNet(nn.Module):
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.body = nn.Sequential(Block(c), Block(c))
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+def test_deeply_nested_untraceable_modules_become_leaves_innermost():
+    model = DeepNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning) as rec:
+        prepared = asrfx.prepare(model, example_inputs=(x,))
+    messages = " ".join(str(w.message) for w in rec)
+    assert "'body.0.gate'" in messages and "'body.1.gate'" in messages
+    targets = _call_module_targets(prepared)
+    assert "body.0.gate" in targets and "body.1.gate" in targets
+    assert "body.0" not in targets  # only the innermost offender is opaque
+    assert sorted(_psi_names(prepared)) == ["body.0.se.psi", "body.1.se.psi"]
+
+
+class TypeCheck(nn.Module):
+    """Traces without error but wrongly: ``isinstance(proxy, Tensor)`` is False while tracing."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):
+            return self.conv(x) * 2
+        return x
+
+
+class NestedTypeCheck(nn.Module):
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.body = nn.Sequential(nn.ReLU(), TypeCheck(c))
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+def test_silently_wrong_trace_is_never_returned():
+    """With example inputs, a graph that traces but computes something else is either repaired
+    or refused with an ASRError; it is never handed back."""
+    model = NestedTypeCheck().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            gm = asrfx.trace(model, x)
+        except asrfx.ASRError as e:
+            assert "leaf_modules" in str(e)
+            return
+    gm.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+def test_nested_module_that_traces_wrongly_becomes_a_leaf():
+    model = NestedTypeCheck().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"'body\.1'"):
+        gm = asrfx.trace(model, x)
+    assert "body.1" in _call_module_targets(gm)
+    gm.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+class TwoSE(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.se = SE(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.se2 = SE(c)
+
+    def forward(self, x):
+        return self.se2(self.conv2(self.se(self.conv(x))))
+
+
+def test_leaf_modules_by_name_keeps_that_module_opaque():
+    model = TwoSE()
+    gm = asrfx.trace(model, torch.randn(2, 3, 8, 8), leaf_modules=["se"])
+    targets = _call_module_targets(gm)
+    assert "se" in targets
+    assert not any(t.startswith("se.") for t in targets)
+    assert "se2.fc1" in targets and "se2" not in targets  # only the named one
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    prepared = asrfx.prepare(model, example_inputs=(x,), leaf_modules=["se"])
+    assert _psi_names(prepared) == ["se2.psi"]
+    assert "se" in _call_module_targets(prepared)
+
+
+def test_leaf_modules_by_type_keeps_every_instance_opaque():
+    model = TwoSE()
+    x = torch.randn(2, 3, 8, 8)
+    gm = asrfx.trace(model, x, leaf_modules=[SE])
+    targets = _call_module_targets(gm)
+    assert "se" in targets and "se2" in targets
+    assert not any(t.startswith(("se.", "se2.")) for t in targets)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    prepared = asrfx.prepare(model, example_inputs=(x,), leaf_modules=[SE])
+    assert _psi_names(prepared) == []
+    assert prepared.asrfx_report.count(action="converted") == 0
+
+
+# --------------------------------------------------------------------------------------------
+# shape metadata
+
+
+class DropPathNet(nn.Module):
+    """Forward differs between train and eval (stochastic depth), without shape reads."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.se = SE(c)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.se(self.bn(y))
+        if self.training:
+            keep = (torch.rand_like(z[:, :1, :1, :1]) < 0.8).float()
+            z = z * keep / 0.8
+        return torch.relu(y + z)
+
+
+@pytest.mark.parametrize("model_cls", [SENet, DropPathNet])
+def test_trace_with_example_inputs_records_tensor_meta_on_every_call_node(model_cls):
+    model = model_cls()
+    x = torch.randn(2, 3, 8, 8)
+    gm = asrfx.trace(model, x)
+    graphs = [gm.graph]
+    if model_cls is DropPathNet:
+        assert isinstance(gm, asrfx.DualModeGraphModule)
+        assert gm.eval_graph is not gm.graph
+        graphs.append(gm.eval_graph)
+    for g in graphs:
+        calls = [n for n in g.nodes if n.op in ("call_module", "call_function", "call_method")]
+        assert calls
+        for n in calls + [n for n in g.nodes if n.op == "placeholder"]:
+            tm = n.meta.get("tensor_meta")
+            assert tm is not None, f"{n.format_node()} has no tensor_meta"
+            assert tuple(tm.shape)[0] in (1, 2)
+        out = next(n for n in g.nodes if n.op == "output").args[0]
+        assert tuple(out.meta["tensor_meta"].shape) == (2, 8, 8, 8)
+    # the model keeps its mode
+    assert model.training
+
+
+def test_trace_without_example_inputs_has_no_shape_metadata_and_shares_parameters():
+    model = SENet()
+    gm = asrfx.trace(model)
+    assert not any("tensor_meta" in n.meta for n in gm.graph.nodes)
+    assert gm.get_parameter("conv.weight") is model.conv.weight
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm subclasses
+
+
+class ShiftedReluBN(nn.BatchNorm2d):
+    """A BatchNorm whose forward does more than BatchNorm: relu, then a shift."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x)) - 0.1
+
+
+class SubclassBNNet(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = ShiftedReluBN(c)
+        self.se = SE(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.se(self.bn(self.conv(x)))))
+
+
+def test_batchnorm_subclass_is_a_leaf_and_is_never_folded():
+    model = SubclassBNNet()
+    x = torch.randn(2, 3, 8, 8)
+    gm = asrfx.trace(model, x)
+    bn_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "bn"]
+    assert len(bn_nodes) == 1
+    assert type(gm.get_submodule("bn")) is ShiftedReluBN
+    # its relu and shift were not traced through into the graph: the SE reads the BN directly
+    assert not any(n.op == "call_function" and n.target is operator.sub for n in gm.graph.nodes)
+    assert any(n.op == "call_method" and n.target == "mean" for n in bn_nodes[0].users)
+
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert _psi_names(prepared) == ["se.psi"]
+    _randomize_bn(prepared, 4)
+    _randomize_psi(prepared, 5)
+    prepared.eval()
+    folded = asrfx.fold(prepared, example_inputs=(x,))
+    kept = [n for n in folded.graph.nodes if n.op == "call_module"
+            and type(folded.get_submodule(str(n.target))) is ShiftedReluBN]
+    assert len(kept) == 1
+    sub = folded.get_submodule(str(kept[0].target))
+    orig = prepared.get_submodule("bn")
+    # neither fused into the conv before it nor given the SE scale
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(sub, name), getattr(orig, name)), name
+    assert not any(s.action == "fused" and "bn" == s.path for s in folded.asrfx_report.sites)
+    assert "conv" in _call_module_targets(folded)
+    assert "bn2" not in _call_module_targets(folded)  # the plain BN after conv2 is fused
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 3, 8, 8)):
+            assert _rel(prepared(xi), folded(xi)) <= TOL
+
+
+# --------------------------------------------------------------------------------------------
+# idempotence
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_prepare_without_attention_returns_an_equivalent_model_and_says_so():
+    model = Plain()
+    _randomize_bn(model, 6)
+    x = torch.randn(2, 3, 8, 8)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    rep = prepared.asrfx_report
+    assert rep.sites == []
+    assert rep.count() == 0 and rep.count(action="converted") == 0
+    assert rep.params_before == rep.params_after
+    assert any("no channel attention" in n for n in rep.notes)
+    assert "nothing to do" in str(rep)
+    assert _psi_names(prepared) == []
+    assert prepared.training == model.training
+    model.eval()
+    prepared.eval()
+    with torch.no_grad():
+        for xi in (x, torch.randn(5, 3, 8, 8)):
+            assert torch.equal(prepared(xi), model(xi))
+
+
+@pytest.mark.parametrize("mode", ["replace", "both"])
+def test_prepare_twice_returns_the_prepared_model_unchanged(mode):
+    model = SENet()
+    x = torch.randn(2, 3, 8, 8)
+    once = asrfx.prepare(model, example_inputs=(x,), mode=mode)
+    n_psi = len(_psi_names(once))
+    assert n_psi == 1
+    _randomize_bn(once, 7)
+    _randomize_psi(once, 8)
+    twice = asrfx.prepare(once, example_inputs=(x,), mode=mode)
+    assert len(_psi_names(twice)) == n_psi
+    assert sorted(_psi_names(twice)) == sorted(_psi_names(once))
+    assert sum(p.numel() for p in twice.parameters()) == sum(p.numel() for p in once.parameters())
+    once.eval()
+    twice.eval()
+    with torch.no_grad():
+        assert torch.equal(twice(x), once(x))
+
+
+def test_fold_twice_returns_the_same_graph():
+    model = SENet()
+    x = torch.randn(2, 3, 8, 8)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    _randomize_bn(prepared, 9)
+    _randomize_psi(prepared, 10)
+    folded = asrfx.fold(prepared, example_inputs=(x,))
+    again = asrfx.fold(folded, example_inputs=(x,))
+    assert again.code == folded.code
+    assert [(n.op, str(n.target)) for n in again.graph.nodes] == \
+        [(n.op, str(n.target)) for n in folded.graph.nodes]
+    assert again.state_dict().keys() == folded.state_dict().keys()
+    for k, v in folded.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    assert not again.training
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 8, 8)
+        assert torch.equal(again(xi), folded(xi))
+
+
+# --------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def test_prepare_rejects_unknown_mode():
+    with pytest.raises(asrfx.InputError, match="bogus"):
+        asrfx.prepare(SENet(), example_inputs=(torch.randn(2, 3, 8, 8),), mode="bogus")
+
+
+@pytest.mark.parametrize("entry", ["prepare", "fold", "trace"])
+def test_non_module_is_an_input_error(entry):
+    fn = getattr(asrfx, entry)
+    with pytest.raises(asrfx.InputError, match="str"):
+        fn("not a module")
+    assert issubclass(asrfx.InputError, asrfx.ASRError)
+
+
+def test_other_bad_arguments_are_input_errors():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(asrfx.InputError):
+        asrfx.prepare(SENet(), example_inputs="x")
+    with pytest.raises(asrfx.InputError):
+        asrfx.prepare(SENet(), example_inputs=(x,), init="bogus")
+
+
+@pytest.mark.parametrize("entry", ["trace", "prepare", "fold"])
+def test_wrong_channel_count_is_an_asr_error_naming_the_shape(entry):
+    model = SENet()
+    bad = torch.randn(2, 5, 8, 8)  # the model takes 3 channels
+    call = {"trace": lambda: asrfx.trace(model, bad),
+            "prepare": lambda: asrfx.prepare(model, example_inputs=(bad,)),
+            "fold": lambda: asrfx.fold(model, example_inputs=(bad,))}[entry]
+    with pytest.raises(asrfx.ASRError) as info:
+        call()
+    err = info.value
+    assert type(err) is not RuntimeError
+    assert "(2, 5, 8, 8)" in str(err)
+
+
+def test_wrong_channel_count_error_says_what_was_expected():
+    with pytest.raises(asrfx.ASRError) as info:
+        asrfx.prepare(SENet(), example_inputs=(torch.randn(2, 5, 8, 8),))
+    assert re.search(r"3 channels|\[8, 3, 3, 3\]", str(info.value)), str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# a module called at two places
+
+
+class SharedConv(nn.Module):
+    """One conv object applied twice, each call followed by a different BatchNorm."""
+
+    def __init__(self, c: int = 6, se_after: str = "bn_b"):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(c)
+        self.bn_b = nn.BatchNorm2d(c)
+        self.se = SE(c)
+        self.se_after = se_after
+
+    def forward(self, x):
+        a = self.bn_a(self.conv(x))
+        h = self.conv(torch.relu(a))
+        if self.se_after == "conv":  # SE straight on the second conv call: scale into conv rows
+            return self.bn_b(self.se(h)) + a
+        return self.se(self.bn_b(h)) + a
+
+
+@pytest.mark.parametrize("se_after", ["bn_b", "conv"])
+def test_module_called_twice_is_not_wrongly_fused(se_after):
+    model = SharedConv(se_after=se_after)
+    x = torch.randn(2, 6, 8, 8)
+    _randomize_bn(model, 11)
+    model.eval()
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 6, 8, 8)):
+            assert _rel(model(xi), deploy(xi)) <= TOL
+
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert _psi_names(prepared) == ["se.psi"]
+    _randomize_bn(prepared, 12)
+    _randomize_psi(prepared, 13)
+    prepared.eval()
+    folded = asrfx.fold(prepared, example_inputs=(x,))
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 6, 8, 8)):
+            assert _rel(prepared(xi), folded(xi)) <= TOL
+    # the shared conv is not altered in the model that was folded
+    assert torch.equal(prepared.get_submodule("conv").weight, model.conv.weight)
+
+
+# --------------------------------------------------------------------------------------------
+# the fold check
+
+
+class _Doubled:
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        w, b = self.fn(*args, **kwargs)
+        return w * 1.5, b  # wrong: gamma scaled, beta not
+
+
+def test_fold_check_raises_fold_mismatch_naming_the_site(monkeypatch):
+    model = SENet()
+    x = torch.randn(2, 3, 8, 8)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    _randomize_bn(prepared, 14)
+    _randomize_psi(prepared, 15)
+    wrong = _Doubled(asrfx.foldmath.fold_scale_into_norm)
+    # passes/scale_fold.py calls it as foldmath.fold_scale_into_norm (module attribute)
+    monkeypatch.setattr(asrfx.foldmath, "fold_scale_into_norm", wrong)
+    with pytest.raises(asrfx.FoldMismatch) as info:
+        asrfx.fold(prepared, example_inputs=(x,))
+    assert wrong.calls >= 1
+    err = info.value
+    assert isinstance(err, asrfx.ASRError)
+    assert err.rel_error > TOL
+    assert err.site is not None and err.site.startswith("se ")
+    assert "se -> bn" in str(err)
+    # without the check the (wrong) result comes back, and the report still names the site
+    folded = asrfx.fold(prepared, example_inputs=(x,), check=False)
+    assert any(s.path == "se" and s.action == "folded" for s in folded.asrfx_report.sites)
+    monkeypatch.undo()
+    good = asrfx.fold(prepared, example_inputs=(x,))
+    prepared.eval()
+    with torch.no_grad():
+        assert _rel(prepared(x), good(x)) <= TOL
+
+
+def test_fold_check_names_a_consumer_side_site(monkeypatch):
+    """The SE after a BatchNorm subclass folds into conv2's input columns; break that."""
+    model = SubclassBNNet()
+    x = torch.randn(2, 3, 8, 8)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    _randomize_bn(prepared, 16)
+    _randomize_psi(prepared, 17)
+    orig = asrfx.foldmath.fold_scale_into_conv_in
+
+    def wrong(weight, bias, scale, shift=None, groups=1):
+        return orig(weight, bias, scale.flip(0), shift, groups)
+
+    monkeypatch.setattr(asrfx.foldmath, "fold_scale_into_conv_in", wrong)
+    with pytest.raises(asrfx.FoldMismatch, match=r"worst site: se -> conv2"):
+        asrfx.fold(prepared, example_inputs=(x,))
