@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from .find_attention import AttentionSite
-from .graph_utils import get_attr_path, set_attr_path, stable_toposort, tensor_shape
+from .graph_utils import reads_shape_only, get_attr_path, set_attr_path, stable_toposort, tensor_shape
 
 __all__ = ["apply_asr", "make_psi", "fresh_module"]
 
@@ -194,9 +194,9 @@ def _add_copy(gm: fx.GraphModule, site: AttentionSite, psis: dict[fx.Node, fx.No
         mapping[n] = new
     scaled = graph.call_function(operator.mul, (site.x, mapping[site.gate]))
     scaled.meta["nn_module_stack"] = dict(site.mul.meta.get("nn_module_stack") or {})
-    # ASR sits right after the producer of x: every reader of x (the original attention, its
-    # shape reads, anything else) now sees x * A(psi); only psi's own batch-size reads stay on x
-    own_size_reads = {e.args[1] for e in psis.values()}
+    # ASR sits right after the producer of x: every value reader of x (the original attention,
+    # anything else) now sees x * A(psi). Shape reads stay on x: the shape is the same, and the
+    # ASR copy itself may size its output from them (moving them would close a cycle).
     site.x.replace_all_uses_with(
-        scaled, delete_user_cb=lambda u: u is not scaled and u not in own_size_reads)
+        scaled, delete_user_cb=lambda u: u is not scaled and not reads_shape_only(u))
     site.extra["asr_mul"] = scaled

@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_eval
 
-from .graph_utils import call_sites, get_attr_path, module_path, set_attr_path, tensor_shape, \
+from .graph_utils import reads_shape_only, call_sites, get_attr_path, module_path, set_attr_path, tensor_shape, \
     unique_name
 from .scale_fold import CONV_TYPES, NORM_TYPES, _conv_param_nodes, set_functional_conv_params
 
@@ -45,7 +45,8 @@ def fuse_batchnorm(gm: fx.GraphModule, select: Callable[[str], bool] = lambda ke
             rec["reason"] = "no running statistics (uses batch statistics in eval)"
             continue
         src = bn_node.args[0] if bn_node.args else None
-        if not isinstance(src, fx.Node) or len(src.users) != 1:
+        if not isinstance(src, fx.Node) or \
+                sum(1 for u in src.users if not reads_shape_only(u)) != 1:
             rec["reason"] = "its input is read elsewhere too" if isinstance(src, fx.Node) \
                 else "no input node"
             continue

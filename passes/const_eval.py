@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, _reads_shape_only, is_op, module_path,
+from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op, module_path,
                           set_attr_path, unique_name, value_dependent)
 
 __all__ = ["evaluate_constants"]
@@ -60,12 +60,12 @@ def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
     for n in graph.nodes:
         if n in dep:
             continue
-        if (_reads_shape_only(n) and any(a in dep for a in n.all_input_nodes)) or \
+        if (reads_shape_only(n) and any(a in dep for a in n.all_input_nodes)) or \
                 any(a in shape_dep for a in n.all_input_nodes):
             shape_dep.add(n)
     frontier = [n for n in graph.nodes
                 if n not in dep and n.op in ("call_function", "call_method", "call_module")
-                and not _reads_shape_only(n) and any(u in dep for u in n.users)]
+                and not reads_shape_only(n) and any(u in dep for u in n.users)]
     rec = _Recorder(gm, set(frontier))
     with torch.no_grad():
         out = rec.propagate(*example_inputs)

@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["tensor_shape", "value_dependent", "module_path", "is_op", "to_networkx",
            "MUL_OPS", "ADD_OPS", "SUB_OPS", "SHAPE_ATTRS", "SHAPE_METHODS", "call_sites",
-           "node_module", "set_attr_path", "get_attr_path", "unique_name"]
+           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "get_attr_path", "unique_name"]
 
 MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.Tensor.mul}
 ADD_OPS = {operator.add, operator.iadd, torch.add, "add", "add_", torch.Tensor.add}
@@ -42,7 +42,7 @@ def tensor_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(shape) if shape is not None else None
 
 
-def _reads_shape_only(node: fx.Node) -> bool:
+def reads_shape_only(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is builtins.getattr:
         return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
     if node.op == "call_method" and node.target in SHAPE_METHODS:
@@ -64,7 +64,7 @@ def value_dependent(graph: fx.Graph) -> set[fx.Node]:
         if node.op == "placeholder":
             dep.add(node)
         elif node.op in ("call_function", "call_method", "call_module"):
-            if _reads_shape_only(node):
+            if reads_shape_only(node):
                 continue
             if any(a in dep for a in node.all_input_nodes):
                 dep.add(node)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asrfx import foldmath
-from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, call_sites, get_attr_path, is_op,
+from .graph_utils import (ADD_OPS, reads_shape_only, MUL_OPS, SUB_OPS, call_sites, get_attr_path, is_op,
                           module_path, set_attr_path, tensor_shape, unique_name, value_dependent)
 
 __all__ = ["fold_scales", "Chain", "CONV_TYPES", "NORM_TYPES", "FUNCTIONAL_CONVS",
@@ -184,7 +184,8 @@ def set_functional_conv_params(gm: fx.GraphModule, node: fx.Node, w_node: fx.Nod
 def _fold_into_producer(gm: fx.GraphModule, chain: Chain) -> str | None:
     x = chain.base
     members = set(chain.members)
-    if any(u not in members for u in x.users):
+    # shape reads (x.shape, x.size()) see the same shape after the fold
+    if any(u not in members and not reads_shape_only(u) for u in x.users):
         return None
     s, t = chain.scale, chain.shift
     shape = tensor_shape(x)

@@ -236,11 +236,6 @@ def test_psi_init_tensor_that_fits_some_sites_only():
         asrfx.prepare(original, example_inputs=(_x(2, 0),), init=torch.arange(16.0))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "asrfx/errors.py promises that every user-caused failure is an ASRError (bad arguments: "
-    "InputError), but a bad psi init escapes raw: a tensor that does not fit a site raises a "
-    "plain ValueError from passes/asr_rewrite.make_psi, and a dict that misses a psi name raises "
-    "KeyError from asr_rewrite._psi_node (init[name])"))
 @pytest.mark.parametrize("bad", ["misfit-tensor", "incomplete-dict"])
 def test_bad_psi_init_is_an_input_error(bad):
     torch.manual_seed(0)
@@ -281,16 +276,44 @@ def test_folded_se_graph_equals_folded_plain_graph_r164():
 # mode="both": ASR(SE) + SE
 
 
-@pytest.fixture(scope="module")
-def both_r20():
-    torch.manual_seed(20)
-    original = cifar_resnet(20, attention="se", block="basic", num_classes=NUM_CLASSES)
-    prepared = asrfx.prepare(original, example_inputs=(_x(4, 0),), mode="both")
-    return original, prepared
+_BOTH: dict = {}
 
 
-def test_both_mode_keeps_original_se_and_adds_one_psi(both_r20):
-    original, prepared = both_r20
+def _both_r20():
+    """(original, prepared in mode 'both'); built once, never mutated by the tests."""
+    if not _BOTH:
+        torch.manual_seed(20)
+        original = cifar_resnet(20, attention="se", block="basic", num_classes=NUM_CLASSES)
+        prepared = asrfx.prepare(original, example_inputs=(_x(4, 0),), mode="both")
+        _BOTH["r20"] = (original, prepared)
+    return _BOTH["r20"]
+
+
+class _ConvBnSE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.se = SEModule(16)
+
+    def forward(self, x):
+        return self.se(self.bn(self.conv(x)))
+
+
+def test_both_mode_single_se_block():
+    torch.manual_seed(0)
+    model = randomize_bn(_ConvBnSE(), seed=1)
+    x = _x(2, 0)[..., :8, :8]
+    prepared = asrfx.prepare(model, example_inputs=(x,), mode="both")
+    assert len(sigmoid_nodes(prepared)) == 2
+    folded = asrfx.fold(prepared, example_inputs=(x,))
+    prepared.eval()
+    with torch.no_grad():
+        assert rel_err(prepared(x), folded(x)) <= REL_TOL
+
+
+def test_both_mode_keeps_original_se_and_adds_one_psi():
+    original, prepared = _both_r20()
     n_se = count_se(original)
     orig_sd, prep_sd = original.state_dict(), prepared.state_dict()
     for k, v in orig_sd.items():
@@ -310,8 +333,8 @@ def test_both_mode_keeps_original_se_and_adds_one_psi(both_r20):
                            torch.full_like(prepared.get_parameter(f"{p}.psi"), 0.1))
 
 
-def test_both_mode_trains_and_folds_exactly(both_r20):
-    original, prepared = both_r20
+def test_both_mode_trains_and_folds_exactly():
+    original, prepared = _both_r20()
     prepared = copy.deepcopy(prepared)
     n_se = count_se(original)
     losses = train_steps(prepared, steps=2, batch=4, num_classes=NUM_CLASSES)
@@ -333,33 +356,27 @@ def test_both_mode_trains_and_folds_exactly(both_r20):
     assert all(s.channels == original.get_submodule(s.path).channels for s in kept)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mode='both': the ASR scale in front of the original SE is not folded; the SE's own "
-    "`x.shape` read still points at the BatchNorm output, so scale_fold sees a second reader of "
-    "x and refuses the producer fold (consumers are pool/mul, not convs). The deploy graph keeps "
-    "one extra `x * asrfx_const` multiply per site and reports it as '(top)'"))
-def test_both_mode_folds_the_asr_scale_away(both_r20):
-    original, prepared = both_r20
+def test_both_mode_folds_the_asr_scale_away():
+    """ASR is inference-free: the ASR half of ASR(SE)+SE folds into the BatchNorm before it, and
+    the deploy graph is that of the plain SE network. (Before 0c9a52a the SE's ``x.shape`` read
+    kept the BN output from having a single reader and the scale stayed as a multiply.)"""
+    original, prepared = _both_r20()
     n_se = count_se(original)
-    prepared = copy.deepcopy(prepared)
-    randomize_bn(prepared, seed=12)
+    prepared = randomize_bn(copy.deepcopy(prepared), seed=12)
     folded = asrfx.fold(prepared, example_inputs=(_x(4, 5),))
     report = folded.asrfx_report
     assert report.count(action="kept", kind="channel scale") == 0
     assert report.count(action="folded", kind="channel scale") == n_se
-    # the ASR half is inference-free: the deploy graph of ASR(SE)+SE is that of plain SE
     torch.manual_seed(20)
     se_only = randomize_bn(cifar_resnet(20, attention="se", block="basic",
                                         num_classes=NUM_CLASSES), seed=12)
     assert node_kinds(folded) == node_kinds(asrfx.fold(se_only, example_inputs=(_x(4, 5),)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mode='both': fold's report names every ASR channel-scale site '(top)' instead of the SE's "
-    "path: the `x * gate` multiply that asr_rewrite._add_copy inserts has no nn_module_stack "
-    "meta, so graph_utils.module_path returns ''"))
-def test_both_mode_fold_report_names_the_asr_scale_sites(both_r20):
-    original, prepared = both_r20
+def test_both_mode_fold_report_names_the_asr_scale_sites():
+    """The fold report names each ASR scale by its SE's path, not '(top)' (before 0c9a52a the
+    inserted multiply had no nn_module_stack meta)."""
+    original, prepared = _both_r20()
     folded = asrfx.fold(randomize_bn(copy.deepcopy(prepared), seed=13),
                         example_inputs=(_x(4, 5),))
     scale_paths = [s.path for s in folded.asrfx_report.sites if s.kind == "channel scale"]
