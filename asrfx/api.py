@@ -110,7 +110,9 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
     created: dict[str, Any] = {}
     per_mode_counts = []
     for i, gm in enumerate(tr.modules()):
-        propagate_shapes(gm, inputs)
+        if gm.meta.get("asrfx_shapes_from") != id(inputs):
+            propagate_shapes(gm, inputs)
+        gm.meta.pop("asrfx_shapes_from", None)
         sites, refusals = find_attention_sites(gm)
         try:
             names = apply_asr(gm, sites, mode=mode, init=init, created=created, root=work)
@@ -118,8 +120,6 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
             raise InputError(f"bad psi init for {type(model).__name__}: "
                              f"{e.args[0] if e.args else e}") from None
         gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
         per_mode_counts.append(len(sites))
         if i == 0:
             for site, psis in zip(sites, names):
@@ -160,16 +160,38 @@ def relative_error(ref: Any, out: Any) -> float:
 
 def _eval_graph_module(model: nn.Module, leaf_modules: Sequence[str | type],
                        inputs: tuple | None = None) -> fx.GraphModule:
-    """An eval-mode GraphModule over (a copy of) ``model``."""
-    work = copy.deepcopy(model)
-    if isinstance(work, DualModeGraphModule):
-        gm = fx.GraphModule(work, copy.deepcopy(work.eval_graph), "GraphModule")
-    elif isinstance(work, fx.GraphModule):
-        gm = work
+    """An eval-mode GraphModule over a copy of ``model`` (the eval graph of a dual-mode one)."""
+    if isinstance(model, fx.GraphModule):
+        graph = model.eval_graph if isinstance(model, DualModeGraphModule) else model.graph
+        gm = _clone_graph_module(model, graph)
     else:
-        gm = trace_modes(work, leaf_modules, inputs).eval
+        gm = trace_modes(copy.deepcopy(model), leaf_modules, inputs).eval
     gm.eval()
     return gm
+
+
+def _clone_graph_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule over deep copies of ``gm``'s attributes and a copy of ``graph``.
+
+    Cheaper than ``copy.deepcopy(gm)``, which deep-copies every node's metadata and recompiles
+    twice; here node metadata is copied shallowly (it is only read).
+    """
+    memo: dict = {}
+    root = nn.Module()
+    for name, child in gm.named_children():
+        root.add_module(name, copy.deepcopy(child, memo))
+    for name, p in gm._parameters.items():
+        root.register_parameter(name, copy.deepcopy(p, memo))
+    for name, b in gm._buffers.items():
+        root.register_buffer(name, copy.deepcopy(b, memo))
+    g = fx.Graph()
+    g._codegen = copy.deepcopy(graph._codegen)
+    out = g.graph_copy(graph, {})
+    g.output(out)
+    new = fx.GraphModule(root, g, "GraphModule")
+    new.meta = {k: v for k, v in getattr(gm, "meta", {}).items()
+                if k != _USER_PRESERVED_ATTRIBUTES_KEY}
+    return new
 
 
 def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
@@ -182,10 +204,8 @@ def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
             f"running {type(gm).__name__} on the example inputs failed ({str(e).splitlines()[0]}); "
             f"pass example_inputs=(x,) with tensors the model accepts (shapes given: "
             f"{[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})") from None
-    gm.recompile()
     scales = fold_scales(gm, select)
     gm.graph.eliminate_dead_code()
-    gm.recompile()
     bns = fuse_batchnorm(gm, select) if fuse_bn else []
     cleanup(gm)
     return {"consts": consts, "scales": scales, "bns": bns}

@@ -19,11 +19,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import GraphModule, _copy_attr, _forward_from_src
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import InputError, TraceError
 
-__all__ = ["trace", "AsrTracer", "DualModeGraphModule", "TraceResult", "trace_modes",
+__all__ = ["trace", "AsrTracer", "ShapeRecorder", "DualModeGraphModule", "TraceResult", "trace_modes",
            "propagate_shapes", "normalize_inputs", "infer_example_inputs"]
 
 # Norm and dropout layers decide their behaviour on self.training at run time; a subclass of
@@ -212,10 +212,42 @@ def _eager_eval(model: nn.Module, inputs: tuple) -> Any:
         model.train(was)
 
 
-class _NodeTracker(ShapeProp):
+def _light_meta(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return TensorMetadata(obj.shape, obj.dtype, obj.requires_grad, (), None, False, {})
+    if isinstance(obj, (list, tuple)):
+        metas = [_light_meta(o) for o in obj]
+        return type(obj)(metas) if any(m is not None for m in metas) and \
+            not hasattr(obj, "_fields") else None
+    return None
+
+
+class ShapeRecorder(fx.Interpreter):
+    """Runs a GraphModule once, recording each node's shape and dtype in ``meta["tensor_meta"]``.
+
+    Lighter than ``torch.fx.passes.shape_prop.ShapeProp`` (no strides or memory-format probes,
+    no traceback printing); remembers the node being run (``current``) so a failure can be
+    traced to its module, and keeps the values of the nodes in ``keep``.
+    """
+
+    def __init__(self, gm: GraphModule, keep: Iterable[fx.Node] = ()):
+        super().__init__(gm)
+        self.current: fx.Node | None = None
+        self.keep = set(keep)
+        self.values: dict[fx.Node, Any] = {}
+
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
-        return super().run_node(n)
+        out = super().run_node(n)
+        meta = _light_meta(out)
+        if meta is not None:
+            n.meta["tensor_meta"] = meta
+        if n in self.keep:
+            self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+        return out
+
+    def propagate(self, *args: Any) -> Any:
+        return self.run(*args)
 
 
 def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
@@ -225,8 +257,7 @@ def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
 
     was = gm.training
     gm.eval()
-    runner = _NodeTracker(gm)
-    runner.current = None
+    runner = ShapeRecorder(gm)
     try:
         with torch.no_grad():
             out = runner.propagate(*inputs)
@@ -248,13 +279,71 @@ def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
                                               and torch.allclose(x, y, rtol=1e-4, atol=1e-5))
         for x, y in zip(a, b))
     if same:
+        gm.meta["asrfx_shapes_from"] = id(inputs)  # shape metadata is fresh for these inputs
         return None
     return "", "computes different outputs from the eager model"
+
+
+def _code_names(code: Any, seen: set) -> set[str]:
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if hasattr(c, "co_names") and id(c) not in seen:
+            seen.add(id(c))
+            names |= _code_names(c, seen)
+    return names
+
+
+_MODE_READ_CACHE: dict[type, bool] = {}
+# containers are never called, so they are not leaves in the sense that matters here
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, nn.ParameterDict)
+
+
+def _class_reads_training(cls: type) -> bool:
+    """Whether any method a class defines (outside torch.nn itself) reads ``.training``."""
+    if cls not in _MODE_READ_CACHE:
+        found = False
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("torch.nn") or klass is object:
+                continue
+            for v in vars(klass).values():
+                fn = getattr(v, "__func__", v)
+                code = getattr(fn, "__code__", None)
+                if code is not None and "training" in _code_names(code, set()):
+                    found = True
+                    break
+            if found:
+                break
+        _MODE_READ_CACHE[cls] = found
+    return _MODE_READ_CACHE[cls]
+
+
+def _may_depend_on_mode(model: nn.Module, leaf_modules: Sequence[str | type],
+                        leaves: set[str]) -> bool:
+    """False when no traced-through module's code reads ``self.training`` (one trace suffices)."""
+    tracer = AsrTracer(list(leaf_modules) + sorted(leaves))
+    skip: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        if name and tracer.is_leaf_module(m, name) and not isinstance(m, _CONTAINERS):
+            skip.append(name)
+            continue
+        if _class_reads_training(type(m)):
+            return True
+    return False
 
 
 def _trace_modes(model: nn.Module, leaf_modules: Sequence[str | type], leaves: set[str]
                  ) -> TraceResult:
     was_training = model.training
+    if not _may_depend_on_mode(model, leaf_modules, leaves):
+        try:
+            model.eval()
+            graph = _trace_with_fallback(model, leaf_modules, leaves)
+        finally:
+            model.train(was_training)
+        gm = GraphModule(model, graph, type(model).__name__)
+        return TraceResult(model, gm, gm, leaves)
     try:
         model.train()
         g_train = _trace_with_fallback(model, leaf_modules, leaves)
@@ -393,7 +482,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            ShapeRecorder(gm).propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001
         raise InputError(
             f"running {gm.__class__.__name__} on the example inputs failed ({_short(e)}); "

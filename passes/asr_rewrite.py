@@ -102,7 +102,9 @@ def _psi_node(gm: fx.GraphModule, site: AttentionSite, stat: fx.Node, name: str,
 
 
 def _device_of(gm: nn.Module) -> torch.device:
-    for t in list(gm.parameters()) + list(gm.buffers()):
+    for t in gm.parameters():
+        return t.device
+    for t in gm.buffers():
         return t.device
     return torch.device("cpu")
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op, module_path,
                           set_attr_path, unique_name, value_dependent)
@@ -23,21 +22,6 @@ __all__ = ["evaluate_constants"]
 
 _BROADCAST_OPS = MUL_OPS | ADD_OPS | SUB_OPS | {operator.truediv, torch.div, "div", "div_",
                                                  operator.itruediv}
-
-
-class _Recorder(ShapeProp):
-    """Shape propagation that also keeps the values of the wanted nodes."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
-        super().__init__(gm)
-        self.wanted = wanted
-        self.values: dict[fx.Node, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n in self.wanted:
-            self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
-        return out
 
 
 def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
@@ -66,7 +50,9 @@ def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
     frontier = [n for n in graph.nodes
                 if n not in dep and n.op in ("call_function", "call_method", "call_module")
                 and not reads_shape_only(n) and any(u in dep for u in n.users)]
-    rec = _Recorder(gm, set(frontier))
+    from asrfx.tracing import ShapeRecorder  # the recorder lives with the tracer
+
+    rec = ShapeRecorder(gm, keep=frontier)
     with torch.no_grad():
         out = rec.propagate(*example_inputs)
     if outputs is not None:
