@@ -43,12 +43,67 @@ class _SubmoduleTraceFailure(Exception):
 
 class AsrTracer(fx.Tracer):
     """fx tracer that keeps standard ``torch.nn`` layers, norm/dropout subclasses and any
-    user-named modules as leaves, and reports which submodule a tracing failure came from."""
+    user-named modules as leaves, and reports which submodule a tracing failure came from.
 
-    def __init__(self, leaf_modules: Iterable[str | type] = ()):
+    With ``example_inputs`` it also computes every node's example value while tracing, so
+    ``len(x.shape)`` (the rank, which does not depend on the batch or image size) can be
+    answered; any other use of a traced value in Python control flow still fails.
+    """
+
+    def __init__(self, leaf_modules: Iterable[str | type] = (), example_inputs: tuple | None = None):
         super().__init__()
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.example_inputs = list(example_inputs) if example_inputs is not None else None
+        self.values: dict[fx.Node, Any] | None = {} if example_inputs is not None else None
+        self._computing = False  # True while running real layers for example values
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None,
+                    type_expr: Any = None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.values is not None and not self._computing:
+            self._computing = True
+            try:
+                self._record_value(node)
+            finally:
+                self._computing = False
+        return node
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _record_value(self, node: fx.Node) -> None:
+        values = self.values
+        try:
+            if node.op == "placeholder":
+                if not self.example_inputs:
+                    return
+                values[node] = self.example_inputs.pop(0)
+                return
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+            with torch.no_grad():
+                if node.op == "get_attr":
+                    obj: Any = self.root
+                    for part in str(node.target).split("."):
+                        obj = getattr(obj, part)
+                    values[node] = obj
+                elif node.op == "call_function":
+                    values[node] = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                elif node.op == "call_module":
+                    values[node] = self.root.get_submodule(str(node.target))(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - values are a best-effort aid; no value, no answer
+            return
+
+    def rank_of(self, proxy: fx.Proxy) -> int | None:
+        """len() of a traced shape, when its example value is known."""
+        if self.values is None:
+            return None
+        value = self.values.get(proxy.node)
+        return len(value) if isinstance(value, torch.Size) else None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names:
@@ -60,6 +115,8 @@ class AsrTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self._computing:  # a real call made while computing an example value
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except _SubmoduleTraceFailure:
@@ -71,18 +128,49 @@ class AsrTracer(fx.Tracer):
             raise _SubmoduleTraceFailure(path, e) from e
 
 
-def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | type]) -> fx.Graph:
-    tracer = AsrTracer(list(user_leaves) + sorted(leaves))
-    return tracer.trace(model)
+_fx_len = fx.Proxy.__len__
+
+
+def _proxy_len(self: fx.Proxy) -> int:
+    tracer = self.tracer
+    if isinstance(tracer, AsrTracer):
+        n = tracer.rank_of(self)
+        if n is not None:
+            return n
+    return _fx_len(self)
+
+
+def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | type],
+                example_inputs: tuple | None = None) -> fx.Graph:
+    tracer = AsrTracer(list(user_leaves) + sorted(leaves), example_inputs)
+    if example_inputs is None:
+        return tracer.trace(model)
+    # computing example values runs the layers; keep BatchNorm statistics as they were
+    saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()
+             if not isinstance(v, nn.Parameter)}
+    fx.Proxy.__len__ = _proxy_len
+    try:
+        return tracer.trace(model)
+    finally:
+        fx.Proxy.__len__ = _fx_len
+        state = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for k, v in saved.items():
+                state[k].copy_(v)
 
 
 def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
-                         leaves: set[str]) -> fx.Graph:
+                         leaves: set[str], example_inputs: tuple | None = None) -> fx.Graph:
     name = type(model).__name__
+    with_values = False
     for _ in range(1000):
         try:
-            return _trace_once(model, leaves, user_leaves)
+            return _trace_once(model, leaves, user_leaves,
+                               example_inputs if with_values else None)
         except _SubmoduleTraceFailure as f:
+            if example_inputs is not None and not with_values and "'len'" in str(f.error):
+                with_values = True  # retry, answering len(x.shape) from example values
+                continue
             if f.path in leaves:  # cannot happen unless the tracer misbehaves; avoid a loop
                 raise TraceError(f.path, str(f.error), "pass leaf_modules=[...] naming it") from None
             warnings.warn(
@@ -91,6 +179,9 @@ def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
                 f"and nothing inside it will be converted.", stacklevel=3)
             leaves.add(f.path)
         except Exception as e:  # noqa: BLE001 - the top level itself failed
+            if example_inputs is not None and not with_values and "'len'" in str(e):
+                with_values = True
+                continue
             raise TraceError(
                 "", f"{type(e).__name__}: {_short(e)} (in {name}.forward)",
                 "remove data-dependent Python control flow from the top-level forward, or wrap the "
@@ -154,7 +245,7 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
         return _trace_modes(model, leaf_modules, leaves)
     reference = _eager_eval(model, example_inputs)
     for _ in range(200):
-        tr = _trace_modes(model, leaf_modules, leaves)
+        tr = _trace_modes(model, leaf_modules, leaves, example_inputs)
         culprit = _validate(tr.eval, example_inputs, reference, leaves, leaf_modules)
         if culprit is None:
             return tr
@@ -190,7 +281,7 @@ def _find_unfaithful_module(model: nn.Module, tr: TraceResult,
                 name == c or name.startswith(c + ".") for c in called):
             paths.add(name)
     for path in sorted(paths, key=lambda p: (-p.count("."), p))[:limit]:
-        trial = _trace_modes(model, leaf_modules, leaves | {path})
+        trial = _trace_modes(model, leaf_modules, leaves | {path}, inputs)
         if _validate(trial.eval, inputs, reference, leaves | {path}, leaf_modules) is None:
             return path
     return None
@@ -333,29 +424,30 @@ def _may_depend_on_mode(model: nn.Module, leaf_modules: Sequence[str | type],
     return False
 
 
-def _trace_modes(model: nn.Module, leaf_modules: Sequence[str | type], leaves: set[str]
-                 ) -> TraceResult:
+def _trace_modes(model: nn.Module, leaf_modules: Sequence[str | type], leaves: set[str],
+                 example_inputs: tuple | None = None) -> TraceResult:
     was_training = model.training
+    name = type(model).__name__
     if not _may_depend_on_mode(model, leaf_modules, leaves):
         try:
             model.eval()
-            graph = _trace_with_fallback(model, leaf_modules, leaves)
+            graph = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
         finally:
             model.train(was_training)
-        gm = GraphModule(model, graph, type(model).__name__)
+        gm = GraphModule(model, graph, name)
         return TraceResult(model, gm, gm, leaves)
     try:
         model.train()
-        g_train = _trace_with_fallback(model, leaf_modules, leaves)
+        g_train = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
+        n_leaves = len(leaves)
         model.eval()
-        g_eval = _trace_with_fallback(model, leaf_modules, leaves)
-        if len(leaves) and _graph_signature(g_train) != _graph_signature(g_eval):
-            # a module made a leaf only on the second pass: retrace train with the same leaves
+        g_eval = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
+        if len(leaves) != n_leaves:
+            # a module became a leaf only in eval mode: both graphs must agree on leaves
             model.train()
-            g_train = _trace_once(model, leaves, leaf_modules)
+            g_train = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
     finally:
         model.train(was_training)
-    name = type(model).__name__
     gm_train = GraphModule(model, g_train, name)
     if _graph_signature(g_train) == _graph_signature(g_eval):
         return TraceResult(model, gm_train, gm_train, leaves)

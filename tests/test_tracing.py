@@ -659,3 +659,48 @@ def test_fold_check_names_a_consumer_side_site(monkeypatch):
     monkeypatch.setattr(asrfx.foldmath, "fold_scale_into_conv_in", wrong)
     with pytest.raises(asrfx.FoldMismatch, match=r"worst site: se -> conv2"):
         asrfx.fold(prepared, example_inputs=(x,))
+
+
+class _RankAwareSE(nn.Module):
+    """SE whose view size is built from len(x.shape), as MONAI's drop-connect does."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc1 = nn.Linear(c, c // 2)
+        self.fc2 = nn.Linear(c // 2, c)
+
+    def forward(self, x):
+        nd = len(x.shape) - 2
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * g.view(x.shape[0], x.shape[1], *([1] * nd))
+
+
+class _RankNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.se = _RankAwareSE(8)
+
+    def forward(self, x):
+        return self.se(self.bn(self.conv(x)))
+
+
+def test_len_of_shape_is_answered_from_example_values():
+    model = _RankNet()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert prepared.asrfx_report.count(action="converted") == 1
+    # the graph does not bake the batch size: other batch sizes work
+    prepared.eval()
+    _randomize_bn(prepared, 5)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    with torch.no_grad():
+        for xi in (torch.randn(1, 3, 8, 8), torch.randn(5, 3, 8, 8)):
+            ref = prepared(xi)
+            assert (ref - deploy(xi)).abs().max() <= 1e-4 * ref.abs().max()
+    # without example inputs the rank is unknown: the SE becomes an opaque leaf, with a warning
+    with pytest.warns(UserWarning, match="'se'"):
+        asrfx.trace(model)

@@ -1,0 +1,109 @@
+"""More MONAI networks, each a failure mode found while sweeping the library's model families.
+
+* ``EfficientNetBN``: drop-connect calls ``len(inputs.shape)`` in train mode; the tracer answers
+  the rank from example values, so all 16 SE sites convert (before: 7, the rest opaque leaves).
+* ``BasicUNet``: ``UpCat`` tests ``torch.jit.isinstance(x_e, torch.Tensor)``, which is False on a
+  proxy, so fx silently drops the skip concatenation. The traced graph is checked against the eager
+  model and the offending module becomes a leaf with a warning.
+* ``SEResNeXt50``, 1D ``SEResNet50``, ``DenseNet121``: grouped convs, 1D SE, pre-activation BN.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import asrfx
+from helpers import randomize_bn, rel_err
+
+monai = pytest.importorskip("monai")
+import monai.networks.nets as mnets  # noqa: E402
+from monai.networks.blocks import ChannelSELayer  # noqa: E402
+from monai.networks.nets.efficientnet import MBConvBlock  # noqa: E402
+
+
+def _roundtrip(model: nn.Module, x: torch.Tensor, x2: torch.Tensor):
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    prepared.train()
+    out = prepared(x)
+    out.float().sum().backward()
+    randomize_bn(prepared, seed=3)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    prepared.eval()
+    with torch.no_grad():
+        for xi in (x, x2):
+            assert rel_err(prepared(xi), deploy(xi)) <= 1e-4
+    return prepared, deploy
+
+
+def _psi(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.endswith("psi")]
+
+
+def test_monai_efficientnet_bn_len_of_shape_is_answered():
+    model = mnets.EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2,
+                                 in_channels=3, num_classes=4)
+    n_se = sum(1 for m in model.modules() if isinstance(m, MBConvBlock) and m.has_se)
+    assert n_se == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no submodule may fall back to an opaque leaf
+        prepared, deploy = _roundtrip(model, torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64))
+    assert isinstance(prepared, asrfx.DualModeGraphModule)  # drop-connect in train mode only
+    assert prepared.asrfx_report.count(action="converted") == n_se
+    assert len(_psi(prepared)) == n_se
+    assert deploy.asrfx_report.count(action="folded", kind="channel scale") == n_se
+    # tracing ran real layers for example values; BatchNorm statistics must be untouched
+    fresh = mnets.EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2,
+                                 in_channels=3, num_classes=4)
+    stats = {k: v for k, v in fresh.state_dict().items() if "running" in k}
+    again = asrfx.prepare(fresh, example_inputs=(torch.randn(2, 3, 64, 64),))
+    for k, v in stats.items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_monai_basic_unet_unfaithful_trace_becomes_leaf():
+    model = mnets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2,
+                            features=(8, 8, 16, 32, 64, 8))
+    x = torch.randn(2, 1, 32, 32)
+    with pytest.warns(UserWarning, match="upcat"):
+        gm = asrfx.trace(model, x)
+    leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    assert any(t.startswith("upcat") for t in leaves)
+    model.eval()
+    gm.eval()
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _roundtrip(model, x, torch.randn(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["seresnext50", "seresnet50_1d"])
+def test_monai_se_families(name):
+    if name == "seresnext50":
+        model = mnets.SEResNeXt50(spatial_dims=2, in_channels=3, num_classes=4)
+        x, x2 = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    else:
+        model = mnets.SEResNet50(spatial_dims=1, in_channels=2, num_classes=4)
+        x, x2 = torch.randn(2, 2, 256), torch.randn(1, 2, 256)
+    n_se = sum(1 for m in model.modules() if isinstance(m, ChannelSELayer))
+    prepared, deploy = _roundtrip(model, x, x2)
+    assert prepared.asrfx_report.count(action="converted") == n_se == 16
+    assert deploy.asrfx_report.count(action="folded", kind="channel scale") == n_se
+    assert not any("sigmoid" in str(n.target).lower() for n in deploy.graph.nodes)
+
+
+def test_monai_densenet_pre_activation_bn_is_reported_not_fused():
+    model = mnets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=3)
+    x = torch.randn(2, 1, 64, 64)
+    prepared, deploy = _roundtrip(model, x, torch.randn(1, 1, 64, 64))
+    assert prepared.asrfx_report.count(action="converted") == 0
+    report = deploy.asrfx_report
+    kept = [s for s in report.sites if s.kind == "conv+bn" and s.action == "kept"]
+    assert kept and all(s.reason for s in kept)
+    n_bn_left = sum(1 for n in deploy.graph.nodes if n.op == "call_module"
+                    and isinstance(deploy.get_submodule(str(n.target)), nn.BatchNorm2d))
+    assert n_bn_left == len(kept)
