@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from asrfx.passes import (apply_asr, cleanup, evaluate_constants, find_attention_sites,
                           fold_scales, fuse_batchnorm)
-from asrfx.passes.graph_utils import module_path
+from asrfx.passes.graph_utils import clone_module, module_path
 
 from .errors import FoldMismatch, InputError
 from .report import Report
@@ -103,7 +103,7 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
         _attach(out, report, **{k: v for k, v in _meta(model).items() if k != "stage"})
         out.meta["asrfx"]["stage"] = stage
         return out
-    work = copy.deepcopy(model)
+    work = clone_module(model)
     inputs = _inputs_for(work, example_inputs)
     tr = trace_modes(work, leaf_modules, inputs)
     report = Report("prepare", params_before=_count_params(model))
@@ -165,7 +165,7 @@ def _eval_graph_module(model: nn.Module, leaf_modules: Sequence[str | type],
         graph = model.eval_graph if isinstance(model, DualModeGraphModule) else model.graph
         gm = _clone_graph_module(model, graph)
     else:
-        gm = trace_modes(copy.deepcopy(model), leaf_modules, inputs).eval
+        gm = trace_modes(clone_module(model), leaf_modules, inputs).eval
     gm.eval()
     return gm
 
@@ -179,7 +179,7 @@ def _clone_graph_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
     memo: dict = {}
     root = nn.Module()
     for name, child in gm.named_children():
-        root.add_module(name, copy.deepcopy(child, memo))
+        root.add_module(name, clone_module(child, memo))
     for name, p in gm._parameters.items():
         root.register_parameter(name, copy.deepcopy(p, memo))
     for name, b in gm._buffers.items():
@@ -205,7 +205,6 @@ def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
             f"pass example_inputs=(x,) with tensors the model accepts (shapes given: "
             f"{[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})") from None
     scales = fold_scales(gm, select)
-    gm.graph.eliminate_dead_code()
     bns = fuse_batchnorm(gm, select) if fuse_bn else []
     cleanup(gm)
     return {"consts": consts, "scales": scales, "bns": bns}

@@ -412,12 +412,13 @@ def _may_depend_on_mode(model: nn.Module, leaf_modules: Sequence[str | type],
                         leaves: set[str]) -> bool:
     """False when no traced-through module's code reads ``self.training`` (one trace suffices)."""
     tracer = AsrTracer(list(leaf_modules) + sorted(leaves))
-    skip: list[str] = []
+    skip: set[str] = set()
     for name, m in model.named_modules():
-        if any(name.startswith(s + ".") for s in skip):
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in skip for i in range(1, len(parts))):
             continue
         if name and tracer.is_leaf_module(m, name) and not isinstance(m, _CONTAINERS):
-            skip.append(name)
+            skip.add(name)
             continue
         if _class_reads_training(type(m)):
             return True

@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import torch.fx as fx
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_eval
 
-from .graph_utils import reads_shape_only, call_sites, get_attr_path, module_path, set_attr_path, tensor_shape, \
+from .graph_utils import clone_module, reads_shape_only, call_sites, get_attr_path, module_path, set_attr_path, tensor_shape, \
     unique_name
 from .scale_fold import CONV_TYPES, NORM_TYPES, _conv_param_nodes, set_functional_conv_params
 
@@ -54,7 +54,11 @@ def fuse_batchnorm(gm: fx.GraphModule, select: Callable[[str], bool] = lambda ke
         if src.op == "call_module":
             mod = gm.get_submodule(str(src.target))
             if type(mod) in CONV_TYPES:
-                new = fuse_conv_bn_eval(mod.eval(), bn.eval())
+                # torch's math on a fresh copy (fuse_conv_bn_eval would deep-copy the conv)
+                new = clone_module(mod)
+                new.weight, new.bias = fuse_conv_bn_weights(
+                    mod.weight, mod.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                    bn.bias, transpose=False)
             elif type(mod) is nn.Linear and len(tensor_shape(src) or ()) == 2:
                 new = fuse_linear_bn_eval(mod.eval(), bn.eval())
             else:
