@@ -11,13 +11,28 @@ from typing import Any, Callable
 
 import torch.fx as fx
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_eval
+import torch
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from .graph_utils import clone_module, reads_shape_only, call_sites, get_attr_path, module_path, set_attr_path, tensor_shape, \
     unique_name
 from .scale_fold import CONV_TYPES, NORM_TYPES, _conv_param_nodes, set_functional_conv_params
 
 __all__ = ["fuse_batchnorm"]
+
+
+def _fused(fn: Callable, weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fusion math, computed in float64 and cast back to the layer's dtype."""
+    f64 = lambda t: None if t is None else t.detach().to(torch.float64)  # noqa: E731
+    if fn is fuse_linear_bn_weights:
+        w, b = fn(f64(weight), f64(bias), f64(bn.running_mean), f64(bn.running_var), bn.eps,
+                  f64(bn.weight) if bn.weight is not None else torch.ones_like(f64(bn.running_mean)),
+                  f64(bn.bias) if bn.bias is not None else torch.zeros_like(f64(bn.running_mean)))
+    else:
+        w, b = fn(f64(weight), f64(bias), f64(bn.running_mean), f64(bn.running_var), bn.eps,
+                  f64(bn.weight), f64(bn.bias))
+    return w.detach().to(weight.dtype), b.detach().to(weight.dtype)
 
 
 def fuse_batchnorm(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: True
@@ -54,13 +69,13 @@ def fuse_batchnorm(gm: fx.GraphModule, select: Callable[[str], bool] = lambda ke
         if src.op == "call_module":
             mod = gm.get_submodule(str(src.target))
             if type(mod) in CONV_TYPES:
-                # torch's math on a fresh copy (fuse_conv_bn_eval would deep-copy the conv)
-                new = clone_module(mod)
-                new.weight, new.bias = fuse_conv_bn_weights(
-                    mod.weight, mod.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
-                    bn.bias, transpose=False)
+                new = clone_module(mod)  # fuse_conv_bn_eval would deep-copy the conv
+                w, b = _fused(fuse_conv_bn_weights, mod.weight, mod.bias, bn)
+                new.weight, new.bias = nn.Parameter(w), nn.Parameter(b)
             elif type(mod) is nn.Linear and len(tensor_shape(src) or ()) == 2:
-                new = fuse_linear_bn_eval(mod.eval(), bn.eval())
+                new = clone_module(mod)
+                w, b = _fused(fuse_linear_bn_weights, mod.weight, mod.bias, bn)
+                new.weight, new.bias = nn.Parameter(w), nn.Parameter(b)
             else:
                 new = None
             if new is not None:
@@ -76,8 +91,7 @@ def fuse_batchnorm(gm: fx.GraphModule, select: Callable[[str], bool] = lambda ke
                 w_node, b_node = params
                 weight = get_attr_path(gm, str(w_node.target))
                 bias = None if b_node is None else get_attr_path(gm, str(b_node.target))
-                w, b = fuse_conv_bn_weights(weight, bias, bn.running_mean, bn.running_var,
-                                            bn.eps, bn.weight, bn.bias)
+                w, b = _fused(fuse_conv_bn_weights, weight, bias, bn)
                 fused_into = set_functional_conv_params(gm, src, w_node, b_node, w.detach(),
                                                         b.detach())
         if fused_into is None:
