@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from asrfx.passes import (apply_asr, cleanup, evaluate_constants, find_attention_sites,
                           fold_scales, fuse_batchnorm)
-from asrfx.passes.graph_utils import clone_module, module_path
+from asrfx.passes.graph_utils import clone_module, module_path, safe_dce
 
 from .errors import FoldMismatch, InputError
 from .report import Report
@@ -124,7 +124,7 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
         except (ValueError, KeyError) as e:
             raise InputError(f"bad psi init for {type(model).__name__}: "
                              f"{e.args[0] if e.args else e}") from None
-        gm.graph.eliminate_dead_code()
+        safe_dce(gm)
         per_mode_counts.append(len(sites))
         if i == 0:
             for site, psis in zip(sites, names):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from .graph_utils import safe_dce
+
 __all__ = ["cleanup"]
 
 
 def cleanup(gm: fx.GraphModule) -> None:
     """Remove dead nodes, then every submodule, parameter and buffer the graph no longer reads."""
-    gm.graph.eliminate_dead_code()
+    safe_dce(gm)
     gm.graph.lint()
     used_modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     used_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}

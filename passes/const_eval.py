@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op, module_path,
+from .graph_utils import (safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op, module_path,
                           set_attr_path, unique_name, value_dependent)
 
 __all__ = ["evaluate_constants"]
@@ -82,5 +82,5 @@ def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
             c = graph.get_attr(name)
         n.replace_all_uses_with(c)
         records.append({"node": n.name, "path": path, "shape": tuple(v.shape), "buffer": name})
-    graph.eliminate_dead_code()
+    safe_dce(gm)
     return records

@@ -133,6 +133,7 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites: list[AttentionSite] = []
     refusals: list[tuple[str, str]] = []
+    by_gate: dict[fx.Node, AttentionSite] = {}
     for node in gm.graph.nodes:
         if not is_op(node, MUL_OPS) or len(node.args) < 2:
             continue
@@ -159,9 +160,13 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
             if node.op == "call_method" and node.target == "mul_" and node.args[0] is g:
                 refusals.append((module_path(node), "in-place multiply into the gate"))
                 break
+            if g in by_gate:  # one gate scaling several tensors: one site, one psi
+                by_gate[g].extra.setdefault("more_muls", []).append(node)
+                break
             stats.sort(key=order.__getitem__)
             sites.append(AttentionSite(mul=node, x=x, gate=g, stats=stats,
                                        branch=sorted(branch, key=order.__getitem__),
                                        path=module_path(node), channels=int(xs[1])))
+            by_gate[g] = sites[-1]
             break
     return sites, refusals

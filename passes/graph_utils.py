@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["tensor_shape", "value_dependent", "module_path", "is_op", "to_networkx",
            "MUL_OPS", "ADD_OPS", "SUB_OPS", "SHAPE_ATTRS", "SHAPE_METHODS", "call_sites",
-           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "get_attr_path", "unique_name"]
+           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "get_attr_path", "unique_name"]
 
 MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.Tensor.mul}
 ADD_OPS = {operator.add, operator.iadd, torch.add, "add", "add_", torch.Tensor.add}
@@ -222,3 +222,44 @@ def clone_module(mod: nn.Module, memo: dict | None = None) -> nn.Module:
             d[k] = _copy_value(v, memo)
     new.__dict__ = d
     return new
+
+
+def _mutates(node: fx.Node, gm: nn.Module | None) -> bool:
+    if node.op == "call_method" and isinstance(node.target, str):
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if node.kwargs.get("inplace") or (name.endswith("_") and not name.endswith("__")):
+            return True
+        return node.target in (operator.iadd, operator.isub, operator.imul,
+                               operator.itruediv, operator.setitem)
+    if node.op == "call_module" and gm is not None:
+        try:
+            return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+        except AttributeError:
+            return True
+    return False
+
+
+def has_side_effects(node: fx.Node, gm: nn.Module | None = None) -> bool:
+    """Conservative impurity: fx's own notion; in-place ops (``x.mul_(g)``,
+    ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``) whose mutated input is read by
+    another node; calls of modules outside ``torch.nn`` (opaque leaves)."""
+    if node.is_impure():
+        return True
+    if _mutates(node, gm):
+        first = node.args[0] if node.args else None
+        return isinstance(first, fx.Node) and any(
+            u is not node and not reads_shape_only(u) for u in first.users)
+    if node.op == "call_module" and gm is not None:
+        try:
+            mod = gm.get_submodule(str(node.target))
+        except AttributeError:
+            return True
+        return not type(mod).__module__.startswith("torch.nn")
+    return False
+
+
+def safe_dce(gm: fx.GraphModule) -> bool:
+    """Dead-code elimination that never drops a node with side effects (see has_side_effects)."""
+    return gm.graph.eliminate_dead_code(is_impure_node=lambda n: has_side_effects(n, gm))

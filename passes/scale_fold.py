@@ -93,6 +93,9 @@ def _collect_chains(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[C
             continue
         a, b = n.args
         chain = None
+        if _in_place(n) and isinstance(a, fx.Node) and \
+                sum(1 for u in a.users if not reads_shape_only(u)) > 1:
+            continue  # later readers of a would see the in-place result: not a local chain
         for x, k in ((a, b), (b, a)):
             if not (isinstance(x, fx.Node) and x in dep and tensor_shape(x) == shape):
                 continue
@@ -121,6 +124,12 @@ def _collect_chains(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[C
             chain.members.append(n)
             chains[n] = chain
     return [c for c in chains.values() if select(f"scale:{c.root.name}")]
+
+
+def _in_place(n: fx.Node) -> bool:
+    t = n.target
+    return (isinstance(t, str) and t.endswith("_")) or t in (operator.imul, operator.iadd,
+                                                             operator.isub, operator.itruediv)
 
 
 def module_for_call_site(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
@@ -308,7 +317,9 @@ def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: 
         One record per chain: ``{"key", "path", "channels", "action", "target"}``.
     """
     records = []
+    covered: set[str] = set()
     for chain in _collect_chains(gm, select):
+        covered.update(m.name for m in chain.members)
         root = chain.root
         rec = {"key": f"scale:{root.name}", "path": module_path(root),
                "channels": int(chain.scale.numel())}
@@ -326,4 +337,22 @@ def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: 
                 gm.graph.erase_node(m)
         rec.update(action="folded", target=target, reason="")
         records.append(rec)
+    # nothing is skipped silently: report every per-channel constant op still in the graph
+    dep = value_dependent(gm.graph)
+    for n in gm.graph.nodes:
+        if n.name in covered or not select(f"scale:{n.name}") or n.op not in ("call_function", "call_method") \
+                or len(n.args) != 2 or n not in dep:
+            continue
+        if not (is_op(n, MUL_OPS) or is_op(n, ADD_OPS) or is_op(n, SUB_OPS) or is_op(n, _DIV_OPS)):
+            continue
+        shape = tensor_shape(n)
+        if shape is None or len(shape) < 2:
+            continue
+        if not any(_per_channel_const(gm, k, shape, dep) is not None for k in n.args):
+            continue
+        reason = ("in-place op on a tensor that is read again later" if _in_place(n)
+                  else "no exact BatchNorm/Conv/Linear producer or consumer takes it")
+        records.append({"key": f"scale:{n.name}", "path": module_path(n),
+                        "channels": int(shape[1]), "action": "kept", "target": "",
+                        "reason": reason})
     return records

@@ -191,3 +191,71 @@ def test_gate_from_another_input_is_refused_with_reason():
     assert prepared.asrfx_report.count(action="converted") == 0
     refused = [s for s in prepared.asrfx_report.sites if s.action == "refused"]
     assert len(refused) == 1 and "input directly" in refused[0].reason
+
+
+class _InPlaceSE(nn.Module):
+    """``a.mul_(g)`` whose result is unused: the mutation must survive prepare and fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 8)
+        self.c2 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.b1(self.c1(x)))
+        g = torch.sigmoid(self.fc(a.mean((2, 3))))[:, :, None, None]
+        a.mul_(g)
+        return self.c2(a) + a
+
+
+class _SharedGate(nn.Module):
+    """One gate scaling two feature maps: one site, one psi, two folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        a, b = self.b1(self.c1(x)), self.b2(self.c2(x))
+        g = torch.sigmoid(self.fc(a.mean((2, 3))))[:, :, None, None]
+        return a * g + b * g
+
+
+def test_in_place_multiply_survives_and_is_reported():
+    torch.manual_seed(0)
+    model = _InPlaceSE()
+    x = torch.randn(2, 3, 8, 8)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert any(n.target == "mul_" for n in prepared.graph.nodes)
+    # the prepared model's eval output equals the eager model with the gate fixed to A(psi)
+    prepared.eval()
+    model.eval()
+    psi = prepared.get_parameter("psi")
+    with torch.no_grad():
+        a = torch.relu(model.b1(model.c1(x)))
+        a = a * torch.sigmoid(model.fc(psi))[:, :, None, None]
+        assert rel_err(model.c2(a) + a, prepared(x)) <= 1e-6
+    randomize_bn(prepared, seed=2)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    kept = [s for s in deploy.asrfx_report.sites if s.action == "kept"]
+    assert len(kept) == 1 and "in-place" in kept[0].reason
+    with torch.no_grad():
+        assert rel_err(prepared(x), deploy(x)) <= 1e-4
+
+
+def test_one_gate_on_two_tensors_is_one_site():
+    model = _SharedGate()
+    x = torch.randn(2, 3, 8, 8)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert prepared.asrfx_report.count(action="converted") == 1
+    assert [n for n, _ in prepared.named_parameters() if n.endswith("psi")] == ["psi"]
+    randomize_bn(prepared, seed=3)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert deploy.asrfx_report.count(action="folded", kind="channel scale") == 2
+    prepared.eval()
+    with torch.no_grad():
+        assert rel_err(prepared(x), deploy(x)) <= 1e-4
