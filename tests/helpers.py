@@ -46,6 +46,17 @@ def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
                 uniform(m.weight, 0.5, 1.5)
             if m.bias is not None:
                 uniform(m.bias, -0.5, 0.5)
+    assert n > 0, "model has no BatchNorm to randomize"
+    return model
+
+
+def randomize_psi(model: nn.Module, seed: int) -> nn.Module:
+    """psi starts as a constant (0.1); random values make every channel's gate differ."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("psi"):
+                p.copy_(torch.randn(p.shape, generator=gen).to(p))
     return model
 
 

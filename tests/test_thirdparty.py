@@ -22,6 +22,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import asrfx
+from helpers import rel_err, randomize_bn as _randomize_bn, randomize_psi as _randomize_psi
 
 monai = pytest.importorskip("monai")
 efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
@@ -33,58 +34,15 @@ from efficientnet_pytorch import EfficientNet  # noqa: E402
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes
-    make these convnets 10-100x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------
-# private helpers (deliberately not shared with tests/helpers.py)
-
-
-def _randomize_bn(model: nn.Module, seed: int) -> int:
-    """Random running_mean/var (var > 0), weight and bias for every BatchNorm; returns the count."""
-    gen = torch.Generator().manual_seed(seed)
-    n = 0
-    with torch.no_grad():
-        for m in model.modules():
-            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-                continue
-            n += 1
-            c = m.num_features
-            if m.running_mean is not None:
-                m.running_mean.copy_((torch.rand(c, generator=gen) - 0.5).to(m.running_mean))
-                m.running_var.copy_((torch.rand(c, generator=gen) * 1.5 + 0.5).to(m.running_var))
-            if m.weight is not None:
-                m.weight.copy_((torch.rand(c, generator=gen) + 0.5).to(m.weight))
-            if m.bias is not None:
-                m.bias.copy_((torch.rand(c, generator=gen) - 0.5).to(m.bias))
-    assert n > 0, "model has no BatchNorm to randomize"
-    return n
-
-
-def _randomize_psi(model: nn.Module, seed: int) -> None:
-    """psi starts as a constant 0.1; random values make every channel's gate differ."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("psi"):
-                p.copy_(torch.randn(p.shape, generator=gen).to(p))
+# helpers
 
 
 def _psi_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.endswith("psi")]
 
 
-def _rel(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.detach().double(), out.detach().double()
-    assert ref.shape == out.shape, (ref.shape, out.shape)
-    return (ref - out).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+_rel = rel_err
 
 
 def _graphs(gm: fx.GraphModule) -> list[fx.Graph]:
