@@ -11,9 +11,8 @@ STAMP := $(VENV)/.asrfx-installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,7 +24,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" tests
 
 demo: $(STAMP)
-	$(VENV)/bin/asrfx demo
+	$(VENV)/bin/asrfx demo --out out/demo
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q

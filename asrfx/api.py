@@ -63,16 +63,67 @@ def _input_specs(inputs: tuple) -> list:
     return [(tuple(t.shape), t.dtype) for t in inputs if isinstance(t, torch.Tensor)]
 
 
-def _check_init(init: Any) -> None:
+def _check_init(init: Any, calibration_data: Any) -> None:
+    if init == "calibrate":
+        if calibration_data is None:
+            raise InputError("init='calibrate' needs calibration_data=: an iterable of input "
+                             "batches (tensors, or tuples whose first element is the input)")
+        return
     if isinstance(init, (int, float, torch.Tensor, dict)) and not isinstance(init, bool):
         return
     if init == "normal":
         return
-    raise InputError(f"init must be a float, a tensor, 'normal' or a dict of those, got {init!r}")
+    raise InputError(f"init must be a float, a tensor, 'normal', 'calibrate' or a dict of those, "
+                     f"got {init!r}")
+
+
+def _calibrated_init(gm: fx.GraphModule, calibration_data: Any, inputs: tuple
+                     ) -> dict[str, torch.Tensor]:
+    """psi name -> the mean, over every calibration input, of the statistic psi replaces.
+
+    The original (input-dependent) graph runs in eval mode on each batch; each pooled statistic's
+    per-sample values are summed and averaged, so the converted attention starts at the average
+    output its branch saw (the Stripe Observation says that is nearly every output).
+    """
+    from asrfx.passes.asr_rewrite import psi_names
+    from .tracing import ShapeRecorder
+
+    sites, _ = find_attention_sites(gm)
+    names = psi_names(sites)
+    keep = {stat: name for site, ns in zip(sites, names) for stat, name in zip(site.stats, ns)}
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            for batch in calibration_data:
+                xb = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not isinstance(xb, torch.Tensor):
+                    raise InputError(f"calibration_data yields {type(xb).__name__}, expected "
+                                     f"tensors or (input, ...) tuples")
+                rec = ShapeRecorder(gm, keep=keep)
+                try:
+                    rec.run(xb.to(device))
+                except Exception as e:  # noqa: BLE001
+                    raise InputError(f"the model fails on a calibration batch of shape "
+                                     f"{tuple(xb.shape)}: {str(e).splitlines()[0]}") from None
+                for stat, name in keep.items():
+                    v = rec.values[stat].double().sum(0, keepdim=True)
+                    sums[name] = v if name not in sums else sums[name] + v
+                count += xb.shape[0]
+    finally:
+        gm.train(was)
+    if count == 0:
+        raise InputError("calibration_data is empty")
+    propagate_shapes(gm, inputs)  # calibration batches overwrote the recorded shapes
+    return {name: (total / count).float() for name, total in sums.items()}
 
 
 def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replace",
-            init: Any = 0.1, leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
+            init: Any = 0.1, calibration_data: Any = None,
+            leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
     """Turn every channel attention of ``model`` into its ASR training form.
 
     Args:
@@ -83,7 +134,11 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
             psi (ASR(SE)); ``"both"`` — the original attention stays and an ASR copy with fresh
             weights is added in front of it (ASR(SE)+SE).
         init: psi's initial value: a float (0.1, as in the reference), a tensor broadcastable to
-            the statistic's shape, ``"normal"``, or a dict psi name -> one of those.
+            the statistic's shape, ``"normal"``, ``"calibrate"``, or a dict psi name -> one of
+            those. ``"calibrate"`` starts each psi at the mean of the statistic it replaces over
+            ``calibration_data`` — training-free conversion of a trained attention model.
+        calibration_data: for ``init="calibrate"``: an iterable of input batches (tensors, or
+            tuples whose first element is the input, e.g. a DataLoader).
         leaf_modules: module names or types to keep opaque while tracing.
 
     Returns:
@@ -98,7 +153,7 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
         raise InputError(f"asrfx.prepare expects an nn.Module, got {type(model).__name__}")
     if mode not in _MODES:
         raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
-    _check_init(init)
+    _check_init(init, calibration_data)
     stage = _meta(model).get("stage")
     if stage in ("prepare", "fold"):
         out = copy.deepcopy(model)
@@ -113,6 +168,11 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
     tr = trace_modes(work, leaf_modules, inputs)
     report = Report("prepare", params_before=_count_params(model))
     created: dict[str, Any] = {}
+    if init == "calibrate":
+        if tr.eval.meta.get("asrfx_shapes_from") != id(inputs):
+            propagate_shapes(tr.eval, inputs)
+        init = _calibrated_init(tr.eval, calibration_data, inputs)
+        tr.eval.meta["asrfx_shapes_from"] = id(inputs)
     per_mode_counts = []
     for i, gm in enumerate(tr.modules()):
         if gm.meta.get("asrfx_shapes_from") != id(inputs):

@@ -1,90 +1,172 @@
-"""The ``asrfx`` command line."""
+"""The ``asrfx`` command line: ``demo``, ``stripes``, ``convert``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import re
 import sys
-import time
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["main", "quick_demo"]
+from .errors import ASRError, InputError
+
+__all__ = ["main", "load_model"]
+
+_ZOO = re.compile(r"^resnet(\d+)(-se)?(-basic|-bottleneck)?$")
 
 
-def quick_demo(depth: int = 20, block: str = "basic", steps: int = 20, batch: int = 16,
-               device: str = "cpu", seed: int = 0) -> dict:
-    """End to end on random data: SE ResNet -> prepare -> train a few steps -> fold -> report.
+def load_model(spec: str, checkpoint: str | None = None, *, num_classes: int = 10,
+               in_channels: int = 3, dims: int = 2, device: str = "cpu") -> nn.Module:
+    """Build a model from ``module:factory`` or a zoo name, and load a checkpoint into it.
 
-    Returns:
-        A dict with the two reports, the relative error of the fold and latencies (ms, batch 1).
+    Args:
+        spec: ``package.module:factory`` (``factory()`` returns the model) or a zoo name
+            ``resnet<depth>[-se][-basic|-bottleneck]`` (built for the data's classes/channels).
+        checkpoint: a ``state_dict`` file, loaded with ``torch.load(weights_only=True)`` only.
+
+    Raises:
+        InputError: unknown spec, factory failure, unreadable or mismatching checkpoint.
     """
-    from tqdm import tqdm
+    zoo = _ZOO.match(spec)
+    if zoo:
+        from .zoo import cifar_resnet
 
-    import asrfx
-    from asrfx.zoo import cifar_resnet
+        depth = int(zoo.group(1))
+        block = (zoo.group(3) or "").lstrip("-") or ("basic" if (depth - 2) % 9 else "bottleneck")
+        model = cifar_resnet(depth, attention="se" if zoo.group(2) else None,
+                             num_classes=num_classes, block=block, in_channels=in_channels,
+                             dims=dims)
+    elif ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise InputError(f"cannot import {spec!r} ({e}); pass --model package.module:factory "
+                             f"with the module on PYTHONPATH") from None
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise InputError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+    else:
+        raise InputError(f"--model {spec!r}: expected package.module:factory or a zoo name like "
+                         f"resnet20-se / resnet164-se")
+    if checkpoint:
+        try:
+            state = torch.load(checkpoint, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
+            raise InputError(f"cannot read checkpoint {checkpoint!r} as a weights-only state_dict "
+                             f"({str(e).splitlines()[0]}); save it with "
+                             f"torch.save(model.state_dict(), path)") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
+                                                                             dict):
+            state = state["state_dict"]
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise InputError(f"checkpoint {checkpoint!r} does not fit {spec}: missing "
+                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return model.to(device)
 
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    model = cifar_resnet(depth, attention="se", block=block, num_classes=10).to(dev)
-    x_ex = torch.randn(2, 3, 32, 32, device=dev)
-    train_model = asrfx.prepare(model, example_inputs=(x_ex,))
-    print(train_model.asrfx_report)
-    opt = torch.optim.SGD(train_model.parameters(), lr=0.05, momentum=0.9)
-    train_model.train()
-    for _ in tqdm(range(steps), desc="training (random data)", unit="step"):
-        x = torch.randn(batch, 3, 32, 32, device=dev)
-        y = torch.randint(0, 10, (batch,), device=dev)
-        loss = torch.nn.functional.cross_entropy(train_model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    deploy = asrfx.fold(train_model, example_inputs=(x_ex,))
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import DemoConfig, run_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_demo(DemoConfig(dataset=args.dataset, depth=args.depth, block=args.block,
+                        epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
+                        lr=args.lr, device=args.device, out=args.out))
+
+
+def _stripes(args: argparse.Namespace) -> None:
+    from tabulate import tabulate
+
+    from .data import batches, load_dataset
+    from .stripes import AttentionRecorder, plot_stripes, stripe_report
+
+    split = load_dataset(args.dataset)
+    model = load_model(args.model, args.checkpoint, num_classes=split.num_classes,
+                       in_channels=split.in_channels, dims=split.dims, device=args.device)
+    x = split.x_test[: args.limit].to(args.device)
+    y = split.y_test[: args.limit]
+    recorder = AttentionRecorder(model, (x[:2],))
+    vectors = recorder.record(list(batches(x, y, 256)))
+    rows = stripe_report(vectors)
+    print(tabulate([[r["path"], r["channels"], r["inputs"], f"{r['statistic']:.4f}",
+                     f"{r['mean']:.3f}"] for r in rows],
+                   headers=["site", "C", "inputs", "stripe statistic", "mean gate"]))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        png = plot_stripes(vectors, Path(args.out) / "stripes.png")
+        print(f"heatmaps: {png}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .data import load_dataset
+    from .demo import convert_trained, evaluate
+
+    split = load_dataset(args.data)
+    device = torch.device(args.device)
+    model = load_model(args.model, args.checkpoint, num_classes=split.num_classes,
+                       in_channels=split.in_channels, dims=split.dims, device=args.device)
+    before = evaluate(model, split, device)
+    deploy = convert_trained(model, split, device)
+    after = evaluate(deploy, split, device)
     print(deploy.asrfx_report)
-    train_model.eval()
-    x1 = torch.randn(1, 3, 32, 32, device=dev)
-    timings = {}
-    for name, m in (("SE (input-dependent)", model.eval()), ("ASR training form", train_model),
-                    ("ASR folded", deploy)):
-        timings[name] = _median_ms(m, x1)
-    with torch.no_grad():
-        err = asrfx.relative_error(train_model(x1), deploy(x1))
-    print(f"fold relative error at batch 1: {err:.2e}")
-    for name, ms in timings.items():
-        print(f"  {name:22s} {ms:8.2f} ms/batch-1 (median)")
-    return {"prepare": train_model.asrfx_report, "fold": deploy.asrfx_report, "error": err,
-            "latency_ms": timings}
-
-
-def _median_ms(model: torch.nn.Module, x: torch.Tensor, reps: int = 20) -> float:
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return 1000 * times[len(times) // 2]
+    print(f"test accuracy on {split.name}: original {before:.2f}%, converted and folded "
+          f"{after:.2f}% ({after - before:+.2f} points), without retraining")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        torch.save(deploy.state_dict(), Path(args.out) / "deploy_state_dict.pt")
+        (Path(args.out) / "convert.txt").write_text(
+            f"{deploy.asrfx_report}\noriginal {before:.2f}% -> converted {after:.2f}%\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="asrfx", description=__doc__)
+    """Entry point of the ``asrfx`` console script."""
+    parser = argparse.ArgumentParser(prog="asrfx", description="ASR on torch.fx: train with "
+                                     "channel attention, deploy without it.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    demo = sub.add_parser("demo", help="prepare, train a few steps, fold and report "
-                                       "(an SE ResNet on random data)")
+    data_help = "digits (default, bundled with scikit-learn), mnist1d, cifar10:DIR, cifar100:DIR"
+
+    demo = sub.add_parser("demo", help="train backbone/+SE/+ASR(SE)/+ASR(SE)+SE on real data, "
+                                       "fold, report accuracy, cost and stripes")
+    demo.add_argument("--dataset", default="digits", help=data_help)
     demo.add_argument("--depth", type=int, default=20)
     demo.add_argument("--block", default="basic", choices=["basic", "bottleneck"])
-    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--seeds", type=int, default=3)
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--lr", type=float, default=0.1)
     demo.add_argument("--device", default="cpu")
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    demo.add_argument("--out", default=None, help="write results.md/.json and PNGs here")
+
+    st = sub.add_parser("stripes", help="attention vectors of every site over data: the stripe "
+                                        "statistic per site and heatmaps")
+    st.add_argument("--model", required=True, help="package.module:factory or resnet20-se ...")
+    st.add_argument("--checkpoint", default=None)
+    st.add_argument("--dataset", default="digits", help=data_help)
+    st.add_argument("--limit", type=int, default=500, help="number of test inputs")
+    st.add_argument("--device", default="cpu")
+    st.add_argument("--out", default=None)
+
+    cv = sub.add_parser("convert", help="training-free conversion of a trained attention model: "
+                                        "psi calibrated on data, folded, accuracy before/after")
+    cv.add_argument("--model", required=True)
+    cv.add_argument("--checkpoint", required=True)
+    cv.add_argument("--data", default="digits", help=data_help)
+    cv.add_argument("--device", default="cpu")
+    cv.add_argument("--out", default=None)
+
     args = parser.parse_args(argv)
-    if args.cmd == "demo":
-        from asrfx.errors import ASRError
-        try:
-            quick_demo(args.depth, args.block, args.steps, device=args.device)
-        except (ASRError, ValueError) as e:
-            print(f"asrfx: {e}", file=sys.stderr)
-            return 2
+    try:
+        {"demo": _demo, "stripes": _stripes, "convert": _convert}[args.cmd](args)
+    except (ASRError, ValueError) as e:
+        print(f"asrfx {args.cmd}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

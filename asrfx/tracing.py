@@ -140,23 +140,52 @@ def _proxy_len(self: fx.Proxy) -> int:
     return _fx_len(self)
 
 
+# Tensor factories take sizes, not tensors, so a size read from a traced shape
+# (``torch.rand(x.shape[0], 1, 1, 1)`` in drop-path code) reaches them as a Proxy that torch's
+# argument parser rejects. While tracing, these names are wrapped to record a call instead.
+_FACTORIES = ("rand", "randn", "zeros", "ones", "empty", "full", "randint", "arange")
+
+
+def _proxy_in(obj: Any) -> fx.Proxy | None:
+    found = []
+    fx.node.map_aggregate(obj, lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+    return found[0] if found else None
+
+
+def _wrap_factory(fn: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        proxy = _proxy_in((args, kwargs))
+        if proxy is None:
+            return fn(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
 def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | type],
                 example_inputs: tuple | None = None) -> fx.Graph:
     tracer = AsrTracer(list(user_leaves) + sorted(leaves), example_inputs)
-    if example_inputs is None:
-        return tracer.trace(model)
-    # computing example values runs the layers; keep BatchNorm statistics as they were
-    saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()
-             if not isinstance(v, nn.Parameter)}
-    fx.Proxy.__len__ = _proxy_len
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+    saved = None
+    if example_inputs is not None:
+        # computing example values runs the layers; keep BatchNorm statistics as they were
+        saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()
+                 if not isinstance(v, nn.Parameter)}
+        fx.Proxy.__len__ = _proxy_len
+    for name, fn in originals.items():
+        setattr(torch, name, _wrap_factory(fn))
     try:
         return tracer.trace(model)
     finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
         fx.Proxy.__len__ = _fx_len
-        state = model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for k, v in saved.items():
-                state[k].copy_(v)
+        if saved is not None:
+            state = model.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for k, v in saved.items():
+                    state[k].copy_(v)
 
 
 def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
