@@ -17,7 +17,7 @@ from asrfx.passes.graph_utils import clone_module, module_path, safe_dce
 
 from .errors import FoldMismatch, InputError
 from .report import Report
-from .tracing import (DualModeGraphModule, infer_example_inputs, normalize_inputs,
+from .tracing import (DualModeGraphModule, infer_example_inputs, normalize_inputs, preserve_modes,
                       propagate_shapes, trace_modes)
 
 __all__ = ["prepare", "fold", "relative_error"]
@@ -94,7 +94,7 @@ def _calibrated_init(gm: fx.GraphModule, calibration_data: Any, inputs: tuple
     sums: dict[str, torch.Tensor] = {}
     count = 0
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    was = gm.training
+    modes = preserve_modes(gm)
     gm.eval()
     try:
         with torch.no_grad():
@@ -114,7 +114,7 @@ def _calibrated_init(gm: fx.GraphModule, calibration_data: Any, inputs: tuple
                     sums[name] = v if name not in sums else sums[name] + v
                 count += xb.shape[0]
     finally:
-        gm.train(was)
+        modes.__exit__()
     if count == 0:
         raise InputError("calibration_data is empty")
     propagate_shapes(gm, inputs)  # calibration batches overwrote the recorded shapes
@@ -200,7 +200,12 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
             report.notes.append(f"train graph has {per_mode_counts[0]} sites, eval graph "
                                 f"{per_mode_counts[1]}")
     out = tr.build()
-    out.train(model.training)
+    # the caller's per-module train/eval flags carry over (the layers are copies of theirs);
+    # only the containers the GraphModule made for itself take the top-level flag
+    out.training = model.training
+    for m in out.modules():
+        if type(m) is nn.Module:
+            m.training = model.training
     report.params_after = _count_params(out)
     if not report.sites:
         report.notes.append("no channel attention found; the model is returned unchanged "

@@ -95,7 +95,7 @@ def _stripes(args: argparse.Namespace) -> None:
     vectors = recorder.record(list(batches(x, y, 256)))
     rows = stripe_report(vectors)
     print(tabulate([[r["path"], r["channels"], r["inputs"], f"{r['statistic']:.4f}",
-                     f"{r['mean']:.3f}"] for r in rows],
+                     f"{r['mean_gate']:.3f}"] for r in rows],
                    headers=["site", "C", "inputs", "stripe statistic", "mean gate"]))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from torch import nn
 
 import asrfx
 from asrfx.data import Split, batches, load_dataset
+from asrfx.tracing import preserve_modes
 from asrfx.zoo import cifar_resnet
 
 __all__ = ["DemoConfig", "run_demo", "evaluate", "train", "count_flops", "latency_ms",
@@ -77,13 +78,11 @@ class VariantResult:
 
 def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: int = 256) -> float:
     """Top-1 accuracy (%) on the test split, in eval mode (the model's mode is restored)."""
-    was = model.training
-    model.eval()
     correct = 0
-    with torch.no_grad():
+    with preserve_modes(model), torch.no_grad():
+        model.eval()
         for xb, yb in batches(split.x_test, split.y_test, batch_size):
             correct += (model(xb.to(device)).argmax(1).cpu() == yb).sum().item()
-    model.train(was)
     return 100.0 * correct / len(split.y_test)
 
 

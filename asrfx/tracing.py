@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import InputError, TraceError
 
-__all__ = ["trace", "AsrTracer", "ShapeRecorder", "DualModeGraphModule", "TraceResult", "trace_modes",
+__all__ = ["trace", "AsrTracer", "ShapeRecorder", "preserve_modes", "DualModeGraphModule", "TraceResult", "trace_modes",
            "propagate_shapes", "normalize_inputs", "infer_example_inputs"]
 
 # Norm and dropout layers decide their behaviour on self.training at run time; a subclass of
@@ -317,19 +317,17 @@ def _find_unfaithful_module(model: nn.Module, tr: TraceResult,
 
 
 def _eager_eval(model: nn.Module, inputs: tuple) -> Any:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(*inputs)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(
-            f"{type(model).__name__} fails on the example inputs ({_short(e)}); pass "
-            f"example_inputs=(x,) with tensors the model accepts (shapes given: "
-            f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]})"
-        ) from None
-    finally:
-        model.train(was)
+    with preserve_modes(model):
+        model.eval()
+        try:
+            with torch.no_grad():
+                return model(*inputs)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(
+                f"{type(model).__name__} fails on the example inputs ({_short(e)}); pass "
+                f"example_inputs=(x,) with tensors the model accepts (shapes given: "
+                f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]})"
+            ) from None
 
 
 def _light_meta(obj: Any) -> Any:
@@ -375,7 +373,7 @@ def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
     """None when ``gm`` (eval) reproduces ``reference``; else (module path to make a leaf, why)."""
     from torch.utils._pytree import tree_flatten
 
-    was = gm.training
+    modes = preserve_modes(gm)
     gm.eval()
     runner = ShapeRecorder(gm)
     try:
@@ -391,7 +389,7 @@ def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
                 return path, f"fails to run ({_short(e.__cause__ or e)})"
         return "", f"fails to run ({_short(e.__cause__ or e)})"
     finally:
-        gm.train(was)
+        modes.__exit__()
     a, _ = tree_flatten(reference)
     b, _ = tree_flatten(out)
     same = len(a) == len(b) and all(
@@ -456,14 +454,14 @@ def _may_depend_on_mode(model: nn.Module, leaf_modules: Sequence[str | type],
 
 def _trace_modes(model: nn.Module, leaf_modules: Sequence[str | type], leaves: set[str],
                  example_inputs: tuple | None = None) -> TraceResult:
-    was_training = model.training
+    modes = preserve_modes(model)
     name = type(model).__name__
     if not _may_depend_on_mode(model, leaf_modules, leaves):
         try:
             model.eval()
             graph = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
         finally:
-            model.train(was_training)
+            modes.__exit__()
         gm = GraphModule(model, graph, name)
         return TraceResult(model, gm, gm, leaves)
     try:
@@ -477,7 +475,7 @@ def _trace_modes(model: nn.Module, leaf_modules: Sequence[str | type], leaves: s
             model.train()
             g_train = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
     finally:
-        model.train(was_training)
+        modes.__exit__()
     gm_train = GraphModule(model, g_train, name)
     if _graph_signature(g_train) == _graph_signature(g_eval):
         return TraceResult(model, gm_train, gm_train, leaves)
@@ -558,6 +556,24 @@ class DualModeGraphModule(GraphModule):
                         "architecture again and load_state_dict")
 
 
+class preserve_modes:
+    """Context manager restoring every submodule's own train/eval flag on exit.
+
+    ``model.train(flag)`` sets the flag of every submodule; a model in a deliberately mixed state
+    (a frozen BatchNorm in eval mode inside a training model) would lose it.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modes = [(m, m.training) for m in model.modules()]
+
+    def __enter__(self) -> "preserve_modes":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, flag in self.modes:
+            m.training = flag
+
+
 def _getattr_path(mod: nn.Module, target: str) -> Any:
     obj: Any = mod
     for part in target.split("."):
@@ -600,7 +616,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
     Runs without gradients and in eval mode so BatchNorm running statistics are not touched; the
     module's mode is restored afterwards.
     """
-    was = gm.training
+    modes = preserve_modes(gm)
     gm.eval()
     try:
         with torch.no_grad():
@@ -612,7 +628,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
             f"(shapes given: {[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs]})"
         ) from None
     finally:
-        gm.train(was)
+        modes.__exit__()
 
 
 def trace(model: nn.Module, example_inputs: Any = None, *,

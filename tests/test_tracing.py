@@ -663,3 +663,18 @@ def test_len_of_shape_is_answered_from_example_values():
     # without example inputs the rank is unknown: the SE becomes an opaque leaf, with a warning
     with pytest.warns(UserWarning, match="'se'"):
         asrfx.trace(model)
+
+
+def test_mixed_train_eval_flags_survive_trace_and_prepare():
+    """A frozen BatchNorm (eval) inside a training model keeps its flag, in the caller's model
+    and in the prepared copy."""
+    from asrfx.zoo import cifar_resnet
+
+    model = cifar_resnet(8, attention="se", block="basic", num_classes=10).train()
+    model.bn1.eval()
+    x = torch.randn(2, 3, 8, 8)
+    asrfx.trace(model, x)
+    assert model.training and not model.bn1.training and model.layer1[0].bn1.training
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert model.training and not model.bn1.training
+    assert prepared.training and not prepared.bn1.training and prepared.get_submodule("layer1.0.bn1").training
