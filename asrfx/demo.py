@@ -47,8 +47,8 @@ class DemoConfig:
     dataset: str = "digits"
     depth: int = 20
     block: str = "basic"
-    epochs: int = 12
-    seeds: int = 3
+    epochs: int = 15
+    seeds: int = 5
     batch_size: int = 64
     lr: float = 0.1
     weight_decay: float = 5e-4
@@ -250,7 +250,7 @@ def format_results(out: dict[str, Any]) -> str:
         lat = f"{v['latency_ms']:.3f}" if v["latency_ms"] else "-"
         ratio = f"{v['latency_ms'] / base['latency_ms']:.2f}x" if v["latency_ms"] and \
             base["latency_ms"] else "-"
-        rows.append([v["name"], acc, f"{v['params']:,}", f"{v['flops'] / 1e6:.2f}", lat, ratio])
+        rows.append([v["name"], acc, f"{v['params']:,}", f"{v['flops'] / 1e6:.3f}", lat, ratio])
     ds = out["dataset"]
     head = (f"asrfx demo: {ds['name']} ({ds['train']} train / {ds['test']} test, input "
             f"{tuple(ds['input_shape'])}), ResNet-{cfg['depth']} ({cfg['block']}), "
