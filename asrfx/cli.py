@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dataset", default="digits", help=data_help)
     demo.add_argument("--depth", type=int, default=20)
     demo.add_argument("--block", default="basic", choices=["basic", "bottleneck"])
-    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--epochs", type=int, default=12)
     demo.add_argument("--seeds", type=int, default=5)
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--lr", type=float, default=0.1)

@@ -47,7 +47,7 @@ class DemoConfig:
     dataset: str = "digits"
     depth: int = 20
     block: str = "basic"
-    epochs: int = 15
+    epochs: int = 12
     seeds: int = 5
     batch_size: int = 64
     lr: float = 0.1
