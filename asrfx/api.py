@@ -192,7 +192,14 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
                            "converted" if mode == "replace" else "added",
                            ", ".join(psis), "")
             for path, reason in refusals:
-                report.add(path, "channel-attention?", 0, "refused", "", reason)
+                kind = "spatial attention" if reason.startswith("spatial") else \
+                    "channel-attention?"
+                report.add(path, kind, 0, "refused", "", reason)
+            for site in sites:
+                for norm in site.extra.get("frozen_norms", []):
+                    report.notes.append(f"{norm}: a norm inside the ASR branch of {site.path} "
+                                        f"now always normalises with its running statistics "
+                                        f"(psi is one value for the whole batch)")
     if tr.dual:
         report.notes.append("forward differs between train and eval mode (e.g. drop-path); "
                             "both graphs were converted")
@@ -376,10 +383,13 @@ def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: dict[str, list]) ->
     for r in recs["bns"]:
         report.add(r["path"], "conv+bn", r["channels"], r["action"], r["target"], r["reason"])
     try:  # nodes kept from the unfolded graph still carry their shape metadata
-        left, _ = find_attention_sites(gm)
+        left, refused = find_attention_sites(gm)
     except Exception:  # noqa: BLE001 - the report must not fail the fold
-        left = []
+        left, refused = [], []
     for site in left:
         report.add(site.path, "channel-attention", site.channels, "kept", "",
                    "input-dependent attention (prepare() converts it)")
+    for path, reason in refused:
+        if reason.startswith("spatial attention"):
+            report.add(path, "spatial attention", 0, "kept", "", reason)
     return report

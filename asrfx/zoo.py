@@ -47,7 +47,6 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 
-_ATTENTIONS = ("se",)
 _BLOCKS = ("basic", "bottleneck")
 
 
@@ -359,8 +358,12 @@ def cifar_resnet(
             blocks per stage.
         attention: channel attention placed after the last BN of every
             block, before the residual addition: ``None`` (plain ResNet),
-            ``"se"`` (:class:`SEModule` with reduction 16), or a callable
-            ``channels -> nn.Module`` called once per block.
+            ``"se"`` (:class:`SEModule` with reduction 16), any other name of
+            :data:`asrfx.attention.ATTENTIONS` (``"ese"``, ``"eca"``,
+            ``"eca_transpose"``, ``"srm"``, ``"gct"``, ``"cbam"``,
+            ``"cbam_channel"``, ``"spa"``, ``"gc"``; built by
+            :func:`asrfx.attention.make_attention` with its defaults), or a
+            callable ``channels -> nn.Module`` called once per block.
         num_classes: output size of the classifier.
         block: ``"basic"`` or ``"bottleneck"``.
         width: channels of the stem and of the first stage.
@@ -377,7 +380,8 @@ def cifar_resnet(
     Raises:
         ValueError: ``depth`` does not fit the depth rule of ``block``;
             unknown ``attention`` string or ``block``; ``dims`` not 1, 2 or
-            3; non-positive ``width``, ``num_classes`` or ``in_channels``.
+            3, or not 2 for a 2-D-only attention (``"eca_transpose"``,
+            ``"spa"``, ``"gc"``); non-positive ``width``, ``num_classes`` or ``in_channels``.
         TypeError: ``depth`` is not an int, or ``attention`` is neither
             None, a string nor a callable (an ``nn.Module`` instance is
             rejected: it would be shared by every block).
@@ -402,13 +406,19 @@ def cifar_resnet(
     if attention is None:
         factory = None
     elif isinstance(attention, str):
-        if attention not in _ATTENTIONS:
-            accepted = ", ".join(repr(a) for a in _ATTENTIONS)
+        # Imported here: asrfx.attention imports this module (SEModule, _CONV, _POOL).
+        from .attention import ATTENTIONS, make_attention
+
+        if attention not in ATTENTIONS:
+            accepted = ", ".join(repr(a) for a in ATTENTIONS)
             raise ValueError(
                 f"unknown attention {attention!r}; accepted values: None, {accepted}, "
                 "or a callable channels -> nn.Module"
             )
-        factory = lambda channels: SEModule(channels, reduction=16, dims=dims)  # noqa: E731
+        if attention == "se":
+            factory = lambda channels: SEModule(channels, reduction=16, dims=dims)  # noqa: E731
+        else:
+            factory = lambda channels: make_attention(attention, channels, dims=dims)  # noqa: E731
     elif isinstance(attention, nn.Module):
         raise TypeError(
             "attention must be a factory (callable channels -> nn.Module), not an "
@@ -418,7 +428,7 @@ def cifar_resnet(
         factory = attention
     else:
         raise TypeError(
-            "attention must be None, 'se' or a callable channels -> nn.Module, "
+            "attention must be None, a name such as 'se' or a callable channels -> nn.Module, "
             f"got {type(attention).__name__}"
         )
 

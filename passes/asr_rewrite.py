@@ -153,6 +153,7 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
                     for user in list(stat.users):
                         if user in branch:
                             user.replace_input_with(stat, e)
+                site.extra["frozen_norms"] = _freeze_norms(gm, site.branch)
             elif mode == "both":
                 _add_copy(gm, site, psis, created, root)
             else:
@@ -194,7 +195,8 @@ def _add_copy(gm: fx.GraphModule, site: AttentionSite, psis: dict[fx.Node, fx.No
             set_attr_path(gm, name, created[name])
             new.target = name
         mapping[n] = new
-    scaled = graph.call_function(operator.mul, (site.x, mapping[site.gate]))
+    combine = operator.mul if site.fusion == "mul" else operator.add
+    scaled = graph.call_function(combine, (site.x, mapping[site.gate]))
     scaled.meta["nn_module_stack"] = dict(site.mul.meta.get("nn_module_stack") or {})
     # ASR sits right after the producer of x: every value reader of x (the original attention,
     # anything else) now sees x * A(psi). Shape reads stay on x: the shape is the same, and the
@@ -202,3 +204,35 @@ def _add_copy(gm: fx.GraphModule, site: AttentionSite, psis: dict[fx.Node, fx.No
     site.x.replace_all_uses_with(
         scaled, delete_user_cb=lambda u: u is not scaled and not reads_shape_only(u))
     site.extra["asr_mul"] = scaled
+    site.extra["frozen_norms"] = _freeze_norms(
+        gm, [mapping[n] for n in site.branch if n in mapping])
+
+
+def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[str]:
+    """Batch norms inside an ASR branch normalise with their running statistics, always.
+
+    The branch's input is psi, the same for every sample: batch statistics of identical rows
+    have zero variance, would map every value to beta and give psi no gradient. With running
+    statistics the norm is a fixed affine map of psi (gamma and beta still train), the same in
+    train and eval mode, and fold evaluates it exactly.
+    """
+    frozen = []
+    graph = gm.graph
+    for n in nodes:
+        if n.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(n.target))
+        if not isinstance(mod, nn.modules.batchnorm._BatchNorm) or mod.running_mean is None:
+            continue
+        t = str(n.target)
+        with graph.inserting_before(n):
+            rm, rv = graph.get_attr(f"{t}.running_mean"), graph.get_attr(f"{t}.running_var")
+            w = graph.get_attr(f"{t}.weight") if mod.weight is not None else None
+            b = graph.get_attr(f"{t}.bias") if mod.bias is not None else None
+            new = graph.call_function(torch.nn.functional.batch_norm,
+                                      (n.args[0], rm, rv, w, b, False, 0.0, mod.eps))
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        frozen.append(t)
+    return frozen

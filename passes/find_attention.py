@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import operator
 from torch import nn
 
-from .graph_utils import MUL_OPS, is_op, module_path, prod, tensor_shape, value_dependent
+from .graph_utils import ADD_OPS, MUL_OPS, is_op, module_path, prod, tensor_shape, value_dependent
 
 __all__ = ["AttentionSite", "find_attention_sites", "is_global_reduction"]
 
@@ -47,13 +48,15 @@ class AttentionSite:
     """A channel-attention site in one graph.
 
     Attributes:
-        mul: the node computing ``x * g``.
+        mul: the node combining x and the gate: ``x * g`` or, for additive (global-context)
+            attention, ``x + g``.
         x: the feature map being modulated.
         gate: the per-channel gate ``g``.
         stats: the global-reduction nodes the branch reads (pooled statistics).
         branch: nodes strictly between the statistics and the gate, gate included, in graph order.
         path: module path of the site (the module the multiply was traced in).
         channels: C.
+        fusion: "mul" or "add".
     """
 
     mul: fx.Node
@@ -63,7 +66,48 @@ class AttentionSite:
     branch: list[fx.Node]
     path: str
     channels: int
+    fusion: str = "mul"
     extra: dict = field(default_factory=dict)
+
+
+_ADAPTIVE_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_ADAPTIVE_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                       F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+                       torch.adaptive_avg_pool1d, torch.adaptive_max_pool1d}
+_MATMULS = {torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm"}
+
+
+def _is_adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _ADAPTIVE_MODULES)
+    return node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS
+
+
+def is_statistic(gm: fx.GraphModule, node: fx.Node, dep: set) -> bool:
+    """A pooled descriptor of a feature map: what ASR replaces by psi.
+
+    * a global reduction over all spatial dims (adaptive pooling to 1, ``mean``/``amax``/``std``
+      ... over every spatial dim): ``(N, C, *S) -> (N, C[, 1...])``;
+    * adaptive pooling to a fixed size (a spatial pyramid level): ``(N, C, *S) -> (N, C, *s)``,
+      with ``s`` independent of the input size;
+    * attention pooling by matrix product (global context): ``(N, C, L) @ (N, L, 1) -> (N, C, 1)``.
+    """
+    if is_global_reduction(gm, node):
+        return True
+    src = node.args[0] if node.args else None
+    ins, outs = tensor_shape(src), tensor_shape(node)
+    if ins is None or outs is None or len(ins) < 3:
+        return False
+    if _is_adaptive_pool(gm, node):
+        return tuple(outs[:2]) == tuple(ins[:2])
+    if (node.op in ("call_function", "call_method")) and node.target in _MATMULS:
+        if len(outs) >= 2 and all(d == 1 for d in outs[2:]) and \
+                any(isinstance(a, fx.Node) and a in dep and tensor_shape(a) is not None
+                    and len(tensor_shape(a)) == 3 and tensor_shape(a)[:2] == tuple(outs[:2])
+                    and tensor_shape(a)[2] > 1 for a in node.args[:2]):
+            return True
+    return False
 
 
 def is_global_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -88,15 +132,24 @@ def is_global_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
     return all(d == 1 for d in outs[2:])
 
 
+def _spatial_gate(xs: tuple | None, gs: tuple | None) -> bool:
+    """``g`` is one value per position (``(N, 1, *S)``) over a feature map ``(N, C, *S)``."""
+    return (xs is not None and gs is not None and len(xs) >= 3 and len(gs) == len(xs)
+            and gs[1] == 1 and xs[1] > 1 and tuple(gs[2:]) == tuple(xs[2:]) and prod(xs[2:]) > 1)
+
+
 def _per_channel(xs: tuple, gs: tuple) -> bool:
     if len(xs) < 3 or len(gs) != len(xs):
         return False
     return gs[1] == xs[1] and gs[0] in (1, xs[0]) and all(d == 1 for d in gs[2:])
 
 
-def _trace_branch(gm: fx.GraphModule, gate: fx.Node, dep: set[fx.Node]
-                  ) -> tuple[list[fx.Node], set[fx.Node]] | str:
-    """Walk back from the gate over input-dependent nodes, stopping at global reductions.
+def _trace_branch(gm: fx.GraphModule, gate: fx.Node, dep: set[fx.Node],
+                  xs: tuple | None = None) -> tuple[list[fx.Node], set[fx.Node]] | str:
+    """Walk back from the gate over input-dependent nodes, stopping at pooled statistics.
+
+    ``xs`` (the shape of the modulated feature map) lets the walk stop early at a node of the
+    same resolution: the gate then reads the feature map itself, not a statistic of it.
 
     Returns (stats, branch nodes) or a string saying why this is not a channel-attention branch.
     """
@@ -107,13 +160,14 @@ def _trace_branch(gm: fx.GraphModule, gate: fx.Node, dep: set[fx.Node]
         n = stack.pop()
         if n in branch or n in stats:
             continue
-        if is_global_reduction(gm, n):
+        if is_statistic(gm, n, dep):
             stats.append(n)
             continue
         if n.op == "placeholder":
             return "reads the model input directly"
         shape = tensor_shape(n)
-        if shape is not None and len(shape) >= 3 and prod(shape[2:]) > 1:
+        if xs is not None and prod(xs[2:]) > 1 and shape is not None and \
+                len(shape) == len(xs) and tuple(shape[2:]) == tuple(xs[2:]):
             return "reads a feature map with spatial extent (not a global statistic)"
         branch.add(n)
         stack.extend(a for a in n.all_input_nodes if a in dep)
@@ -135,20 +189,27 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
     refusals: list[tuple[str, str]] = []
     by_gate: dict[fx.Node, AttentionSite] = {}
     for node in gm.graph.nodes:
-        if not is_op(node, MUL_OPS) or len(node.args) < 2:
+        is_mul = is_op(node, MUL_OPS)
+        if not (is_mul or is_op(node, ADD_OPS)) or len(node.args) < 2:
             continue
         a, b = node.args[0], node.args[1]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
         for x, g in ((a, b), (b, a)):
             xs, gs = tensor_shape(x), tensor_shape(g)
+            if is_mul and _spatial_gate(xs, gs) and g in dep and x in dep:
+                refusals.append((module_path(node), "spatial attention (an input-dependent gate "
+                                 "per position, not per channel): it stays as it is"))
+                break
             if xs is None or gs is None or not _per_channel(xs, gs):
                 continue
+            if not is_mul and (prod(xs[2:]) == 1 or x not in dep):
+                continue  # an additive site modulates a feature map
             if g not in dep:
                 break  # already input-independent: a constant scale (fold's business)
             if prod(xs[2:]) == 1 and not isinstance(_trace_branch(gm, x, dep), str):
                 break  # x is itself pooled data (e.g. a swish inside an excitation branch)
-            found = _trace_branch(gm, g, dep)
+            found = _trace_branch(gm, g, dep, xs)
             if isinstance(found, str):
                 if "spatial extent" not in found:
                     refusals.append((module_path(node), f"per-channel multiply whose gate {found}"))
@@ -157,8 +218,9 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
             if x in branch:
                 refusals.append((module_path(node), "the gate depends on x other than by pooling"))
                 break
-            if node.op == "call_method" and node.target == "mul_" and node.args[0] is g:
-                refusals.append((module_path(node), "in-place multiply into the gate"))
+            if node.op == "call_method" and node.target in ("mul_", "add_") and \
+                    node.args[0] is g:
+                refusals.append((module_path(node), "in-place op into the gate"))
                 break
             if g in by_gate:  # one gate scaling several tensors: one site, one psi
                 by_gate[g].extra.setdefault("more_muls", []).append(node)
@@ -166,7 +228,8 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
             stats.sort(key=order.__getitem__)
             sites.append(AttentionSite(mul=node, x=x, gate=g, stats=stats,
                                        branch=sorted(branch, key=order.__getitem__),
-                                       path=module_path(node), channels=int(xs[1])))
+                                       path=module_path(node), channels=int(xs[1]),
+                                       fusion="mul" if is_mul else "add"))
             by_gate[g] = sites[-1]
             break
     return sites, refusals

@@ -280,7 +280,7 @@ def test_bottleneck_depth_rule_accepts_paper_depths():
         cifar_resnet(110 + 6, block="bottleneck")
 
 
-@pytest.mark.parametrize("attention", ["cbam", "SE", ""])
+@pytest.mark.parametrize("attention", ["nope", "SE", ""])
 def test_bad_attention_string_raises(attention):
     with pytest.raises(ValueError, match="'se'"):
         cifar_resnet(20, attention=attention, block="basic")
