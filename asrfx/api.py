@@ -13,16 +13,17 @@ from torch.utils._pytree import tree_flatten
 
 from asrfx.passes import (apply_asr, cleanup, evaluate_constants, find_attention_sites,
                           fold_scales, fuse_batchnorm)
-from asrfx.passes.graph_utils import clone_module, module_path, safe_dce
+from asrfx.passes.graph_utils import clone_module, module_path, safe_dce, stable_toposort
+from asrfx.passes.insertion import insert_modules, insertion_points
 
 from .errors import FoldMismatch, InputError
 from .report import Report
-from .tracing import (DualModeGraphModule, infer_example_inputs, normalize_inputs, preserve_modes,
+from .tracing import (AsrTracer, DualModeGraphModule, infer_example_inputs, normalize_inputs, preserve_modes,
                       propagate_shapes, trace_modes)
 
 __all__ = ["prepare", "fold", "relative_error"]
 
-_MODES = ("replace", "both")
+_MODES = ("replace", "both", "keep")
 
 
 def _count_params(m: nn.Module) -> int:
@@ -121,8 +122,29 @@ def _calibrated_init(gm: fx.GraphModule, calibration_data: Any, inputs: tuple
     return {name: (total / count).float() for name, total in sums.items()}
 
 
-def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replace",
-            init: Any = 0.1, calibration_data: Any = None,
+def _attention_factory(insert: Any) -> Callable[[int, int], nn.Module]:
+    if isinstance(insert, str):
+        from .attention import ATTENTIONS, make_attention
+
+        if insert not in ATTENTIONS:
+            raise InputError(f"insert={insert!r} is not a known attention; choose one of "
+                             f"{sorted(ATTENTIONS)} or pass a callable channels -> nn.Module")
+        return lambda c, dims: make_attention(insert, c, dims=dims)
+    if callable(insert):
+        def build(c: int, dims: int) -> nn.Module:
+            mod = insert(c)
+            if not isinstance(mod, nn.Module):
+                raise InputError(f"insert callable returned {type(mod).__name__} for {c} "
+                                 f"channels, expected an nn.Module")
+            return mod
+        return build
+    raise InputError(f"insert must be an attention name or a callable channels -> nn.Module, "
+                     f"got {insert!r}")
+
+
+def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = None,
+            init: Any = 0.1, calibration_data: Any = None, insert: Any = None,
+            where: Any = "block_output", every: int = 1,
             leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
     """Turn every channel attention of ``model`` into its ASR training form.
 
@@ -130,9 +152,18 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
         model: any ``nn.Module``; it is not modified.
         example_inputs: a tensor or tuple of tensors the model accepts (shapes are read from
             them). When omitted, a batch is guessed from the first conv/linear layer.
-        mode: ``"replace"`` — each pooled statistic an attention branch reads becomes a learnable
-            psi (ASR(SE)); ``"both"`` — the original attention stays and an ASR copy with fresh
-            weights is added in front of it (ASR(SE)+SE).
+        mode: what happens to the attention already in the model. ``"replace"`` (the default
+            without ``insert``) — each pooled statistic an attention branch reads becomes a
+            learnable psi (ASR(SE)); ``"both"`` — the original attention stays and an ASR copy
+            with fresh weights is added in front of it (ASR(SE)+SE); ``"keep"`` (the default
+            with ``insert``) — left as it is.
+        insert: add new ASR attention to the model: a library name (``"se"``, ``"eca"``, ...,
+            see :mod:`asrfx.attention`) or a callable ``channels -> nn.Module``. Inserted
+            attention is always converted to its ASR form.
+        where: insertion points: ``"block_output"`` (after the last norm of each residual
+            block, before the add: the paper's placement), ``"every_bn"``, or a predicate
+            ``(module path, node) -> bool``.
+        every: keep every k-th insertion point (the paper's insertion-frequency ablation).
         init: psi's initial value: a float (0.1, as in the reference), a tensor broadcastable to
             the statistic's shape, ``"normal"``, ``"calibrate"``, or a dict psi name -> one of
             those. ``"calibrate"`` starts each psi at the mean of the statistic it replaces over
@@ -151,8 +182,16 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"asrfx.prepare expects an nn.Module, got {type(model).__name__}")
+    if mode is None:
+        mode = "replace" if insert is None else "keep"
     if mode not in _MODES:
         raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
+    factory = _attention_factory(insert) if insert is not None else None
+    if not (isinstance(every, int) and every >= 1):
+        raise InputError(f"every must be a positive integer, got {every!r}")
+    if not (callable(where) or where in ("block_output", "every_bn")):
+        raise InputError(f"where must be 'block_output', 'every_bn' or a predicate "
+                         f"(module path, node) -> bool, got {where!r}")
     _check_init(init, calibration_data)
     stage = _meta(model).get("stage")
     if stage in ("prepare", "fold"):
@@ -168,6 +207,22 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
     tr = trace_modes(work, leaf_modules, inputs)
     report = Report("prepare", params_before=_count_params(model))
     created: dict[str, Any] = {}
+    inserted: dict[int, set] = {}
+    inserted_paths: list[str] = []
+    if factory is not None:
+        for i, gm in enumerate(tr.modules()):
+            if gm.meta.get("asrfx_shapes_from") != id(inputs):
+                propagate_shapes(gm, inputs)
+            points = insertion_points(gm, where, every)
+            done = insert_modules(gm, points, factory, created, AsrTracer)
+            inserted[i] = set().union(*(nodes for _, nodes in done)) if done else set()
+            if i == 0:
+                inserted_paths = [p for p, _ in done]
+            stable_toposort(gm.graph)
+            propagate_shapes(gm, inputs)
+            gm.meta["asrfx_shapes_from"] = id(inputs)
+        if not inserted_paths:
+            report.notes.append(f"no insertion point found for where={where!r}")
     if init == "calibrate":
         if tr.eval.meta.get("asrfx_shapes_from") != id(inputs):
             propagate_shapes(tr.eval, inputs)
@@ -179,18 +234,25 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str = "replac
             propagate_shapes(gm, inputs)
         gm.meta.pop("asrfx_shapes_from", None)
         sites, refusals = find_attention_sites(gm)
+        new_nodes = inserted.get(i, set())
+        site_modes = ["replace" if s.mul in new_nodes else mode for s in sites]
         try:
-            names = apply_asr(gm, sites, mode=mode, init=init, created=created, root=work)
+            names = apply_asr(gm, sites, init=init, created=created, root=work,
+                              site_modes=site_modes)
         except (ValueError, KeyError) as e:
             raise InputError(f"bad psi init for {type(model).__name__}: "
                              f"{e.args[0] if e.args else e}") from None
         safe_dce(gm)
         per_mode_counts.append(len(sites))
         if i == 0:
-            for site, psis in zip(sites, names):
-                report.add(site.path, "channel-attention", site.channels,
-                           "converted" if mode == "replace" else "added",
-                           ", ".join(psis), "")
+            actions = {"replace": "converted", "both": "added", "keep": "kept"}
+            for site, psis, m in zip(sites, names, site_modes):
+                new = site.mul in new_nodes
+                report.add(site.path, "channel-attention (inserted)" if new else
+                           "channel-attention", site.channels,
+                           "inserted" if new else actions[m], "" if m == "keep" else
+                           ", ".join(psis), "existing attention kept (mode='keep')"
+                           if m == "keep" else "")
             for path, reason in refusals:
                 kind = "spatial attention" if reason.startswith("spatial") else \
                     "channel-attention?"

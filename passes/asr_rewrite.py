@@ -28,11 +28,16 @@ __all__ = ["apply_asr", "make_psi", "fresh_module"]
 
 def make_psi(shape: tuple[int, ...], init: Any, dtype: torch.dtype, device: torch.device
              ) -> nn.Parameter:
-    """A new psi of ``shape``: ``init`` is a float, a broadcastable tensor, or ``"normal"``."""
+    """A new psi of ``shape``: ``init`` is a float, a broadcastable tensor, or ``"normal"``.
+
+    ``"normal"`` draws ``|N(0, 1)|``: positive like the reference's constant 0.1, because some
+    statistics are never negative (variance, sum of squares) and their branches take square
+    roots or logarithms of them.
+    """
     if isinstance(init, str):
         if init != "normal":
             raise ValueError(f"unknown psi init {init!r}")
-        value = torch.randn(shape, dtype=dtype, device=device)
+        value = torch.randn(shape, dtype=dtype, device=device).abs()
     elif isinstance(init, torch.Tensor):
         value = init.detach().to(dtype=dtype, device=device).clone()
         try:
@@ -125,13 +130,16 @@ def psi_names(sites: list[AttentionSite]) -> list[list[str]]:
 
 def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "replace",
               init: Any = 0.1, created: dict[str, Any] | None = None,
-              root: nn.Module | None = None) -> list[list[str]]:
+              root: nn.Module | None = None, site_modes: list[str] | None = None
+              ) -> list[list[str]]:
     """Rewrite ``sites`` of ``gm`` into ASR form, in place.
 
     Args:
         gm: the graph module the sites were found in.
         sites: from :func:`find_attention_sites`.
         mode: "replace" or "both".
+        site_modes: a mode per site ("replace", "both" or "keep": left as it is), overriding
+            ``mode``; psi names are assigned over all sites either way.
         init: psi initial value: a float, a tensor, "normal", or a dict psi name -> any of those.
         created: psi parameters and ASR modules already made for the other mode's graph of the
             same model, keyed by attribute path; new ones are added to it, existing ones reused.
@@ -143,10 +151,25 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
     created = {} if created is None else created
     graph = gm.graph
     all_names = psi_names(sites)
-    for site, names in zip(sites, all_names):
+    modes = site_modes if site_modes is not None else [mode] * len(sites)
+    # gates that share a statistic (selective-kernel attention: one pooled descriptor, a softmax
+    # over branches) share its psi: one statistic, one constant
+    shared: dict[fx.Node, tuple[fx.Node, str]] = {}
+    for i, (site, names, mode) in enumerate(zip(sites, all_names, modes)):
+        if mode == "keep":
+            continue
+        for j, stat in enumerate(site.stats):
+            if mode == "replace" and stat in shared:
+                names[j] = shared[stat][1]
         with graph.inserting_before(site.mul):
-            psis = {stat: _psi_node(gm, site, stat, name, init, created)
-                    for stat, name in zip(site.stats, names)}
+            psis = {}
+            for stat, name in zip(site.stats, names):
+                if mode == "replace" and stat in shared:
+                    psis[stat] = shared[stat][0]
+                    continue
+                psis[stat] = _psi_node(gm, site, stat, name, init, created)
+                if mode == "replace":
+                    shared[stat] = (psis[stat], name)
             if mode == "replace":
                 branch = set(site.branch)
                 for stat, e in psis.items():

@@ -51,12 +51,16 @@ def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
 
 
 def randomize_psi(model: nn.Module, seed: int) -> nn.Module:
-    """psi starts as a constant (0.1); random values make every channel's gate differ."""
+    """psi starts as a constant (0.1); random values make every channel's gate differ.
+
+    Values are drawn from U(0.1, 1): positive, because some statistics psi stands for are never
+    negative (variance, sum of squares) and their branches take square roots of them.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("psi"):
-                p.copy_(torch.randn(p.shape, generator=gen).to(p))
+                p.copy_((torch.rand(p.shape, generator=gen) * 0.9 + 0.1).to(p))
     return model
 
 
