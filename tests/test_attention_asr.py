@@ -278,3 +278,26 @@ def test_self_attention_is_never_touched():
     prepared.eval()
     with torch.no_grad():
         assert torch.equal(prepared(x), model(x))
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTIONS))
+def test_library_module_inserted_by_prepare_into_resnet56(name):
+    torch.manual_seed(0)
+    x = torch.randn(*X16)
+    prepared = asrfx.prepare(cifar_resnet(56, block="basic", num_classes=10),
+                             example_inputs=(x,), insert=name)
+    n = _blocks(56, "basic")
+    assert prepared.asrfx_report.count(action="inserted") == n
+    _train_step(prepared, x)
+    randomize_bn(prepared, seed=6)
+    randomize_psi(prepared, seed=7)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    prepared.eval()
+    with torch.no_grad():
+        assert rel_err(prepared(x), deploy(x)) <= 1e-4
+    plain = asrfx.fold(randomize_bn(cifar_resnet(56, block="basic", num_classes=10), 6),
+                       example_inputs=(x,))
+    if name == "cbam":  # the spatial half of inserted CBAM is input-dependent and stays
+        assert deploy.asrfx_report.count(action="kept", kind="spatial attention") == n
+    else:
+        assert node_kinds(deploy) == node_kinds(plain)
