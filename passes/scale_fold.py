@@ -190,7 +190,52 @@ def set_functional_conv_params(gm: fx.GraphModule, node: fx.Node, w_node: fx.Nod
     return str(w_node.target).rpartition(".")[0]
 
 
-def _fold_into_producer(gm: fx.GraphModule, chain: Chain) -> str | None:
+_POSITIVE_HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d,
+                                 nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                                 nn.AdaptiveMaxPool3d)
+_LINEAR_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                   nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d) + _PASS_THROUGH
+_POSITIVE_HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.max_pool1d, F.max_pool2d,
+                                   F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                                   F.adaptive_max_pool3d, "relu", "relu_"}
+_LINEAR_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout}
+OTHER_NORMS = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def _commutes(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tensor) -> str | None:
+    """Why ``op(z) * s == op(z * s)`` holds for this node, or None.
+
+    A per-channel scale moves through a per-channel positively homogeneous op (ReLU,
+    LeakyReLU, max pooling) when it is non-negative, and through a linear per-channel op
+    (average pooling, eval-mode dropout, identity) whatever its sign. ReLU6 is not homogeneous
+    (it clips at 6), and a shift does not commute with any of them.
+    """
+    if bool(torch.any(t != 0)):
+        return None
+    nonneg = bool(torch.all(s >= 0))
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if type(mod) is nn.ReLU6:
+            return None
+        if _exact(mod, _POSITIVE_HOMOGENEOUS_MODULES):
+            return type(mod).__name__ if nonneg else None
+        if _exact(mod, _LINEAR_MODULES):
+            return type(mod).__name__
+        return None
+    if node.op in ("call_function", "call_method"):
+        name = getattr(node.target, "__name__", str(node.target))
+        if node.target in _POSITIVE_HOMOGENEOUS_FUNCTIONS:
+            return name if nonneg else None
+        if node.target in _LINEAR_FUNCTIONS and not node.kwargs.get("training", False):
+            if node.target is F.dropout and (len(node.args) > 2 and node.args[2]):
+                return None
+            return name
+    return None
+
+
+def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str | None:
+    """Fold into the producer of the chain's base; through ops the scale commutes with."""
     x = chain.base
     members = set(chain.members)
     # shape reads (x.shape, x.size()) see the same shape after the fold
@@ -198,6 +243,22 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain) -> str | None:
         return None
     s, t = chain.scale, chain.shift
     shape = tensor_shape(x)
+    through = _commutes(gm, x, s, t)
+    if through is not None and depth < 8 and x.args and isinstance(x.args[0], fx.Node):
+        inner = Chain(x.args[0], s, t, [x])
+        if tensor_shape(x.args[0]) is not None and len(tensor_shape(x.args[0])) == len(shape) \
+                and tensor_shape(x.args[0])[1] == shape[1]:
+            target = _fold_into_producer(gm, inner, depth + 1)
+            if target is not None:
+                return f"{target} through {through}"
+    if x.op == "call_module":
+        other = gm.get_submodule(str(x.target))
+        if _exact(other, OTHER_NORMS) and getattr(other, "affine", False) and \
+                getattr(other, "weight", None) is not None and other.weight.numel() == s.numel():
+            mod = module_for_call_site(gm, x)
+            w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, s.numel())
+            mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
+            return f"{x.target} (norm affine)"
     if x.op == "call_module":
         mod = gm.get_submodule(str(x.target))
         if _exact(mod, NORM_TYPES):
