@@ -15,6 +15,7 @@ from asrfx.passes import (apply_asr, cleanup, evaluate_constants, find_attention
                           fold_scales, fuse_batchnorm)
 from asrfx.passes.graph_utils import clone_module, module_path, safe_dce, stable_toposort
 from asrfx.passes.insertion import insert_modules, insertion_points
+from asrfx.passes.branch_merge import merge_branches
 
 from .errors import FoldMismatch, InputError
 from .report import Report
@@ -345,8 +346,9 @@ def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
             f"{[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})") from None
     scales = fold_scales(gm, select)
     bns = fuse_batchnorm(gm, select) if fuse_bn else []
+    merges = merge_branches(gm, select) if fuse_bn else []
     cleanup(gm)
-    return {"consts": consts, "scales": scales, "bns": bns}
+    return {"consts": consts, "scales": scales, "bns": bns, "merges": merges}
 
 
 def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
@@ -422,8 +424,8 @@ def _isolate(model: nn.Module, leaf_modules: Sequence[str | type], inputs: tuple
              fuse_bn: bool, ref: Any, recs: dict[str, list]) -> tuple[str | None, float]:
     """Fold one site at a time to find the one that breaks equivalence."""
     worst, worst_err = None, -1.0
-    for rec in recs["scales"] + recs["bns"]:
-        if rec.get("action") not in ("folded", "fused"):
+    for rec in recs["scales"] + recs["bns"] + recs["merges"]:
+        if rec.get("action") not in ("folded", "fused", "merged"):
             continue
         gm = _eval_graph_module(model, leaf_modules, inputs)
         _run_passes(gm, inputs, fuse_bn, select=lambda k, key=rec["key"]: k == key)
@@ -442,8 +444,14 @@ def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: dict[str, list]) ->
     for r in recs["scales"]:
         report.add(r["path"], "channel scale", r["channels"], r["action"], r["target"],
                    r.get("reason", ""))
+    absorbed = {bn: m["target"] for m in recs["merges"] for bn in m.get("absorbed", [])}
     for r in recs["bns"]:
+        if r["action"] == "kept" and r["path"] in absorbed:  # an identity-BN branch
+            r.update(action="merged", target=absorbed[r["path"]], reason="")
         report.add(r["path"], "conv+bn", r["channels"], r["action"], r["target"], r["reason"])
+    for r in recs["merges"]:
+        report.add(r["path"], "branch merge", r["channels"], r["action"], r["target"],
+                   r["reason"])
     try:  # nodes kept from the unfolded graph still carry their shape metadata
         left, refused = find_attention_sites(gm)
     except Exception:  # noqa: BLE001 - the report must not fail the fold

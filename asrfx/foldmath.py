@@ -17,6 +17,9 @@ __all__ = [
     "fold_scale_into_conv_in",
     "fold_scale_into_linear_in",
     "compose_affine",
+    "pad_kernel",
+    "identity_kernel",
+    "merge_parallel_convs",
 ]
 
 
@@ -119,3 +122,43 @@ def fold_scale_into_linear_in(weight: Tensor, bias: Tensor | None, scale: Tensor
     if shift is not None:
         b = b + w @ _f64(shift).reshape(-1).expand(w.shape[1])
     return (w * s.reshape(1, -1)).to(dtype), b.to(dtype)
+
+
+def pad_kernel(weight: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Zero-pad a conv kernel ``(O, I, *k)`` to ``(O, I, *size)``, centred.
+
+    A kxk conv with padding p and a jxj conv (j < k, both odd) with padding p - (k-j)/2 read the
+    same window centres; the small kernel placed in the middle of a kxk block of zeros computes
+    the same output, so kernels of parallel branches can be summed once padded to a common size.
+    """
+    pads: list[int] = []
+    for have, want in zip(reversed(weight.shape[2:]), reversed(size)):
+        extra = want - have
+        if extra < 0 or extra % 2:
+            raise ValueError(f"cannot centre a kernel of size {tuple(weight.shape[2:])} in {size}")
+        pads += [extra // 2, extra // 2]
+    return torch.nn.functional.pad(weight, pads)
+
+
+def identity_kernel(channels: int, groups: int, size: tuple[int, ...], dtype: torch.dtype,
+                    device: torch.device | None = None) -> Tensor:
+    """The kernel of a conv that copies its input: ``(C, C/groups, *size)``, a 1 at the centre
+    of channel ``i``'s own input column ``i mod (C/groups)``."""
+    cg = channels // groups
+    w = torch.zeros(channels, cg, *size, dtype=dtype, device=device)
+    centre = tuple(s // 2 for s in size)
+    for i in range(channels):
+        w[(i, i % cg) + centre] = 1
+    return w
+
+
+def merge_parallel_convs(weights: list[Tensor], biases: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+    """Sum parallel branches ``sum_b conv_b(x) + bias_b`` that read the same input with the same
+    stride, groups and window centres: one conv with the summed (centre-padded) kernels and the
+    summed biases. Computed in float64, cast back to the first kernel's dtype."""
+    size = tuple(max(w.shape[2 + d] for w in weights) for d in range(weights[0].dim() - 2))
+    dtype = weights[0].dtype
+    w = sum(pad_kernel(_f64(k), size) for k in weights)
+    b = sum(torch.zeros(weights[0].shape[0], dtype=torch.float64, device=weights[0].device)
+            if bb is None else _f64(bb) for bb in biases)
+    return w.to(dtype), b.to(dtype)
