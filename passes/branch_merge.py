@@ -45,9 +45,7 @@ def _branch(gm: fx.GraphModule, node: fx.Node) -> tuple[str, Any, fx.Node] | Non
     """("conv", module, input) / ("bn", module, input) / ("id", None, node) for a summand."""
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
-        if type(mod) in CONV_TYPES and mod.padding_mode == "zeros" and \
-                not isinstance(mod.padding, str) and all(d == 1 for d in mod.dilation) and \
-                all(k % 2 == 1 for k in mod.kernel_size):
+        if type(mod) in CONV_TYPES:
             return "conv", mod, node.args[0]
         if type(mod) in NORM_TYPES and not mod.training and mod.running_mean is not None:
             return "bn", mod, node.args[0]
@@ -144,6 +142,10 @@ def _mergeable(gm: fx.GraphModule, ops: list[fx.Node], branches: list, x: fx.Nod
         if kind != "id" and sum(1 for u in o.users if not reads_shape_only(u)) != 1:
             return "a branch's output is read elsewhere too"
         if kind == "conv":
+            if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                return f"a branch pads with {mod.padding_mode!r} / {mod.padding!r}"
+            if any(d != 1 for d in mod.dilation) or any(k % 2 == 0 for k in mod.kernel_size):
+                return "a dilated or even-sized kernel is not a centred part of one kernel"
             if (mod.stride, mod.groups, mod.in_channels, mod.out_channels) != \
                     (ref.stride, ref.groups, ref.in_channels, ref.out_channels):
                 return "branches differ in stride, groups or channels"

@@ -1,0 +1,157 @@
+"""Multi-branch structural re-parameterization from the graph: RepVGG- and ACNet-style blocks
+fold to one conv per block, exactly; sums that are not one conv are left and reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import asrfx
+from asrfx import foldmath
+from helpers import randomize_bn, randomize_psi, rel_err
+
+
+def cbn(ci, co, k, stride=1, padding=None, groups=1):
+    k = k if isinstance(k, tuple) else (k, k)
+    padding = padding if padding is not None else tuple(d // 2 for d in k)
+    return nn.Sequential(nn.Conv2d(ci, co, k, stride, padding, groups=groups, bias=False),
+                         nn.BatchNorm2d(co))
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG (Ding et al., CVPR 2021, arXiv 2101.03697): 3x3+BN, 1x1+BN, identity BN."""
+
+    def __init__(self, ci, co, stride=1, groups=1):
+        super().__init__()
+        self.k3 = cbn(ci, co, 3, stride, groups=groups)
+        self.k1 = cbn(ci, co, 1, stride, groups=groups)
+        self.id = nn.BatchNorm2d(ci) if ci == co and stride == 1 else None
+
+    def forward(self, x):
+        y = self.k3(x) + self.k1(x)
+        if self.id is not None:
+            y = y + self.id(x)
+        return torch.relu(y)
+
+
+class ACBlock(nn.Module):
+    """ACNet (Ding et al., ICCV 2019, arXiv 1908.03930): 3x3, 1x3 and 3x1 branches."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.square, self.hor, self.ver = cbn(c, c, 3), cbn(c, c, (1, 3)), cbn(c, c, (3, 1))
+
+    def forward(self, x):
+        return torch.relu(self.square(x) + self.hor(x) + self.ver(x))
+
+
+def repvgg_net():
+    return nn.Sequential(RepVGGBlock(3, 8, 2), RepVGGBlock(8, 8), RepVGGBlock(8, 8, groups=2),
+                         RepVGGBlock(8, 16, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 10))
+
+
+def acnet():
+    return nn.Sequential(cbn(3, 8, 3), nn.ReLU(), ACBlock(8), ACBlock(8), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 10))
+
+
+def _convs_and_norms(gm):
+    mods = [gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
+    return (sum(isinstance(m, nn.Conv2d) for m in mods),
+            sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods))
+
+
+@pytest.mark.parametrize("build,blocks", [(repvgg_net, 4), (acnet, 3)])
+def test_multi_branch_nets_fold_to_one_conv_per_block(build, blocks):
+    torch.manual_seed(0)
+    model = randomize_bn(build(), seed=1)
+    x = torch.randn(2, 3, 16, 16)
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    assert _convs_and_norms(deploy) == (blocks, 0)
+    n_merged = deploy.asrfx_report.count(action="merged", kind="branch merge")
+    assert n_merged == (4 if build is repvgg_net else 2)
+    model.eval()
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 3, 16, 16)):
+            assert rel_err(model(xi), deploy(xi)) <= 1e-5
+
+
+def test_asr_inserted_into_repvgg_folds_together_with_the_merge():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    prepared = asrfx.prepare(repvgg_net(), example_inputs=(x,), insert="se", where="every_bn")
+    assert prepared.asrfx_report.count(action="inserted") == 10  # one per branch BN
+    randomize_bn(prepared, seed=2)
+    randomize_psi(prepared, seed=3)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert _convs_and_norms(deploy) == (4, 0)
+    assert not [n for n in deploy.graph.nodes if "mul" in str(n.target)]
+    prepared.eval()
+    with torch.no_grad():
+        assert rel_err(prepared(x), deploy(x)) <= 1e-4
+
+
+class TwoBranch(nn.Module):
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def _dilated():
+    return nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False),
+                         nn.BatchNorm2d(4))
+
+
+def _reflect():
+    return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect", bias=False),
+                         nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize("a,b,reason", [
+    (cbn(4, 4, 3, groups=2), cbn(4, 4, 1), "groups"),
+    (cbn(4, 4, 3), _dilated(), "dilated"),                     # selective-kernel style
+    (cbn(4, 4, 3), _reflect(), "pads with"),
+])
+def test_sums_that_are_not_one_conv_are_left_and_reported(a, b, reason):
+    model = randomize_bn(TwoBranch(a, b), seed=4)
+    x = torch.randn(2, 4, 8, 8)
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    (rec,) = [s for s in deploy.asrfx_report.sites if s.kind == "branch merge"]
+    assert rec.action == "kept" and reason in rec.reason
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(model(x), deploy(x)) <= 1e-5
+
+
+def test_identity_kernel_and_pad_kernel():
+    x = torch.randn(2, 6, 5, 5)
+    for groups in (1, 2, 6):
+        w = foldmath.identity_kernel(6, groups, (3, 3), torch.float32)
+        y = torch.nn.functional.conv2d(x, w, padding=1, groups=groups)
+        torch.testing.assert_close(y, x)
+    w1 = torch.randn(4, 3, 1, 1)
+    w3 = foldmath.pad_kernel(w1, (3, 3))
+    torch.testing.assert_close(torch.nn.functional.conv2d(x[:, :3], w3, padding=1),
+                               torch.nn.functional.conv2d(x[:, :3], w1))
+    with pytest.raises(ValueError):
+        foldmath.pad_kernel(torch.randn(1, 1, 2, 2), (3, 3))
+
+
+@settings(max_examples=25, deadline=None)
+@given(k1=st.sampled_from([1, 3, 5]), k2=st.sampled_from([1, 3, 5]),
+       stride=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]),
+       c=st.sampled_from([2, 4]), bias=st.booleans())
+def test_merge_parallel_convs_is_exact(k1, k2, stride, groups, c, bias):
+    x = torch.randn(2, c, 9, 9, dtype=torch.float64)
+    a = nn.Conv2d(c, c, k1, stride, k1 // 2, groups=groups, bias=bias).double()
+    b = nn.Conv2d(c, c, k2, stride, k2 // 2, groups=groups, bias=bias).double()
+    w, bb = foldmath.merge_parallel_convs([a.weight, b.weight], [a.bias, b.bias])
+    k = max(k1, k2)
+    y = torch.nn.functional.conv2d(x, w, bb, stride, k // 2, groups=groups)
+    torch.testing.assert_close(y, a(x) + b(x))
