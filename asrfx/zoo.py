@@ -38,6 +38,10 @@ __all__ = [
     "Bottleneck",
     "CifarResNet",
     "cifar_resnet",
+    "RepVGGBlock",
+    "ACBlock",
+    "repvgg_net",
+    "acnet",
 ]
 
 AttentionFactory = Callable[[int], nn.Module]
@@ -442,3 +446,80 @@ def cifar_resnet(
         in_channels=in_channels,
         dims=dims,
     )
+
+
+# --- multi-branch re-parameterizable nets --------------------------------------------------------
+
+
+def _conv_bn(ci: int, co: int, k: int | tuple[int, int], stride: int = 1, groups: int = 1
+             ) -> nn.Sequential:
+    k = k if isinstance(k, tuple) else (k, k)
+    return nn.Sequential(nn.Conv2d(ci, co, k, stride, tuple(d // 2 for d in k), groups=groups,
+                                   bias=False), nn.BatchNorm2d(co))
+
+
+class RepVGGBlock(nn.Module):
+    """Training-time RepVGG block (Ding et al., "RepVGG: Making VGG-style ConvNets Great Again",
+    CVPR 2021, arXiv 2101.03697): ``relu(BN(conv3x3(x)) + BN(conv1x1(x)) [+ BN(x)])``; the
+    identity branch exists when the block keeps its width and resolution. ``asrfx.fold``
+    merges the branches into one 3x3 conv from the graph."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.dense = _conv_bn(in_channels, out_channels, 3, stride, groups)
+        self.pointwise = _conv_bn(in_channels, out_channels, 1, stride, groups)
+        self.identity = nn.BatchNorm2d(in_channels) \
+            if in_channels == out_channels and stride == 1 else None
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dense(x) + self.pointwise(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return self.relu(y)
+
+
+class ACBlock(nn.Module):
+    """Asymmetric convolution block (Ding et al., "ACNet: Strengthening the Kernel Skeletons for
+    Powerful CNN via Asymmetric Convolution Blocks", ICCV 2019, arXiv 1908.03930):
+    ``relu(BN(conv3x3(x)) + BN(conv1x3(x)) + BN(conv3x1(x)))``."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.square = _conv_bn(in_channels, out_channels, 3, stride)
+        self.hor = _conv_bn(in_channels, out_channels, (1, 3), stride)
+        self.ver = _conv_bn(in_channels, out_channels, (3, 1), stride)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.square(x) + self.hor(x) + self.ver(x))
+
+
+def _multi_branch_net(block: Callable[..., nn.Module], widths: tuple[int, ...], blocks: int,
+                      num_classes: int, in_channels: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c = in_channels
+    for i, w in enumerate(widths):
+        for j in range(blocks):
+            layers.append(block(c, w, stride=2 if j == 0 and i > 0 else 1))
+            c = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+
+def repvgg_net(widths: tuple[int, ...] = (16, 32, 64), blocks: int = 2, num_classes: int = 10,
+               in_channels: int = 3) -> nn.Sequential:
+    """A small RepVGG-style net: stages of :class:`RepVGGBlock` (first block of a stage strides
+    2). Deploy form after ``asrfx.fold``: one 3x3 conv and a ReLU per block.
+
+    Example::
+
+        deploy = asrfx.fold(repvgg_net(), example_inputs=(torch.randn(1, 3, 32, 32),))
+    """
+    return _multi_branch_net(RepVGGBlock, widths, blocks, num_classes, in_channels)
+
+
+def acnet(widths: tuple[int, ...] = (16, 32, 64), blocks: int = 2, num_classes: int = 10,
+          in_channels: int = 3) -> nn.Sequential:
+    """A small ACNet-style net: stages of :class:`ACBlock`. Deploy form after ``asrfx.fold``:
+    one 3x3 conv and a ReLU per block."""
+    return _multi_branch_net(ACBlock, widths, blocks, num_classes, in_channels)

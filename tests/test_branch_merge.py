@@ -155,3 +155,22 @@ def test_merge_parallel_convs_is_exact(k1, k2, stride, groups, c, bias):
     k = max(k1, k2)
     y = torch.nn.functional.conv2d(x, w, bb, stride, k // 2, groups=groups)
     torch.testing.assert_close(y, a(x) + b(x))
+
+
+@pytest.mark.parametrize("name", ["repvgg_net", "acnet"])
+def test_zoo_multi_branch_nets(name):
+    from asrfx import zoo
+
+    torch.manual_seed(0)
+    model = randomize_bn(getattr(zoo, name)(), seed=5)
+    x = torch.randn(2, 3, 32, 32)
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    assert _convs_and_norms(deploy) == (6, 0)  # 3 stages x 2 blocks, one conv each, no norm
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(model(x), deploy(x)) <= 1e-5
+    # training-free: ASR inserted after every branch norm folds into the merge as well
+    prepared = asrfx.prepare(model, example_inputs=(x,), insert="eca", where="every_bn")
+    randomize_psi(prepared, seed=6)
+    folded = asrfx.fold(prepared, example_inputs=(x,))
+    assert _convs_and_norms(folded) == (6, 0)
