@@ -15,7 +15,7 @@ from asrfx.passes import (apply_asr, cleanup, evaluate_constants, find_attention
                           fold_scales, fuse_batchnorm)
 from asrfx.passes.graph_utils import clone_module, module_path, safe_dce, stable_toposort
 from asrfx.passes.insertion import insert_modules, insertion_points
-from asrfx.passes.branch_merge import merge_branches
+from asrfx.passes.branch_merge import merge_branches, merge_sequential
 
 from .errors import FoldMismatch, InputError
 from .report import Report
@@ -346,7 +346,7 @@ def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
             f"{[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})") from None
     scales = fold_scales(gm, select)
     bns = fuse_batchnorm(gm, select) if fuse_bn else []
-    merges = merge_branches(gm, select) if fuse_bn else []
+    merges = merge_sequential(gm, select) + merge_branches(gm, select) if fuse_bn else []
     cleanup(gm)
     return {"consts": consts, "scales": scales, "bns": bns, "merges": merges}
 
@@ -450,7 +450,8 @@ def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: dict[str, list]) ->
             r.update(action="merged", target=absorbed[r["path"]], reason="")
         report.add(r["path"], "conv+bn", r["channels"], r["action"], r["target"], r["reason"])
     for r in recs["merges"]:
-        report.add(r["path"], "branch merge", r["channels"], r["action"], r["target"],
+        report.add(r["path"], "sequential merge" if r["key"].startswith("seq:") else
+                   "branch merge", r["channels"], r["action"], r["target"],
                    r["reason"])
     try:  # nodes kept from the unfolded graph still carry their shape metadata
         left, refused = find_attention_sites(gm)

@@ -20,6 +20,8 @@ __all__ = [
     "pad_kernel",
     "identity_kernel",
     "merge_parallel_convs",
+    "merge_sequential_convs",
+    "avg_pool_kernel",
 ]
 
 
@@ -162,3 +164,33 @@ def merge_parallel_convs(weights: list[Tensor], biases: list[Tensor | None]) -> 
     b = sum(torch.zeros(weights[0].shape[0], dtype=torch.float64, device=weights[0].device)
             if bb is None else _f64(bb) for bb in biases)
     return w.to(dtype), b.to(dtype)
+
+
+def merge_sequential_convs(w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
+                           ) -> tuple[Tensor, Tensor]:
+    """Compose ``conv2(conv1x1(x))`` (both groups 1, the 1x1 with stride 1 and no padding) into
+    one conv with ``conv2``'s geometry: ``W[o, i] = sum_m W2[o, m] * W1[m, i]`` and
+    ``b[o] = b2[o] + sum_{m, k} W2[o, m, k] * b1[m]``.
+
+    The bias identity holds only where conv2 never reads padding: its zero padding would have to
+    hold ``b1``, not 0 (DBB pads with the bias for this reason). Callers check that ``b1`` is
+    zero or conv2 has no padding.
+    """
+    dtype = w2.dtype
+    a, b = _f64(w1).flatten(1), _f64(w2)
+    w = torch.einsum("om...,mi->oi...", b, a)
+    bias = torch.zeros(b.shape[0], dtype=torch.float64, device=b.device) if b2 is None \
+        else _f64(b2)
+    if b1 is not None:
+        bias = bias + torch.einsum("om...,m->o", b, _f64(b1))
+    return w.to(dtype), bias.to(dtype)
+
+
+def avg_pool_kernel(weight: Tensor, pool: tuple[int, ...]) -> Tensor:
+    """``avgpool_k(conv1x1(x))`` as one conv: the 1x1 kernel spread uniformly over the pool
+    window, ``W[o, i, *k] = W1[o, i] / prod(k)`` (stride and padding those of the pool)."""
+    n = 1
+    for k in pool:
+        n *= k
+    w = _f64(weight).flatten(1) / n
+    return w.reshape(*w.shape, *([1] * len(pool))).expand(*w.shape, *pool).to(weight.dtype)

@@ -22,7 +22,7 @@ from .graph_utils import (ADD_OPS, is_op, module_path, reads_shape_only, safe_dc
                           tensor_shape, unique_name)
 from .scale_fold import CONV_TYPES, NORM_TYPES
 
-__all__ = ["merge_branches"]
+__all__ = ["merge_branches", "merge_sequential"]
 
 
 def _operands(add: fx.Node) -> list[fx.Node] | None:
@@ -164,3 +164,97 @@ def _mergeable(gm: fx.GraphModule, ops: list[fx.Node], branches: list, x: fx.Nod
     if shape is None or any(tensor_shape(o) != shape for o in ops):
         return "branch outputs differ in shape"
     return ""
+
+
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+
+def _pointwise(mod: Any) -> bool:
+    return (type(mod) in CONV_TYPES and all(k == 1 for k in mod.kernel_size)
+            and all(s == 1 for s in mod.stride) and not isinstance(mod.padding, str)
+            and all(p == 0 for p in mod.padding) and mod.groups == 1
+            and all(d == 1 for d in mod.dilation))
+
+
+def merge_sequential(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: True
+                     ) -> list[dict[str, Any]]:
+    """Merge a 1x1 conv followed directly by a kxk conv, or by an average pool, into one conv
+    (DBB's sequential branches), where that is exact; report where it is not."""
+    records = []
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph or node.op != "call_module":
+            continue
+        second = gm.get_submodule(str(node.target))
+        src = node.args[0] if node.args else None
+        # an nn.Identity in between (an optional norm switched off) changes nothing
+        while isinstance(src, fx.Node) and src.op == "call_module" and \
+                type(gm.get_submodule(str(src.target))) is nn.Identity and len(src.users) == 1:
+            src = src.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_module"):
+            continue
+        first = gm.get_submodule(str(src.target))
+        if not _pointwise(first):
+            continue
+        is_conv = type(second) in CONV_TYPES and len(second.kernel_size) == len(first.kernel_size)
+        is_pool = type(second) in _AVG_POOLS and second.ceil_mode is False
+        if not (is_conv or is_pool):
+            continue
+        key = f"seq:{node.name}"
+        if not select(key):
+            continue
+        rec = {"key": key, "path": str(node.target), "channels": first.out_channels,
+               "action": "kept", "target": "", "reason": ""}
+        records.append(rec)
+        if sum(1 for u in src.users if not reads_shape_only(u)) != 1:
+            rec["reason"] = "the 1x1 conv's output is read elsewhere too"
+            continue
+        b1 = first.bias
+        has_b1 = b1 is not None and bool(torch.any(b1 != 0))
+        if is_conv:
+            if second.groups != 1 or second.padding_mode != "zeros" or \
+                    isinstance(second.padding, str):
+                rec["reason"] = "the second conv is grouped or not zero-padded"
+                continue
+            if has_b1 and any(p != 0 for p in second.padding):
+                rec["reason"] = ("1x1 conv with bias -> zero-padded conv is not one conv: the "
+                                 "padding would have to hold the bias")
+                continue
+            w, b = foldmath.merge_sequential_convs(first.weight.detach(), None if b1 is None
+                                                   else b1.detach(), second.weight.detach(),
+                                                   None if second.bias is None
+                                                   else second.bias.detach())
+            new = type(second)(first.in_channels, second.out_channels, second.kernel_size,
+                               second.stride, second.padding, second.dilation, bias=True)
+        else:
+            k = second.kernel_size if isinstance(second.kernel_size, tuple) else \
+                (second.kernel_size,) * len(first.kernel_size)
+            stride = second.stride if isinstance(second.stride, tuple) else \
+                (second.stride,) * len(k)
+            pad = second.padding if isinstance(second.padding, tuple) else \
+                (second.padding,) * len(k)
+            if any(p != 0 for p in pad) and (not second.count_include_pad or has_b1):
+                rec["reason"] = ("average pool with padding: the padded positions would hold "
+                                 "the 1x1 conv's bias, not 0")
+                continue
+            if getattr(second, "divisor_override", None):
+                rec["reason"] = "average pool with a divisor override"
+                continue
+            w = avg_pool_kernel_for(first, k)
+            b = first.bias.detach() if first.bias is not None else \
+                torch.zeros(first.out_channels, dtype=w.dtype, device=w.device)
+            new = type(first)(first.in_channels, first.out_channels, k, stride, pad, bias=True)
+        new = new.to(device=first.weight.device, dtype=first.weight.dtype).train(False)
+        new.weight, new.bias = nn.Parameter(w), nn.Parameter(b)
+        name = unique_name(gm, f"{node.target}_merged")
+        set_attr_path(gm, name, new)
+        with gm.graph.inserting_before(node):
+            merged = gm.graph.call_module(name, (src.args[0],))
+        merged.meta = dict(node.meta)
+        node.replace_all_uses_with(merged)
+        safe_dce(gm)
+        rec.update(action="merged", target=f"{name} (1x1 -> {type(second).__name__})")
+    return records
+
+
+def avg_pool_kernel_for(first: nn.Module, pool: tuple[int, ...]) -> torch.Tensor:
+    return foldmath.avg_pool_kernel(first.weight.detach(), pool)

@@ -174,3 +174,42 @@ def test_zoo_multi_branch_nets(name):
     randomize_psi(prepared, seed=6)
     folded = asrfx.fold(prepared, example_inputs=(x,))
     assert _convs_and_norms(folded) == (6, 0)
+
+
+class _Sequential(nn.Module):
+    """DBB-style sequential branch: 1x1 conv [-> BN] -> kxk conv or average pool."""
+
+    def __init__(self, bn, pad, pool):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 6, 1, bias=False)
+        self.bn = nn.BatchNorm2d(6) if bn else nn.Identity()
+        self.c2 = nn.AvgPool2d(3, 1, pad) if pool else nn.Conv2d(6, 5, 3, padding=pad)
+
+    def forward(self, x):
+        return torch.tanh(self.c2(self.bn(self.c1(x))))
+
+
+@pytest.mark.parametrize("bn,pad,pool,action", [
+    (False, 1, False, "merged"),   # no bias between: exact with zero padding
+    (True, 0, False, "merged"),    # BN bias, but the kxk never reads padding
+    (True, 1, False, "kept"),      # BN bias + zero padding: not one conv (DBB pads with the bias)
+    (False, 1, True, "merged"),    # 1x1 -> avg pool
+    (True, 0, True, "merged"),
+    (True, 1, True, "kept"),       # bias + padded pool
+])
+def test_sequential_merges_fire_only_where_exact(bn, pad, pool, action):
+    model = _Sequential(bn, pad, pool)
+    if bn:
+        randomize_bn(model, seed=7)
+    x = torch.randn(2, 4, 7, 7)
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    (rec,) = [s for s in deploy.asrfx_report.sites if s.kind == "sequential merge"]
+    assert rec.action == action
+    if action == "kept":
+        assert "not" in rec.reason or "padded" in rec.reason
+    else:
+        assert _convs_and_norms(deploy) == (1, 0)
+    model.eval()
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 4, 9, 9)):
+            assert rel_err(model(xi), deploy(xi)) <= 1e-5
