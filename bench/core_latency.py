@@ -17,6 +17,7 @@ import torch
 from tabulate import tabulate
 
 import asrfx
+from asrfx.demo import latency_ms
 from asrfx.zoo import cifar_resnet
 
 
@@ -37,21 +38,6 @@ def build(depth: int, x: torch.Tensor) -> dict[str, torch.nn.Module]:
         "ASR(SE) training form": asr,
         "ASR(SE) folded": asrfx.fold(asr, example_inputs=(x,)),
     }
-
-
-def interleaved(models: dict[str, torch.nn.Module], x: torch.Tensor, reps: int
-                ) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for m in models.values():
-            for _ in range(3):
-                m(x)
-        for _ in range(reps):
-            for name, m in models.items():
-                t = time.perf_counter()
-                m(x)
-                times[name].append(time.perf_counter() - t)
-    return times
 
 
 def compiler_cost(depth: int, reps: int = 5) -> tuple[float, float]:
@@ -82,11 +68,10 @@ def main() -> None:
     for b in args.batches:
         x = torch.randn(b, 3, 32, 32)
         models = build(args.depth, x[:1])
-        times = interleaved(models, x, args.reps)
-        base = statistics.median(times["backbone (eager)"])
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            rows.append([b, name, f"{1000 * med:.2f}", f"{med / base:.2f}x",
+        medians = latency_ms(models, x, args.reps)  # interleaved round by round
+        base = medians["backbone (eager)"]
+        for name, med in medians.items():
+            rows.append([b, name, f"{med:.2f}", f"{med / base:.2f}x",
                          f"{sum(p.numel() for p in models[name].parameters()):,}"])
     print(tabulate(rows, headers=["batch", f"ResNet-{args.depth}", "median ms", "vs backbone",
                                   "params"]))
