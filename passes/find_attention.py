@@ -127,9 +127,32 @@ def is_global_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
     ins, outs = tensor_shape(src), tensor_shape(node)
     if ins is None or outs is None or len(ins) < 3:
         return False
-    if tuple(outs[:2]) != tuple(ins[:2]):
-        return False
-    return all(d == 1 for d in outs[2:])
+    if tuple(outs[:2]) == tuple(ins[:2]) and all(d == 1 for d in outs[2:]):
+        return True  # channels first: (N, C, *S) -> (N, C[, 1...])
+    # tokens (N, L, C) -> (N, C) or (N, 1, C): a pooling over the tokens
+    if node.op in ("call_function", "call_method") and len(ins) == 3 and outs[0] == ins[0] \
+            and outs[-1] == ins[-1] and ins[1] > 1 and prod(outs[1:-1]) == 1 \
+            and len(outs) in (2, 3):
+        return True
+    return False
+
+
+def channel_axis(xs: tuple | None, gs: tuple | None) -> int | None:
+    """1 when ``g`` scales ``x`` per channel in channels-first layout, -1 for tokens
+    ``(N, L, C)`` scaled per channel (the last dim), None otherwise.
+
+    Channels-last is recognised for rank-3 token tensors only: on a 4-D map, ``(N, 1, 1, W)``
+    would as well describe a spatial gate over the width, which must not be touched.
+    """
+    if xs is None or gs is None or len(xs) < 3 or len(gs) > len(xs):
+        return None
+    gs = (1,) * (len(xs) - len(gs)) + tuple(gs)
+    if gs[1] == xs[1] and gs[0] in (1, xs[0]) and all(d == 1 for d in gs[2:]):
+        return 1
+    if len(xs) == 3 and gs[-1] == xs[-1] and gs[0] in (1, xs[0]) and gs[1] == 1 and \
+            xs[1] > 1 and xs[-1] > 1:
+        return -1
+    return None
 
 
 def _spatial_gate(xs: tuple | None, gs: tuple | None) -> bool:
@@ -139,6 +162,9 @@ def _spatial_gate(xs: tuple | None, gs: tuple | None) -> bool:
 
 
 def _per_channel(xs: tuple, gs: tuple) -> bool:
+    if len(xs) >= 3 and len(gs) == len(xs) and channel_axis(xs, gs) == -1 and \
+            not (gs[1] == xs[1] and all(d == 1 for d in gs[2:])):
+        return True  # channels last
     if len(xs) < 3 or len(gs) != len(xs):
         return False
     return gs[1] == xs[1] and gs[0] in (1, xs[0]) and all(d == 1 for d in gs[2:])
@@ -166,9 +192,10 @@ def _trace_branch(gm: fx.GraphModule, gate: fx.Node, dep: set[fx.Node],
         if n.op == "placeholder":
             return "reads the model input directly"
         shape = tensor_shape(n)
-        if xs is not None and prod(xs[2:]) > 1 and shape is not None and \
-                len(shape) == len(xs) and tuple(shape[2:]) == tuple(xs[2:]):
-            return "reads a feature map with spatial extent (not a global statistic)"
+        if xs is not None and shape is not None and len(shape) == len(xs):
+            sp = (slice(1, -1) if channel_axis(xs, tuple(shape)) == -1 else slice(2, None))
+            if prod(xs[sp]) > 1 and tuple(shape[sp]) == tuple(xs[sp]):
+                return "reads a feature map with spatial extent (not a global statistic)"
         branch.add(n)
         stack.extend(a for a in n.all_input_nodes if a in dep)
     if not stats:
@@ -197,7 +224,8 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
             continue
         for x, g in ((a, b), (b, a)):
             xs, gs = tensor_shape(x), tensor_shape(g)
-            if is_mul and _spatial_gate(xs, gs) and g in dep and x in dep:
+            if is_mul and _spatial_gate(xs, gs) and channel_axis(xs, gs) is None and \
+                    g in dep and x in dep:
                 refusals.append((module_path(node), "spatial attention (an input-dependent gate "
                                  "per position, not per channel): it stays as it is"))
                 break
@@ -228,7 +256,8 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
             stats.sort(key=order.__getitem__)
             sites.append(AttentionSite(mul=node, x=x, gate=g, stats=stats,
                                        branch=sorted(branch, key=order.__getitem__),
-                                       path=module_path(node), channels=int(xs[1]),
+                                       path=module_path(node),
+                                       channels=int(xs[channel_axis(xs, gs) or 1]),
                                        fusion="mul" if is_mul else "add"))
             by_gate[g] = sites[-1]
             break

@@ -47,6 +47,7 @@ class Chain:
     scale: torch.Tensor
     shift: torch.Tensor
     members: list[fx.Node] = field(default_factory=list)
+    axis: int = 1  # the channel dim: 1 (channels first) or -1 (tokens (N, L, C))
 
     @property
     def root(self) -> fx.Node:
@@ -74,16 +75,43 @@ def _per_channel_const(gm: fx.GraphModule, node: Any, xshape: tuple, dep: set
     return value.detach().reshape(-1).expand(c).to(torch.float64)
 
 
+def _token_const(gm: fx.GraphModule, node: Any, xshape: tuple, dep: set) -> torch.Tensor | None:
+    """The per-channel vector of a constant ``(1, 1, C)`` / ``(C,)`` scaling tokens
+    ``(N, L, C)`` (channel = last dim), or None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or node in dep or len(xshape) != 3:
+        return None
+    value = get_attr_path(gm, str(node.target))
+    if not isinstance(value, torch.Tensor) or value.dim() > 3:
+        return None
+    cs = (1,) * (3 - value.dim()) + tuple(value.shape)
+    if cs[0] != 1 or cs[1] != 1 or cs[2] != xshape[2] or xshape[2] == 1:
+        return None
+    return value.detach().reshape(-1).to(torch.float64)
+
+
+def _const(gm: fx.GraphModule, node: Any, xshape: tuple, dep: set
+           ) -> tuple[torch.Tensor, int] | None:
+    """(per-channel vector, channel axis) of a constant operand, channels first preferred."""
+    v = _per_channel_const(gm, node, xshape, dep)
+    if v is not None and (len(xshape) != 3 or _token_const(gm, node, xshape, dep) is None
+                          or xshape[1] == xshape[2]):
+        return v, 1
+    v = _token_const(gm, node, xshape, dep)
+    return (v, -1) if v is not None else None
+
+
 def _collect_chains(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[Chain]:
     dep = value_dependent(gm.graph)
     chains: dict[fx.Node, Chain] = {}
 
-    def start(x: fx.Node) -> Chain:
-        c = tensor_shape(x)[1]
+    def start(x: fx.Node, axis: int) -> Chain | None:
+        c = tensor_shape(x)[axis]
         if x in chains and len(x.users) == 1:
+            if chains[x].axis != axis:
+                return None
             return chains.pop(x)
         ones = torch.ones(c, dtype=torch.float64)
-        return Chain(x, ones, torch.zeros_like(ones))
+        return Chain(x, ones, torch.zeros_like(ones), axis=axis)
 
     for n in gm.graph.nodes:
         if n.op not in ("call_function", "call_method") or len(n.args) != 2 or n.kwargs:
@@ -99,19 +127,22 @@ def _collect_chains(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[C
         for x, k in ((a, b), (b, a)):
             if not (isinstance(x, fx.Node) and x in dep and tensor_shape(x) == shape):
                 continue
-            const = _per_channel_const(gm, k, shape, dep)
-            if const is not None:
-                if is_op(n, MUL_OPS):
-                    chain = start(x)
+            found = _const(gm, k, shape, dep)
+            if found is not None:
+                const, axis = found
+                kind = ("mul" if is_op(n, MUL_OPS) else "add" if is_op(n, ADD_OPS) else
+                        "sub" if is_op(n, SUB_OPS) and x is a else
+                        "div" if is_op(n, _DIV_OPS) and x is a else None)
+                chain = start(x, axis) if kind else None
+                if chain is None:
+                    break
+                if kind == "mul":
                     chain.scale, chain.shift = chain.scale * const, chain.shift * const
-                elif is_op(n, ADD_OPS):
-                    chain = start(x)
+                elif kind == "add":
                     chain.shift = chain.shift + const
-                elif is_op(n, SUB_OPS) and x is a:
-                    chain = start(x)
+                elif kind == "sub":
                     chain.shift = chain.shift - const
-                elif is_op(n, _DIV_OPS) and x is a:
-                    chain = start(x)
+                else:
                     chain.scale, chain.shift = chain.scale / const, chain.shift / const
                 break
             # residual gate: (x * s + t) + x
@@ -243,9 +274,11 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
         return None
     s, t = chain.scale, chain.shift
     shape = tensor_shape(x)
+    if chain.axis == -1:
+        return _fold_tokens_into_producer(gm, chain, depth)
     through = _commutes(gm, x, s, t)
     if through is not None and depth < 8 and x.args and isinstance(x.args[0], fx.Node):
-        inner = Chain(x.args[0], s, t, [x])
+        inner = Chain(x.args[0], s, t, [x], axis=chain.axis)
         if tensor_shape(x.args[0]) is not None and len(tensor_shape(x.args[0])) == len(shape) \
                 and tensor_shape(x.args[0])[1] == shape[1]:
             target = _fold_into_producer(gm, inner, depth + 1)
@@ -292,6 +325,48 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
     return None
 
 
+_TOKEN_ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU)
+_TOKEN_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, "relu", "relu_"}
+
+
+def _fold_tokens_into_producer(gm: fx.GraphModule, chain: Chain, depth: int) -> str | None:
+    """Tokens ``(N, L, C)`` scaled per channel (last dim): into the producing Linear's output
+    rows or LayerNorm's affine, through elementwise ops the scale commutes with (ReLU and
+    LeakyReLU for a non-negative scale; identity and eval-mode dropout for any)."""
+    x = chain.base
+    s, t = chain.scale, chain.shift
+    nonneg = bool(torch.all(s >= 0)) and not bool(torch.any(t != 0))
+    plain = not bool(torch.any(t != 0))
+    through = None
+    if x.op == "call_module":
+        mod = gm.get_submodule(str(x.target))
+        if (_exact(mod, _TOKEN_ELEMENTWISE_MODULES) and nonneg) or \
+                (_exact(mod, _PASS_THROUGH) and plain):
+            through = type(mod).__name__
+        elif _exact(mod, (nn.Linear,)) and mod.out_features == s.numel():
+            mod = module_for_call_site(gm, x)
+            w, b = foldmath.fold_scale_into_conv_out(mod.weight, mod.bias, s, t)
+            mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
+            return f"{x.target} (output rows)"
+        elif _exact(mod, (nn.LayerNorm,)) and tuple(mod.normalized_shape) == (s.numel(),):
+            mod = module_for_call_site(gm, x)
+            w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, s.numel())
+            mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
+            mod.elementwise_affine = True
+            return f"{x.target} (norm affine)"
+    elif x.op in ("call_function", "call_method") and x.target in _TOKEN_ELEMENTWISE_FUNCTIONS \
+            and nonneg:
+        through = getattr(x.target, "__name__", str(x.target))
+    if through is None or depth >= 8 or not (x.args and isinstance(x.args[0], fx.Node)):
+        return None
+    src = x.args[0]
+    if tensor_shape(src) != tensor_shape(x) or \
+            any(u is not x and not reads_shape_only(u) for u in src.users):
+        return None
+    target = _fold_tokens_into_producer(gm, Chain(src, s, t, [x], axis=-1), depth + 1)
+    return None if target is None else f"{target} through {through}"
+
+
 def _consumer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """Follow pass-through modules (Identity, eval-mode Dropout) to the consuming layer."""
     while node.op == "call_module" and _exact(gm.get_submodule(str(node.target)), _PASS_THROUGH) \
@@ -314,6 +389,11 @@ def _fold_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
             return None
         first = c.args[0] if c.args else None
         if c is user and (first is not root or root in c.args[1:]):
+            return None
+        if chain.axis == -1:  # tokens: only a Linear reads the channel (last) dim
+            if c.op == "call_module" and _exact(gm.get_submodule(str(c.target)), (nn.Linear,)):
+                plans.append(("linear", c))
+                continue
             return None
         if c.op == "call_module":
             mod = gm.get_submodule(str(c.target))
@@ -409,7 +489,7 @@ def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: 
         shape = tensor_shape(n)
         if shape is None or len(shape) < 2:
             continue
-        if not any(_per_channel_const(gm, k, shape, dep) is not None for k in n.args):
+        if not any(_const(gm, k, shape, dep) is not None for k in n.args):
             continue
         reason = ("in-place op on a tensor that is read again later" if _in_place(n)
                   else "no exact BatchNorm/Conv/Linear producer or consumer takes it")
