@@ -123,16 +123,25 @@ def _calibrated_init(gm: fx.GraphModule, calibration_data: Any, inputs: tuple
     return {name: (total / count).float() for name, total in sums.items()}
 
 
-def _attention_factory(insert: Any) -> Callable[[int, int], nn.Module]:
+def _attention_factory(insert: Any) -> Callable[[int, int, bool], nn.Module]:
     if isinstance(insert, str):
         from .attention import ATTENTIONS, make_attention
 
         if insert not in ATTENTIONS:
             raise InputError(f"insert={insert!r} is not a known attention; choose one of "
                              f"{sorted(ATTENTIONS)} or pass a callable channels -> nn.Module")
-        return lambda c, dims: make_attention(insert, c, dims=dims)
+        def named(c: int, dims: int, tokens: bool) -> nn.Module:
+            if tokens:
+                if insert != "se":
+                    raise InputError(f"insert={insert!r} is written for (N, C, *spatial) maps; "
+                                     f"after a token LayerNorm use insert='se' (TokenSE) or a "
+                                     f"callable channels -> nn.Module")
+                from .attention import TokenSE
+                return TokenSE(c)
+            return make_attention(insert, c, dims=dims)
+        return named
     if callable(insert):
-        def build(c: int, dims: int) -> nn.Module:
+        def build(c: int, dims: int, tokens: bool = False) -> nn.Module:
             mod = insert(c)
             if not isinstance(mod, nn.Module):
                 raise InputError(f"insert callable returned {type(mod).__name__} for {c} "
@@ -190,8 +199,8 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
     factory = _attention_factory(insert) if insert is not None else None
     if not (isinstance(every, int) and every >= 1):
         raise InputError(f"every must be a positive integer, got {every!r}")
-    if not (callable(where) or where in ("block_output", "every_bn")):
-        raise InputError(f"where must be 'block_output', 'every_bn' or a predicate "
+    if not (callable(where) or where in ("block_output", "every_bn", "after_norm")):
+        raise InputError(f"where must be 'block_output', 'every_bn', 'after_norm' or a predicate "
                          f"(module path, node) -> bool, got {where!r}")
     _check_init(init, calibration_data)
     stage = _meta(model).get("stage")

@@ -40,6 +40,7 @@ from torch import nn
 from .zoo import _CONV, _POOL, SEModule, _check_dims
 
 __all__ = [
+    "TokenSE",
     "SE",
     "EffectiveSE",
     "ECA",
@@ -515,3 +516,20 @@ def make_attention(name: str, channels: int, dims: int = 2) -> nn.Module:
         known = ", ".join(repr(k) for k in ATTENTIONS)
         raise ValueError(f"unknown attention {name!r}; known names: {known}")
     return cls(channels, dims=dims)
+
+
+class TokenSE(nn.Module):
+    """Squeeze-and-excitation over the channels of a token sequence ``(N, L, C)`` (channels
+    last, as in transformers): ``t * sigmoid(W2 relu(W1 mean_L(t)))`` with the gate broadcast
+    over the tokens. The SE of Hu et al. (CVPR 2018, arXiv 1709.01507) applied to tokens, as
+    the ASR paper inserts it after the norms of transformer blocks."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(t.mean(dim=1)))))
+        return t * g.unsqueeze(1)

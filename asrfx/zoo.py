@@ -27,7 +27,7 @@ parameters.
 from __future__ import annotations
 
 import operator
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ __all__ = [
     "ACBlock",
     "repvgg_net",
     "acnet",
+    "ViTBlock",
+    "ViT",
+    "vit_tiny",
 ]
 
 AttentionFactory = Callable[[int], nn.Module]
@@ -523,3 +526,63 @@ def acnet(widths: tuple[int, ...] = (16, 32, 64), blocks: int = 2, num_classes: 
     """A small ACNet-style net: stages of :class:`ACBlock`. Deploy form after ``asrfx.fold``:
     one 3x3 conv and a ReLU per block."""
     return _multi_branch_net(ACBlock, widths, blocks, num_classes, in_channels)
+
+
+# --- a small vision transformer ----------------------------------------------------------------
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021,
+    arXiv 2010.11929): ``t + MHA(LN(t))``, then ``t + MLP(LN(t))``, with an optional channel
+    attention over the tokens after the second norm (``asrfx.attention.TokenSE``)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2, attention: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        if attention:
+            from .attention import TokenSE
+
+            self.se = TokenSE(dim)
+        else:
+            self.se = None
+        self.fc1 = nn.Linear(dim, dim * mlp_ratio)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(dim * mlp_ratio, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        h = self.norm2(t)
+        if self.se is not None:
+            h = self.se(h)
+        return t + self.fc2(self.act(self.fc1(h)))
+
+
+class ViT(nn.Module):
+    """Patch embedding (a strided conv), learned position embedding, ``depth`` :class:`ViTBlock`,
+    final LayerNorm, mean over tokens, linear head."""
+
+    def __init__(self, image_size: int = 32, patch: int = 4, dim: int = 32, depth: int = 2,
+                 heads: int = 2, num_classes: int = 10, in_channels: int = 3,
+                 attention: bool = False):
+        super().__init__()
+        self.embed = nn.Conv2d(in_channels, dim, patch, patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, attention=attention)
+                                      for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        t = self.norm(self.blocks(t))
+        return self.head(t.mean(dim=1))
+
+
+def vit_tiny(**kwargs: Any) -> ViT:
+    """A small :class:`ViT` (32x32 images, 4x4 patches, width 32, 2 blocks, 2 heads);
+    ``attention=True`` puts a TokenSE after the second norm of every block."""
+    return ViT(**kwargs)

@@ -25,7 +25,17 @@ from .graph_utils import (ADD_OPS, is_op, module_path, set_attr_path, tensor_sha
 
 __all__ = ["insertion_points", "insert_modules", "WHERE"]
 
-WHERE = ("block_output", "every_bn")
+WHERE = ("block_output", "every_bn", "after_norm")
+
+
+def is_token_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A LayerNorm over the last dim of tokens ``(N, L, C)`` (a transformer block's norm)."""
+    if node.op != "call_module":
+        return False
+    mod = gm.get_submodule(str(node.target))
+    shape = tensor_shape(node)
+    return isinstance(mod, nn.LayerNorm) and shape is not None and len(shape) == 3 and \
+        tuple(mod.normalized_shape) == (shape[-1],)
 
 
 def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -45,7 +55,8 @@ def insertion_points(gm: fx.GraphModule, where: str | Callable[[str, fx.Node], b
 
     Args:
         gm: the traced model.
-        where: "block_output", "every_bn", or a predicate ``(module path, node) -> bool``.
+        where: "block_output", "every_bn", "after_norm" (after every LayerNorm of tokens
+            ``(N, L, C)``: transformer blocks), or a predicate ``(module path, node) -> bool``.
         every: keep every ``every``-th point, starting with the first.
 
     Returns:
@@ -58,10 +69,12 @@ def insertion_points(gm: fx.GraphModule, where: str | Callable[[str, fx.Node], b
     if callable(where):
         for n in gm.graph.nodes:
             if n in dep and n.op in ("call_module", "call_function", "call_method") \
-                    and _feature_map(n):
+                    and (_feature_map(n) or is_token_norm(gm, n)):
                 path = str(n.target) if n.op == "call_module" else module_path(n)
                 if where(path, n):
                     points.append(n)
+    elif where == "after_norm":
+        points = [n for n in gm.graph.nodes if n in dep and is_token_norm(gm, n)]
     elif where == "every_bn":
         points = [n for n in gm.graph.nodes if n in dep and _feature_map(n) and n.op ==
                   "call_module" and isinstance(gm.get_submodule(str(n.target)),
@@ -96,12 +109,13 @@ def _att_path(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def insert_modules(gm: fx.GraphModule, points: list[fx.Node],
-                   factory: Callable[[int, int], nn.Module], created: dict[str, Any],
+                   factory: Callable[[int, int, bool], nn.Module], created: dict[str, Any],
                    tracer_cls: type) -> list[tuple[str, set[fx.Node]]]:
     """Inline a new module after each point; returns (module path, inlined nodes) per point.
 
     Args:
-        factory: ``(channels, dims) -> nn.Module``.
+        factory: ``(channels, dims, tokens) -> nn.Module``; ``tokens`` is True after a token
+            LayerNorm (channels = the last dim).
         created: modules already made for the other mode's graph of the same model, by path.
         tracer_cls: the tracer used to expose the new module's structure.
     """
@@ -112,7 +126,8 @@ def insert_modules(gm: fx.GraphModule, points: list[fx.Node],
         path = _att_path(gm, p)
         mod = created.get(path)
         if mod is None:
-            mod = factory(int(shape[1]), len(shape) - 2)
+            tokens = is_token_norm(gm, p)
+            mod = factory(int(shape[-1] if tokens else shape[1]), len(shape) - 2, tokens)
             created[path] = mod
         set_attr_path(gm, path, mod)
         sub = tracer_cls().trace(mod)

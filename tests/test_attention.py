@@ -181,7 +181,7 @@ def test_registry_names_classes_and_all():
         assert ATTENTIONS[name] is cls
     assert set(attention.__all__) == {
         "SE", "EffectiveSE", "ECA", "ECATranspose", "SRM", "GCT", "CBAM", "CBAMChannel", "SPA",
-        "GC", "ATTENTIONS", "make_attention"}
+        "GC", "ATTENTIONS", "make_attention", "TokenSE"}
     for name in attention.__all__:
         assert hasattr(attention, name)
 
