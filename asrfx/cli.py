@@ -36,7 +36,11 @@ def load_model(spec: str, checkpoint: str | None = None, *, num_classes: int = 1
         from .zoo import cifar_resnet
 
         depth = int(zoo.group(1))
-        block = (zoo.group(3) or "").lstrip("-") or ("basic" if (depth - 2) % 9 else "bottleneck")
+        # the CIFAR naming: ResNet-20/56/110 are basic-block nets, ResNet-164/1001 bottleneck;
+        # a depth only one rule fits picks that rule
+        fits_basic, fits_bottleneck = (depth - 2) % 6 == 0, (depth - 2) % 9 == 0
+        block = (zoo.group(3) or "").lstrip("-") or (
+            "bottleneck" if fits_bottleneck and (depth >= 164 or not fits_basic) else "basic")
         model = cifar_resnet(depth, attention="se" if zoo.group(2) else None,
                              num_classes=num_classes, block=block, in_channels=in_channels,
                              dims=dims)

@@ -14,7 +14,7 @@ from torch import nn
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from .graph_utils import clone_module, reads_shape_only, call_sites, get_attr_path, module_path, set_attr_path, tensor_shape, \
+from .graph_utils import clone_module, pass_record, reads_shape_only, call_sites, get_attr_path, module_path, set_attr_path, tensor_shape, \
     unique_name
 from .scale_fold import CONV_TYPES, NORM_TYPES, _conv_param_nodes, set_functional_conv_params
 
@@ -53,8 +53,7 @@ def fuse_batchnorm(gm: fx.GraphModule, select: Callable[[str], bool] = lambda ke
         key = f"bn:{bn_node.name}"
         if not select(key):
             continue
-        rec = {"key": key, "path": str(bn_node.target), "channels": bn.num_features,
-               "action": "kept", "target": "", "reason": ""}
+        rec = pass_record(key, str(bn_node.target), bn.num_features)
         records.append(rec)
         if bn.running_mean is None:
             rec["reason"] = "no running statistics (uses batch statistics in eval)"

@@ -18,8 +18,8 @@ import torch.fx as fx
 from torch import nn
 
 from asrfx import foldmath
-from .graph_utils import (ADD_OPS, is_op, module_path, reads_shape_only, safe_dce, set_attr_path,
-                          tensor_shape, unique_name)
+from .graph_utils import (ADD_OPS, is_op, module_path, pass_record, reads_shape_only, safe_dce,
+                          set_attr_path, tensor_shape, unique_name)
 from .scale_fold import CONV_TYPES, NORM_TYPES
 
 __all__ = ["merge_branches", "merge_sequential"]
@@ -82,8 +82,7 @@ def merge_branches(gm: fx.GraphModule, select: Callable[[str], bool] = lambda ke
         if not select(key):
             continue
         x = convs[0][2]
-        rec = {"key": key, "path": module_path(add), "channels": convs[0][1].out_channels,
-               "action": "kept", "target": "", "reason": ""}
+        rec = pass_record(key, module_path(add), convs[0][1].out_channels)
         records.append(rec)
         why = _mergeable(gm, ops, branches, x)
         if why:
@@ -202,8 +201,7 @@ def merge_sequential(gm: fx.GraphModule, select: Callable[[str], bool] = lambda 
         key = f"seq:{node.name}"
         if not select(key):
             continue
-        rec = {"key": key, "path": str(node.target), "channels": first.out_channels,
-               "action": "kept", "target": "", "reason": ""}
+        rec = pass_record(key, str(node.target), first.out_channels)
         records.append(rec)
         if sum(1 for u in src.users if not reads_shape_only(u)) != 1:
             rec["reason"] = "the 1x1 conv's output is read elsewhere too"
@@ -239,7 +237,7 @@ def merge_sequential(gm: fx.GraphModule, select: Callable[[str], bool] = lambda 
             if getattr(second, "divisor_override", None):
                 rec["reason"] = "average pool with a divisor override"
                 continue
-            w = avg_pool_kernel_for(first, k)
+            w = foldmath.avg_pool_kernel(first.weight.detach(), k)
             b = first.bias.detach() if first.bias is not None else \
                 torch.zeros(first.out_channels, dtype=w.dtype, device=w.device)
             new = type(first)(first.in_channels, first.out_channels, k, stride, pad, bias=True)
@@ -255,6 +253,3 @@ def merge_sequential(gm: fx.GraphModule, select: Callable[[str], bool] = lambda 
         rec.update(action="merged", target=f"{name} (1x1 -> {type(second).__name__})")
     return records
 
-
-def avg_pool_kernel_for(first: nn.Module, pool: tuple[int, ...]) -> torch.Tensor:
-    return foldmath.avg_pool_kernel(first.weight.detach(), pool)

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from asrfx import foldmath
-from .graph_utils import (ADD_OPS, reads_shape_only, MUL_OPS, SUB_OPS, call_sites, get_attr_path, is_op,
-                          module_path, set_attr_path, tensor_shape, unique_name, value_dependent)
+from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, call_sites, get_attr_path, is_op,
+                          module_path, pass_record, reads_shape_only, set_attr_path,
+                          tensor_shape, unique_name, value_dependent)
 
 __all__ = ["fold_scales", "Chain", "CONV_TYPES", "NORM_TYPES", "FUNCTIONAL_CONVS",
            "module_for_call_site"]
@@ -462,8 +463,7 @@ def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: 
     for chain in _collect_chains(gm, select):
         covered.update(m.name for m in chain.members)
         root = chain.root
-        rec = {"key": f"scale:{root.name}", "path": module_path(root),
-               "channels": int(chain.scale.numel())}
+        rec = pass_record(f"scale:{root.name}", module_path(root), chain.scale.numel())
         target = _fold_into_producer(gm, chain)
         if target is None:
             target = _fold_into_consumers(gm, chain)
@@ -489,11 +489,11 @@ def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: 
         shape = tensor_shape(n)
         if shape is None or len(shape) < 2:
             continue
-        if not any(_const(gm, k, shape, dep) is not None for k in n.args):
+        found = next((f for f in (_const(gm, k, shape, dep) for k in n.args) if f), None)
+        if found is None:
             continue
         reason = ("in-place op on a tensor that is read again later" if _in_place(n)
                   else "no exact BatchNorm/Conv/Linear producer or consumer takes it")
-        records.append({"key": f"scale:{n.name}", "path": module_path(n),
-                        "channels": int(shape[1]), "action": "kept", "target": "",
-                        "reason": reason})
+        records.append(pass_record(f"scale:{n.name}", module_path(n), shape[found[1]],
+                                   reason=reason))
     return records

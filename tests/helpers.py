@@ -155,3 +155,16 @@ def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert torch.equal(a[k], b[k]), f"{k} changed"
+
+
+def assert_prepare_changes_nothing(model: nn.Module, *inputs: torch.Tensor) -> None:
+    """prepare() converts nothing in ``model``: no site, no psi, identical eval outputs."""
+    import asrfx
+
+    prepared = asrfx.prepare(model, example_inputs=inputs)
+    assert prepared.asrfx_report.count(action="converted") == 0
+    assert not any(n.endswith("psi") for n, _ in prepared.named_parameters())
+    model.eval()
+    prepared.eval()
+    with torch.no_grad():
+        assert torch.equal(prepared(*inputs), model(*inputs))

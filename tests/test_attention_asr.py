@@ -17,7 +17,7 @@ from torch import nn
 import asrfx
 from asrfx.attention import ATTENTIONS, SPA, SRM
 from asrfx.zoo import cifar_resnet
-from helpers import node_kinds, randomize_bn, randomize_psi, rel_err
+from helpers import assert_prepare_changes_nothing, node_kinds, randomize_bn, randomize_psi, rel_err
 
 X16 = (4, 3, 16, 16)
 
@@ -271,13 +271,7 @@ def test_self_attention_is_never_touched():
 
     model = TokenMixer()
     x = torch.randn(2, 10, 16)
-    prepared = asrfx.prepare(model, example_inputs=(x,))
-    assert prepared.asrfx_report.count(action="converted") == 0
-    assert not any(n.endswith("psi") for n, _ in prepared.named_parameters())
-    model.eval()
-    prepared.eval()
-    with torch.no_grad():
-        assert torch.equal(prepared(x), model(x))
+    assert_prepare_changes_nothing(model, x)
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTIONS))

@@ -80,3 +80,15 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
         load_model("resnet8-se", str(wrong))
     assert main(["demo", "--dataset", "nope", "--epochs", "1"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,block", [("resnet20-se", "basic"), ("resnet56", "basic"),
+                                        ("resnet164-se", "bottleneck"), ("resnet29", "bottleneck"),
+                                        ("resnet20-bottleneck", "bottleneck")])
+def test_zoo_names_follow_the_cifar_convention(name, block):
+    from asrfx.zoo import BasicBlock, Bottleneck
+
+    model = load_model(name)
+    kind = {BasicBlock: "basic", Bottleneck: "bottleneck"}
+    blocks = {kind[type(m)] for m in model.modules() if type(m) in kind}
+    assert blocks == {block}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import asrfx
-from helpers import randomize_bn, rel_err
+from helpers import assert_prepare_changes_nothing, randomize_bn, rel_err
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -168,13 +168,7 @@ def test_look_alikes_do_not_fire(block):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
                           block(8) if block is SpatialGate else block())
     x = torch.randn(2, 3, 8, 8)
-    prepared = asrfx.prepare(model, example_inputs=(x,))
-    assert prepared.asrfx_report.count(action="converted") == 0
-    assert not any(n.endswith("psi") for n, _ in prepared.named_parameters())
-    model.eval()
-    prepared.eval()
-    with torch.no_grad():
-        assert torch.equal(prepared(x), model(x))
+    assert_prepare_changes_nothing(model, x)
 
 
 def test_gate_from_another_input_is_refused_with_reason():
