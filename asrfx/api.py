@@ -137,7 +137,7 @@ def _attention_factory(insert: Any) -> Callable[[int, int, bool], nn.Module]:
                                      f"after a token LayerNorm use insert='se' (TokenSE) or a "
                                      f"callable channels -> nn.Module")
                 from .attention import TokenSE
-                return TokenSE(c)
+                return TokenSE(c, dims=dims)
             return make_attention(insert, c, dims=dims)
         return named
     if callable(insert):

@@ -519,17 +519,28 @@ def make_attention(name: str, channels: int, dims: int = 2) -> nn.Module:
 
 
 class TokenSE(nn.Module):
-    """Squeeze-and-excitation over the channels of a token sequence ``(N, L, C)`` (channels
-    last, as in transformers): ``t * sigmoid(W2 relu(W1 mean_L(t)))`` with the gate broadcast
-    over the tokens. The SE of Hu et al. (CVPR 2018, arXiv 1709.01507) applied to tokens, as
-    the ASR paper inserts it after the norms of transformer blocks."""
+    """Squeeze-and-excitation over the last (channel) dim of tokens ``(N, L, C)`` or of a
+    channels-last map ``(N, *S, C)`` (``dims`` = number of token/spatial dims): ``t *
+    sigmoid(W2 relu(W1 mean(t)))`` with the mean over the tokens and the gate broadcast over them.
+    The SE of Hu et al. (CVPR 2018, arXiv 1709.01507) applied to tokens, as the ASR paper
+    inserts it after the norms of transformer blocks; ``dims=2`` fits ConvNeXt's channels-last
+    blocks (Liu et al., CVPR 2022, arXiv 2201.03545)."""
 
-    def __init__(self, channels: int, reduction: int = 4):
+    def __init__(self, channels: int, reduction: int = 4, dims: int = 1):
         super().__init__()
+        if dims < 1:
+            raise ValueError(f"TokenSE needs at least one token dim, got dims={dims}")
         hidden = max(channels // reduction, 1)
+        self.dims = dims
         self.fc1 = nn.Linear(channels, hidden)
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(t.mean(dim=1)))))
-        return t * g.unsqueeze(1)
+        pooled = t.mean(dim=1) if self.dims == 1 else t.mean(dim=tuple(range(1, self.dims + 1)))
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
+        for _ in range(self.dims):
+            g = g.unsqueeze(1)
+        return t * g
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"

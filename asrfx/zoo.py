@@ -45,6 +45,10 @@ __all__ = [
     "ViTBlock",
     "ViT",
     "vit_tiny",
+    "LayerNorm2d",
+    "ConvNeXtBlock",
+    "ConvNeXt",
+    "convnext_tiny",
 ]
 
 AttentionFactory = Callable[[int], nn.Module]
@@ -586,3 +590,80 @@ def vit_tiny(**kwargs: Any) -> ViT:
     """A small :class:`ViT` (32x32 images, 4x4 patches, width 32, 2 blocks, 2 heads);
     ``attention=True`` puts a TokenSE after the second norm of every block."""
     return ViT(**kwargs)
+
+
+# --- a small ConvNeXt ----------------------------------------------------------------------------
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an ``(N, C, H, W)`` map, as ConvNeXt's stem and downsampling
+    layers use it: permute to channels last, normalise the last dim, permute back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block (Liu et al., "A ConvNet for the 2020s", CVPR 2022, arXiv 2201.03545):
+    7x7 depthwise conv, then channels last: LayerNorm, Linear 4x, GELU, Linear, layer scale
+    ``gamma``; back to channels first and add the input. ``attention=True`` puts a channel
+    attention over the channels-last map after the norm (``asrfx.attention.TokenSE(dims=2)``)."""
+
+    def __init__(self, dim: int, mlp_ratio: int = 4, layer_scale: float = 1e-6,
+                 attention: bool = False):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        if attention:
+            from .attention import TokenSE
+
+            self.se = TokenSE(dim, dims=2)
+        else:
+            self.se = None
+        self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(mlp_ratio * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        if self.se is not None:
+            y = self.se(y)
+        y = self.gamma * self.pwconv2(self.act(self.pwconv1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    """Stem (2x2 patchify conv + :class:`LayerNorm2d`), stages of :class:`ConvNeXtBlock` with
+    LayerNorm2d + 2x2 strided conv downsampling between them, global average pool, LayerNorm,
+    linear head. A CIFAR-sized member of the family (32x32 inputs)."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32), depths: tuple[int, ...] = (1, 1),
+                 num_classes: int = 10, in_channels: int = 3, layer_scale: float = 1e-6,
+                 attention: bool = False):
+        super().__init__()
+        if len(widths) != len(depths) or not widths:
+            raise ValueError(f"widths {widths} and depths {depths} must be non-empty and of one "
+                             f"length")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 2, 2), LayerNorm2d(widths[0]))
+        stages = []
+        for i, (w, d) in enumerate(zip(widths, depths)):
+            layers: list[nn.Module] = []
+            if i > 0:
+                layers += [LayerNorm2d(widths[i - 1]), nn.Conv2d(widths[i - 1], w, 2, 2)]
+            layers += [ConvNeXtBlock(w, layer_scale=layer_scale, attention=attention)
+                       for _ in range(d)]
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(widths[-1])
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.head(self.norm(x.mean(dim=(2, 3))))
+
+
+def convnext_tiny(**kwargs: Any) -> ConvNeXt:
+    """A small :class:`ConvNeXt` (widths 16, 32; one block per stage); ``attention=True`` puts a
+    channels-last TokenSE after the norm of every block."""
+    return ConvNeXt(**kwargs)

@@ -129,28 +129,89 @@ def is_global_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     if tuple(outs[:2]) == tuple(ins[:2]) and all(d == 1 for d in outs[2:]):
         return True  # channels first: (N, C, *S) -> (N, C[, 1...])
-    # tokens (N, L, C) -> (N, C) or (N, 1, C): a pooling over the tokens
-    if node.op in ("call_function", "call_method") and len(ins) == 3 and outs[0] == ins[0] \
-            and outs[-1] == ins[-1] and ins[1] > 1 and prod(outs[1:-1]) == 1 \
-            and len(outs) in (2, 3):
+    # tokens (N, L, C) -> (N, C) or (N, 1, C): a pooling over the tokens; channels-last maps
+    # (N, *S, C) -> (N, C) or (N, 1.., C) when the layout is known to be channels last
+    if node.op in ("call_function", "call_method") and outs[0] == ins[0] \
+            and outs[-1] == ins[-1] and prod(ins[1:-1]) > 1 and prod(outs[1:-1]) == 1 \
+            and len(outs) in (2, len(ins)) and (len(ins) == 3 or channels_last(gm, src)):
         return True
     return False
 
 
-def channel_axis(xs: tuple | None, gs: tuple | None) -> int | None:
-    """1 when ``g`` scales ``x`` per channel in channels-first layout, -1 for tokens
-    ``(N, L, C)`` scaled per channel (the last dim), None otherwise.
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Identity,
+                        nn.Dropout, nn.Tanh, nn.Sigmoid)
+_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, F.leaky_relu, F.dropout,
+                          torch.tanh, torch.sigmoid, "relu", "gelu", "contiguous"}
+_PERMUTES = {torch.permute, "permute"}
 
-    Channels-last is recognised for rank-3 token tensors only: on a 4-D map, ``(N, 1, 1, W)``
-    would as well describe a spatial gate over the width, which must not be touched.
+
+def permute_dims(node: fx.Node) -> tuple[int, ...] | None:
+    """The dims of a ``permute`` node (method or function, dims spread or as one tuple)."""
+    if node.op not in ("call_function", "call_method") or node.target not in _PERMUTES:
+        return None
+    dims = node.args[1:] if len(node.args) > 1 else node.kwargs.get("dims", ())
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(d % len(dims) for d in dims)
+
+
+def channels_last(gm: fx.GraphModule, node, depth: int = 6) -> bool:
+    """Whether a rank >= 4 tensor is known to carry its channels in the last dim.
+
+    A shape alone cannot tell ``(N, H, W, C)`` from ``(N, C, H, W)``; the graph can: the tensor
+    comes (through elementwise ops) from a LayerNorm over the last dim, a Linear, or a permute
+    that moves dim 1 to the end (ConvNeXt's ``x.permute(0, 2, 3, 1)``).
+    """
+    shape = tensor_shape(node)
+    if not isinstance(node, fx.Node) or shape is None or len(shape) < 3:
+        return False
+    last = shape[-1]
+    for _ in range(depth):
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            if isinstance(mod, nn.LayerNorm):
+                return tuple(mod.normalized_shape) == (last,)
+            if isinstance(mod, nn.Linear):
+                return mod.out_features == last
+            if not isinstance(mod, _ELEMENTWISE_MODULES):
+                return False
+        elif node.op in ("call_function", "call_method"):
+            dims = permute_dims(node)
+            if dims is not None:
+                return dims[-1] == 1
+            if node.target in (F.layer_norm, F.linear):
+                return True
+            if node.target not in _ELEMENTWISE_FUNCTIONS and not is_op(node, MUL_OPS) \
+                    and not is_op(node, ADD_OPS):
+                return False
+        else:
+            return False
+        nxt = node.args[0] if node.args else None
+        if not (isinstance(nxt, fx.Node) and tensor_shape(nxt) == shape):
+            return False
+        node = nxt
+    return False
+
+
+def channel_axis(xs: tuple | None, gs: tuple | None, last: bool = False) -> int | None:
+    """1 when ``g`` scales ``x`` per channel in channels-first layout, -1 for tokens
+    ``(N, L, C)`` or channels-last maps ``(N, *S, C)`` scaled per channel (the last dim),
+    None otherwise.
+
+    Channels-last is assumed for rank-3 tensors (tokens) and, for rank >= 4, only when
+    ``last`` says the graph shows that layout (:func:`channels_last`): on a 4-D map,
+    ``(N, 1, 1, W)`` would as well describe a spatial gate over the width.
     """
     if xs is None or gs is None or len(xs) < 3 or len(gs) > len(xs):
         return None
     gs = (1,) * (len(xs) - len(gs)) + tuple(gs)
-    if gs[1] == xs[1] and gs[0] in (1, xs[0]) and all(d == 1 for d in gs[2:]):
+    if gs[1] == xs[1] and gs[0] in (1, xs[0]) and all(d == 1 for d in gs[2:]) and \
+            not (last and len(xs) > 3):
         return 1
-    if len(xs) == 3 and gs[-1] == xs[-1] and gs[0] in (1, xs[0]) and gs[1] == 1 and \
-            xs[1] > 1 and xs[-1] > 1:
+    if (len(xs) == 3 or last) and gs[-1] == xs[-1] and gs[0] in (1, xs[0]) and \
+            all(d == 1 for d in gs[1:-1]) and prod(xs[1:-1]) > 1 and xs[-1] > 1:
         return -1
     return None
 
@@ -161,17 +222,22 @@ def _spatial_gate(xs: tuple | None, gs: tuple | None) -> bool:
             and gs[1] == 1 and xs[1] > 1 and tuple(gs[2:]) == tuple(xs[2:]) and prod(xs[2:]) > 1)
 
 
-def _per_channel(xs: tuple, gs: tuple) -> bool:
-    if len(xs) >= 3 and len(gs) == len(xs) and channel_axis(xs, gs) == -1 and \
-            not (gs[1] == xs[1] and all(d == 1 for d in gs[2:])):
+def _per_channel(xs: tuple, gs: tuple, last: bool = False) -> bool:
+    if len(xs) >= 3 and len(gs) == len(xs) and channel_axis(xs, gs, last) == -1 and \
+            not (gs[1] == xs[1] and all(d == 1 for d in gs[2:]) and not last):
         return True  # channels last
-    if len(xs) < 3 or len(gs) != len(xs):
+    if len(xs) < 3 or len(gs) != len(xs) or (last and len(xs) > 3):
         return False
     return gs[1] == xs[1] and gs[0] in (1, xs[0]) and all(d == 1 for d in gs[2:])
 
 
+def _spatial_size(xs: tuple, last: bool) -> int:
+    return prod(xs[1:-1]) if last else prod(xs[2:])
+
+
 def _trace_branch(gm: fx.GraphModule, gate: fx.Node, dep: set[fx.Node],
-                  xs: tuple | None = None) -> tuple[list[fx.Node], set[fx.Node]] | str:
+                  xs: tuple | None = None, last: bool = False
+                  ) -> tuple[list[fx.Node], set[fx.Node]] | str:
     """Walk back from the gate over input-dependent nodes, stopping at pooled statistics.
 
     ``xs`` (the shape of the modulated feature map) lets the walk stop early at a node of the
@@ -193,7 +259,8 @@ def _trace_branch(gm: fx.GraphModule, gate: fx.Node, dep: set[fx.Node],
             return "reads the model input directly"
         shape = tensor_shape(n)
         if xs is not None and shape is not None and len(shape) == len(xs):
-            sp = (slice(1, -1) if channel_axis(xs, tuple(shape)) == -1 else slice(2, None))
+            sp = (slice(1, -1) if channel_axis(xs, tuple(shape), last) == -1
+                  else slice(2, None))
             if prod(xs[sp]) > 1 and tuple(shape[sp]) == tuple(xs[sp]):
                 return "reads a feature map with spatial extent (not a global statistic)"
         branch.add(n)
@@ -224,20 +291,21 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
             continue
         for x, g in ((a, b), (b, a)):
             xs, gs = tensor_shape(x), tensor_shape(g)
-            if is_mul and _spatial_gate(xs, gs) and channel_axis(xs, gs) is None and \
+            last = xs is not None and len(xs) > 3 and channels_last(gm, x)
+            if is_mul and not last and _spatial_gate(xs, gs) and channel_axis(xs, gs) is None and \
                     g in dep and x in dep:
                 refusals.append((module_path(node), "spatial attention (an input-dependent gate "
                                  "per position, not per channel): it stays as it is"))
                 break
-            if xs is None or gs is None or not _per_channel(xs, gs):
+            if xs is None or gs is None or not _per_channel(xs, gs, last):
                 continue
-            if not is_mul and (prod(xs[2:]) == 1 or x not in dep):
+            if not is_mul and (_spatial_size(xs, last) == 1 or x not in dep):
                 continue  # an additive site modulates a feature map
             if g not in dep:
                 break  # already input-independent: a constant scale (fold's business)
-            if prod(xs[2:]) == 1 and not isinstance(_trace_branch(gm, x, dep), str):
+            if _spatial_size(xs, last) == 1 and not isinstance(_trace_branch(gm, x, dep), str):
                 break  # x is itself pooled data (e.g. a swish inside an excitation branch)
-            found = _trace_branch(gm, g, dep, xs)
+            found = _trace_branch(gm, g, dep, xs, last)
             if isinstance(found, str):
                 if "spatial extent" not in found:
                     refusals.append((module_path(node), f"per-channel multiply whose gate {found}"))
@@ -257,7 +325,7 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
             sites.append(AttentionSite(mul=node, x=x, gate=g, stats=stats,
                                        branch=sorted(branch, key=order.__getitem__),
                                        path=module_path(node),
-                                       channels=int(xs[channel_axis(xs, gs) or 1]),
+                                       channels=int(xs[channel_axis(xs, gs, last) or 1]),
                                        fusion="mul" if is_mul else "add"))
             by_gate[g] = sites[-1]
             break

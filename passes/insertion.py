@@ -29,12 +29,13 @@ WHERE = ("block_output", "every_bn", "after_norm")
 
 
 def is_token_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A LayerNorm over the last dim of tokens ``(N, L, C)`` (a transformer block's norm)."""
+    """A LayerNorm over the last dim of tokens ``(N, L, C)`` (a transformer block's norm) or of
+    a channels-last map ``(N, H, W, C)`` (a ConvNeXt block's norm)."""
     if node.op != "call_module":
         return False
     mod = gm.get_submodule(str(node.target))
     shape = tensor_shape(node)
-    return isinstance(mod, nn.LayerNorm) and shape is not None and len(shape) == 3 and \
+    return isinstance(mod, nn.LayerNorm) and shape is not None and len(shape) >= 3 and \
         tuple(mod.normalized_shape) == (shape[-1],)
 
 

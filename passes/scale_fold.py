@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asrfx import foldmath
+from .find_attention import permute_dims
 from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, call_sites, get_attr_path, is_op,
                           module_path, pass_record, reads_shape_only, set_attr_path,
                           tensor_shape, unique_name, value_dependent)
@@ -77,15 +78,20 @@ def _per_channel_const(gm: fx.GraphModule, node: Any, xshape: tuple, dep: set
 
 
 def _token_const(gm: fx.GraphModule, node: Any, xshape: tuple, dep: set) -> torch.Tensor | None:
-    """The per-channel vector of a constant ``(1, 1, C)`` / ``(C,)`` scaling tokens
-    ``(N, L, C)`` (channel = last dim), or None."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr" or node in dep or len(xshape) != 3:
+    """The per-channel vector of a constant ``(1, .., 1, C)`` / ``(C,)`` scaling the last dim of
+    tokens ``(N, L, C)`` or a channels-last map ``(N, *S, C)``, or None.
+
+    On a rank >= 4 tensor the last dim may as well be a width: folding is exact either way,
+    because the only targets of a last-dim scale are layers that act on the last dim
+    (LayerNorm over it, Linear).
+    """
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or node in dep or len(xshape) < 3:
         return None
     value = get_attr_path(gm, str(node.target))
-    if not isinstance(value, torch.Tensor) or value.dim() > 3:
+    if not isinstance(value, torch.Tensor) or value.dim() > len(xshape):
         return None
-    cs = (1,) * (3 - value.dim()) + tuple(value.shape)
-    if cs[0] != 1 or cs[1] != 1 or cs[2] != xshape[2] or xshape[2] == 1:
+    cs = (1,) * (len(xshape) - value.dim()) + tuple(value.shape)
+    if any(d != 1 for d in cs[:-1]) or cs[-1] != xshape[-1] or xshape[-1] == 1:
         return None
     return value.detach().reshape(-1).to(torch.float64)
 
@@ -94,8 +100,7 @@ def _const(gm: fx.GraphModule, node: Any, xshape: tuple, dep: set
            ) -> tuple[torch.Tensor, int] | None:
     """(per-channel vector, channel axis) of a constant operand, channels first preferred."""
     v = _per_channel_const(gm, node, xshape, dep)
-    if v is not None and (len(xshape) != 3 or _token_const(gm, node, xshape, dep) is None
-                          or xshape[1] == xshape[2]):
+    if v is not None and (_token_const(gm, node, xshape, dep) is None or xshape[1] == xshape[-1]):
         return v, 1
     v = _token_const(gm, node, xshape, dep)
     return (v, -1) if v is not None else None
@@ -275,6 +280,9 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
         return None
     s, t = chain.scale, chain.shift
     shape = tensor_shape(x)
+    dims = permute_dims(x)
+    if dims is not None:
+        return _fold_through_permute(gm, chain, dims, depth)
     if chain.axis == -1:
         return _fold_tokens_into_producer(gm, chain, depth)
     through = _commutes(gm, x, s, t)
@@ -364,8 +372,28 @@ def _fold_tokens_into_producer(gm: fx.GraphModule, chain: Chain, depth: int) -> 
     if tensor_shape(src) != tensor_shape(x) or \
             any(u is not x and not reads_shape_only(u) for u in src.users):
         return None
-    target = _fold_tokens_into_producer(gm, Chain(src, s, t, [x], axis=-1), depth + 1)
+    target = _fold_into_producer(gm, Chain(src, s, t, [x], axis=-1), depth + 1)
     return None if target is None else f"{target} through {through}"
+
+
+def _fold_through_permute(gm: fx.GraphModule, chain: Chain, dims: tuple[int, ...],
+                          depth: int) -> str | None:
+    """``permute(z, dims) * s`` scales dim ``dims[axis]`` of ``z``: continue on ``z`` when that
+    is its channel dim (1, channels first) or its last dim (channels last / tokens).
+    ConvNeXt's ``x.permute(0, 3, 1, 2)`` turns a channels-first scale after the block into a
+    last-dim scale of its final Linear."""
+    x = chain.base
+    src = x.args[0] if x.args else None
+    shape = tensor_shape(src) if isinstance(src, fx.Node) else None
+    if depth >= 8 or shape is None or len(shape) != len(dims):
+        return None
+    moved = dims[1 if chain.axis == 1 else len(dims) - 1]
+    axis = 1 if moved == 1 else -1 if moved == len(dims) - 1 else None
+    if axis is None:
+        return None
+    target = _fold_into_producer(gm, Chain(src, chain.scale, chain.shift, [x], axis=axis),
+                                 depth + 1)
+    return None if target is None else f"{target} through permute"
 
 
 def _consumer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
