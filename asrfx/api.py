@@ -11,7 +11,7 @@ from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils._pytree import tree_flatten
 
-from asrfx.passes import (apply_asr, cleanup, evaluate_constants, find_attention_sites,
+from asrfx.passes import (apply_asr, cleanup, drop_identities, evaluate_constants, find_attention_sites,
                           fold_scales, fuse_batchnorm)
 from asrfx.passes.graph_utils import clone_module, module_path, safe_dce, stable_toposort
 from asrfx.passes.insertion import insert_modules, insertion_points
@@ -353,6 +353,7 @@ def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
             f"running {type(gm).__name__} on the example inputs failed ({str(e).splitlines()[0]}); "
             f"pass example_inputs=(x,) with tensors the model accepts (shapes given: "
             f"{[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})") from None
+    drop_identities(gm)
     scales = fold_scales(gm, select)
     bns = fuse_batchnorm(gm, select) if fuse_bn else []
     merges = merge_sequential(gm, select) + merge_branches(gm, select) if fuse_bn else []

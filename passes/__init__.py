@@ -11,11 +11,11 @@ from .asr_rewrite import apply_asr  # noqa: F401
 from .const_eval import evaluate_constants  # noqa: F401
 from .scale_fold import fold_scales  # noqa: F401
 from .bn_fusion import fuse_batchnorm  # noqa: F401
-from .cleanup import cleanup  # noqa: F401
+from .cleanup import cleanup, drop_identities  # noqa: F401
 from .insertion import insert_modules, insertion_points  # noqa: F401
 from .branch_merge import merge_branches, merge_sequential  # noqa: F401
 
 __all__ = ["value_dependent", "module_path", "tensor_shape", "AttentionSite",
            "find_attention_sites", "apply_asr", "evaluate_constants", "fold_scales",
-           "fuse_batchnorm", "cleanup", "insert_modules", "insertion_points", "merge_branches",
+           "fuse_batchnorm", "cleanup", "drop_identities", "insert_modules", "insertion_points", "merge_branches",
            "merge_sequential"]

@@ -7,7 +7,26 @@ from torch import nn
 
 from .graph_utils import safe_dce
 
-__all__ = ["cleanup"]
+__all__ = ["cleanup", "drop_identities"]
+
+_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+               nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def drop_identities(gm: fx.GraphModule) -> int:
+    """Bypass calls of ``nn.Identity`` and of dropout modules in eval mode (both return their
+    input unchanged); returns how many. Exact types only: a subclass may do more."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or \
+                not isinstance(node.args[0], fx.Node):
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if type(mod) in _IDENTITIES and (type(mod) is nn.Identity or not mod.training):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            n += 1
+    return n
 
 
 def cleanup(gm: fx.GraphModule) -> None:

@@ -240,20 +240,26 @@ _LINEAR_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_po
 OTHER_NORMS = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
-def _commutes(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tensor) -> str | None:
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, F.relu, torch.relu, F.leaky_relu, "relu", "relu_",
+                nn.Identity, nn.Dropout, F.dropout)
+
+
+def _commutes(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tensor,
+              axis: int = 1) -> str | None:
     """Why ``op(z) * s == op(z * s)`` holds for this node, or None.
 
     A per-channel scale moves through a per-channel positively homogeneous op (ReLU,
     LeakyReLU, max pooling) when it is non-negative, and through a linear per-channel op
     (average pooling, eval-mode dropout, identity) whatever its sign. ReLU6 is not homogeneous
-    (it clips at 6), and a shift does not commute with any of them.
+    (it clips at 6), and a shift does not commute with any of them. With the channels last
+    (``axis=-1``) only the elementwise ones qualify: a pooling op would pool the channels.
     """
     if bool(torch.any(t != 0)):
         return None
     nonneg = bool(torch.all(s >= 0))
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
-        if type(mod) is nn.ReLU6:
+        if type(mod) is nn.ReLU6 or (axis != 1 and type(mod) not in _ELEMENTWISE):
             return None
         if _exact(mod, _POSITIVE_HOMOGENEOUS_MODULES):
             return type(mod).__name__ if nonneg else None
@@ -261,6 +267,8 @@ def _commutes(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tenso
             return type(mod).__name__
         return None
     if node.op in ("call_function", "call_method"):
+        if axis != 1 and node.target not in _ELEMENTWISE:
+            return None
         name = getattr(node.target, "__name__", str(node.target))
         if node.target in _POSITIVE_HOMOGENEOUS_FUNCTIONS:
             return name if nonneg else None
@@ -303,6 +311,18 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
             return f"{x.target} (norm affine)"
     if x.op == "call_module":
         mod = gm.get_submodule(str(x.target))
+        if _exact(mod, (nn.LayerNorm,)) and tuple(mod.normalized_shape) == tuple(shape[1:]):
+            # LayerNorm over (C, *S) of a channels-first map: its affine is per element, the
+            # channel scale repeats over the positions of each channel
+            mod = module_for_call_site(gm, x)
+            full = tuple(shape[1:])
+            spread = lambda v: v.reshape((-1,) + (1,) * (len(full) - 1)).expand(full).reshape(-1)
+            w, b = foldmath.fold_scale_into_norm(
+                None if mod.weight is None else mod.weight.reshape(-1),
+                None if mod.bias is None else mod.bias.reshape(-1), spread(s), spread(t))
+            mod.weight, mod.bias = nn.Parameter(w.reshape(full)), nn.Parameter(b.reshape(full))
+            mod.elementwise_affine = True
+            return f"{x.target} (norm affine)"
         if _exact(mod, NORM_TYPES):
             if mod.running_mean is None or mod.num_features != s.numel():
                 return None
@@ -334,25 +354,16 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
     return None
 
 
-_TOKEN_ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU)
-_TOKEN_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, "relu", "relu_"}
-
-
 def _fold_tokens_into_producer(gm: fx.GraphModule, chain: Chain, depth: int) -> str | None:
     """Tokens ``(N, L, C)`` scaled per channel (last dim): into the producing Linear's output
     rows or LayerNorm's affine, through elementwise ops the scale commutes with (ReLU and
     LeakyReLU for a non-negative scale; identity and eval-mode dropout for any)."""
     x = chain.base
     s, t = chain.scale, chain.shift
-    nonneg = bool(torch.all(s >= 0)) and not bool(torch.any(t != 0))
-    plain = not bool(torch.any(t != 0))
-    through = None
+    through = _commutes(gm, x, s, t, axis=-1)
     if x.op == "call_module":
         mod = gm.get_submodule(str(x.target))
-        if (_exact(mod, _TOKEN_ELEMENTWISE_MODULES) and nonneg) or \
-                (_exact(mod, _PASS_THROUGH) and plain):
-            through = type(mod).__name__
-        elif _exact(mod, (nn.Linear,)) and mod.out_features == s.numel():
+        if _exact(mod, (nn.Linear,)) and mod.out_features == s.numel():
             mod = module_for_call_site(gm, x)
             w, b = foldmath.fold_scale_into_conv_out(mod.weight, mod.bias, s, t)
             mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
@@ -363,9 +374,6 @@ def _fold_tokens_into_producer(gm: fx.GraphModule, chain: Chain, depth: int) -> 
             mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
             mod.elementwise_affine = True
             return f"{x.target} (norm affine)"
-    elif x.op in ("call_function", "call_method") and x.target in _TOKEN_ELEMENTWISE_FUNCTIONS \
-            and nonneg:
-        through = getattr(x.target, "__name__", str(x.target))
     if through is None or depth >= 8 or not (x.args and isinstance(x.args[0], fx.Node)):
         return None
     src = x.args[0]

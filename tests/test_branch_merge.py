@@ -213,3 +213,81 @@ def test_sequential_merges_fire_only_where_exact(bn, pad, pool, action):
     with torch.no_grad():
         for xi in (x, torch.randn(3, 4, 9, 9)):
             assert rel_err(model(xi), deploy(xi)) <= 1e-5
+
+
+class _Branches(nn.Module):
+    """A sum of parallel branches over one input, each conv+BN or an identity (BN or none)."""
+
+    def __init__(self, branches):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):
+        y = self.branches[0](x)
+        for b in self.branches[1:]:
+            y = y + b(x)
+        return torch.tanh(y)
+
+
+@st.composite
+def branch_sums(draw):
+    c = draw(st.sampled_from([2, 4]))
+    stride = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 2]))
+    specs, mods = [], []
+    for i in range(draw(st.integers(2, 3))):
+        kind = draw(st.sampled_from(["conv", "conv", "conv", "bn", "id"]) if i else
+                    st.just("conv"))
+        if kind == "conv":
+            k = draw(st.sampled_from([(1, 1), (3, 3), (5, 5), (1, 3), (3, 1)]))
+            dil = draw(st.sampled_from([1, 1, 1, 2]))
+            off = draw(st.sampled_from([0, 0, 0, 1]))  # padding away from 'same'
+            pad = tuple(dil * (kk // 2) + off for kk in k)
+            s = draw(st.sampled_from([stride, stride, 1 + (stride == 1)]))
+            g = draw(st.sampled_from([groups, groups, 1]))
+            specs.append(("conv", k, dil, pad, s, g))
+            mods.append(nn.Sequential(nn.Conv2d(c, c, k, s, pad, dilation=dil, groups=g,
+                                                bias=draw(st.booleans())), nn.BatchNorm2d(c)))
+        else:
+            specs.append((kind,))
+            mods.append(nn.BatchNorm2d(c) if kind == "bn" else nn.Identity())
+    return c, specs, _Branches(mods)
+
+
+def _expect_merge(specs) -> bool:
+    """Independent statement of when a sum of branches is exactly one conv."""
+    convs = [s for s in specs if s[0] == "conv"]
+    if any(s[2] != 1 for s in convs):
+        return False  # dilated: not a centred part of one dense kernel
+    offsets = {tuple(k // 2 - p for k, p in zip(s[1], s[3])) for s in convs}
+    if len(offsets) != 1 or len({(s[4], s[5]) for s in convs}) != 1:
+        return False
+    if len(convs) < len(specs):  # identity branches: stride 1, 'same' windows
+        return convs[0][4] == 1 and offsets == {(0, 0)}
+    return True
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=branch_sums(), seed=st.integers(0, 2**16))
+def test_branch_sums_merge_exactly_when_they_are_one_conv(case, seed):
+    c, specs, model = case
+    torch.manual_seed(seed)
+    randomize_bn(model, seed=seed)
+    x = torch.randn(2, c, 9, 9)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except RuntimeError:
+        return  # branch outputs of different sizes cannot be summed at all
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    recs = [s for s in deploy.asrfx_report.sites if s.kind == "branch merge"]
+    merged = [r for r in recs if r.action == "merged"]
+    if _expect_merge(specs):
+        assert len(merged) == 1, recs
+        assert _convs_and_norms(deploy) == (1, 0)
+    else:
+        assert not merged, (specs, recs)
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, c, 9, 9)):
+            assert rel_err(model(xi), deploy(xi)) <= 1e-5

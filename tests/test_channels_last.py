@@ -170,3 +170,35 @@ def test_width_gate_next_to_a_linear_over_width_is_a_last_dim_gate():
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     assert [s.target for s in _scale_records(deploy)] == ["mix (output rows)"]
     _check(prepared, x, deploy)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_channel_scale_into_a_layernorm_over_channels_and_positions(bias):
+    """LayerNorm((C, H, W)) on an NCHW map has one affine weight per element: a channel scale
+    (and shift) after it repeats over each channel's positions."""
+
+    class LNGate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.ln = nn.LayerNorm((4, 6, 5), bias=bias)
+            self.se = SE(4, reduction=2)
+            self.register_buffer("t", torch.rand(1, 4, 1, 1) - 0.5)
+
+        def forward(self, x):
+            return torch.tanh(self.se(self.ln(self.conv(x))) + self.t)
+
+    torch.manual_seed(0)
+    model = LNGate()
+    with torch.no_grad():
+        model.ln.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 6, 5)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert prepared.asrfx_report.count(action="converted") == 1
+    randomize_psi(prepared, 7)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert [s.target for s in _scale_records(deploy)] == ["ln (norm affine)"]
+    assert deploy.get_submodule("ln").bias is not None
+    assert not [n for n in deploy.graph.nodes if n.op != "get_attr" and
+                str(n.target) in ("<built-in function mul>", "<built-in function add>")]
+    _check(prepared, x, deploy)
