@@ -435,8 +435,7 @@ def _fold_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
         if c.op == "call_module":
             mod = gm.get_submodule(str(c.target))
             if _exact(mod, CONV_TYPES):
-                if has_shift and (any(p != 0 for p in _tuple(mod.padding)) or
-                                  mod.padding == "same"):
+                if has_shift and _reads_padding(mod.padding, mod.kernel_size):
                     return None
                 plans.append(("conv", c))
             elif _exact(mod, (nn.Linear,)) and len(shape) == 2:
@@ -445,7 +444,9 @@ def _fold_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
                 return None
         elif _conv_param_nodes(gm, c) is not None:
             pad = _functional_conv_arg(c, 4, "padding", 0)
-            if has_shift and (isinstance(pad, str) or any(p != 0 for p in _tuple(pad))):
+            w_node = _conv_param_nodes(gm, c)[0]
+            ksize = tuple(get_attr_path(gm, str(w_node.target)).shape[2:])
+            if has_shift and _reads_padding(pad, ksize):
                 return None
             plans.append(("fconv", c))
         else:
@@ -477,6 +478,16 @@ def _fold_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
     return ", ".join(targets)
 
 
+def _reads_padding(padding: Any, kernel_size: tuple) -> bool:
+    """Whether a conv's kernel ever reads zero padding ("valid" never; "same" only for
+    kernels wider than 1)."""
+    if padding == "valid":
+        return False
+    if padding == "same":
+        return any(k > 1 for k in _tuple(kernel_size))
+    return any(p != 0 for p in _tuple(padding))
+
+
 def _tuple(v: Any) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
@@ -496,7 +507,10 @@ def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: 
     """
     records = []
     covered: set[str] = set()
+    replaced: dict[fx.Node, fx.Node] = {}  # folded chain root -> the node that now stands for it
     for chain in _collect_chains(gm, select):
+        while chain.base in replaced:  # this chain scales the result of a chain folded before
+            chain.base = replaced[chain.base]
         covered.update(m.name for m in chain.members)
         root = chain.root
         rec = pass_record(f"scale:{root.name}", module_path(root), chain.scale.numel())
@@ -509,6 +523,7 @@ def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: 
             records.append(rec)
             continue
         root.replace_all_uses_with(chain.base)
+        replaced[root] = chain.base
         for m in reversed(chain.members):
             if not m.users:
                 gm.graph.erase_node(m)

@@ -133,3 +133,50 @@ def test_scale_into_grouped_and_depthwise_convs(groups):
     assert targets == ["0 (output rows)", "4 (input columns)"]
     with torch.no_grad():
         assert rel_err(model(x), deploy(x)) <= 1e-5
+
+
+class ScaleOfAScaledTensor(nn.Module):
+    """``a = c1(x) * k1`` read twice, once through a second scale: two chains, the second one's
+    base is the first one's root (found by the fold-target sweep: it used to crash in lint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c3 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.register_buffer("k1", torch.tensor([.5, -2., 1.5, .75]).view(1, -1, 1, 1))
+        self.register_buffer("k2", torch.tensor([1.5, .5, -1., 2.]).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        a = self.c1(x) * self.k1
+        return a + self.c3(a * self.k2)
+
+
+def test_a_scale_of_a_folded_scale_folds_too():
+    model = ScaleOfAScaledTensor().eval()
+    x = torch.randn(2, 4, 6, 6)
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    targets = sorted(s.target for s in deploy.asrfx_report.sites if s.kind == "channel scale")
+    assert targets == ["c1 (output rows)", "c3 (input columns)"]
+    assert not _muls(deploy)
+    with torch.no_grad():
+        assert rel_err(model(x), deploy(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("padding, kernel, folds", [("valid", 3, True), ("same", 1, True),
+                                                    ("same", 3, False), (0, 3, True)])
+def test_a_shift_folds_into_a_conv_that_never_reads_padding(padding, kernel, folds):
+    class ShiftThenConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("t", torch.tensor([0.3, -0.2, 0.5]).view(1, -1, 1, 1))
+            self.conv = nn.Conv2d(3, 4, kernel, padding=padding)
+
+        def forward(self, x):
+            return self.conv(torch.tanh(x) + self.t)
+
+    model = ShiftThenConv().eval()
+    x = torch.randn(2, 3, 7, 7)
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    (rec,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
+    assert rec.action == ("folded" if folds else "kept")
+    with torch.no_grad():
+        assert rel_err(model(x), deploy(x)) <= 1e-5
