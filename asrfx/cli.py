@@ -128,6 +128,36 @@ def _convert(args: argparse.Namespace) -> None:
             f"{deploy.asrfx_report}\noriginal {before:.2f}% -> converted {after:.2f}%\n")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import BenchConfig, compiler_cost, format_cost, format_results, run_bench, \
+        write_outputs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.size[0] if args.size and len(args.size) == 1 else (tuple(args.size) if args.size
+                                                                  else None)
+    res: dict = {}
+    if not args.cost_only:
+        cfg = BenchConfig(model=args.model, attention=tuple(args.attention),
+                          batches=tuple(args.batch), reps=args.reps, warmup=args.warmup,
+                          train_batch=args.train_batch, train_reps=args.train_reps,
+                          image_size=size, num_classes=args.num_classes, device=args.device,
+                          runtimes=tuple(args.runtimes), progress=not args.quiet)
+        res = run_bench(cfg)
+        print(format_results(res))
+    if args.cost or args.cost_only:
+        cost = compiler_cost(tuple(args.cost_depths), reps=args.cost_reps,
+                             progress=not args.quiet)
+        print(format_cost(cost))
+        res["compiler_cost"] = cost
+        res.setdefault("machine", __import__("asrfx.bench").bench.machine_description())
+        res.setdefault("config", {"model": "compiler cost", "batches": [], "attention": []})
+        res.setdefault("rows", [])
+    if args.out:
+        paths = write_outputs(res, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``asrfx`` console script."""
     parser = argparse.ArgumentParser(prog="asrfx", description="ASR on torch.fx: train with "
@@ -165,9 +195,38 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--device", default="cpu")
     cv.add_argument("--out", default=None)
 
+    bn = sub.add_parser("bench", help="latency, FLOPs and training-step cost of the backbone, "
+                                      "the attention model and its ASR forms, side by side")
+    bn.add_argument("--model", default="resnet164",
+                    help="resnet20/56/110/164/1001..., monai-seresnet50, efficientnet-b0, or "
+                         "package.module:factory (a model with attention)")
+    bn.add_argument("--attention", nargs="+", default=["se"],
+                    help="library attention(s) of the zoo ResNets, or 'all'")
+    bn.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    bn.add_argument("--reps", type=int, default=30, help="timed rounds per batch size")
+    bn.add_argument("--warmup", type=int, default=3)
+    bn.add_argument("--train-batch", type=int, default=32)
+    bn.add_argument("--train-reps", type=int, default=10, help="0 skips the training step")
+    bn.add_argument("--size", type=int, nargs="+", default=None,
+                    help="input size: one int (square RGB image) or the full shape without "
+                         "batch, e.g. 3 32 32")
+    bn.add_argument("--num-classes", type=int, default=100)
+    bn.add_argument("--runtimes", nargs="*", default=["onnx"],
+                    help="also time the backbone and the folded model in: onnx, compile")
+    bn.add_argument("--device", default="cpu")
+    bn.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bn.add_argument("--cost", action="store_true",
+                    help="also measure prepare/fold time against graph size")
+    bn.add_argument("--cost-only", action="store_true", help="only the compiler cost")
+    bn.add_argument("--cost-depths", type=int, nargs="+",
+                    default=[20, 56, 110, 164, 326, 650, 1001])
+    bn.add_argument("--cost-reps", type=int, default=3)
+    bn.add_argument("--quiet", action="store_true", help="no progress bar")
+    bn.add_argument("--out", default=None, help="write bench.json, bench.md and PNGs here")
+
     args = parser.parse_args(argv)
     try:
-        {"demo": _demo, "stripes": _stripes, "convert": _convert}[args.cmd](args)
+        {"demo": _demo, "stripes": _stripes, "convert": _convert, "bench": _bench}[args.cmd](args)
     except (ASRError, ValueError) as e:
         print(f"asrfx {args.cmd}: {e}", file=sys.stderr)
         return 2

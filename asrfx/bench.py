@@ -1,0 +1,611 @@
+"""Latency and cost reports: the backbone, the attention model and its ASR forms, side by side.
+
+``asrfx bench`` (see :func:`run_bench`) times, in one process and interleaved round by round after
+warm-up, with the thread count fixed:
+
+* ``backbone`` -- the model without attention (the zoo's plain network, or for any other model
+  the traced model with every attention multiply bypassed: :func:`strip_attention`);
+* ``backbone fused`` -- the backbone with BN fused by :func:`asrfx.fold` (what a deployment
+  toolchain would run);
+* ``+<att>`` -- the model with its input-dependent attention (eager);
+* ``ASR(<att>) train form`` -- :func:`asrfx.prepare`'s output in eval mode;
+* ``ASR(<att>) folded`` -- :func:`asrfx.fold` of it: the deploy form;
+* ``ASR(<att>) BN-only fold`` -- the reference implementation's deploy: the constant attention
+  folded into the BatchNorm, BN kept unfused (``fold(..., fuse_bn=False)``).
+
+Columns: parameters, FLOPs (``torch.utils.flop_counter``, batch 1), latency median and p90 per
+batch size, images/s, ratio to the backbone, and the training step (forward + backward + SGD step)
+of the trainable forms with its ratio to the backbone's. Optional runtimes: the backbone and the
+folded model in ONNX Runtime and under ``torch.compile``. :func:`compiler_cost` measures the
+compiler itself against graph size.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+__all__ = ["BenchConfig", "run_bench", "format_results", "write_outputs", "strip_attention",
+           "compiler_cost", "machine_description", "time_interleaved", "build_models",
+           "THIRD_PARTY"]
+
+#: third-party models benchmarked by name (their packages are optional)
+THIRD_PARTY = ("monai-seresnet50", "efficientnet-b0")
+
+
+@dataclass
+class BenchConfig:
+    """What ``asrfx bench`` runs. ``attention`` names library attentions ("all" for every one);
+    ``model`` is a zoo name (resnet20/56/110/164/1001...), a third-party name (see
+    :data:`THIRD_PARTY`) or ``package.module:factory`` returning a model with attention."""
+
+    model: str = "resnet164"
+    attention: Sequence[str] = ("se",)
+    batches: Sequence[int] = (1, 32)
+    reps: int = 30
+    warmup: int = 3
+    train_batch: int = 32
+    train_reps: int = 10
+    image_size: int | None = None
+    num_classes: int = 100
+    threads: int | None = None
+    device: str = "cpu"
+    runtimes: Sequence[str] = ("onnx",)
+    seed: int = 0
+    progress: bool = True
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    """CPU model, cores, threads and torch version (and the GPU, on CUDA)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    text = (f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, {platform.system()} {platform.machine()}")
+    if torch.device(device).type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return text
+
+
+def strip_attention(model: nn.Module, example_inputs: tuple,
+                    leaf_modules: Sequence[Any] = ()) -> nn.Module:
+    """The model with every channel-attention site bypassed (``x * g -> x``, ``x + g -> x``),
+    the attention branches removed: the backbone of a model nobody wrote a plain version of."""
+    from .passes import cleanup, find_attention_sites
+    from .passes.graph_utils import clone_module, safe_dce
+    from .tracing import propagate_shapes, trace_modes
+
+    tr = trace_modes(clone_module(model), leaf_modules, example_inputs)
+    graphs = tr.modules()
+    for gm in graphs:
+        propagate_shapes(gm, example_inputs)
+        sites, _ = find_attention_sites(gm)
+        for site in sites:
+            for mul in [site.mul] + site.extra.get("more_muls", []):
+                other = next(a for a in mul.args[:2] if a is not site.gate)
+                mul.replace_all_uses_with(other)
+        safe_dce(gm)
+    for gm in graphs:
+        cleanup(gm, tuple(g.graph for g in graphs if g is not gm))
+    out = tr.build()
+    out.train(model.training)
+    return out
+
+
+def _zoo_depth(spec: str) -> int | None:
+    name = spec.lower().replace("-", "")
+    if name.startswith("resnet") and name[6:].isdigit():
+        return int(name[6:])
+    return None
+
+
+def build_models(cfg: BenchConfig, attention: str | None) -> tuple[nn.Module, nn.Module | None,
+                                                                      tuple[int, ...]]:
+    """(model with attention, its plain backbone or None, input shape without batch)."""
+    depth = _zoo_depth(cfg.model)
+    torch.manual_seed(cfg.seed)
+    if depth is not None:
+        from .zoo import cifar_resnet
+
+        block = "basic" if depth in (20, 32, 44, 56, 110) else "bottleneck"
+        size = cfg.image_size or 32
+        make = lambda att: cifar_resnet(depth, block=block, attention=att,  # noqa: E731
+                                        num_classes=cfg.num_classes)
+        return make(attention), make(None), (3, size, size)
+    if cfg.model == "monai-seresnet50":
+        from monai.networks.nets import SEResNet50
+
+        size = cfg.image_size or 64
+        return SEResNet50(spatial_dims=2, in_channels=3, num_classes=cfg.num_classes), None, \
+            (3, size, size)
+    if cfg.model == "efficientnet-b0":
+        from efficientnet_pytorch import EfficientNet
+
+        size = cfg.image_size or 64
+        return EfficientNet.from_name("efficientnet-b0", num_classes=cfg.num_classes), None, \
+            (3, size, size)
+    if ":" in cfg.model:
+        mod_name, _, fn = cfg.model.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), fn)
+        except (ImportError, AttributeError) as e:
+            raise InputError(f"--model {cfg.model!r}: cannot load {fn!r} from {mod_name!r} "
+                             f"({e}); give package.module:factory on the Python path") from None
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise InputError(f"--model {cfg.model!r}: the factory returned "
+                             f"{type(model).__name__}, not an nn.Module")
+        if cfg.image_size is None:
+            raise InputError(f"--model {cfg.model!r}: give the input size with --size "
+                             f"(e.g. --size 3 32 32)")
+        return model, None, tuple(cfg.image_size) if isinstance(cfg.image_size, (list, tuple)) \
+            else (3, cfg.image_size, cfg.image_size)
+    raise InputError(f"--model {cfg.model!r}: expected a zoo name like resnet164, one of "
+                     f"{THIRD_PARTY}, or package.module:factory")
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, warmup: int = 3,
+                     sync: Callable[[], None] = lambda: None, progress: Any = None
+                     ) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed round by round (each round calls every function
+    once, in an order rotated by one each round, so no variant always runs first)."""
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            sync()
+            t = time.perf_counter()
+            calls[name]()
+            sync()
+            times[name].append(time.perf_counter() - t)
+            if progress is not None:
+                progress.update(1)
+    return times
+
+
+def _p(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    i = min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))
+    return s[i]
+
+
+def _count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _flops(m: nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # with autograd on: the module tracker hooks a parameter passed straight into a submodule
+    # (psi into the excitation) and fails on it under no_grad; only the forward is counted
+    counter = FlopCounterMode(display=False)
+    with counter:
+        m(x)
+    return int(counter.get_total_flops())
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One SGD step (forward, cross-entropy, backward, update) on a private copy of ``model``."""
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    return step
+
+
+def _variants(cfg: BenchConfig, x1: torch.Tensor, device: torch.device
+              ) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, Any]]:
+    """(eval forms by name, trainable forms by name, notes)."""
+    import asrfx
+    from .api import relative_error
+
+    evals: dict[str, nn.Module] = {}
+    trains: dict[str, nn.Module] = {}
+    notes: dict[str, Any] = {}
+    atts = list(cfg.attention)
+    if atts == ["all"]:
+        from .attention import ATTENTIONS
+
+        atts = sorted(ATTENTIONS)
+    for i, att in enumerate(atts):
+        model, backbone, _ = build_models(cfg, att)
+        model = model.to(device)
+        label = att if _zoo_depth(cfg.model) is not None else type(model).__name__
+        if i == 0:
+            if backbone is None:
+                backbone = strip_attention(model, (x1,))
+                notes["backbone"] = "attention bypassed in the traced model (strip_attention)"
+            backbone = backbone.to(device).eval()
+            evals["backbone"] = backbone
+            trains["backbone"] = backbone
+            evals["backbone fused"] = asrfx.fold(backbone, example_inputs=(x1,))
+        model.eval()
+        prepared = asrfx.prepare(model, example_inputs=(x1,))
+        prepared.eval()
+        evals[f"+{label}"] = model
+        trains[f"+{label}"] = model
+        evals[f"ASR({label}) train form"] = prepared
+        trains[f"ASR({label}) train form"] = prepared
+        deploy = asrfx.fold(prepared, example_inputs=(x1,))
+        evals[f"ASR({label}) folded"] = deploy
+        evals[f"ASR({label}) BN-only fold"] = asrfx.fold(prepared, example_inputs=(x1,),
+                                                         fuse_bn=False)
+        rep = deploy.asrfx_report
+        with torch.no_grad():
+            err = relative_error(prepared(x1), deploy(x1))
+        notes[label] = {"converted": prepared.asrfx_report.count(action="converted"),
+                        "folded": rep.count(action="folded"),
+                        "kept": rep.count(action="kept"), "fold_rel_err": err}
+    return evals, trains, notes
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Build every variant, time them, and return the results as plain data (see module doc)."""
+    from tqdm.auto import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device on this machine; use --device cpu")
+    if any(b < 1 for b in cfg.batches) or cfg.reps < 1:
+        raise InputError(f"batch sizes and --reps must be positive, got {list(cfg.batches)} and "
+                         f"{cfg.reps}")
+    _, _, shape = build_models(cfg, None if _zoo_depth(cfg.model) is not None else "se")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x1 = torch.randn(1, *shape, generator=gen).to(device)
+    evals, trains, notes = _variants(cfg, x1, device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    runtimes = _runtime_calls(cfg, evals, x1)
+    n_calls = (len(evals) + sum(len(r["calls"]) for r in runtimes.values())) * \
+        len(cfg.batches) * cfg.reps + (len(trains) * cfg.train_reps if cfg.train_reps else 0)
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=n_calls, desc=f"bench {cfg.model}", unit="call",
+              disable=not cfg.progress) as bar:
+        for name, m in evals.items():
+            rows.append({"variant": name, "params": _count_params(m), "flops": _flops(m, x1),
+                         "latency": {}, "train": None})
+        by_name = {r["variant"]: r for r in rows}
+        for b in cfg.batches:
+            x = torch.randn(b, *shape, generator=gen).to(device)
+            calls = {}
+            for name, m in evals.items():
+                calls[name] = (lambda m=m: m(x))
+            for rt, info in runtimes.items():
+                for name, fn in info["calls"].items():
+                    calls[f"{name} [{rt}]"] = (lambda fn=fn: fn(x))
+            with torch.no_grad():
+                times = time_interleaved(calls, cfg.reps, cfg.warmup, sync, bar)
+            for name, samples in times.items():
+                if name not in by_name:
+                    base, _, rt = name.rpartition(" [")
+                    by_name[name] = {"variant": name, "params": by_name[base]["params"],
+                                     "flops": by_name[base]["flops"], "latency": {},
+                                     "train": None, "runtime": rt.rstrip("]")}
+                    rows.append(by_name[name])
+                med = statistics.median(samples)
+                by_name[name]["latency"][str(b)] = {
+                    "median_ms": 1000 * med, "p90_ms": 1000 * _p(samples, 0.9),
+                    "images_per_s": b / med, "samples": len(samples)}
+        if cfg.train_reps:
+            xt = torch.randn(cfg.train_batch, *shape, generator=gen).to(device)
+            yt = torch.randint(0, cfg.num_classes, (cfg.train_batch,), generator=gen).to(device)
+            steps = {name: _train_step(m, xt, yt) for name, m in trains.items()}
+            times = time_interleaved(steps, cfg.train_reps, 1, sync, bar)
+            for name, samples in times.items():
+                by_name[name]["train"] = {"median_ms": 1000 * statistics.median(samples),
+                                          "p90_ms": 1000 * _p(samples, 0.9),
+                                          "batch": cfg.train_batch}
+    base = by_name["backbone"]
+    for r in rows:
+        for b, lat in r["latency"].items():
+            lat["ratio"] = lat["median_ms"] / base["latency"][b]["median_ms"]
+        if r["train"] is not None:
+            r["train"]["ratio"] = r["train"]["median_ms"] / base["train"]["median_ms"]
+    return {"config": {k: (list(v) if isinstance(v, tuple) else v)
+                       for k, v in asdict(cfg).items()},
+            "machine": machine_description(device), "rows": rows, "notes": notes,
+            "runtimes": {k: v["status"] for k, v in runtimes.items()},
+            "targets": _targets(rows, cfg)}
+
+
+def _runtime_calls(cfg: BenchConfig, evals: dict[str, nn.Module], x1: torch.Tensor
+                   ) -> dict[str, dict[str, Any]]:
+    """ONNX Runtime / torch.compile versions of the backbone and of the folded model."""
+    import tempfile
+
+    wanted = [n for n in evals if n == "backbone" or n.endswith(") folded")]
+    out: dict[str, dict[str, Any]] = {}
+    for rt in cfg.runtimes:
+        calls: dict[str, Callable] = {}
+        status = "ok"
+        try:
+            from . import runtimes as R
+        except ImportError as e:  # pragma: no cover - the module ships with the package
+            out[rt] = {"calls": {}, "status": f"unavailable: {e}"}
+            continue
+        if rt == "onnx":
+            if x1.device.type != "cpu":
+                out[rt] = {"calls": {}, "status": "skipped: ONNX Runtime is timed on CPU only"}
+                continue
+            tmp = Path(tempfile.mkdtemp(prefix="asrfx_bench_"))
+            try:
+                for i, name in enumerate(wanted):
+                    path = R.export_onnx(evals[name], (x1,), tmp / f"v{i}.onnx")
+                    sess = R.onnx_session(path, threads=torch.get_num_threads())
+                    calls[name] = (lambda x, s=sess: R.run_onnx(s, x))
+            except Exception as e:  # noqa: BLE001 - reported in the table header instead
+                status = f"unavailable: {str(e).splitlines()[0]}"
+                calls = {}
+        elif rt == "compile":
+            for name in wanted:
+                compiled, why = R.compiled(evals[name], (x1,))
+                if compiled is None:
+                    status = f"unavailable: {why}"
+                    calls = {}
+                    break
+                calls[name] = compiled
+        else:
+            raise InputError(f"--runtimes: unknown runtime {rt!r}; choose onnx and/or compile")
+        out[rt] = {"calls": calls, "status": status}
+    return out
+
+
+def _targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """The README's targets, evaluated on this run."""
+    by = {r["variant"]: r for r in rows}
+    out = []
+    folded = [r for r in rows if r["variant"].endswith(") folded")]
+    for r in folded:
+        for b, lat in r["latency"].items():
+            out.append({"target": f"{r['variant']} <= 1.00x backbone at batch {b}",
+                        "value": round(lat["ratio"], 3), "met": lat["ratio"] <= 1.0})
+        if "1" in r["latency"]:
+            out.append({"target": f"{r['variant']} <= 0.90x backbone at batch 1 (aim)",
+                        "value": round(r["latency"]["1"]["ratio"], 3),
+                        "met": r["latency"]["1"]["ratio"] <= 0.9})
+    for r in rows:
+        if r["variant"].endswith("train form") and r["train"] is not None:
+            out.append({"target": f"{r['variant']} training step <= 1.10x backbone",
+                        "value": round(r["train"]["ratio"], 3), "met": r["train"]["ratio"] <= 1.1})
+    for r in folded:
+        onnx = by.get(f"{r['variant']} [onnx]")
+        base = by.get("backbone [onnx]")
+        if onnx and base:
+            for b in onnx["latency"]:
+                v = onnx["latency"][b]["median_ms"] / base["latency"][b]["median_ms"]
+                out.append({"target": f"{r['variant']} in ONNX Runtime <= backbone in ONNX "
+                                      f"Runtime at batch {b}", "value": round(v, 3),
+                            "met": v <= 1.0})
+    return out
+
+
+def format_results(res: dict[str, Any]) -> str:
+    """A tabulate table (one row per variant) with the machine in the header."""
+    from tabulate import tabulate
+
+    batches = [str(b) for b in res["config"]["batches"]]
+    headers = ["variant", "params", "MFLOPs"]
+    for b in batches:
+        headers += [f"b{b} ms (p50)", f"b{b} p90", f"b{b} img/s", f"b{b} ratio"]
+    headers += ["train ms", "train ratio"]
+    table = []
+    for r in res["rows"]:
+        row = [r["variant"], f"{r['params']:,}", f"{r['flops'] / 1e6:,.1f}"]
+        for b in batches:
+            lat = r["latency"].get(b)
+            row += ([f"{lat['median_ms']:.2f}", f"{lat['p90_ms']:.2f}",
+                     f"{lat['images_per_s']:,.0f}", f"{lat['ratio']:.2f}x"] if lat else
+                    ["", "", "", ""])
+        tr = r["train"]
+        row += [f"{tr['median_ms']:.1f}", f"{tr['ratio']:.2f}x"] if tr else ["", ""]
+        table.append(row)
+    cfg = res["config"]
+    lines = [f"asrfx bench: {cfg['model']} (attention {', '.join(cfg['attention'])}), "
+             f"{cfg['reps']} interleaved reps per batch, train step at batch "
+             f"{cfg['train_batch']} x {cfg['train_reps']}",
+             f"machine: {res['machine']}", ""]
+    lines.append(tabulate(table, headers=headers, disable_numparse=True))
+    for rt, status in res.get("runtimes", {}).items():
+        if status != "ok":
+            lines.append(f"{rt}: {status}")
+    if res.get("targets"):
+        lines += ["", "targets:"]
+        lines += [f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']}"
+                  for t in res["targets"]]
+    return "\n".join(lines)
+
+
+def _markdown(res: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    md_rows = []
+    batches = [str(b) for b in res["config"]["batches"]]
+    for r in res["rows"]:
+        row = [r["variant"], f"{r['params']:,}", f"{r['flops'] / 1e6:,.1f}"]
+        for b in batches:
+            lat = r["latency"].get(b)
+            row += [f"{lat['median_ms']:.2f} / {lat['p90_ms']:.2f}",
+                    f"{lat['ratio']:.2f}x"] if lat else ["", ""]
+        tr = r["train"]
+        row += [f"{tr['median_ms']:.1f} ({tr['ratio']:.2f}x)" if tr else ""]
+        md_rows.append(row)
+    headers = ["variant", "params", "MFLOPs"]
+    for b in batches:
+        headers += [f"batch {b} ms p50 / p90", "vs backbone"]
+    headers += [f"train step ms (batch {res['config']['train_batch']})"]
+    lines = [f"# asrfx bench: {res['config']['model']}", "", f"Machine: {res['machine']}", "",
+             tabulate(md_rows, headers=headers, tablefmt="github", disable_numparse=True), ""]
+    for rt, status in res.get("runtimes", {}).items():
+        if status != "ok":
+            lines.append(f"- {rt}: {status}")
+    if res.get("targets"):
+        lines += ["", "## Targets", ""] + [f"- {'met' if t['met'] else '**not met**'}: "
+                                           f"{t['target']} ({t['value']})"
+                                           for t in res["targets"]]
+    if res.get("compiler_cost"):
+        lines += ["", "## Compiler cost", "", "```", format_cost(res["compiler_cost"]), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(res: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """``bench.json``, ``bench.md`` and ``bench.png`` (latency ratio per variant and batch)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "md": out / "bench.md", "png": out / "bench.png"}
+    paths["json"].write_text(json.dumps(res, indent=2))
+    paths["md"].write_text(_markdown(res))
+    _plot_latency(res, paths["png"])
+    if res.get("compiler_cost"):
+        paths["cost_png"] = out / "compiler_cost.png"
+        _plot_cost(res["compiler_cost"], paths["cost_png"])
+    return paths
+
+
+def _plot_latency(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    batches = [str(b) for b in res["config"]["batches"]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows) * len(batches)), 4))
+    width = 0.8 / len(batches)
+    for j, b in enumerate(batches):
+        vals = [r["latency"].get(b, {}).get("ratio", float("nan")) for r in rows]
+        ax.bar([i + j * width for i in range(len(rows))], vals, width, label=f"batch {b}")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([r["variant"] for r in rows], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("median latency / backbone")
+    ax.set_title(f"{res['config']['model']}: latency relative to the eager backbone", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- the compiler's own cost ---------------------------------------------------------------------
+
+
+@dataclass
+class CostRow:
+    depth: int
+    nodes: int
+    prepare_s: float
+    fold_s: float
+    sites: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def compiler_cost(depths: Sequence[int] = (20, 56, 110, 164, 326, 650, 1001), reps: int = 3,
+                  attention: str = "se", progress: bool = True) -> dict[str, Any]:
+    """Wall time of ``prepare`` and ``fold`` (with its check) against the traced graph's size,
+    CIFAR ResNets of growing depth with ``attention`` in every block; medians of ``reps`` runs
+    and a least-squares line ``time = a * nodes + b`` per phase with its R^2."""
+    import asrfx
+    from tqdm.auto import tqdm
+
+    from .zoo import cifar_resnet
+
+    x = torch.randn(1, 3, 32, 32)
+    rows: list[CostRow] = []
+    for depth in tqdm(depths, desc="compiler cost", disable=not progress):
+        block = "basic" if (depth - 2) % 6 == 0 and depth < 164 else "bottleneck"
+        model = cifar_resnet(depth, block=block, attention=attention)
+        prep, fold = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            p = asrfx.prepare(model, example_inputs=(x,))
+            t1 = time.perf_counter()
+            asrfx.fold(p, example_inputs=(x,))
+            fold.append(time.perf_counter() - t1)
+            prep.append(t1 - t0)
+        nodes = len(asrfx.trace(model, example_inputs=(x,)).graph.nodes)
+        rows.append(CostRow(depth, nodes, statistics.median(prep), statistics.median(fold),
+                            p.asrfx_report.count(action="converted")))
+    fits = {ph: _linear_fit([r.nodes for r in rows], [getattr(r, f"{ph}_s") for r in rows])
+            for ph in ("prepare", "fold")}
+    return {"rows": [asdict(r) for r in rows], "fits": fits, "reps": reps}
+
+
+def _linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
+    n = len(xs)
+    if n < 2:
+        return {"per_node_ms": float("nan"), "intercept_s": float("nan"), "r2": float("nan")}
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    b = my - a * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - (a * x + b)) ** 2 for x, y in zip(xs, ys))
+    return {"per_node_ms": 1000 * a, "intercept_s": b,
+            "r2": 1 - ss_res / ss_tot if ss_tot else 1.0}
+
+
+def format_cost(cost: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    rows = [[r["depth"], r["nodes"], r["sites"], f"{1000 * r['prepare_s']:.0f}",
+             f"{1000 * r['fold_s']:.0f}", f"{1000 * (r['prepare_s'] + r['fold_s']):.0f}",
+             f"{1e6 * (r['prepare_s'] + r['fold_s']) / r['nodes']:.0f}"] for r in cost["rows"]]
+    lines = [tabulate(rows, headers=["ResNet depth", "graph nodes", "sites", "prepare ms",
+                                     "fold ms", "total ms", "us / node"])]
+    for ph, f in cost["fits"].items():
+        lines.append(f"{ph}: {f['per_node_ms']:.3f} ms per node + {f['intercept_s']:.3f} s "
+                     f"(linear fit R^2 = {f['r2']:.3f})")
+    return "\n".join(lines)
+
+
+def _plot_cost(cost: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = cost["rows"]
+    nodes = [r["nodes"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ph, style in (("prepare", "o-"), ("fold", "s-")):
+        ax.plot(nodes, [r[f"{ph}_s"] for r in rows], style, label=ph)
+        f = cost["fits"][ph]
+        ax.plot(nodes, [f["per_node_ms"] / 1000 * n + f["intercept_s"] for n in nodes], "k:",
+                lw=0.8)
+    for r in rows:
+        ax.annotate(f"R{r['depth']}", (r["nodes"], r["prepare_s"] + r["fold_s"]), fontsize=7)
+    ax.set_xlabel("traced graph nodes")
+    ax.set_ylabel("wall time (s), median")
+    ax.set_title("compiler cost vs graph size (dotted: linear fits)", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

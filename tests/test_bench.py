@@ -1,0 +1,152 @@
+"""`asrfx bench` and `asrfx.bench`: the variants, their static cost (params, FLOPs), the result
+structure and files, the generic backbone of third-party models, the compiler-cost scaling and
+the CLI's errors. Timings are measured here only to check the plumbing (a couple of reps): the
+numbers worth quoting come from `asrfx bench` runs, never from unit tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import asrfx
+from asrfx.bench import (BenchConfig, compiler_cost, format_cost, format_results, run_bench,
+                         strip_attention, time_interleaved, write_outputs)
+from asrfx.cli import main
+from asrfx.zoo import cifar_resnet
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    cfg = BenchConfig(model="resnet20", attention=("se", "eca"), batches=(1, 2), reps=2,
+                      warmup=1, train_batch=4, train_reps=1, num_classes=10, runtimes=(),
+                      progress=False)
+    return run_bench(cfg)
+
+
+def test_every_variant_is_measured(small_run):
+    names = [r["variant"] for r in small_run["rows"]]
+    assert names == ["backbone", "backbone fused",
+                     "+se", "ASR(se) train form", "ASR(se) folded", "ASR(se) BN-only fold",
+                     "+eca", "ASR(eca) train form", "ASR(eca) folded", "ASR(eca) BN-only fold"]
+    for r in small_run["rows"]:
+        assert set(r["latency"]) == {"1", "2"}
+        for lat in r["latency"].values():
+            assert lat["samples"] == 2 and 0 < lat["median_ms"] <= lat["p90_ms"]
+            assert lat["images_per_s"] > 0 and lat["ratio"] > 0
+    trained = {r["variant"] for r in small_run["rows"] if r["train"] is not None}
+    assert trained == {"backbone", "+se", "ASR(se) train form", "+eca", "ASR(eca) train form"}
+    assert small_run["rows"][0]["latency"]["1"]["ratio"] == 1.0
+
+
+def test_static_costs_say_the_fold_removes_the_attention(small_run):
+    by = {r["variant"]: r for r in small_run["rows"]}
+    plain = cifar_resnet(20, block="basic", num_classes=10)
+    assert by["backbone"]["params"] == sum(p.numel() for p in plain.parameters())
+    for att in ("se", "eca"):
+        # the deploy form is the fused backbone: same parameters, same FLOPs
+        assert by[f"ASR({att}) folded"]["params"] == by["backbone fused"]["params"]
+        assert by[f"ASR({att}) folded"]["flops"] == by["backbone fused"]["flops"]
+        # the attention model costs more than the backbone
+        assert by[f"+{att}"]["params"] > by["backbone"]["params"]
+        assert by[f"+{att}"]["flops"] > by["backbone"]["flops"]
+        # BN-only: the attention is gone, BN is still there (the backbone's parameters)
+        assert by[f"ASR({att}) BN-only fold"]["params"] == by["backbone"]["params"]
+        note = small_run["notes"][att]
+        assert note["converted"] == 9 and note["kept"] == 0 and note["fold_rel_err"] < 1e-4
+
+
+def test_targets_and_table(small_run):
+    targets = {t["target"]: t for t in small_run["targets"]}
+    assert "ASR(se) folded <= 1.00x backbone at batch 1" in targets
+    assert "ASR(se) train form training step <= 1.10x backbone" in targets
+    for t in targets.values():
+        assert isinstance(t["met"], bool) and t["value"] > 0
+    text = format_results(small_run)
+    assert "machine:" in text and "ASR(eca) BN-only fold" in text and "train ratio" in text
+
+
+def test_outputs_are_written(small_run, tmp_path):
+    paths = write_outputs(small_run, tmp_path / "out")
+    data = json.loads(paths["json"].read_text())
+    assert [r["variant"] for r in data["rows"]] == [r["variant"] for r in small_run["rows"]]
+    md = paths["md"].read_text()
+    assert md.startswith("# asrfx bench: resnet20") and "| ASR(se) folded" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_interleaved_rotates_the_order():
+    order = []
+    calls = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    times = time_interleaved(calls, reps=3, warmup=0)
+    assert order == list("abc" "bca" "cab")
+    assert all(len(v) == 3 and all(t >= 0 for t in v) for v in times.values())
+
+
+def test_strip_attention_gives_the_backbone():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    se = cifar_resnet(20, block="basic", attention="se", num_classes=10).eval()
+    plain = cifar_resnet(20, block="basic", num_classes=10)
+    stripped = strip_attention(se, (x,))
+    assert sum(p.numel() for p in stripped.parameters()) == \
+        sum(p.numel() for p in plain.parameters())
+    assert not [n for n in stripped.graph.nodes if "sigmoid" in str(n.target)]
+    # the same function as the SE model with every gate forced to 1
+    for m in se.modules():
+        if type(m).__name__ == "SEModule":
+            m.forward = lambda t: t
+    with torch.no_grad():
+        torch.testing.assert_close(stripped(x), se(x))
+    assert not stripped.training
+
+
+def test_strip_attention_of_third_party_models():
+    monai = pytest.importorskip("monai.networks.nets")
+    effnet = pytest.importorskip("efficientnet_pytorch")
+    x = torch.randn(2, 3, 64, 64)
+    for model in (monai.SEResNet50(spatial_dims=2, in_channels=3, num_classes=10),
+                  effnet.EfficientNet.from_name("efficientnet-b0", num_classes=10)):
+        model.eval()
+        stripped = strip_attention(model, (x,))
+        assert sum(p.numel() for p in stripped.parameters()) < \
+            sum(p.numel() for p in model.parameters())
+        prepared = asrfx.prepare(model, example_inputs=(x,))
+        # nothing of the attention is left to find
+        deploy = asrfx.fold(stripped, example_inputs=(x,))
+        assert deploy.asrfx_report.count(kind="channel scale") == 0
+        assert prepared.asrfx_report.count(action="converted") == 16
+        stripped.train()
+        stripped(x).sum().backward()  # the backbone trains (dual-mode graphs included)
+
+
+def test_compiler_cost_grows_with_the_graph():
+    cost = compiler_cost((20, 32), reps=1, progress=False)
+    rows = cost["rows"]
+    assert [r["depth"] for r in rows] == [20, 32]
+    assert rows[0]["nodes"] < rows[1]["nodes"] and rows[0]["sites"] == 9 and rows[1]["sites"] == 15
+    assert all(r["prepare_s"] > 0 and r["fold_s"] > 0 for r in rows)
+    assert set(cost["fits"]) == {"prepare", "fold"}
+    assert "us / node" in format_cost(cost)
+
+
+def test_cli_bench_runs_and_writes(tmp_path, capsys):
+    rc = main(["bench", "--model", "resnet20", "--batch", "1", "--reps", "1", "--train-reps",
+               "0", "--runtimes", "--num-classes", "10", "--quiet", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "ASR(se) folded" in out and (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--model", "nosuchmodel"], "expected a zoo name"),
+    (["--model", "nosuch.module:factory", "--size", "32"], "cannot load"),
+    (["--model", "resnet20", "--batch", "0"], "must be positive"),
+    (["--model", "resnet20", "--runtimes", "tensorrt", "--reps", "1", "--train-reps", "0"],
+     "unknown runtime"),
+])
+def test_cli_bench_errors_are_one_line(argv, msg, capsys):
+    assert main(["bench", "--quiet", "--num-classes", "10"] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asrfx bench:") and msg in err and "Traceback" not in err
