@@ -6,7 +6,7 @@ module involved and says what to do about it; raw torch.fx tracebacks never esca
 
 from __future__ import annotations
 
-__all__ = ["ASRError", "TraceError", "FoldMismatch", "InputError"]
+__all__ = ["ASRError", "TraceError", "FoldMismatch", "InputError", "ExportError"]
 
 
 class ASRError(RuntimeError):
@@ -48,3 +48,25 @@ class FoldMismatch(ASRError):
             f"folded model differs from the original: relative error {rel_error:.3e} > {tol:.1e}{where}. "
             f"{detail}Fold with check=False to inspect the result, and please report the model."
         )
+
+
+class ExportError(ASRError):
+    """A model could not be exported to or run in a deployment runtime, or its outputs there differ.
+
+    Raised by :mod:`asrfx.runtimes` (ONNX / onnxruntime, torch.export) when the exporter rejects
+    the model, a runtime package is missing, or a checked export disagrees with the eager model.
+
+    Attributes:
+        model: the model's name (its class, or a file name).
+        runtime: the runtime involved ("onnx", "onnxruntime", "torch.export", ...).
+        reason: the underlying error, first line (or the measured difference).
+        rel_error: the measured relative error (max |a-b| / max |a|) when outputs differ, else None.
+    """
+
+    def __init__(self, model: str, runtime: str, reason: str, fix: str,
+                 rel_error: float | None = None):
+        self.model = model
+        self.runtime = runtime
+        self.reason = reason
+        self.rel_error = rel_error
+        super().__init__(f"asrfx could not deploy {model} to {runtime}: {reason}\n  fix: {fix}")
