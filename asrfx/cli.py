@@ -1,4 +1,4 @@
-"""The ``asrfx`` command line: ``demo``, ``stripes``, ``convert``."""
+"""The ``asrfx`` command line: ``demo``, ``stripes``, ``convert``, ``bench``, ``fold``."""
 
 from __future__ import annotations
 
@@ -14,9 +14,26 @@ from torch import nn
 
 from .errors import ASRError, InputError
 
-__all__ = ["main", "load_model"]
+__all__ = ["main", "load_model", "read_checkpoint", "fold_checkpoint"]
 
 _ZOO = re.compile(r"^resnet(\d+)(-se)?(-basic|-bottleneck)?$")
+
+
+def read_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A state_dict from ``path``, read with ``torch.load(weights_only=True)`` only (no arbitrary
+    unpickling); ``{"state_dict": ...}`` wrappers are unwrapped."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
+        raise InputError(f"cannot read checkpoint {str(path)!r} as a weights-only state_dict "
+                         f"({str(e).splitlines()[0]}); save it with "
+                         f"torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"checkpoint {str(path)!r} is not a state_dict (a dict of tensors); save "
+                         f"it with torch.save(model.state_dict(), path)")
+    return state
 
 
 def load_model(spec: str, checkpoint: str | None = None, *, num_classes: int = 10,
@@ -58,15 +75,7 @@ def load_model(spec: str, checkpoint: str | None = None, *, num_classes: int = 1
         raise InputError(f"--model {spec!r}: expected package.module:factory or a zoo name like "
                          f"resnet20-se / resnet164-se")
     if checkpoint:
-        try:
-            state = torch.load(checkpoint, map_location=device, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
-            raise InputError(f"cannot read checkpoint {checkpoint!r} as a weights-only state_dict "
-                             f"({str(e).splitlines()[0]}); save it with "
-                             f"torch.save(model.state_dict(), path)") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
-                                                                             dict):
-            state = state["state_dict"]
+        state = read_checkpoint(checkpoint, device)
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise InputError(f"checkpoint {checkpoint!r} does not fit {spec}: missing "
@@ -158,6 +167,75 @@ def _bench(args: argparse.Namespace) -> None:
         print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+def fold_checkpoint(spec: str, checkpoint: str | Path, out: str | Path, *,
+                    size: tuple[int, ...] = (3, 32, 32), num_classes: int = 10,
+                    mode: str | None = None, insert: str | None = None,
+                    where: str = "block_output", formats: tuple[str, ...] = ("pt2", "onnx"),
+                    tol: float = 1e-4, device: str = "cpu") -> dict[str, Any]:
+    """Turn a checkpoint of a prepared model into the deploy model, saved without pickle.
+
+    The model is rebuilt from ``spec``, prepared as it was for training (``mode``, ``insert``,
+    ``where``), the checkpoint loaded into it (a prepared model's, or the original model's --
+    then every psi keeps its initial value and the result says so), folded, and written as
+    ``deploy.pt2`` (torch.export) and ``deploy.onnx``; each file is loaded back and checked
+    against the prepared model. Returns what was written and measured.
+    """
+    import asrfx
+
+    from . import runtimes
+
+    bad = [f for f in formats if f not in ("pt2", "onnx")]
+    if bad:
+        raise InputError(f"--formats: unknown {bad}; choose pt2 and/or onnx")
+    model = load_model(spec, None, num_classes=num_classes, in_channels=size[0],
+                       dims=len(size) - 1, device=device)
+    x = torch.randn(2, *size, device=device)
+    prepared = asrfx.prepare(model, example_inputs=(x,), mode=mode, insert=insert, where=where)
+    state = read_checkpoint(checkpoint, device)
+    res = prepared.load_state_dict(state, strict=False)
+    psi_missing = [k for k in res.missing_keys if k.endswith("psi")]
+    other = [k for k in res.missing_keys if not k.endswith("psi")]
+    if other or res.unexpected_keys:
+        raise InputError(f"checkpoint {str(checkpoint)!r} does not fit {spec} prepared with "
+                         f"mode={mode!r}, insert={insert!r}: missing {other[:5]}, unexpected "
+                         f"{res.unexpected_keys[:5]}; give the options the model was prepared "
+                         f"with")
+    notes = []
+    if psi_missing:
+        notes.append(f"the checkpoint has no psi ({len(psi_missing)} missing): it is the "
+                     f"original model's; psi keep their initial value")
+    deploy = asrfx.fold(prepared, example_inputs=(x,), tol=tol)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"report": str(deploy.asrfx_report), "notes": notes, "files": {}}
+    prepared.eval()
+    if "pt2" in formats:
+        path = runtimes.export_program(deploy, (x,), out / "deploy.pt2")
+        err = runtimes.check_program(prepared, (x,), path, tol=tol)
+        result["files"]["pt2"] = {"path": str(path), "rel_err": err}
+    if "onnx" in formats:
+        path = runtimes.export_onnx(deploy, (x,), out / "deploy.onnx")
+        err = runtimes.check_onnx(prepared, (x,), path, tol=tol)
+        result["files"]["onnx"] = {"path": str(path), "rel_err": err}
+    lines = [result["report"], *notes] + [f"{k}: {v['path']} (loaded back: relative error "
+                                          f"{v['rel_err']:.1e} against the prepared model)"
+                                          for k, v in result["files"].items()]
+    (out / "fold.txt").write_text("\n".join(lines) + "\n")
+    return result
+
+
+def _fold(args: argparse.Namespace) -> None:
+    res = fold_checkpoint(args.model, args.checkpoint, args.out, size=tuple(args.size),
+                          num_classes=args.num_classes, mode=args.mode, insert=args.insert,
+                          where=args.where, formats=tuple(args.formats), tol=args.tol,
+                          device=args.device)
+    print(res["report"])
+    for n in res["notes"]:
+        print(f"note: {n}")
+    for k, v in res["files"].items():
+        print(f"{k}: {v['path']} (loaded back, relative error {v['rel_err']:.1e})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``asrfx`` console script."""
     parser = argparse.ArgumentParser(prog="asrfx", description="ASR on torch.fx: train with "
@@ -224,9 +302,26 @@ def main(argv: list[str] | None = None) -> int:
     bn.add_argument("--quiet", action="store_true", help="no progress bar")
     bn.add_argument("--out", default=None, help="write bench.json, bench.md and PNGs here")
 
+    fd = sub.add_parser("fold", help="checkpoint of a prepared model -> deploy model saved as "
+                                     "torch.export (.pt2) and ONNX, each loaded back and checked")
+    fd.add_argument("--model", required=True, help="package.module:factory or resnet20-se ...")
+    fd.add_argument("--checkpoint", required=True, help="state_dict of the prepared model")
+    fd.add_argument("--out", required=True)
+    fd.add_argument("--size", type=int, nargs="+", default=[3, 32, 32],
+                    help="input shape without batch (default 3 32 32)")
+    fd.add_argument("--num-classes", type=int, default=10, help="for zoo models")
+    fd.add_argument("--mode", default=None, choices=["replace", "both", "keep"],
+                    help="as given to prepare for training")
+    fd.add_argument("--insert", default=None, help="as given to prepare for training")
+    fd.add_argument("--where", default="block_output", help="as given to prepare for training")
+    fd.add_argument("--formats", nargs="+", default=["pt2", "onnx"])
+    fd.add_argument("--tol", type=float, default=1e-4)
+    fd.add_argument("--device", default="cpu")
+
     args = parser.parse_args(argv)
     try:
-        {"demo": _demo, "stripes": _stripes, "convert": _convert, "bench": _bench}[args.cmd](args)
+        {"demo": _demo, "stripes": _stripes, "convert": _convert, "bench": _bench,
+         "fold": _fold}[args.cmd](args)
     except (ASRError, ValueError) as e:
         print(f"asrfx {args.cmd}: {e}", file=sys.stderr)
         return 2
