@@ -225,7 +225,7 @@ def _variants(cfg: BenchConfig, x1: torch.Tensor, device: torch.device
               ) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, Any]]:
     """(eval forms by name, trainable forms by name, notes)."""
     import asrfx
-    from .api import relative_error
+    from .api import _full_fp32_precision, relative_error
 
     evals: dict[str, nn.Module] = {}
     trains: dict[str, nn.Module] = {}
@@ -259,7 +259,7 @@ def _variants(cfg: BenchConfig, x1: torch.Tensor, device: torch.device
         evals[f"ASR({label}) BN-only fold"] = asrfx.fold(prepared, example_inputs=(x1,),
                                                          fuse_bn=False)
         rep = deploy.asrfx_report
-        with torch.no_grad():
+        with torch.no_grad(), _full_fp32_precision():
             err = relative_error(prepared(x1), deploy(x1))
         notes[label] = {"converted": prepared.asrfx_report.count(action="converted"),
                         "folded": rep.count(action="folded"),

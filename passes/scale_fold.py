@@ -110,13 +110,13 @@ def _collect_chains(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[C
     dep = value_dependent(gm.graph)
     chains: dict[fx.Node, Chain] = {}
 
-    def start(x: fx.Node, axis: int) -> Chain | None:
+    def start(x: fx.Node, axis: int, device: torch.device) -> Chain | None:
         c = tensor_shape(x)[axis]
         if x in chains and len(x.users) == 1:
             if chains[x].axis != axis:
                 return None
             return chains.pop(x)
-        ones = torch.ones(c, dtype=torch.float64)
+        ones = torch.ones(c, dtype=torch.float64, device=device)  # where the constants live
         return Chain(x, ones, torch.zeros_like(ones), axis=axis)
 
     for n in gm.graph.nodes:
@@ -139,7 +139,7 @@ def _collect_chains(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[C
                 kind = ("mul" if is_op(n, MUL_OPS) else "add" if is_op(n, ADD_OPS) else
                         "sub" if is_op(n, SUB_OPS) and x is a else
                         "div" if is_op(n, _DIV_OPS) and x is a else None)
-                chain = start(x, axis) if kind else None
+                chain = start(x, axis, const.device) if kind else None
                 if chain is None:
                     break
                 if kind == "mul":
