@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Callable, Sequence
 
@@ -11,7 +12,7 @@ from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils._pytree import tree_flatten
 
-from asrfx.passes import (apply_asr, cleanup, drop_identities, evaluate_constants, find_attention_sites,
+from asrfx.passes import (apply_asr, cleanup, drop_identities, revert_sync_batchnorm, evaluate_constants, find_attention_sites,
                           fold_scales, fuse_batchnorm)
 from asrfx.passes.graph_utils import clone_module, module_path, safe_dce, stable_toposort
 from asrfx.passes.insertion import insert_modules, insertion_points
@@ -19,8 +20,9 @@ from asrfx.passes.branch_merge import merge_branches, merge_sequential
 
 from .errors import FoldMismatch, InputError
 from .report import Report
-from .tracing import (AsrTracer, DualModeGraphModule, infer_example_inputs, normalize_inputs, preserve_modes,
-                      propagate_shapes, trace_modes)
+from .tracing import (AsrTracer, DualModeGraphModule, _inputs_failure, check_example_inputs,
+                      infer_example_inputs, normalize_inputs, preserve_modes, propagate_shapes,
+                      trace_modes)
 
 __all__ = ["prepare", "fold", "relative_error"]
 
@@ -42,9 +44,46 @@ def _attach(gm: fx.GraphModule, report: Report, **info: Any) -> None:
     gm.asrfx_report = report
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_model(model: nn.Module, entry: str) -> None:
+    """Refuse models whose weights asrfx cannot compute with: on the meta device (no values),
+    complex or exotic floating dtypes (the fold computes in float64 and casts back, which would
+    drop an imaginary part), integer weights of the layers a fold rewrites."""
+    name = type(model).__name__
+    tensors = list(model.named_parameters(remove_duplicate=True)) + \
+        list(model.named_buffers(remove_duplicate=True))
+    for key, t in tensors:
+        if t.device.type == "meta":
+            raise InputError(f"asrfx.{entry}: {name}.{key} is on the meta device (shapes without "
+                             f"values): constants cannot be evaluated nor the result checked; "
+                             f"materialize the weights first (model.to_empty(device='cpu') and "
+                             f"load_state_dict)")
+        if t.is_complex() or (t.is_floating_point() and t.dtype not in _DTYPES):
+            fix = ("hold the real and imaginary parts as two real tensors (torch.view_as_real)"
+                   if t.is_complex() else "convert the model with model.float() first")
+            raise InputError(f"asrfx.{entry}: {name}.{key} is {str(t.dtype).replace('torch.', '')}"
+                             f"; asrfx folds real-valued float16, bfloat16, float32 and float64 "
+                             f"models: {fix}")
+    folded_types = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase,
+                    nn.GroupNorm, nn.LayerNorm)
+    for path, mod in model.named_modules():
+        if not isinstance(mod, folded_types):
+            continue
+        for key, t in list(mod.named_parameters(recurse=False)) + \
+                list(mod.named_buffers(recurse=False)):
+            if key != "num_batches_tracked" and not t.is_floating_point():
+                raise InputError(f"asrfx.{entry}: {name}.{path}.{key} ({type(mod).__name__}) is "
+                                 f"{str(t.dtype).replace('torch.', '')}: asrfx folds "
+                                 f"floating-point layers; dequantize the model (float weights) "
+                                 f"first")
+
+
 def _inputs_for(model: nn.Module, example_inputs: Any) -> tuple:
     inputs = normalize_inputs(example_inputs, model)
     if inputs is not None:
+        check_example_inputs(inputs, model)
         return inputs
     specs = _meta(model).get("input_specs")
     if specs:
@@ -203,12 +242,15 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
         raise InputError(f"where must be 'block_output', 'every_bn', 'after_norm' or a predicate "
                          f"(module path, node) -> bool, got {where!r}")
     _check_init(init, calibration_data)
+    _check_model(model, "prepare")
     stage = _meta(model).get("stage")
     if stage in ("prepare", "fold"):
         out = copy.deepcopy(model)
+        done = {"prepare": "prepared", "fold": "folded"}[stage]
         report = Report("prepare", params_before=_count_params(model),
                         params_after=_count_params(out),
-                        notes=[f"model is already {stage}; returned unchanged"])
+                        notes=[f"model is already {done} (asrfx.{stage}); returned unchanged "
+                               f"(a copy)"])
         _attach(out, report, **{k: v for k, v in _meta(model).items() if k != "stage"})
         out.meta["asrfx"]["stage"] = stage
         return out
@@ -337,7 +379,7 @@ def _clone_graph_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
     g._codegen = copy.deepcopy(graph._codegen)
     out = g.graph_copy(graph, {})
     g.output(out)
-    new = fx.GraphModule(root, g, "GraphModule")
+    new = fx.GraphModule(root, g, type(gm).__name__)  # errors name the caller's model
     new.meta = {k: v for k, v in getattr(gm, "meta", {}).items()
                 if k != _USER_PRESERVED_ATTRIBUTES_KEY}
     return new
@@ -349,16 +391,14 @@ def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
     try:
         consts = evaluate_constants(gm, inputs, outputs)
     except Exception as e:  # noqa: BLE001 - a bad input must name itself, not fail deep in fx
-        raise InputError(
-            f"running {type(gm).__name__} on the example inputs failed ({str(e).splitlines()[0]}); "
-            f"pass example_inputs=(x,) with tensors the model accepts (shapes given: "
-            f"{[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})") from None
+        raise InputError(_inputs_failure(gm, inputs, e)) from None
+    syncbn = revert_sync_batchnorm(gm)  # trained with SyncBatchNorm: the same map in eval mode
     drop_identities(gm)
     scales = fold_scales(gm, select)
     bns = fuse_batchnorm(gm, select) if fuse_bn else []
     merges = merge_sequential(gm, select) + merge_branches(gm, select) if fuse_bn else []
     cleanup(gm)
-    return {"consts": consts, "scales": scales, "bns": bns, "merges": merges}
+    return {"consts": consts, "syncbn": syncbn, "scales": scales, "bns": bns, "merges": merges}
 
 
 def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
@@ -390,22 +430,50 @@ def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"asrfx.fold expects an nn.Module, got {type(model).__name__}")
+    _check_model(model, "fold")
     if _meta(model).get("stage") == "fold":
         out = copy.deepcopy(model).eval()
         report = Report("fold", params_before=_count_params(model),
-                        params_after=_count_params(out), notes=["model is already folded; "
-                                                                "returned unchanged"])
+                        params_after=_count_params(out), notes=["model is already folded "
+                                                                "(asrfx.fold); returned "
+                                                                "unchanged (a copy)"])
         _attach(out, report, **{k: v for k, v in _meta(model).items() if k != "stage"})
         return out
     inputs = _inputs_for(model, example_inputs)
+    with _full_fp32_precision():
+        return _fold(model, inputs, check, fuse_bn, tol, leaf_modules)
+
+
+@contextlib.contextmanager
+def _full_fp32_precision():
+    """No TF32 while folding: on Ampere and later GPUs cuDNN convolutions default to TF32
+    (10-bit mantissa), whose rounding differs between the original and the folded weights by
+    ~1e-3 -- the check would compare rounding noise, not the fold."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+def _fold(model: nn.Module, inputs: tuple, check: bool, fuse_bn: bool, tol: float,
+          leaf_modules: Sequence[str | type]) -> fx.GraphModule:
     gm = _eval_graph_module(model, leaf_modules, inputs)
+    _check_arity(gm, inputs)
     outputs: list = []
     recs = _run_passes(gm, inputs, fuse_bn, outputs=outputs)
     ref = outputs[0]
     report = _fold_report(model, gm, recs)
     if check:
         with torch.no_grad():
-            out = gm(*inputs)
+            try:
+                out = gm(*inputs)
+            except Exception as e:  # noqa: BLE001 - the unfolded graph ran on these inputs
+                raise FoldMismatch(float("nan"), tol, None,
+                                   f"The folded graph fails to run ({type(e).__name__}: "
+                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                                   f". ") from None
             err = relative_error(ref, out)
         tol = _tolerance(tol, out)
         report.notes.append(f"checked against the unfolded model in eval mode: relative error "
@@ -414,10 +482,29 @@ def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
             worst, worst_err = _isolate(model, leaf_modules, inputs, fuse_bn, ref, recs)
             raise FoldMismatch(err, tol, worst,
                                f"(that site alone gives {worst_err:.2e}) " if worst else "")
+    if not any(s.action in ("folded", "fused", "merged") for s in report.sites):
+        report.notes.append("nothing was folded, fused or merged: the result computes what the "
+                            "model computes in eval mode")
     info = {k: v for k, v in _meta(model).items() if k != "stage"}
     info["input_specs"] = _input_specs(inputs)
     _attach(gm, report, **info)
     return gm
+
+
+def _check_arity(gm: fx.GraphModule, inputs: tuple) -> None:
+    """As many inputs as the graph takes: fx's Interpreter would silently drop extra ones."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(str(n.target).startswith("*") for n in placeholders):
+        return
+    required = [n for n in placeholders if not n.args]  # a default is the placeholder's arg
+    if not len(required) <= len(inputs) <= len(placeholders):
+        from .tracing import _signature, describe_inputs
+
+        takes = f"{len(required)}" if len(required) == len(placeholders) else \
+            f"{len(required)} to {len(placeholders)}"
+        raise InputError(f"{type(gm).__name__} takes {takes} input(s), got {len(inputs)}; pass "
+                         f"example_inputs=(x,) with tensors {_signature(gm)} accepts (given: "
+                         f"{describe_inputs(inputs)})")
 
 
 def _tolerance(tol: float, out: Any) -> float:
@@ -451,6 +538,9 @@ def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: dict[str, list]) ->
     for c in recs["consts"]:
         if "refused" in c:
             report.add(c["path"], "constant branch", 0, "kept", "", c["refused"])
+    for r in recs.get("syncbn", []):
+        report.add(r["path"], "SyncBatchNorm", r["channels"], r["action"], r["target"],
+                   r.get("reason", ""))
     for r in recs["scales"]:
         report.add(r["path"], "channel scale", r["channels"], r["action"], r["target"],
                    r.get("reason", ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,18 +23,46 @@ _ZOO = re.compile(r"^resnet(\d+)(-se)?(-basic|-bottleneck)?$")
 def read_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A state_dict from ``path``, read with ``torch.load(weights_only=True)`` only (no arbitrary
     unpickling); ``{"state_dict": ...}`` wrappers are unwrapped."""
+    save = "save it with torch.save(model.state_dict(), path)"
+    if isinstance(path, (str, os.PathLike)):
+        if not Path(path).exists():
+            raise InputError(f"no checkpoint file at {str(path)!r}; pass --checkpoint with the "
+                             f"path of a state_dict ({save})")
+        if Path(path).is_dir():
+            raise InputError(f"checkpoint {str(path)!r} is a directory, not a file; {save}")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
-        raise InputError(f"cannot read checkpoint {str(path)!r} as a weights-only state_dict "
-                         f"({str(e).splitlines()[0]}); save it with "
-                         f"torch.save(model.state_dict(), path)") from None
+        raise InputError(f"cannot read checkpoint {str(path)!r} as a weights-only state_dict: "
+                         f"{_load_failure(e)}; asrfx never unpickles arbitrary objects "
+                         f"(torch.load(weights_only=True) only): {save}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"checkpoint {str(path)!r} is not a state_dict (a dict of tensors); save "
-                         f"it with torch.save(model.state_dict(), path)")
+        if isinstance(state, dict):
+            found = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(state.items())[:6])
+            what = f"a dict with {{{found}{', ...' if len(state) > 6 else ''}}}"
+        else:
+            what = f"a {type(state).__name__}"
+        raise InputError(f"checkpoint {str(path)!r} is not a state_dict (a dict of tensors) but "
+                         f"{what}; {save}")
     return state
+
+
+def _load_failure(e: BaseException) -> str:
+    """What torch.load(weights_only=True) refused, without torch's advice to unpickle anyway."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    glob = re.search(r"GLOBAL ([\w.]+)", text)
+    if glob:
+        return f"it holds a pickled Python object ({glob.group(1)}), not only tensors"
+    if isinstance(e, EOFError) or "Ran out of input" in text:
+        return "the file is empty or truncated"
+    if "Unsupported operand" in text or "invalid load key" in text or \
+            "failed finding central directory" in text or "PytorchStreamReader" in text:
+        return "it is not a PyTorch checkpoint (or it holds pickled Python objects)"
+    if "Weights only load failed" in text:  # torch's advice (unpickle anyway) is not repeated
+        return "it holds pickled Python objects, not only tensors"
+    return f"{type(e).__name__}: {next((ln for ln in text.splitlines() if ln.strip()), '')[:200]}"
 
 
 def load_model(spec: str, checkpoint: str | None = None, *, num_classes: int = 10,
@@ -187,19 +216,43 @@ def fold_checkpoint(spec: str, checkpoint: str | Path, out: str | Path, *,
     bad = [f for f in formats if f not in ("pt2", "onnx")]
     if bad:
         raise InputError(f"--formats: unknown {bad}; choose pt2 and/or onnx")
-    model = load_model(spec, None, num_classes=num_classes, in_channels=size[0],
-                       dims=len(size) - 1, device=device)
+    try:
+        model = load_model(spec, None, num_classes=num_classes, in_channels=size[0],
+                           dims=len(size) - 1, device=device)
+    except ASRError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failing factory is the user's input
+        raise InputError(f"--model {spec}: building the model failed ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); the "
+                         f"factory must build the model with no arguments") from None
     x = torch.randn(2, *size, device=device)
     prepared = asrfx.prepare(model, example_inputs=(x,), mode=mode, insert=insert, where=where)
     state = read_checkpoint(checkpoint, device)
-    res = prepared.load_state_dict(state, strict=False)
-    psi_missing = [k for k in res.missing_keys if k.endswith("psi")]
-    other = [k for k in res.missing_keys if not k.endswith("psi")]
-    if other or res.unexpected_keys:
+    expected = prepared.state_dict()
+    try:
+        res = prepared.load_state_dict(state, strict=False)
+        missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
+        shapes: list[str] = []
+    except RuntimeError as e:  # shapes differ: say which, as an InputError
+        failure = str(e).strip().splitlines()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        shapes = [f"{k}: {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the "
+                  f"model" for k, v in expected.items() if k in state
+                  and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape] or \
+            [" ".join(ln.strip() for ln in failure[:3])]
+    psi_missing = [k for k in missing if k.endswith("psi")]
+    other = [k for k in missing if not k.endswith("psi")]
+    if other or unexpected:
         raise InputError(f"checkpoint {str(checkpoint)!r} does not fit {spec} prepared with "
-                         f"mode={mode!r}, insert={insert!r}: missing {other[:5]}, unexpected "
-                         f"{res.unexpected_keys[:5]}; give the options the model was prepared "
-                         f"with")
+                         f"mode={mode!r}, insert={insert!r}: {len(other)} of the model's "
+                         f"{len(expected)} keys missing {other[:5]}, {len(unexpected)} unexpected "
+                         f"{unexpected[:5]}; check --model (is it this model's checkpoint?), "
+                         f"and give the options the model was prepared with")
+    if shapes:
+        raise InputError(f"checkpoint {str(checkpoint)!r} does not fit {spec}: "
+                         f"{'; '.join(shapes[:3])}; build the model as it was trained "
+                         f"(--num-classes, --size, the factory's arguments)")
     notes = []
     if psi_missing:
         notes.append(f"the checkpoint has no psi ({len(psi_missing)} missing): it is the "

@@ -128,6 +128,41 @@ class AsrTracer(fx.Tracer):
             raise _SubmoduleTraceFailure(path, e) from e
 
 
+def _patch_keyword_targets() -> None:
+    """Let fx generate code for module / attribute paths with a Python keyword in them.
+
+    fx writes ``self.blocks.in.conv(x)`` for a submodule ``blocks["in"]`` (a ModuleDict key or
+    an ``add_module`` name such as "in", "class", "for"): its code generator only checks
+    ``str.isidentifier()``, which keywords pass, and compiling the generated forward then fails
+    with a SyntaxError. Such names are legal in PyTorch, so the generator is made to spell them
+    ``getattr(self.blocks, "in")`` -- as it already does for ``"0"`` -- where torch does not.
+    """
+    import keyword
+
+    import torch.fx.graph as fx_graph
+
+    original = getattr(fx_graph, "_format_target", None)
+    if original is None or getattr(original, "_asrfx_keywords", False):
+        return
+    try:
+        if original("self", "a.in") != "self.a.in":
+            return  # this torch already spells keywords safely
+    except Exception:  # noqa: BLE001 - an fx internal we do not recognise: leave it alone
+        return
+
+    def _format_target(base: str, target: str) -> str:
+        r = base
+        for e in target.split("."):
+            r = f'getattr({r}, "{e}")' if not e.isidentifier() or keyword.iskeyword(e) \
+                else f"{r}.{e}"
+        return r
+
+    _format_target._asrfx_keywords = True  # type: ignore[attr-defined]
+    fx_graph._format_target = _format_target
+
+
+_patch_keyword_targets()
+
 _fx_len = fx.Proxy.__len__
 
 
@@ -176,7 +211,14 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
     for name, fn in originals.items():
         setattr(torch, name, _wrap_factory(fn))
     try:
-        return tracer.trace(model)
+        graph = tracer.trace(model)
+        for node in graph.nodes:
+            # a forward annotated under `from __future__ import annotations` gives placeholders
+            # the annotation as a string, which breaks pickling the GraphModule (torch.save of
+            # the whole model): keep real types only
+            if isinstance(node.type, str):
+                node.type = None
+        return graph
     finally:
         for name, fn in originals.items():
             setattr(torch, name, fn)
@@ -211,11 +253,13 @@ def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
             if example_inputs is not None and not with_values and "'len'" in str(e):
                 with_values = True
                 continue
+            hint = _top_level_hint(model, example_inputs)
             raise TraceError(
                 "", f"{type(e).__name__}: {_short(e)} (in {name}.forward)",
                 "remove data-dependent Python control flow from the top-level forward, or wrap the "
                 "offending part in a submodule and pass its name in leaf_modules=[...] "
-                "(asrfx.trace / asrfx.prepare accept leaf_modules)") from None
+                "(asrfx.trace / asrfx.prepare accept leaf_modules)" +
+                (f"; {hint}" if hint else "")) from None
     raise TraceError("", "too many untraceable submodules", "pass leaf_modules=[...]")
 
 
@@ -257,7 +301,8 @@ class TraceResult:
             gm.recompile()
         if not self.dual:
             return self.train
-        return DualModeGraphModule(self.train, self.train.graph, self.eval.graph)
+        return DualModeGraphModule(self.train, self.train.graph, self.eval.graph,
+                                   class_name=type(self.root).__name__)
 
 
 def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
@@ -283,9 +328,11 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
             path = _find_unfaithful_module(model, tr, leaf_modules, leaves, example_inputs,
                                            reference) or ""
         if path == "":
-            raise TraceError("", f"the traced graph {why}",
+            hint = _top_level_hint(model, example_inputs)
+            raise TraceError("", f"the traced graph of {type(model).__name__} {why}",
                              "pass leaf_modules=[...] naming the submodule with Python control "
-                             "flow on tensors (isinstance/None checks on inputs, len(x.shape))")
+                             "flow on tensors (isinstance/None checks on inputs, len(x.shape))" +
+                             (f"; {hint}" if hint else ""))
         warnings.warn(f"asrfx: submodule '{path}' ({type(model.get_submodule(path)).__name__}) "
                       f"traces to a graph that {why}; it is kept as an opaque leaf and nothing "
                       f"inside it will be converted.", stacklevel=3)
@@ -323,11 +370,23 @@ def _eager_eval(model: nn.Module, inputs: tuple) -> Any:
             with torch.no_grad():
                 return model(*inputs)
         except Exception as e:  # noqa: BLE001
-            raise InputError(
-                f"{type(model).__name__} fails on the example inputs ({_short(e)}); pass "
-                f"example_inputs=(x,) with tensors the model accepts (shapes given: "
-                f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]})"
-            ) from None
+            raise InputError(_inputs_failure(model, inputs, e)) from None
+
+
+def _inputs_failure(model: nn.Module, inputs: tuple, e: BaseException) -> str:
+    """Why ``model(*inputs)`` failed and what to pass instead."""
+    dtypes = _param_dtypes(model)
+    wrong = [t.dtype for t in inputs if isinstance(t, torch.Tensor) and dtypes
+             and t.dtype not in dtypes]
+    hint = ""
+    if wrong:
+        want = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        hint = (f"; the model's parameters are {want}, the inputs "
+                f"{', '.join(str(d).replace('torch.', '') for d in wrong)}: cast them (x.to("
+                f"{next(iter(sorted(dtypes, key=str)))})) if the model takes such values")
+    return (f"{type(model).__name__} fails on the example inputs ({_short(e)}); pass "
+            f"example_inputs=(x,) with tensors {_signature(model)} accepts (given: "
+            f"{describe_inputs(inputs)}){hint}")
 
 
 def _light_meta(obj: Any) -> Any:
@@ -587,10 +646,96 @@ def normalize_inputs(example_inputs: Any, model: nn.Module) -> tuple | None:
         return None
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
+    if _is_array(example_inputs):
+        raise InputError(f"example_inputs for {type(model).__name__} must be torch tensors, got "
+                         f"a {type(example_inputs).__name__}: pass "
+                         f"example_inputs=(torch.from_numpy(a),)")
     if isinstance(example_inputs, (list, tuple)):
+        arrays = [i for i, a in enumerate(example_inputs) if _is_array(a)]
+        if arrays:
+            raise InputError(f"example_inputs for {type(model).__name__} must be torch tensors, "
+                             f"got a {type(example_inputs[arrays[0]]).__name__} at position "
+                             f"{arrays[0]}: convert it with torch.from_numpy(a)")
         return tuple(example_inputs)
     raise InputError(f"example_inputs for {type(model).__name__} must be a tensor or a tuple of "
-                     f"tensors, got {type(example_inputs).__name__}")
+                     f"tensors, got {type(example_inputs).__name__}; pass example_inputs=(x,) "
+                     f"or (x, y, ...) in the order {_signature(model)} takes them")
+
+
+def _is_array(obj: Any) -> bool:
+    """A numpy array (or another array type with a numpy-like interface), not a tensor."""
+    return not isinstance(obj, torch.Tensor) and hasattr(obj, "__array__") and \
+        hasattr(obj, "dtype") and hasattr(obj, "shape")
+
+
+def check_example_inputs(inputs: tuple, model: nn.Module) -> None:
+    """Refuse example inputs no check can be made with: no tensor at all, or an empty batch.
+
+    Raises:
+        InputError: naming the model, what was given and what to pass instead.
+    """
+    from torch.utils._pytree import tree_flatten
+
+    name = type(model).__name__
+    tensors = [t for t in tree_flatten(list(inputs))[0] if isinstance(t, torch.Tensor)]
+    if inputs and not tensors:
+        raise InputError(f"example_inputs for {name} hold no tensor (got "
+                         f"{describe_inputs(inputs)}); pass example_inputs=(x,) with x a "
+                         f"torch.Tensor batch the model accepts, e.g. torch.randn(2, 3, 32, 32)")
+    if tensors and tensors[0].numel() == 0 and tensors[0].dim() > 0:
+        raise InputError(f"the example input of {name} is empty (shape "
+                         f"{tuple(tensors[0].shape)}): nothing could be checked on it; pass "
+                         f"example_inputs=(x,) with a batch of at least one sample, e.g. 2")
+
+
+def describe_inputs(inputs: Any) -> str:
+    """``[(2, 3, 8, 8) float32, 'int']``: each input's shape and dtype, or its type."""
+    def one(t: Any) -> str:
+        if isinstance(t, torch.Tensor):
+            return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" + \
+                (f" on {t.device}" if t.device.type != "cpu" else "")
+        return type(t).__name__
+    return "[" + ", ".join(one(t) for t in inputs) + "]"
+
+
+def _signature(model: nn.Module) -> str:
+    import inspect
+
+    try:
+        return f"{type(model).__name__}.forward{inspect.signature(model.forward)}"
+    except (TypeError, ValueError):
+        return f"{type(model).__name__}.forward"
+
+
+def _param_dtypes(model: nn.Module) -> set[torch.dtype]:
+    return {p.dtype for p in model.parameters() if p.is_floating_point()}
+
+
+def _top_level_hint(model: nn.Module, inputs: tuple | None) -> str:
+    """Extra advice for a top-level trace failure: causes the control-flow advice misses."""
+    import inspect
+
+    hints = []
+    if model._forward_hooks or model._forward_pre_hooks or \
+            getattr(model, "_forward_hooks_with_kwargs", None):
+        hints.append(f"{type(model).__name__} has forward hooks on itself, which a traced graph "
+                     f"does not run: remove them (handle.remove()) before asrfx, or register "
+                     f"them on the result")
+    if inputs is not None:
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        optional = [p.name for p in params[len(inputs):]
+                    if p.default is not inspect.Parameter.empty
+                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if optional:
+            hints.append(f"{_signature(model)} has optional arguments {optional} that "
+                         f"example_inputs do not give; asrfx traces them as inputs, so a branch "
+                         f"on them (e.g. `if mask is None`) cannot be traced: give them in "
+                         f"example_inputs, or wrap the model in a module whose forward(x) calls "
+                         f"model(x)")
+    return "; ".join(hints)
 
 
 def infer_example_inputs(model: nn.Module, size: int = 32, batch: int = 2) -> tuple:
@@ -622,11 +767,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
         with torch.no_grad():
             ShapeRecorder(gm).propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001
-        raise InputError(
-            f"running {gm.__class__.__name__} on the example inputs failed ({_short(e)}); "
-            f"pass example_inputs=(x,) with tensors the model accepts "
-            f"(shapes given: {[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs]})"
-        ) from None
+        raise InputError(_inputs_failure(gm, example_inputs, e)) from None
     finally:
         modes.__exit__()
 
@@ -654,6 +795,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *,
     if not isinstance(model, nn.Module):
         raise InputError(f"asrfx.trace expects an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs, model)
+    if inputs is not None:
+        check_example_inputs(inputs, model)
     tr = trace_modes(model, leaf_modules, inputs)
     if inputs is not None:
         for gm in tr.modules():

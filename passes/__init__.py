@@ -1,7 +1,7 @@
 """Graph passes of asrfx (installed as ``asrfx.passes``).
 
 One module per pass family: finding attention sites, the ASR rewrite, insertion, constant
-evaluation, scale folding, BatchNorm fusion, branch merging, and clean-up. Each pass takes a GraphModule, edits it in place and
+evaluation, scale folding, BatchNorm fusion, branch merging, SyncBatchNorm reversion, and clean-up. Each pass takes a GraphModule, edits it in place and
 returns what it did (and refused) as :class:`asrfx.report.Site` records.
 """
 
@@ -14,8 +14,9 @@ from .bn_fusion import fuse_batchnorm  # noqa: F401
 from .cleanup import cleanup, drop_identities  # noqa: F401
 from .insertion import insert_modules, insertion_points  # noqa: F401
 from .branch_merge import merge_branches, merge_sequential  # noqa: F401
+from .sync_bn import revert_sync_batchnorm  # noqa: F401
 
 __all__ = ["value_dependent", "module_path", "tensor_shape", "AttentionSite",
            "find_attention_sites", "apply_asr", "evaluate_constants", "fold_scales",
            "fuse_batchnorm", "cleanup", "drop_identities", "insert_modules", "insertion_points", "merge_branches",
-           "merge_sequential"]
+           "merge_sequential", "revert_sync_batchnorm"]

@@ -12,10 +12,22 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from helpers import randomize_bn  # noqa: E402,F401  (re-exported: ``from conftest import ...``)
+
+# Hypothesis profiles, picked with HYPOTHESIS_PROFILE (default "ci"). Tests that set their own
+# max_examples keep it; the rest (the random-architecture fuzzer, tests/test_fuzz.py) take the
+# profile's. "ci": derandomized (the same examples every run), 100 examples per test. "long":
+# thousands of random examples, run by hand:
+#   HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest -q tests/test_fuzz.py
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=3000, deadline=None, derandomize=False,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The models here are small; on a shared 2-core runner intra-op threads that busy-wait for a core
 # another process holds made a ResNet-164 training step ~30x slower than one thread (measured:

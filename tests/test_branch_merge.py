@@ -286,8 +286,9 @@ def test_branch_sums_merge_exactly_when_they_are_one_conv(case, seed):
     if _expect_merge(specs):
         assert len(merged) == 1, recs
         assert _convs_and_norms(deploy) == (1, 0)
-    else:
-        assert not merged, (specs, recs)
+    else:  # a sub-sum may still merge (e.g. a grouped conv with its identity BN), never all
+        assert not any(f"({len(specs)} branches" in r.target for r in merged), (specs, recs)
+        assert _convs_and_norms(deploy)[0] >= 2
     with torch.no_grad():
         for xi in (x, torch.randn(3, c, 9, 9)):
             assert rel_err(model(xi), deploy(xi)) <= 1e-5

@@ -678,3 +678,27 @@ def test_mixed_train_eval_flags_survive_trace_and_prepare():
     prepared = asrfx.prepare(model, example_inputs=(x,))
     assert model.training and not model.bn1.training
     assert prepared.training and not prepared.bn1.training and prepared.get_submodule("layer1.0.bn1").training
+
+
+def test_prepared_and_folded_models_pickle_whole():
+    """Models written under ``from __future__ import annotations`` (the zoo) annotate forward
+    inputs with strings; fx used to keep them on the placeholders, and ``torch.save(model)``
+    then failed. (Loading a whole pickled model is the user's choice; asrfx itself only ever
+    loads state_dicts with weights_only=True.)"""
+    import io
+
+    from asrfx.zoo import cifar_resnet
+
+    x = torch.randn(2, 3, 32, 32)
+    prepared = asrfx.prepare(cifar_resnet(20, block="basic", attention="se", num_classes=10),
+                             example_inputs=(x,))
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    for model in (prepared, deploy):
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        model.eval()
+        back.eval()
+        with torch.no_grad():
+            assert torch.equal(model(x), back(x))
