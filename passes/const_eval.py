@@ -24,6 +24,54 @@ _BROADCAST_OPS = MUL_OPS | ADD_OPS | SUB_OPS | {operator.truediv, torch.div, "di
                                                  operator.itruediv}
 
 
+def _broadcast_expands(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
+    """(op, expand node, its input) for every ``x * g.expand_as(x)`` (likewise
+    ``g.expand(<x's shape>)``, ``+ - /``): the broadcasting op gives the same values from ``g``
+    itself."""
+    found = []
+    for e in gm.graph.nodes:
+        if e.op != "call_method" or e.target not in ("expand_as", "expand") or e.kwargs or \
+                not e.args or not isinstance(e.args[0], fx.Node):
+            continue
+        g = e.args[0]
+        for u in e.users:
+            if not is_op(u, _BROADCAST_OPS) or len(u.args) != 2 or u.kwargs:
+                continue
+            a, b = u.args
+            if a is e and (isinstance(u.target, str) and u.target.endswith("_") or
+                           u.target in (operator.imul, operator.iadd, operator.isub,
+                                        operator.itruediv)):
+                continue  # an in-place op writes into its first operand
+            other = b if a is e else a
+            if not isinstance(other, fx.Node) or other is e:
+                continue
+            if e.target == "expand_as":
+                same = len(e.args) == 2 and e.args[1] is other
+            else:
+                se, so, sg = (n.meta.get("tensor_meta") for n in (e, other, g))
+                same = all(m is not None and hasattr(m, "shape") for m in (se, so, sg)) and \
+                    tuple(se.shape) == tuple(so.shape) and len(sg.shape) <= len(se.shape)
+            if same:
+                found.append((u, e, g))
+    return found
+
+
+def drop_broadcast_expands(gm: fx.GraphModule,
+                           found: list[tuple[fx.Node, fx.Node, fx.Node]] | None = None) -> int:
+    """``x * g.expand_as(x)`` -> ``x * g`` (see :func:`_broadcast_expands`), so that an
+    evaluated branch keeps its per-channel shape -- not one value per position of the example
+    input -- and no longer reads ``x``. Returns how many operands were replaced."""
+    found = _broadcast_expands(gm) if found is None else found
+    for u, e, g in found:
+        u.replace_input_with(e, g)
+    for e in {e for _, e, _ in found}:
+        if not e.users:
+            gm.graph.erase_node(e)
+    if found:
+        gm.recompile()
+    return len(found)
+
+
 def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
                        outputs: list | None = None) -> list[dict[str, Any]]:
     """Replace input-independent tensor subgraphs feeding the input-dependent graph by buffers.
@@ -39,6 +87,12 @@ def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
         ``{"node", "path", "refused": reason}`` when it had to stay a computation.
     """
     graph = gm.graph
+    expands = _broadcast_expands(gm)
+    reference = None
+    if expands and outputs is not None:  # the reference output is the unchanged graph's
+        with torch.no_grad():
+            reference = gm(*example_inputs)
+    drop_broadcast_expands(gm, expands)
     dep = value_dependent(graph)
     shape_dep: set[fx.Node] = set()
     for n in graph.nodes:
@@ -56,7 +110,7 @@ def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
     with torch.no_grad():
         out = rec.propagate(*example_inputs)
     if outputs is not None:
-        outputs.append(out)
+        outputs.append(out if reference is None else reference)
     records = []
     for n in frontier:
         v = rec.values.get(n)

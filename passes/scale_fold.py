@@ -279,8 +279,11 @@ def _commutes(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tenso
     return None
 
 
-def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str | None:
-    """Fold into the producer of the chain's base; through ops the scale commutes with."""
+def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0,
+                        dry: bool = False) -> str | None:
+    """Fold into the producer of the chain's base; through ops the scale commutes with, and
+    into every part of a sum or a channel concatenation. With ``dry``, only say where the
+    chain would go: nothing is changed (a sum or a concat folds only when all its parts can)."""
     x = chain.base
     members = set(chain.members)
     # shape reads (x.shape, x.size()) see the same shape after the fold
@@ -290,21 +293,27 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
     shape = tensor_shape(x)
     dims = permute_dims(x)
     if dims is not None:
-        return _fold_through_permute(gm, chain, dims, depth)
+        return _fold_through_permute(gm, chain, dims, depth, dry)
     if chain.axis == -1:
-        return _fold_tokens_into_producer(gm, chain, depth)
+        return _fold_tokens_into_producer(gm, chain, depth, dry)
     through = _commutes(gm, x, s, t)
     if through is not None and depth < 8 and x.args and isinstance(x.args[0], fx.Node):
         inner = Chain(x.args[0], s, t, [x], axis=chain.axis)
         if tensor_shape(x.args[0]) is not None and len(tensor_shape(x.args[0])) == len(shape) \
                 and tensor_shape(x.args[0])[1] == shape[1]:
-            target = _fold_into_producer(gm, inner, depth + 1)
+            target = _fold_into_producer(gm, inner, depth + 1, dry)
             if target is not None:
                 return f"{target} through {through}"
+    if depth < 8:
+        parts = _sum_parts(x, s, t) or _cat_parts(x, s, t)
+        if parts is not None:
+            return _fold_into_parts(gm, x, parts, depth, dry)
     if x.op == "call_module":
         other = gm.get_submodule(str(x.target))
         if _exact(other, OTHER_NORMS) and getattr(other, "affine", False) and \
                 getattr(other, "weight", None) is not None and other.weight.numel() == s.numel():
+            if dry:
+                return f"{x.target} (norm affine)"
             mod = module_for_call_site(gm, x)
             w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, s.numel())
             mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
@@ -314,6 +323,8 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
         if _exact(mod, (nn.LayerNorm,)) and tuple(mod.normalized_shape) == tuple(shape[1:]):
             # LayerNorm over (C, *S) of a channels-first map: its affine is per element, the
             # channel scale repeats over the positions of each channel
+            if dry:
+                return f"{x.target} (norm affine)"
             mod = module_for_call_site(gm, x)
             full = tuple(shape[1:])
             spread = lambda v: v.reshape((-1,) + (1,) * (len(full) - 1)).expand(full).reshape(-1)
@@ -326,6 +337,8 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
         if _exact(mod, NORM_TYPES):
             if mod.running_mean is None or mod.num_features != s.numel():
                 return None
+            if dry:
+                return f"{x.target} (norm affine)"
             mod = module_for_call_site(gm, x)
             w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, mod.num_features)
             w, b = w.to(mod.running_var.dtype), b.to(mod.running_var.dtype)
@@ -337,6 +350,8 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
         if _exact(mod, CONV_TYPES) or (_exact(mod, (nn.Linear,)) and len(shape) == 2):
             if mod.weight.shape[0] != s.numel():
                 return None
+            if dry:
+                return f"{x.target} (output rows)"
             mod = module_for_call_site(gm, x)
             w, b = foldmath.fold_scale_into_conv_out(mod.weight, mod.bias, s, t)
             mod.weight = nn.Parameter(w)
@@ -346,6 +361,8 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
     params = _conv_param_nodes(gm, x)
     if params is not None:
         w_node, b_node = params
+        if dry:
+            return f"{str(w_node.target).rpartition('.')[0]} (output rows)"
         weight = get_attr_path(gm, str(w_node.target))
         bias = None if b_node is None else get_attr_path(gm, str(b_node.target))
         w, b = foldmath.fold_scale_into_conv_out(weight, bias, s, t)
@@ -354,7 +371,91 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> str
     return None
 
 
-def _fold_tokens_into_producer(gm: fx.GraphModule, chain: Chain, depth: int) -> str | None:
+_CATS = {torch.cat, torch.concat}
+
+
+def _sum_parts(x: fx.Node, s: torch.Tensor, t: torch.Tensor
+               ) -> list[tuple[fx.Node, torch.Tensor, torch.Tensor]] | None:
+    """``(a + b) * s + t = (a * s + t) + b * s`` (and ``a - b`` alike): the summands with their
+    share of the chain, when both have the sum's shape (no broadcasting). The shift goes to
+    one summand (:func:`_fold_into_parts` picks which)."""
+    sub = is_op(x, SUB_OPS)
+    if not (is_op(x, ADD_OPS) or sub) or len(x.args) != 2 or x.kwargs:
+        return None
+    a, b = x.args
+    shape = tensor_shape(x)
+    if not all(isinstance(v, fx.Node) and tensor_shape(v) == shape for v in (a, b)):
+        return None
+    if a is b:  # x + x = 2x: fold (s, t / 2) once; x - x is constant zero: leave it
+        return None if sub else [(a, s, t / 2)]
+    zero = torch.zeros_like(t)
+    return [(a, s, t), (b, s, zero)]
+
+
+def _cat_parts(x: fx.Node, s: torch.Tensor, t: torch.Tensor
+               ) -> list[tuple[fx.Node, torch.Tensor, torch.Tensor]] | None:
+    """``cat([a, b], 1) * s + t = cat([a * s_a + t_a, b * s_b + t_b], 1)``: the parts of a
+    concatenation over the channels, each with its slice of the chain."""
+    if x.op != "call_function" or x.target not in _CATS:
+        return None
+    seq = x.args[0] if x.args else x.kwargs.get("tensors")
+    dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", 0)
+    shape = tensor_shape(x)
+    if not isinstance(seq, (list, tuple)) or shape is None or not isinstance(dim, int) or \
+            dim % len(shape) != 1:
+        return None
+    if not all(isinstance(p, fx.Node) and tensor_shape(p) is not None for p in seq) or \
+            len(set(seq)) != len(seq):
+        return None  # a part listed twice would need two scales at once
+    widths = [tensor_shape(p)[1] for p in seq]
+    if sum(widths) != s.numel():
+        return None
+    out, start = [], 0
+    for p, w in zip(seq, widths):
+        out.append((p, s[start:start + w], t[start:start + w]))
+        start += w
+    return out
+
+
+def _fold_into_parts(gm: fx.GraphModule, x: fx.Node,
+                     parts: list[tuple[fx.Node, torch.Tensor, torch.Tensor]], depth: int,
+                     dry: bool) -> str | None:
+    """Fold each part's share into that part's producer, all or none (checked dry first)."""
+    if _is_sum(x):
+        # one summand takes the shift: the first whose producer can
+        shift = parts[0][2]
+        has_shift = bool(torch.any(shift != 0))
+        plans = None
+        for i in range(len(parts) if has_shift else 1):
+            trial = [(p, sc, shift if j == i else torch.zeros_like(shift))
+                     for j, (p, sc, _) in enumerate(parts)]
+            if all(_fold_into_producer(gm, Chain(p, sc, sh, [x]), depth + 1, dry=True)
+                   for p, sc, sh in trial):
+                plans = trial
+                break
+        if plans is None:
+            return None
+    else:
+        plans = parts
+        if not all(_fold_into_producer(gm, Chain(p, sc, sh, [x]), depth + 1, dry=True)
+                   for p, sc, sh in plans):
+            return None
+    targets = []
+    for p, sc, sh in plans:
+        target = _fold_into_producer(gm, Chain(p, sc, sh, [x]), depth + 1, dry)
+        if target is None:  # the dry run said it would fold: an inconsistency, not a choice
+            raise RuntimeError(f"asrfx internal error: folding into {p.name} (a part of "
+                               f"{x.name}) failed after its dry run succeeded")
+        targets.append(target)
+    return " + ".join(targets) if _is_sum(x) else f"cat({', '.join(targets)})"
+
+
+def _is_sum(x: fx.Node) -> bool:
+    return is_op(x, ADD_OPS) or is_op(x, SUB_OPS)
+
+
+def _fold_tokens_into_producer(gm: fx.GraphModule, chain: Chain, depth: int,
+                               dry: bool = False) -> str | None:
     """Tokens ``(N, L, C)`` scaled per channel (last dim): into the producing Linear's output
     rows or LayerNorm's affine, through elementwise ops the scale commutes with (ReLU and
     LeakyReLU for a non-negative scale; identity and eval-mode dropout for any)."""
@@ -364,11 +465,15 @@ def _fold_tokens_into_producer(gm: fx.GraphModule, chain: Chain, depth: int) -> 
     if x.op == "call_module":
         mod = gm.get_submodule(str(x.target))
         if _exact(mod, (nn.Linear,)) and mod.out_features == s.numel():
+            if dry:
+                return f"{x.target} (output rows)"
             mod = module_for_call_site(gm, x)
             w, b = foldmath.fold_scale_into_conv_out(mod.weight, mod.bias, s, t)
             mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
             return f"{x.target} (output rows)"
         elif _exact(mod, (nn.LayerNorm,)) and tuple(mod.normalized_shape) == (s.numel(),):
+            if dry:
+                return f"{x.target} (norm affine)"
             mod = module_for_call_site(gm, x)
             w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, s.numel())
             mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
@@ -380,12 +485,12 @@ def _fold_tokens_into_producer(gm: fx.GraphModule, chain: Chain, depth: int) -> 
     if tensor_shape(src) != tensor_shape(x) or \
             any(u is not x and not reads_shape_only(u) for u in src.users):
         return None
-    target = _fold_into_producer(gm, Chain(src, s, t, [x], axis=-1), depth + 1)
+    target = _fold_into_producer(gm, Chain(src, s, t, [x], axis=-1), depth + 1, dry)
     return None if target is None else f"{target} through {through}"
 
 
 def _fold_through_permute(gm: fx.GraphModule, chain: Chain, dims: tuple[int, ...],
-                          depth: int) -> str | None:
+                          depth: int, dry: bool = False) -> str | None:
     """``permute(z, dims) * s`` scales dim ``dims[axis]`` of ``z``: continue on ``z`` when that
     is its channel dim (1, channels first) or its last dim (channels last / tokens).
     ConvNeXt's ``x.permute(0, 3, 1, 2)`` turns a channels-first scale after the block into a
@@ -400,7 +505,7 @@ def _fold_through_permute(gm: fx.GraphModule, chain: Chain, dims: tuple[int, ...
     if axis is None:
         return None
     target = _fold_into_producer(gm, Chain(src, chain.scale, chain.shift, [x], axis=axis),
-                                 depth + 1)
+                                 depth + 1, dry)
     return None if target is None else f"{target} through permute"
 
 
@@ -413,48 +518,21 @@ def _consumer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
 
 
 def _fold_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
-    root = chain.root
-    s, t = chain.scale, chain.shift
-    has_shift = bool(torch.any(t != 0))
-    shape = tensor_shape(root)
-    plans = []
-    for user in root.users:
-        c = _consumer(gm, user)
-        if c is None:
-            return None
-        if c is not user and user.args[0] is not root:
-            return None
-        first = c.args[0] if c.args else None
-        if c is user and (first is not root or root in c.args[1:]):
-            return None
-        if chain.axis == -1:  # tokens: only a Linear reads the channel (last) dim
-            if c.op == "call_module" and _exact(gm.get_submodule(str(c.target)), (nn.Linear,)):
-                plans.append(("linear", c))
-                continue
-            return None
-        if c.op == "call_module":
-            mod = gm.get_submodule(str(c.target))
-            if _exact(mod, CONV_TYPES):
-                if has_shift and _reads_padding(mod.padding, mod.kernel_size):
-                    return None
-                plans.append(("conv", c))
-            elif _exact(mod, (nn.Linear,)) and len(shape) == 2:
-                plans.append(("linear", c))
-            else:
-                return None
-        elif _conv_param_nodes(gm, c) is not None:
-            pad = _functional_conv_arg(c, 4, "padding", 0)
-            w_node = _conv_param_nodes(gm, c)[0]
-            ksize = tuple(get_attr_path(gm, str(w_node.target)).shape[2:])
-            if has_shift and _reads_padding(pad, ksize):
-                return None
-            plans.append(("fconv", c))
-        else:
-            return None
-    if not plans:
+    """Fold into the layers that read the chain's result: every reader must take it.
+
+    Channels first, the scale (and shift) also moves forward through what it commutes with --
+    pass-through modules, ReLU / pooling (:func:`_commutes`), averages over the positions,
+    the flatten of a pooled ``(N, C, 1, ...)`` map to ``(N, C)``, a channel concatenation (the
+    other parts scaled by one) -- to Conv / Linear input columns or a BatchNorm's input side.
+    """
+    if chain.axis == -1:
+        return _fold_tokens_into_consumers(gm, chain)
+    sinks = _forward_sinks(gm, chain.root, chain.scale, chain.shift, 0, set())
+    if not sinks:
         return None
     targets = []
-    for kind, c in plans:
+    for kind, c, s, t, via in sinks:
+        has_shift = bool(torch.any(t != 0))
         if kind in ("conv", "linear"):
             mod = module_for_call_site(gm, c)
             if kind == "conv":
@@ -465,7 +543,11 @@ def _fold_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
                                                           t if has_shift else None)
             mod.weight = nn.Parameter(w)
             mod.bias = nn.Parameter(b)
-            targets.append(f"{c.target} (input columns)")
+            name = f"{c.target} (input columns)"
+        elif kind == "bn":
+            mod = module_for_call_site(gm, c)
+            _fold_scale_into_norm_input(mod, s, t)
+            name = f"{c.target} (norm input)"
         else:
             w_node, b_node = _conv_param_nodes(gm, c)
             weight = get_attr_path(gm, str(w_node.target))
@@ -473,8 +555,171 @@ def _fold_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
             groups = _functional_conv_arg(c, 6, "groups", 1)
             w, b = foldmath.fold_scale_into_conv_in(weight, bias, s, t if has_shift else None,
                                                     groups)
-            owner = set_functional_conv_params(gm, c, w_node, b_node, w, b)
-            targets.append(f"{owner} (input columns)")
+            name = f"{set_functional_conv_params(gm, c, w_node, b_node, w, b)} (input columns)"
+        targets.append(name + (f" after {', '.join(via)}" if via else ""))
+    return ", ".join(targets)
+
+
+def _fold_scale_into_norm_input(mod: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
+    """An eval-mode BatchNorm of ``x * s + t``: ``a (x s + t - m) + b`` with ``a = g / sd`` is
+    the same norm with running mean 0, weight ``g s`` and bias ``b + a (t - m)``."""
+    f64 = torch.float64
+    sd = torch.sqrt(mod.running_var.to(f64) + mod.eps)
+    g = mod.weight.detach().to(f64) if mod.weight is not None else torch.ones_like(sd)
+    b = mod.bias.detach().to(f64) if mod.bias is not None else torch.zeros_like(sd)
+    m = mod.running_mean.to(f64)
+    dtype = mod.running_var.dtype
+    with torch.no_grad():
+        mod.running_mean.zero_()
+    mod.affine = True
+    mod.weight = nn.Parameter((g * s).to(dtype))
+    mod.bias = nn.Parameter((b + g / sd * (t - m)).to(dtype))
+
+
+_GLOBAL_AVG_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_GLOBAL_AVG_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                         torch.adaptive_avg_pool1d, torch.mean, "mean"}
+_FLATTENS = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze",
+             torch.squeeze}
+
+
+def _only_first_arg(u: fx.Node, node: fx.Node) -> bool:
+    """``node`` is ``u``'s first argument and none of its others."""
+    if not u.args or u.args[0] is not node:
+        return False
+    others: list = []
+    fx.node.map_arg((u.args[1:], u.kwargs), lambda n: others.append(n) or n)
+    return node not in others
+
+
+def _forward_sinks(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tensor,
+                   depth: int, seen: set) -> list | None:
+    """The layers that take ``node``'s per-channel scale ``s`` and shift ``t`` (channels first)
+    if every (value) reader of ``node`` leads to one: ``[(kind, layer node, s, t, via)]`` with
+    kind conv / fconv / linear / bn, or None."""
+    shape = tensor_shape(node)
+    if shape is None or len(shape) < 2 or depth > 8:
+        return None
+    has_shift = bool(torch.any(t != 0))
+    out = []
+    for u in list(node.users):
+        if reads_shape_only(u):
+            continue  # the shape is the same after the fold
+        if u in seen:
+            return None  # reached twice: the two paths would need one combined scale
+        seen.add(u)
+        if u.op == "call_module":
+            mod = gm.get_submodule(str(u.target))
+            if not _only_first_arg(u, node):
+                return None
+            if _exact(mod, _PASS_THROUGH) and (type(mod) is nn.Identity or not mod.training):
+                more = _forward_sinks(gm, u, s, t, depth + 1, seen)
+                if more is None:
+                    return None
+                out += more
+                continue
+            if _exact(mod, CONV_TYPES):
+                if has_shift and _reads_padding(mod.padding, mod.kernel_size):
+                    return None
+                out.append(("conv", u, s, t, []))
+                continue
+            if _exact(mod, (nn.Linear,)) and len(shape) == 2:
+                out.append(("linear", u, s, t, []))
+                continue
+            if _exact(mod, NORM_TYPES) and not mod.training and mod.running_mean is not None \
+                    and mod.num_features == s.numel():
+                out.append(("bn", u, s, t, []))
+                continue
+        elif _conv_param_nodes(gm, u) is not None and _only_first_arg(u, node):
+            pad = _functional_conv_arg(u, 4, "padding", 0)
+            ksize = tuple(get_attr_path(gm, str(_conv_param_nodes(gm, u)[0].target)).shape[2:])
+            if has_shift and _reads_padding(pad, ksize):
+                return None
+            out.append(("fconv", u, s, t, []))
+            continue
+        step = _forward_step(gm, u, node, s, t)
+        if step is None:
+            return None
+        s2, t2, what = step
+        more = _forward_sinks(gm, u, s2, t2, depth + 1, seen)
+        if more is None:
+            return None
+        out += [(k, c, sc, sh, [what] + via) for k, c, sc, sh, via in more]
+    return out or None
+
+
+def _forward_step(gm: fx.GraphModule, u: fx.Node, node: fx.Node, s: torch.Tensor,
+                  t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """``u(node * s + t) = u(node) * s' + t'`` for a reader ``u`` of ``node``: (s', t', what u
+    is), or None."""
+    shape, ushape = tensor_shape(node), tensor_shape(u)
+    if ushape is None or u.op == "output":
+        return None
+    if u.op == "call_function" and u.target in _CATS:
+        seq = u.args[0] if u.args else u.kwargs.get("tensors")
+        dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
+        if not isinstance(seq, (list, tuple)) or not isinstance(dim, int) or \
+                dim % len(ushape) != 1 or sum(1 for p in seq if p is node) != 1 or \
+                not all(isinstance(p, fx.Node) and tensor_shape(p) is not None for p in seq):
+            return None
+        s2, t2 = [], []
+        for p in seq:
+            w = tensor_shape(p)[1]
+            s2.append(s if p is node else torch.ones(w, dtype=s.dtype))
+            t2.append(t if p is node else torch.zeros(w, dtype=t.dtype))
+        return torch.cat(s2), torch.cat(t2), "cat"
+    if not _only_first_arg(u, node) or len(ushape) < 2 or tuple(ushape[:2]) != tuple(shape[:2]):
+        return None  # every step below keeps (N, C) in place
+    through = _commutes(gm, u, s, t)
+    if through is not None and len(ushape) == len(shape):
+        return s, t, through
+    # an average over the positions (any scale, any shift): a global pooling or mean
+    spatial_gone = all(d == 1 for d in ushape[2:])
+    if spatial_gone and len(ushape) in (2, len(shape)):
+        if u.op == "call_module" and _exact(gm.get_submodule(str(u.target)), _GLOBAL_AVG_MODULES):
+            return s, t, type(gm.get_submodule(str(u.target))).__name__
+        if u.op in ("call_function", "call_method") and u.target in _GLOBAL_AVG_FUNCTIONS:
+            return s, t, str(getattr(u.target, "__name__", u.target))
+    # (N, C, 1, ...) -> (N, C): channels map one to one
+    if len(ushape) == 2 and all(d == 1 for d in shape[2:]):
+        if (u.op in ("call_function", "call_method") and u.target in _FLATTENS) or \
+                (u.op == "call_module" and _exact(gm.get_submodule(str(u.target)),
+                                                  (nn.Flatten,))):
+            return s, t, "flatten"
+    return None
+
+
+def _fold_tokens_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
+    """Tokens / channels last: only a Linear reads the channel (last) dim."""
+    root = chain.root
+    s, t = chain.scale, chain.shift
+    has_shift = bool(torch.any(t != 0))
+    plans = []
+    for user in root.users:
+        if reads_shape_only(user):
+            continue
+        c = _consumer(gm, user)
+        if c is None:
+            return None
+        if c is not user and user.args[0] is not root:
+            return None
+        first = c.args[0] if c.args else None
+        if c is user and (first is not root or root in c.args[1:]):
+            return None
+        if c.op == "call_module" and _exact(gm.get_submodule(str(c.target)), (nn.Linear,)):
+            plans.append(c)
+            continue
+        return None
+    if not plans:
+        return None
+    targets = []
+    for c in plans:
+        mod = module_for_call_site(gm, c)
+        w, b = foldmath.fold_scale_into_linear_in(mod.weight, mod.bias, s,
+                                                  t if has_shift else None)
+        mod.weight = nn.Parameter(w)
+        mod.bias = nn.Parameter(b)
+        targets.append(f"{c.target} (input columns)")
     return ", ".join(targets)
 
 
@@ -490,6 +735,17 @@ def _reads_padding(padding: Any, kernel_size: tuple) -> bool:
 
 def _tuple(v: Any) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _chain_paths(chain: Chain) -> list[str]:
+    """The module paths a chain's records are reported under: the root's, or -- when the chain
+    joins the constants of several evaluated attention branches (two attention sites, or two
+    calls of one attention module, scaling one tensor in a row) -- one per site, in graph order,
+    so that no site's multiply is folded or kept unreported under another site's record."""
+    paths = [module_path(m) for m in chain.members
+             if any(isinstance(a, fx.Node) and a.op == "get_attr" and
+                    str(a.target).rpartition(".")[2].startswith("asrfx_const") for a in m.args)]
+    return paths if len(paths) > 1 else [module_path(chain.root)]
 
 
 def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: True
@@ -513,22 +769,25 @@ def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: 
             chain.base = replaced[chain.base]
         covered.update(m.name for m in chain.members)
         root = chain.root
-        rec = pass_record(f"scale:{root.name}", module_path(root), chain.scale.numel())
+        recs = [pass_record(f"scale:{root.name}", path, chain.scale.numel())
+                for path in _chain_paths(chain)]
         target = _fold_into_producer(gm, chain)
         if target is None:
             target = _fold_into_consumers(gm, chain)
         if target is None:
-            rec.update(action="kept", target="",
-                       reason="no exact BatchNorm/Conv/Linear producer or consumer takes it")
-            records.append(rec)
+            for rec in recs:
+                rec.update(action="kept", target="",
+                           reason="no exact BatchNorm/Conv/Linear producer or consumer takes it")
+            records.extend(recs)
             continue
         root.replace_all_uses_with(chain.base)
         replaced[root] = chain.base
         for m in reversed(chain.members):
             if not m.users:
                 gm.graph.erase_node(m)
-        rec.update(action="folded", target=target, reason="")
-        records.append(rec)
+        for rec in recs:
+            rec.update(action="folded", target=target, reason="")
+        records.extend(recs)
     # nothing is skipped silently: report every per-channel constant op still in the graph
     dep = value_dependent(gm.graph)
     for n in gm.graph.nodes:

@@ -20,10 +20,10 @@ from helpers import randomize_bn  # noqa: E402,F401  (re-exported: ``from confte
 
 # Hypothesis profiles, picked with HYPOTHESIS_PROFILE (default "ci"). Tests that set their own
 # max_examples keep it; the rest (the random-architecture fuzzer, tests/test_fuzz.py) take the
-# profile's. "ci": derandomized (the same examples every run), 100 examples per test. "long":
+# profile's. "ci": derandomized (the same examples every run), 150 examples per test. "long":
 # thousands of random examples, run by hand:
 #   HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest -q tests/test_fuzz.py
-settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=3000, deadline=None, derandomize=False,
                           suppress_health_check=[HealthCheck.too_slow])
