@@ -447,6 +447,9 @@ def format_results(res: dict[str, Any]) -> str:
 def _markdown(res: dict[str, Any]) -> str:
     from tabulate import tabulate
 
+    if not res.get("rows"):  # compiler cost only
+        return "\n".join(["# asrfx bench: compiler cost", "", f"Machine: {res['machine']}", "",
+                          "```", format_cost(res["compiler_cost"]), "```", ""])
     md_rows = []
     batches = [str(b) for b in res["config"]["batches"]]
     for r in res["rows"]:
@@ -483,7 +486,10 @@ def write_outputs(res: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     paths = {"json": out / "bench.json", "md": out / "bench.md", "png": out / "bench.png"}
     paths["json"].write_text(json.dumps(res, indent=2))
     paths["md"].write_text(_markdown(res))
-    _plot_latency(res, paths["png"])
+    if res.get("rows"):
+        _plot_latency(res, paths["png"])
+    else:
+        del paths["png"]
     if res.get("compiler_cost"):
         paths["cost_png"] = out / "compiler_cost.png"
         _plot_cost(res["compiler_cost"], paths["cost_png"])

@@ -150,3 +150,14 @@ def test_cli_bench_errors_are_one_line(argv, msg, capsys):
     assert main(["bench", "--quiet", "--num-classes", "10"] + argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("asrfx bench:") and msg in err and "Traceback" not in err
+
+
+def test_cli_cost_only_writes_the_cost_report(tmp_path, capsys):
+    rc = main(["bench", "--cost-only", "--cost-depths", "20", "32", "--cost-reps", "1",
+               "--quiet", "--out", str(tmp_path)])
+    assert rc == 0
+    assert "graph nodes" in capsys.readouterr().out
+    md = (tmp_path / "bench.md").read_text()
+    assert md.startswith("# asrfx bench: compiler cost") and "prepare:" in md
+    assert (tmp_path / "compiler_cost.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "bench.json").read_text())["compiler_cost"]["rows"]
