@@ -648,12 +648,27 @@ def _forward_sinks(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.
     return out or None
 
 
+def _mutates_its_input(gm: fx.GraphModule, u: fx.Node) -> bool:
+    """An in-place call (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.relu_()``):
+    after a consumer fold it would write into the unscaled tensor, which others may read."""
+    if u.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(u.target)), "inplace", False))
+    if u.op == "call_method":
+        return isinstance(u.target, str) and u.target.endswith("_")
+    if u.op == "call_function":
+        if u.kwargs.get("inplace") or _in_place(u):
+            return True
+        return u.target in _POSITIVE_HOMOGENEOUS_FUNCTIONS | _LINEAR_FUNCTIONS and \
+            any(a is True for a in u.args[1:])  # a positional inplace=True
+    return False
+
+
 def _forward_step(gm: fx.GraphModule, u: fx.Node, node: fx.Node, s: torch.Tensor,
                   t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """``u(node * s + t) = u(node) * s' + t'`` for a reader ``u`` of ``node``: (s', t', what u
     is), or None."""
     shape, ushape = tensor_shape(node), tensor_shape(u)
-    if ushape is None or u.op == "output":
+    if ushape is None or u.op == "output" or _mutates_its_input(gm, u):
         return None
     if u.op == "call_function" and u.target in _CATS:
         seq = u.args[0] if u.args else u.kwargs.get("tensors")
