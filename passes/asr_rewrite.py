@@ -21,7 +21,9 @@ import torch.fx as fx
 from torch import nn
 
 from .find_attention import AttentionSite
-from .graph_utils import reads_shape_only, get_attr_path, set_attr_path, stable_toposort, tensor_shape
+from .batch_rows import collapse_batch
+from .graph_utils import (get_attr_path, reads_shape_only, set_attr_path, stable_toposort,
+                          tensor_shape, value_dependent)
 
 __all__ = ["apply_asr", "make_psi", "fresh_module"]
 
@@ -130,8 +132,8 @@ def psi_names(sites: list[AttentionSite]) -> list[list[str]]:
 
 def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "replace",
               init: Any = 0.1, created: dict[str, Any] | None = None,
-              root: nn.Module | None = None, site_modes: list[str] | None = None
-              ) -> list[list[str]]:
+              root: nn.Module | None = None, site_modes: list[str] | None = None,
+              one_row: bool = True) -> list[list[str]]:
     """Rewrite ``sites`` of ``gm`` into ASR form, in place.
 
     Args:
@@ -144,6 +146,9 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
         created: psi parameters and ASR modules already made for the other mode's graph of the
             same model, keyed by attribute path; new ones are added to it, existing ones reused.
         root: the original model, used to re-initialise copied parameters in mode "both".
+        one_row: compute each excitation once on psi (batch 1) and broadcast its gate, where the
+            graph allows (see :func:`_one_row`); False keeps psi expanded to the batch (the
+            form before this rewrite, kept for benchmarks).
 
     Returns:
         The psi names of each site.
@@ -181,8 +186,65 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
                 _add_copy(gm, site, psis, created, root)
             else:
                 raise ValueError(f"unknown mode {mode!r}")
+            site.extra["psi_nodes"] = list(psis.values())
     stable_toposort(graph)
+    if one_row:
+        _one_row(gm, [s for s, m in zip(sites, modes) if m != "keep"])
     return all_names
+
+
+def _site_nodes(site: AttentionSite) -> tuple[set[fx.Node], set[fx.Node]]:
+    """(the constant branch of a rewritten site, the nodes that apply its gate to x)."""
+    psis = site.extra["psi_nodes"]
+    if "asr_mul" in site.extra:  # mode "both": the copy reads psi, one multiply applies it
+        nodes, frontier = set(), list(psis)
+        while frontier:  # everything downstream of psi up to the ASR multiply
+            n = frontier.pop()
+            if n in nodes or n is site.extra["asr_mul"]:
+                continue
+            nodes.add(n)
+            frontier.extend(n.users)
+        outs = {site.extra["asr_mul"]}
+    else:
+        nodes = set(site.branch) | set(psis)
+        outs = {site.mul, *site.extra.get("more_muls", [])}
+    nodes |= {a for e in psis for a in e.all_input_nodes if a.op == "get_attr"}
+    for m in list(outs):  # x * g.expand_as(x): the expand broadcasts the gate too
+        for a in m.all_input_nodes:
+            if a not in nodes and a.op == "call_method" and a.target in ("expand_as", "expand") \
+                    and a.args[0] in nodes and len(a.users) == 1:
+                outs.add(a)
+    return nodes, outs
+
+
+def _one_row(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
+    """The excitation of each rewritten site runs once per step on psi (batch 1) rather than on
+    N expanded copies of it; the multiply by x broadcasts the result over the batch. Sites that
+    share a psi are rewritten together. Where the branch needs the batch size for more than its
+    shapes (:func:`batch_rows.collapse_batch`), psi stays expanded and the reason is recorded in
+    ``site.extra["rows"]``."""
+    groups: list[tuple[list[AttentionSite], set[fx.Node], set[fx.Node]]] = []
+    for site in sites:
+        nodes, outs = _site_nodes(site)
+        merged = [g for g in groups if g[1] & nodes]
+        for g in merged:
+            groups.remove(g)
+            nodes |= g[1]
+            outs |= g[2]
+        groups.append(([s for g in merged for s in g[0]] + [site], nodes, outs))
+    dep = value_dependent(gm.graph)
+    graph = gm.graph
+    for group_sites, nodes, outs in groups:
+        _, reason = collapse_batch(gm, nodes, outs, dep)
+        for site in group_sites:
+            site.extra["rows"] = reason
+        if reason is not None:
+            continue
+        for e in {e for s in group_sites for e in s.extra["psi_nodes"]}:
+            # expand(psi, one_row(n), -1, ...) is psi itself now
+            e.replace_all_uses_with(e.args[0])
+            graph.erase_node(e)
+    stable_toposort(graph)
 
 
 def _add_copy(gm: fx.GraphModule, site: AttentionSite, psis: dict[fx.Node, fx.Node],
@@ -241,7 +303,7 @@ def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[str]:
     """
     frozen = []
     graph = gm.graph
-    for n in nodes:
+    for n in list(nodes):
         if n.op != "call_module":
             continue
         mod = gm.get_submodule(str(n.target))
@@ -257,5 +319,6 @@ def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[str]:
         new.meta = dict(n.meta)
         n.replace_all_uses_with(new)
         graph.erase_node(n)
+        nodes[nodes.index(n)] = new  # the site's branch lists the norm's call from now on
         frozen.append(t)
     return frozen

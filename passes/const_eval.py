@@ -9,16 +9,18 @@ expanded over the batch are stored with batch 1 (they only meet the input throug
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from .batch_rows import collapse_batch
 from .graph_utils import (safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op, module_path,
-                          set_attr_path, unique_name, value_dependent)
+                          set_attr_path, stable_toposort, unique_name, value_dependent)
 
-__all__ = ["evaluate_constants"]
+__all__ = ["evaluate_constants", "rows_agree"]
 
 _BROADCAST_OPS = MUL_OPS | ADD_OPS | SUB_OPS | {operator.truediv, torch.div, "div", "div_",
                                                  operator.itruediv}
@@ -72,64 +74,129 @@ def drop_broadcast_expands(gm: fx.GraphModule,
     return len(found)
 
 
+def _tensor_valued(n: fx.Node) -> bool:
+    return n.op == "get_attr" or hasattr(n.meta.get("tensor_meta"), "shape")
+
+
+def _region(targets: list[fx.Node], dep: set[fx.Node]) -> set[fx.Node]:
+    """The tensor nodes that compute ``targets`` from parameters, buffers and shapes alone."""
+    seen: set[fx.Node] = set()
+    stack = list(targets)
+    while stack:
+        n = stack.pop()
+        if n in seen or n in dep or reads_shape_only(n) or not _tensor_valued(n):
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def rows_agree(v: torch.Tensor) -> bool:
+    """Whether every row of ``v`` equals the first within the rounding of ``v``'s dtype.
+
+    Only for a branch whose batch size could not be reduced to one row (it reaches the branch
+    other than as a size): N rows computed by one kernel may differ in the last bits, so they
+    are compared to ``16 * eps`` of the largest magnitude, never bit for bit."""
+    first = v[:1].expand_as(v)
+    if not v.is_floating_point():
+        return bool(torch.equal(v, first))
+    eps = torch.finfo(v.dtype).eps
+    scale = float(v.detach().abs().max()) if v.numel() else 0.0
+    if not math.isfinite(scale):
+        return False
+    return bool(((v - first).abs() <= 16 * eps * max(scale, torch.finfo(v.dtype).tiny)).all())
+
+
 def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
                        outputs: list | None = None) -> list[dict[str, Any]]:
     """Replace input-independent tensor subgraphs feeding the input-dependent graph by buffers.
 
+    A subgraph that reads the input's batch size only to give its result N rows (an expanded
+    psi, ``y.view(b, c, 1, 1)``) is first rewritten to compute one row
+    (:func:`batch_rows.collapse_batch`), and that row is the buffer: the op applying it to the
+    input broadcasts it. Rows are never compared for this; only a branch that uses the batch
+    size otherwise is evaluated at the example's batch size and kept unless its rows agree.
+
     Args:
         gm: a GraphModule in eval mode (the constants are eval-mode values).
-        example_inputs: inputs to run ``gm`` on once (this run also refreshes every node's
+        example_inputs: inputs to run ``gm`` on (these runs also refresh every node's
             ``tensor_meta``).
-        outputs: if a list is given, the output of that run (before any change) is appended.
+        outputs: if a list is given, the output of the unchanged graph is appended.
 
     Returns:
         One record per constant: ``{"node", "path", "shape", "buffer"}`` when baked, or
-        ``{"node", "path", "refused": reason}`` when it had to stay a computation.
+        ``{"node", "path", "refused": reason, "code": code}`` when it had to stay a
+        computation.
     """
-    graph = gm.graph
-    expands = _broadcast_expands(gm)
-    reference = None
-    if expands and outputs is not None:  # the reference output is the unchanged graph's
-        with torch.no_grad():
-            reference = gm(*example_inputs)
-    drop_broadcast_expands(gm, expands)
-    dep = value_dependent(graph)
-    shape_dep: set[fx.Node] = set()
-    for n in graph.nodes:
-        if n in dep:
-            continue
-        if (reads_shape_only(n) and any(a in dep for a in n.all_input_nodes)) or \
-                any(a in shape_dep for a in n.all_input_nodes):
-            shape_dep.add(n)
-    frontier = [n for n in graph.nodes
-                if n not in dep and n.op in ("call_function", "call_method", "call_module")
-                and not reads_shape_only(n) and any(u in dep for u in n.users)]
     from asrfx.tracing import ShapeRecorder  # the recorder lives with the tracer
 
-    rec = ShapeRecorder(gm, keep=frontier)
-    with torch.no_grad():
-        out = rec.propagate(*example_inputs)
+    graph = gm.graph
+    expands = _broadcast_expands(gm)
+    rec: ShapeRecorder | None = None
+    reference = None
+
+    def frontier_of() -> tuple[set, set, list]:
+        dep = value_dependent(graph)
+        shape_dep: set[fx.Node] = set()
+        for n in graph.nodes:
+            if n in dep:
+                continue
+            if (reads_shape_only(n) and any(a in dep for a in n.all_input_nodes)) or \
+                    any(a in shape_dep for a in n.all_input_nodes):
+                shape_dep.add(n)
+        frontier = [n for n in graph.nodes
+                    if n not in dep and n.op in ("call_function", "call_method", "call_module")
+                    and not reads_shape_only(n) and any(u in dep for u in n.users)]
+        return dep, shape_dep, frontier
+
+    if expands:  # the reference output is the unchanged graph's
+        with torch.no_grad():
+            reference = ShapeRecorder(gm).propagate(*example_inputs)
+        drop_broadcast_expands(gm, expands)
+        dep, shape_dep, frontier = frontier_of()
+    else:
+        dep, shape_dep, frontier = frontier_of()
+        rec = ShapeRecorder(gm, keep=frontier)
+        with torch.no_grad():
+            reference = rec.propagate(*example_inputs)
+
+    def broadcast_only(n: fx.Node) -> bool:
+        return all(is_op(u, _BROADCAST_OPS) for u in n.users)
+
+    rows: str | None = None
+    targets = [n for n in frontier if n in shape_dep and broadcast_only(n)]
+    if targets:
+        others = [n for n in frontier if n not in targets]
+        nodes = _region(targets, dep) - _region(others, dep)
+        outs = {u for n in targets for u in n.users}
+        changed, rows = collapse_batch(gm, nodes, outs, dep)
+        if changed:
+            stable_toposort(graph)
+            rec = None
+    if rec is None:
+        rec = ShapeRecorder(gm, keep=frontier)
+        with torch.no_grad():
+            rec.propagate(*example_inputs)
     if outputs is not None:
-        outputs.append(out if reference is None else reference)
+        outputs.append(reference)
     records = []
     for n in frontier:
         v = rec.values.get(n)
         path = module_path(n)
         if not isinstance(v, torch.Tensor):
             continue
-        broadcast_only = all(is_op(u, _BROADCAST_OPS) for u in n.users)
         if n in shape_dep:
-            if not broadcast_only:
-                records.append({"node": n.name, "path": path,
+            if not broadcast_only(n):
+                records.append({"node": n.name, "path": path, "code": "shape-follows-input",
                                 "refused": "its shape follows the input's; kept as computed"})
                 continue
             if v.dim() >= 1 and v.shape[0] > 1:
-                first = v[:1]
-                if not torch.allclose(v, first.expand_as(v), rtol=1e-6, atol=0):
-                    records.append({"node": n.name, "path": path,
-                                    "refused": "differs across the batch; kept as computed"})
+                if not rows_agree(v):
+                    records.append({"node": n.name, "path": path, "code": "batch-dependent",
+                                    "refused": f"differs across the batch ({rows}); kept as "
+                                               f"computed"})
                     continue
-                v = first.clone()
+                v = v[:1].clone()
         name = unique_name(gm, f"{path}.asrfx_const" if path else "asrfx_const")
         set_attr_path(gm, name, v)
         with graph.inserting_before(n):

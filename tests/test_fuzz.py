@@ -38,7 +38,9 @@ Each example checks:
 3. BatchNorm statistics (``helpers.randomize_bn``) and psi (``helpers.randomize_psi``) are
    randomised;
 4. ``asrfx.fold`` (which checks itself) is equivalent in eval mode to ``helpers.REL_TOL`` on the
-   example input and on a fresh input of another batch size;
+   example input and on a fresh input of another batch size (rechecked in float64 where a model
+   with GroupNorm / batch-statistics BatchNorm is too ill-conditioned for float32: see
+   :func:`_fold_equivalent`);
 5. nothing of a converted attention is left: the multiset of op kinds of the deploy graph
    (``helpers.node_kinds``) equals that of the same architecture built without attention and
    folded, except for the forms README documents as partial:
@@ -49,8 +51,14 @@ Each example checks:
    * a constant channel scale that no exact BatchNorm / Conv / Linear producer or consumer can
      take "stays, and the report says so" (README, *How a site is found*): each ``kept`` channel
      scale of the fold report allows its one multiply (or add, for additive attention) and its
-     constant. Every gate is gone either way: no sigmoid / hard-sigmoid / softmax / tanh / relu6
-     is left but CBAM's spatial sigmoid.
+     constant;
+   * an additive attention's constant (GC) that lands in a 1x1 conv's bias before a zero-padded
+     conv leaves that pair (and a branch sum after it) unmerged, as README documents ("a 1x1 conv
+     with bias ... is not one conv"): the backbone's merges the deploy lacks allow their convs
+     and adds, provided the fold report names the cause.
+
+   Every gate is gone either way: no sigmoid / hard-sigmoid / softmax / tanh / relu6 is left but
+   CBAM's spatial sigmoid.
 
 Profiles (``tests/conftest.py``, ``HYPOTHESIS_PROFILE``): ``ci`` (default, derandomized, 150
 examples per test, 450 over the three tests below, ~70 s on a 2-core machine) and ``long`` (thousands, random):
@@ -61,6 +69,7 @@ The failures the fuzzer found are minimised into the plain regression tests at t
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import operator
@@ -907,24 +916,38 @@ def _batch_statistic_norms(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def _fold(prepared: nn.Module, x: torch.Tensor, fresh: torch.Tensor):
-    """``asrfx.fold(prepared, example_inputs=(x,))``, which checks itself in float32.
+def _fold_equivalent(prepared: nn.Module, x: torch.Tensor, fresh: torch.Tensor):
+    """(4): ``asrfx.fold(prepared, example_inputs=(x,))`` (which checks itself on ``x``) and
+    the eval-mode outputs of both on ``x`` and on ``fresh`` (another batch size) agree to
+    ``REL_TOL``. Returns (prepared, deploy) in the dtype the check passed in.
 
     A random model can be ill-conditioned: a GroupNorm over a map that is nearly constant per
-    channel (std ~1e-3 of its mean after ReLU / max pooling) multiplies the float32 rounding of
-    a fused BatchNorm by ~1000, and an exact fold then misses 1e-4 (found by the long run; the
-    same fold in float64 errs 2e-13). Only for models with such norms, a float32 mismatch is
-    re-checked in float64, where the fold must be exact to 1e-8. Returns (prepared, deploy, x,
-    fresh, tolerance) in the dtype the check passed in."""
+    channel (std ~1e-3 of its values after ReLU / max pooling), or a BatchNorm normalising with
+    the statistics of a batch of two 2x2x2 maps, multiplies the float32 rounding of a fused
+    BatchNorm by ~1000, and an exact fold then misses 1e-4 (found by the long runs; the same folds
+    in float64 err 1e-13). Only for models with such norms, a float32 miss is rechecked in
+    float64, where the fold must be exact to 1e-8."""
+
+    def compare(p, d, tol):
+        p.eval()
+        with torch.no_grad():
+            for xi in (x, fresh):
+                xi = xi.to(next(p.parameters()).dtype)
+                err = rel_err(p(xi), d(xi))
+                assert err <= tol, f"rel err {err:.2e}\n{d.asrfx_report}\n{d.code}"
+
     try:
-        return prepared, asrfx.fold(prepared, example_inputs=(x,)), x, fresh, REL_TOL
-    except asrfx.FoldMismatch:
+        deploy = asrfx.fold(prepared, example_inputs=(x,))
+        compare(prepared, deploy, REL_TOL)
+        return prepared, deploy
+    except (asrfx.FoldMismatch, AssertionError):
         if not _batch_statistic_norms(prepared):
             raise
     event("float32 fold check of an ill-conditioned model: rechecked in float64")
     prepared = copy.deepcopy(prepared).double()
-    x, fresh = x.double(), fresh.double()
-    return prepared, asrfx.fold(prepared, example_inputs=(x,), tol=1e-8), x, fresh, 1e-8
+    deploy = asrfx.fold(prepared, example_inputs=(x.double(),), tol=1e-8)
+    compare(prepared, deploy, 1e-8)
+    return prepared, deploy
 
 
 def check_case(case: Case) -> None:
@@ -964,12 +987,8 @@ def check_case(case: Case) -> None:
     randomize_psi(prepared, seed=seed % 1000 + 1)
 
     # (4) the fold is equivalent in eval mode
-    prepared, deploy, x, fresh, tol = _fold(prepared, x, fresh)
-    prepared.eval()
-    with torch.no_grad():
-        for xi in (x, fresh):
-            err = rel_err(prepared(xi), deploy(xi))
-            assert err <= tol, f"rel err {err:.2e}\n{deploy.asrfx_report}\n{deploy.code}"
+    prepared, deploy = _fold_equivalent(prepared, x, fresh)
+    x = x.to(next(prepared.parameters()).dtype)
 
     # (5) nothing of a converted attention is left
     freport = deploy.asrfx_report
@@ -989,10 +1008,28 @@ def check_case(case: Case) -> None:
     missing, extra = want - got, got - want
     assert not missing, (f"deploy lacks {dict(missing)} of the folded backbone\n{freport}\n"
                          f"{deploy.code}\n{plain.code}")
+    lost = _merges(plain.asrfx_report) - _merges(freport)
+    if lost:
+        # an additive attention's constant (GC) folded into a 1x1 conv's bias before a
+        # zero-padded conv: README documents that such a pair is not one conv; the branches stay
+        assert any(s.kind == "sequential merge" and s.action == "kept" and "bias" in s.reason
+                   for s in freport.sites), (dict(lost), freport)
+        event("a folded shift left a merge of the backbone undone (documented)")
+        extra = collections.Counter({k: v for k, v in extra.items() if k not in _MERGE_KINDS})
     assert all(k in _AFFINE_KINDS for k in extra), \
         f"deploy has {dict(extra)} beyond the folded backbone\n{freport}\n{deploy.code}"
     n_affine = sum(v for k, v in extra.items() if k[0] != "get_attr")
-    assert n_affine == kept, f"{dict(extra)} left, {kept} kept\n{freport}\n{deploy.code}"
+    assert n_affine == kept or (lost and n_affine >= kept), \
+        f"{dict(extra)} left, {kept} kept\n{freport}\n{deploy.code}"
+
+
+_MERGE_KINDS = {("call_module", c.__name__) for c in CONV.values()} | \
+    {("call_function", str(op)) for op in (operator.add, torch.add)} | {("call_method", "add")}
+
+
+def _merges(report) -> collections.Counter:
+    return collections.Counter((s.kind, s.path) for s in report.sites if s.action == "merged"
+                               and s.kind in ("sequential merge", "branch merge"))
 
 
 @given(case=cases(2))
@@ -1374,3 +1411,31 @@ def test_scale_does_not_move_forward_through_an_in_place_op():
     _, deploy = _roundtrip(Net(), torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6))
     (site,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
     assert site.action == "kept"
+
+
+def test_additive_attention_shift_before_a_padded_conv_is_exact_and_reported():
+    """Found by the third long run: GC (additive) on a DenseNet-style branch; its constant
+    shift crosses the concat into a pre-activation block's 1x1 conv and 1x1 shortcut (input
+    columns, into their biases). The 1x1 conv's bias then stops the 1x1 -> 3x3 merge the backbone
+    gets (zero padding cannot hold a bias, README) and the branch sum stays: exact, reported, not
+    an attention left over."""
+    spec = ArchSpec(
+        dims=2, cin=1, size=6,
+        stem=BlockSpec("plain", 1, 4, 1, 1, "bn", extra=(("bias", False),)),
+        blocks=(BlockSpec("concat", 4, 6, 1, 1, "bn",
+                          extra=(("b_first", False), ("ca", 2), ("dense", True)),
+                          atts=(("a", AttSpec("lib", "gc")),)),
+                BlockSpec("preact", 6, 4, 1, 1, "none", ("none", "module"),
+                          extra=(("shortcut", "conv"),))),
+        head="adaptive", classes=2)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 6, 6)
+    _, deploy = _roundtrip(FuzzNet(spec), x, torch.randn(3, 1, 6, 6))
+    report = deploy.asrfx_report
+    (site,) = [s for s in report.sites if s.kind == "channel scale"]
+    assert (site.action, site.target) == (
+        "folded", "blocks.1.conv1 (input columns) after cat, blocks.1.short (input columns) "
+                  "after cat")
+    (merge,) = [s for s in report.sites if s.kind == "sequential merge"]
+    assert merge.action == "kept" and "bias" in merge.reason
+    assert gate_nodes(deploy) == []

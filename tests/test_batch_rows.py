@@ -1,0 +1,261 @@
+"""Constant branches are batch-independent by construction (passes/batch_rows.py).
+
+An excitation fed psi used to run on N expanded copies of psi; a Linear over N identical rows
+can give rows that differ in the last bit (AVX2 BLAS kernels, batch 2-4), and fold then kept the
+whole ASR branch in the deploy graph ("differs across the batch"). Now the training form runs
+the excitation once on psi (batch 1) and broadcasts the gate, and fold evaluates any branch that
+reads the batch size only for its shapes on one row.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import asrfx
+from asrfx.passes.asr_rewrite import apply_asr
+from asrfx.passes.batch_rows import collapse_batch, one_row
+from helpers import REL_TOL, randomize_bn, rel_err
+
+
+class TanhSE(nn.Module):
+    """An SE written as users write it: ``x * tanh(fc(pool(x).flatten(1))).view(n, c, 1, 1)``
+    (``gate=False``: no gate at all)."""
+
+    def __init__(self, c: int, gate: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, c)
+        self.gate = gate
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        n, c = x.shape[:2]
+        g = self.fc(self.pool(x).flatten(1))
+        if self.gate:
+            g = torch.tanh(g)
+        return x * g.view(n, c, 1, 1)
+
+
+def _psi_normal(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("psi"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+
+def _deploy_kinds(gm: fx.GraphModule) -> list[str]:
+    return [type(gm.get_submodule(str(n.target))).__name__ if n.op == "call_module"
+            else str(n.target) for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+# the configurations that were left unfolded on a 2-core AMD EPYC (c=33, batch 2 and 3), and
+# neighbours
+@pytest.mark.parametrize("c,batch,gate,seed", list(itertools.product(
+    (5, 33), (2, 3, 4), (True, False), (0, 1))))
+def test_user_se_with_random_psi_folds_completely(c, batch, gate, seed):
+    torch.manual_seed(seed)
+    model = TanhSE(c, gate)
+    x = torch.randn(batch, 3, 6, 6)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    _psi_normal(prepared, seed)
+    randomize_bn(prepared, seed)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    report = deploy.asrfx_report
+    assert [s.action for s in report.sites if s.action == "kept"] == [], report
+    # nothing of the branch is left: one conv (BN fused, the gate folded into it)
+    assert _deploy_kinds(deploy) == ["Conv2d"], deploy.code
+    assert not any("psi" in k for k in deploy.state_dict())
+    prepared.eval()
+    with torch.no_grad():
+        for xi in (x, torch.randn(batch + 3, 3, 6, 6)):
+            assert rel_err(prepared(xi), deploy(xi)) <= REL_TOL
+
+
+def test_training_form_runs_the_excitation_once():
+    """No expand of psi in the prepared graph; the excitation's Linear sees one row whatever
+    the batch, and the gate still reaches every sample."""
+    model = TanhSE(8)
+    x = torch.randn(4, 3, 6, 6)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert not [n for n in prepared.graph.nodes if n.op == "call_method" and n.target == "expand"]
+    seen = []
+    fc = prepared.get_submodule("fc")
+    fc.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    prepared.train()
+    out = prepared(torch.randn(5, 3, 6, 6))
+    assert seen == [(1, 8)]
+    assert out.shape == (5, 8, 6, 6)
+
+
+def _expanded_form(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    """The training form as it was: psi expanded to the batch (apply_asr(one_row=False))."""
+    import asrfx.api as api
+
+    original = api.apply_asr
+    api.apply_asr = lambda *a, **k: original(*a, **{**k, "one_row": False})
+    try:
+        return asrfx.prepare(model, example_inputs=(x,))
+    finally:
+        api.apply_asr = original
+
+
+@pytest.mark.parametrize("attention", ["se", "eca", "gc", "srm", "gct", "cbam_channel"])
+def test_one_row_training_form_equals_the_expanded_one(attention):
+    """Outputs and every gradient (psi's included) in train mode match the expanded form, for
+    library attention of several shapes (SE, ECA's conv1d across channels, GC's additive
+    context, SRM's two statistics, GCT's norms across channels, CBAM's shared MLP)."""
+    from asrfx.attention import make_attention
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          make_attention(attention, 16))
+    x = torch.randn(4, 3, 8, 8)
+    a = asrfx.prepare(model, example_inputs=(x,), init="normal")
+    b = _expanded_form(model, x)
+    b.load_state_dict(a.state_dict())
+    assert any(n.op == "call_method" and n.target == "expand" for n in b.graph.nodes)
+    assert not any(n.op == "call_method" and n.target == "expand" and "psi" in str(n.args[0])
+                   for n in a.graph.nodes)
+    a.train()
+    b.train()
+    ya, yb = a(x), b(x)
+    assert rel_err(yb, ya) <= 1e-5
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    grads_b = dict(b.named_parameters())
+    # a gradient that is zero in exact arithmetic (a conv bias before a training-mode BN) is
+    # rounding noise in both forms: compare against the largest gradient of the model too
+    scale = max(float(q.grad.abs().max()) for q in grads_b.values() if q.grad is not None)
+    for name, p in a.named_parameters():
+        q = grads_b[name]
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is None:  # a weight the converted attention no longer reads (GC's mask conv)
+            assert not name.endswith("psi")
+            continue
+        diff = float((p.grad - q.grad).abs().max())
+        assert diff <= 1e-4 * max(float(q.grad.abs().max()), 1e-3 * scale), name
+
+
+class ConstBranch(nn.Module):
+    """A constant branch written by hand: a parameter expanded over the batch, then a Linear."""
+
+    def __init__(self, c: int = 33):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(1, c, 1, 1))
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        x = self.conv(x)
+        n = x.size(0)
+        g = self.fc(self.w.expand(n, -1, -1, -1).flatten(1))
+        return x * torch.sigmoid(g).view(n, -1, 1, 1)
+
+
+def test_hand_written_constant_branch_is_evaluated_on_one_row():
+    torch.manual_seed(0)
+    model = ConstBranch()
+    deploy = asrfx.fold(model, example_inputs=(torch.randn(3, 3, 6, 6),))
+    assert [s for s in deploy.asrfx_report.sites if s.action == "kept"] == []
+    assert _deploy_kinds(deploy) == ["Conv2d"], deploy.code
+
+
+class BatchCounter(nn.Module):
+    """A branch that uses the batch size as a value: its rows really differ; it must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        n = x.size(0)
+        g = torch.arange(n, dtype=x.dtype).view(n, 1, 1, 1) + 1.0
+        return x * g
+
+
+def test_branch_using_the_batch_size_as_a_value_is_kept_and_exact():
+    model = BatchCounter()
+    x = torch.randn(3, 3, 5, 5)
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    kept = [s for s in deploy.asrfx_report.sites if s.kind == "constant branch"]
+    assert [s.action for s in kept] == ["kept"], deploy.asrfx_report
+    assert "differs across the batch" in kept[0].reason
+    with torch.no_grad():
+        for xi in (x, torch.randn(5, 3, 5, 5)):
+            assert rel_err(model(xi), deploy(xi)) <= REL_TOL
+
+
+class MergedBatch(nn.Module):
+    """The batch size enters a shape by arithmetic (``view(n * c)``): not a pure batch extent, so
+    psi stays expanded in the training form; fold still evaluates it (rows agree)."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        n, c = x.shape[:2]
+        g = torch.sigmoid(self.fc(x.mean((2, 3)))).reshape(n * c)
+        return x * g.view(n, c, 1, 1)
+
+
+def test_batch_size_in_arithmetic_keeps_psi_expanded_and_folds():
+    model = MergedBatch()
+    x = torch.randn(3, 3, 6, 6)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert prepared.asrfx_report.count(action="converted") == 1
+    assert any(n.op == "call_method" and n.target == "expand" for n in prepared.graph.nodes)
+    prepared.train()
+    assert prepared(torch.randn(5, 3, 6, 6)).shape == (5, 6, 6, 6)
+    randomize_bn(prepared, 1)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert [s for s in deploy.asrfx_report.sites if s.action == "kept"] == []
+    prepared.eval()
+    with torch.no_grad():
+        assert rel_err(prepared(x), deploy(x)) <= REL_TOL
+
+
+def test_one_row():
+    assert one_row(7) == 1
+    assert one_row(torch.Size((7, 3, 4))) == torch.Size((1, 3, 4))
+    assert one_row((2, 5)) == torch.Size((1, 5))
+
+
+def test_collapse_refuses_a_branch_read_elsewhere():
+    """A branch value that something other than the broadcasting op reads (here: returned as
+    a second output) would see one row: the rewrite is refused, nothing changed."""
+
+    class Returns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+        def forward(self, x):
+            g = self.w.expand(x.size(0), -1, -1, -1)
+            return x * g, g
+
+    gm = fx.symbolic_trace(Returns())
+    from torch.fx.passes.shape_prop import ShapeProp
+    ShapeProp(gm).propagate(torch.randn(3, 4, 2, 2))
+    from asrfx.passes.graph_utils import value_dependent
+
+    dep = value_dependent(gm.graph)
+    g = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand")
+    w = g.args[0]
+    mul = next(iter(u for u in g.users if u.op == "call_function"))
+    before = gm.code
+    changed, reason = collapse_batch(gm, {w, g}, {mul}, dep)
+    assert not changed and "also read" in reason
+    assert gm.code == before
