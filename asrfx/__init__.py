@@ -11,12 +11,12 @@ arXiv 2304.06345 (ECCV 2024: "Stripe Observation Guided Inference Cost-free Atte
 
 from . import attention, foldmath, runtimes, zoo
 from .api import fold, prepare, relative_error
-from .errors import ASRError, ExportError, FoldMismatch, InputError, TraceError
+from .errors import ASRError, ExportError, FoldMismatch, InputError, NonFiniteError, TraceError
 from .report import Report, Site
 from .tracing import DualModeGraphModule, trace
 
 __version__ = "0.1.0"
 
 __all__ = ["prepare", "fold", "trace", "relative_error", "ASRError", "TraceError",
-           "FoldMismatch", "InputError", "ExportError", "Report", "Site", "DualModeGraphModule", "zoo", "attention",
+           "FoldMismatch", "InputError", "NonFiniteError", "ExportError", "Report", "Site", "DualModeGraphModule", "zoo", "attention",
            "foldmath", "runtimes", "__version__"]

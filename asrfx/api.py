@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -13,16 +14,19 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils._pytree import tree_flatten
 
 from asrfx.passes import (apply_asr, cleanup, drop_identities, revert_sync_batchnorm, evaluate_constants, find_attention_sites,
-                          fold_scales, fuse_batchnorm)
-from asrfx.passes.graph_utils import clone_module, module_path, safe_dce, stable_toposort
+                          fold_scales, fuse_batchnorm, refuse_batch_statistic_sites)
+from asrfx.passes.graph_utils import (clone_module, deepcopy_module, describe_hooks, module_path,
+                                      safe_dce, stable_toposort)
+from asrfx.passes.hooks import (hook_fix, protect_hooked_calls, refuse_hooked_sites,
+                                restore_hooked_calls)
 from asrfx.passes.insertion import insert_modules, insertion_points
 from asrfx.passes.branch_merge import merge_branches, merge_sequential
 
-from .errors import FoldMismatch, InputError
+from .errors import FoldMismatch, InputError, NonFiniteError
 from .report import Report
 from .tracing import (AsrTracer, DualModeGraphModule, _inputs_failure, check_example_inputs,
                       infer_example_inputs, normalize_inputs, preserve_modes, propagate_shapes,
-                      trace_modes)
+                      trace_modes, warn_own_hooks)
 
 __all__ = ["prepare", "fold", "relative_error"]
 
@@ -245,7 +249,7 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
     _check_model(model, "prepare")
     stage = _meta(model).get("stage")
     if stage in ("prepare", "fold"):
-        out = copy.deepcopy(model)
+        out = deepcopy_module(model)
         done = {"prepare": "prepared", "fold": "folded"}[stage]
         report = Report("prepare", params_before=_count_params(model),
                         params_after=_count_params(out),
@@ -258,6 +262,10 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
     inputs = _inputs_for(work, example_inputs)
     tr = trace_modes(work, leaf_modules, inputs)
     report = Report("prepare", params_before=_count_params(model))
+    for path, kinds in tr.hooked.items():  # leaves so that their hooks run
+        report.add(path, "hooked module", 0, "kept", "", f"has {describe_hooks(kinds)}: kept "
+                   f"as an opaque call so that it runs; nothing inside it is converted (to "
+                   f"convert it, {hook_fix(kinds)})", code="hooked-module")
     created: dict[str, Any] = {}
     inserted: dict[int, set] = {}
     inserted_paths: list[str] = []
@@ -287,6 +295,11 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
         gm.meta.pop("asrfx_shapes_from", None)
         sites, refusals = find_attention_sites(gm)
         new_nodes = inserted.get(i, set())
+        sites, hooked = refuse_hooked_sites(gm, sites, new_nodes) if mode != "keep" else \
+            (sites, [])
+        _, batch_stats = refuse_batch_statistic_sites(
+            gm, [s for s in sites if mode != "keep" or s.mul in new_nodes])
+        sites = [s for s in sites if all(s is not r for r, _ in batch_stats)]
         site_modes = ["replace" if s.mul in new_nodes else mode for s in sites]
         try:
             names = apply_asr(gm, sites, init=init, created=created, root=work,
@@ -309,7 +322,16 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
                 kind = "spatial attention" if reason.startswith("spatial") else \
                     "channel-attention?"
                 report.add(path, kind, 0, "refused", "", reason)
+            for site, reason in hooked:
+                report.add(site.path, "channel-attention", site.channels, "refused", "", reason,
+                           code="hooked-module-in-branch")
+            for site, reason in batch_stats:
+                report.add(site.path, "channel-attention", site.channels, "refused", "", reason,
+                           code="batch-stats-norm-in-branch")
             for site in sites:
+                if site.extra.get("rows"):
+                    report.notes.append(f"{site.path}: the ASR branch runs on psi expanded to "
+                                        f"the batch ({site.extra['rows']}); it folds the same")
                 for norm in site.extra.get("frozen_norms", []):
                     report.notes.append(f"{norm}: a norm inside the ASR branch of {site.path} "
                                         f"now always normalises with its running statistics "
@@ -337,16 +359,80 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
 
 
 def relative_error(ref: Any, out: Any) -> float:
-    """max |ref - out| / max |ref| over all tensors of two (nested) outputs."""
+    """max |ref - out| / max |ref| over all tensors of two (nested) outputs, in float64.
+
+    NaN when either side holds a NaN (or infinities that do not cancel), inf when ``ref`` is
+    finite and ``out`` is not: a non-finite output never reads as a small error.
+    """
     a, _ = tree_flatten(ref)
     b, _ = tree_flatten(out)
     num, den = 0.0, 0.0
     for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.numel():
             x64, y64 = x.detach().double(), y.detach().double()
-            num = max(num, (x64 - y64).abs().max().item() if x64.numel() else 0.0)
-            den = max(den, x64.abs().max().item() if x64.numel() else 0.0)
+            diff = torch.where(x64 == y64, 0.0, (x64 - y64).abs())  # inf == inf: no error
+            d, r = diff.max().item(), x64.abs().max().item()
+            if math.isnan(d) or math.isnan(r) or bool(diff.isnan().any()):
+                return math.nan
+            num, den = max(num, d), max(den, r)
+    if math.isinf(den):
+        return math.nan if num else 0.0
     return num / max(den, 1e-12)
+
+
+def _nonfinite(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and \
+        not bool(torch.isfinite(t).all())
+
+
+def _count_nonfinite(t: torch.Tensor) -> str:
+    nan, inf = int(t.isnan().sum()), int(t.isinf().sum())
+    return ", ".join(p for p in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if p)
+
+
+def _where_nonfinite(model: nn.Module, leaf_modules: Sequence[str | type], inputs: tuple) -> str:
+    """Where the model's eval-mode output first becomes NaN/Inf: the input, a parameter or
+    buffer (e.g. a BatchNorm's running variance), or the first layer computing one."""
+    for i, t in enumerate(inputs):
+        if _nonfinite(t):
+            return f"example input {i} holds {_count_nonfinite(t)} values"
+    gm = _eval_graph_module(model, leaf_modules, inputs)
+    found: list[str] = []
+
+    class Finder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if not found and n.op != "get_attr" and \
+                    any(_nonfinite(t) for t in tree_flatten(out)[0]):
+                found.append(_describe_nonfinite(gm, n))
+            return out
+
+    with torch.no_grad():
+        Finder(gm).run(*inputs)
+    return found[0] if found else "an unknown place"
+
+
+def _describe_nonfinite(gm: fx.GraphModule, n: fx.Node) -> str:
+    path = module_path(n) or "(top)"
+    if n.op == "call_module":
+        mod = gm.get_submodule(str(n.target))
+        what = f"{n.target} ({type(mod).__name__})"
+        tensors = list(mod.named_parameters()) + list(mod.named_buffers())
+    else:
+        what = f"{getattr(n.target, '__name__', n.target)} in {path}"
+        tensors = [(str(a.target), _attr(gm, str(a.target)))
+                   for a in n.all_input_nodes if a.op == "get_attr"]
+    bad = [f"{k} holds {_count_nonfinite(t)} values" for k, t in tensors if _nonfinite(t)]
+    if bad:
+        return f"{what}: {'; '.join(bad)}"
+    return f"{what}: its output is the first non-finite value (its inputs are finite)"
+
+
+def _attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _eval_graph_module(model: nn.Module, leaf_modules: Sequence[str | type],
@@ -355,6 +441,7 @@ def _eval_graph_module(model: nn.Module, leaf_modules: Sequence[str | type],
     if isinstance(model, fx.GraphModule):
         graph = model.eval_graph if isinstance(model, DualModeGraphModule) else model.graph
         gm = _clone_graph_module(model, graph)
+        warn_own_hooks(model)
     else:
         gm = trace_modes(clone_module(model), leaf_modules, inputs).eval
     gm.eval()
@@ -388,6 +475,7 @@ def _clone_graph_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
 def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
                 select: Callable[[str], bool] = lambda k: True,
                 outputs: list | None = None) -> dict[str, list]:
+    hooked = protect_hooked_calls(gm)  # no pass folds into, through or away a hooked module
     try:
         consts = evaluate_constants(gm, inputs, outputs)
     except Exception as e:  # noqa: BLE001 - a bad input must name itself, not fail deep in fx
@@ -397,8 +485,10 @@ def _run_passes(gm: fx.GraphModule, inputs: tuple, fuse_bn: bool,
     scales = fold_scales(gm, select)
     bns = fuse_batchnorm(gm, select) if fuse_bn else []
     merges = merge_sequential(gm, select) + merge_branches(gm, select) if fuse_bn else []
+    restore_hooked_calls(gm, hooked)
     cleanup(gm)
-    return {"consts": consts, "syncbn": syncbn, "scales": scales, "bns": bns, "merges": merges}
+    return {"consts": consts, "syncbn": syncbn, "scales": scales, "bns": bns, "merges": merges,
+            "hooks": hooked}
 
 
 def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
@@ -432,7 +522,7 @@ def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
         raise InputError(f"asrfx.fold expects an nn.Module, got {type(model).__name__}")
     _check_model(model, "fold")
     if _meta(model).get("stage") == "fold":
-        out = copy.deepcopy(model).eval()
+        out = deepcopy_module(model).eval()
         report = Report("fold", params_before=_count_params(model),
                         params_after=_count_params(out), notes=["model is already folded "
                                                                 "(asrfx.fold); returned "
@@ -465,7 +555,15 @@ def _fold(model: nn.Module, inputs: tuple, check: bool, fuse_bn: bool, tol: floa
     recs = _run_passes(gm, inputs, fuse_bn, outputs=outputs)
     ref = outputs[0]
     report = _fold_report(model, gm, recs)
+    _audit_constants(gm, report)
     if check:
+        if any(_nonfinite(t) for t in tree_flatten(ref)[0]):
+            raise NonFiniteError(
+                f"asrfx.fold: {type(model).__name__} itself outputs NaN/Inf in eval mode on the "
+                f"example inputs, so no fold can be checked; the first non-finite value: "
+                f"{_where_nonfinite(model, leaf_modules, inputs)}. Fix the model (e.g. "
+                f"re-estimate BatchNorm statistics, or lower the learning rate that diverged) "
+                f"and fold again")
         with torch.no_grad():
             try:
                 out = gm(*inputs)
@@ -478,6 +576,19 @@ def _fold(model: nn.Module, inputs: tuple, check: bool, fuse_bn: bool, tol: floa
         tol = _tolerance(tol, out)
         report.notes.append(f"checked against the unfolded model in eval mode: relative error "
                             f"{err:.2e} (tolerance {tol:.0e})")
+        half = _half_precision(out)
+        if not err <= tol and half is not None and not math.isnan(err):
+            # rounding of a half-precision eager run can exceed tol on its own: judge both
+            # against the truth (the unfolded model in float64)
+            eager64, fold64 = _against_float64(model, leaf_modules, inputs, ref, out)
+            detail = (f"against the unfolded model run in float64 the fold errs {fold64:.2e} and "
+                      f"the {half} eager model {eager64:.2e}")
+            if fold64 <= eager64:
+                report.notes.append(f"{half}: the fold differs from the eager model by more than "
+                                    f"the tolerance, but {detail}: the fold is no worse")
+                err = tol  # accepted
+            else:
+                raise FoldMismatch(err, tol, None, f"({detail}.) ")
         if not err <= tol:
             worst, worst_err = _isolate(model, leaf_modules, inputs, fuse_bn, ref, recs)
             raise FoldMismatch(err, tol, worst,
@@ -489,6 +600,38 @@ def _fold(model: nn.Module, inputs: tuple, check: bool, fuse_bn: bool, tol: floa
     info["input_specs"] = _input_specs(inputs)
     _attach(gm, report, **info)
     return gm
+
+
+def _audit_constants(gm: fx.GraphModule, report: Report) -> None:
+    """Part of fold's check: the deploy graph holds no psi and no computation from parameters
+    and buffers alone, unless the report already says why (a constant branch kept). Anything
+    else left (an in-place update of a buffer, an opaque call on constants) is reported here,
+    never left unmentioned."""
+    from asrfx.passes.graph_utils import reads_shape_only, value_dependent
+
+    kept = {s.path for s in report.sites if s.action == "kept" and s.kind == "constant branch"}
+    dep = value_dependent(gm.graph)
+    left: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module") or n in dep or \
+                reads_shape_only(n):
+            continue
+        if n.op != "call_module" and not hasattr(n.meta.get("tensor_meta"), "shape"):
+            continue  # a shape computed from shapes (``b, c = x.shape[:2]``)
+        path = module_path(n)
+        if path not in kept:
+            left.setdefault(path, []).append(str(getattr(n.target, "__name__", n.target)))
+    for path, ops in left.items():
+        report.add(path, "constant branch", 0, "kept", "",
+                   f"computed from parameters and buffers alone at every call "
+                   f"({', '.join(ops[:4])}{', ...' if len(ops) > 4 else ''}): an in-place update "
+                   f"or a call asrfx cannot evaluate keeps it", code="constant-computation-left")
+        kept.add(path)
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        path, _, field = name.rpartition(".")
+        if field.endswith("psi") and path not in kept:
+            report.add(path, "constant branch", 0, "kept", "",
+                       f"{name} is still read by the deploy graph", code="psi-left")
 
 
 def _check_arity(gm: fx.GraphModule, inputs: tuple) -> None:
@@ -505,6 +648,27 @@ def _check_arity(gm: fx.GraphModule, inputs: tuple) -> None:
         raise InputError(f"{type(gm).__name__} takes {takes} input(s), got {len(inputs)}; pass "
                          f"example_inputs=(x,) with tensors {_signature(gm)} accepts (given: "
                          f"{describe_inputs(inputs)})")
+
+
+def _half_precision(out: Any) -> str | None:
+    """"float16" / "bfloat16" when an output tensor is of that dtype."""
+    for t in tree_flatten(out)[0]:
+        if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+            return str(t.dtype).replace("torch.", "")
+    return None
+
+
+def _against_float64(model: nn.Module, leaf_modules: Sequence[str | type], inputs: tuple,
+                     eager: Any, folded: Any) -> tuple[float, float]:
+    """(relative error of the eager output, of the folded output) against the unfolded model
+    run in float64 on the same inputs (converted exactly: float16/bfloat16 values are float64
+    values)."""
+    gm = _eval_graph_module(model, leaf_modules, inputs).double()
+    inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                     for t in inputs)
+    with torch.no_grad():
+        truth = gm(*inputs64)
+    return relative_error(truth, eager), relative_error(truth, folded)
 
 
 def _tolerance(tol: float, out: Any) -> float:
@@ -535,9 +699,12 @@ def _isolate(model: nn.Module, leaf_modules: Sequence[str | type], inputs: tuple
 
 def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: dict[str, list]) -> Report:
     report = Report("fold", params_before=_count_params(model), params_after=_count_params(gm))
+    for h in recs.get("hooks", []):
+        report.add(h["path"], "hooked module", 0, "kept", "", h["reason"], code="hooked-module")
     for c in recs["consts"]:
         if "refused" in c:
-            report.add(c["path"], "constant branch", 0, "kept", "", c["refused"])
+            report.add(c["path"], "constant branch", 0, "kept", "", c["refused"],
+                       code=c.get("code", ""))
     for r in recs.get("syncbn", []):
         report.add(r["path"], "SyncBatchNorm", r["channels"], r["action"], r["target"],
                    r.get("reason", ""))

@@ -6,7 +6,8 @@ module involved and says what to do about it; raw torch.fx tracebacks never esca
 
 from __future__ import annotations
 
-__all__ = ["ASRError", "TraceError", "FoldMismatch", "InputError", "ExportError"]
+__all__ = ["ASRError", "TraceError", "FoldMismatch", "InputError", "NonFiniteError",
+           "ExportError"]
 
 
 class ASRError(RuntimeError):
@@ -30,6 +31,15 @@ class TraceError(ASRError):
 
 class InputError(ASRError, ValueError):
     """A bad argument: wrong example inputs, unknown option, wrong model state."""
+
+
+class NonFiniteError(ASRError, ValueError):
+    """The model given to ``fold`` outputs NaN or Inf in eval mode, so no fold can be checked.
+
+    The message names where the non-finite values first appear: the example input, a parameter
+    or buffer (e.g. a BatchNorm's ``running_var``), or the first layer whose output is
+    non-finite.
+    """
 
 
 class FoldMismatch(ASRError):

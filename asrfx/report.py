@@ -21,6 +21,9 @@ class Site:
         action: what happened: "converted", "added", "folded", "fused", "kept", "refused", ...
         target: where it went (module or parameter the constant was folded into), if anywhere.
         reason: why a site was refused or kept, empty when it went through.
+        code: a short, stable, machine-readable name of the reason (e.g.
+            ``"batch-stats-norm-in-branch"``), where one is assigned; tests and tools match it
+            rather than the prose.
     """
 
     path: str
@@ -29,6 +32,7 @@ class Site:
     action: str = ""
     target: str = ""
     reason: str = ""
+    code: str = ""
 
 
 @dataclass

@@ -22,9 +22,11 @@ from torch.fx.graph_module import GraphModule, _copy_attr, _forward_from_src
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import InputError, TraceError
+from .passes.graph_utils import describe_hooks, module_hooks
 
 __all__ = ["trace", "AsrTracer", "ShapeRecorder", "preserve_modes", "DualModeGraphModule", "TraceResult", "trace_modes",
-           "propagate_shapes", "normalize_inputs", "infer_example_inputs"]
+           "propagate_shapes", "normalize_inputs", "infer_example_inputs", "hooked_leaves",
+           "warn_own_hooks"]
 
 # Norm and dropout layers decide their behaviour on self.training at run time; a subclass of
 # one of them traced through would freeze that decision, so they stay opaque calls.
@@ -42,8 +44,10 @@ class _SubmoduleTraceFailure(Exception):
 
 
 class AsrTracer(fx.Tracer):
-    """fx tracer that keeps standard ``torch.nn`` layers, norm/dropout subclasses and any
-    user-named modules as leaves, and reports which submodule a tracing failure came from.
+    """fx tracer that keeps standard ``torch.nn`` layers, norm/dropout subclasses, any
+    user-named modules and every submodule with hooks (forward, forward-pre, backward: they
+    run when the module is *called*, and an inlined module is never called) as leaves, and
+    reports which submodule a tracing failure came from.
 
     With ``example_inputs`` it also computes every node's example value while tracing, so
     ``len(x.shape)`` (the rank, which does not depend on the batch or image size) can be
@@ -106,6 +110,12 @@ class AsrTracer(fx.Tracer):
         return len(value) if isinstance(value, torch.Size) else None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.is_plain_leaf(m, module_qualified_name):
+            return True
+        return bool(module_qualified_name) and bool(module_hooks(m))
+
+    def is_plain_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """A leaf whether or not it has hooks."""
         if module_qualified_name in self.leaf_names:
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
@@ -279,13 +289,18 @@ def _graph_signature(graph: fx.Graph) -> list[tuple]:
 
 
 class TraceResult:
-    """The graphs of a model: ``train`` and ``eval`` (the same graph object when they agree)."""
+    """The graphs of a model: ``train`` and ``eval`` (the same graph object when they agree).
+
+    ``hooked`` maps the path of each submodule kept a leaf only because it has hooks to what
+    hooks it has (see :func:`hooked_leaves`).
+    """
 
     def __init__(self, root: nn.Module, train: GraphModule, eval: GraphModule, leaves: set[str]):
         self.root = root
         self.train = train
         self.eval = eval
         self.leaves = leaves
+        self.hooked: dict[str, list[str]] = {}
 
     @property
     def dual(self) -> bool:
@@ -316,13 +331,13 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
     """
     leaves: set[str] = set()
     if example_inputs is None:
-        return _trace_modes(model, leaf_modules, leaves)
+        return _report_hooks(model, _trace_modes(model, leaf_modules, leaves), leaf_modules)
     reference = _eager_eval(model, example_inputs)
     for _ in range(200):
         tr = _trace_modes(model, leaf_modules, leaves, example_inputs)
         culprit = _validate(tr.eval, example_inputs, reference, leaves, leaf_modules)
         if culprit is None:
-            return tr
+            return _report_hooks(model, tr, leaf_modules)
         path, why = culprit
         if path == "" and why.startswith("computes different"):
             path = _find_unfaithful_module(model, tr, leaf_modules, leaves, example_inputs,
@@ -338,6 +353,48 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
                       f"inside it will be converted.", stacklevel=3)
         leaves.add(path)
     raise TraceError("", "could not find a faithful graph", "pass leaf_modules=[...]")
+
+
+def hooked_leaves(tr: TraceResult, leaf_modules: Sequence[str | type] = ()
+                  ) -> dict[str, list[str]]:
+    """The submodules the graphs of ``tr`` call only because they have hooks (a module that is
+    a leaf anyway, a ``Conv2d``, is not listed), each with what hooks it has."""
+    tracer = AsrTracer(list(leaf_modules) + sorted(tr.leaves))
+    found: dict[str, list[str]] = {}
+    for gm in tr.modules():
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or str(node.target) in found:
+                continue
+            mod = tr.root.get_submodule(str(node.target))
+            kinds = module_hooks(mod)
+            if kinds and not tracer.is_plain_leaf(mod, str(node.target)):
+                found[str(node.target)] = kinds
+    return found
+
+
+def _report_hooks(model: nn.Module, tr: TraceResult, leaf_modules: Sequence[str | type]
+                  ) -> TraceResult:
+    """Name the hooks a trace keeps (hooked submodules stay leaves) and those it cannot run
+    (hooks on the model itself: the result is a new module), in warnings."""
+    tr.hooked = hooked_leaves(tr, leaf_modules)
+    for path, kinds in tr.hooked.items():
+        warnings.warn(f"asrfx: submodule '{path}' ({type(model.get_submodule(path)).__name__}) "
+                      f"has {describe_hooks(kinds)}; it is kept as an opaque leaf so that its "
+                      f"hooks run, and nothing inside it will be converted or folded (remove "
+                      f"them with handle.remove() before asrfx to convert it).", stacklevel=3)
+    warn_own_hooks(model)
+    return tr
+
+
+def warn_own_hooks(model: nn.Module) -> None:
+    """Warn that hooks registered on ``model`` itself do not carry over to a result built from
+    its graph (a new module); a hook that changes the output fails the trace's check instead
+    (see :func:`_top_level_hint`)."""
+    own = module_hooks(model)
+    if own:
+        warnings.warn(f"asrfx: {type(model).__name__} has {describe_hooks(own)} on itself, "
+                      f"which the result (a new module) does not run: register it on the "
+                      f"result.", stacklevel=4)
 
 
 def _find_unfaithful_module(model: nn.Module, tr: TraceResult,
@@ -453,12 +510,23 @@ def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
     b, _ = tree_flatten(out)
     same = len(a) == len(b) and all(
         (not isinstance(x, torch.Tensor)) or (isinstance(y, torch.Tensor) and x.shape == y.shape
-                                              and torch.allclose(x, y, rtol=1e-4, atol=1e-5))
+                                              and _close(x, y))
         for x, y in zip(a, b))
     if same:
         gm.meta["asrfx_shapes_from"] = id(inputs)  # shape metadata is fresh for these inputs
         return None
     return "", "computes different outputs from the eager model"
+
+
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """The traced graph's output ``y`` is the eager ``x``: within 1e-4 of the largest finite
+    magnitude (the graph runs the same kernels; only a different computation errs more), and
+    NaN / Inf exactly where eager has them (the check of fold reports those)."""
+    if not x.is_floating_point():
+        return bool(torch.equal(x, y))
+    finite = x[torch.isfinite(x)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return bool(torch.allclose(x, y, rtol=1e-4, atol=1e-4 * scale, equal_nan=True))
 
 
 def _code_names(code: Any, seen: set) -> set[str]:

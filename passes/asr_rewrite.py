@@ -25,7 +25,7 @@ from .batch_rows import collapse_batch
 from .graph_utils import (get_attr_path, reads_shape_only, set_attr_path, stable_toposort,
                           tensor_shape, value_dependent)
 
-__all__ = ["apply_asr", "make_psi", "fresh_module"]
+__all__ = ["apply_asr", "make_psi", "fresh_module", "refuse_batch_statistic_sites"]
 
 
 def make_psi(shape: tuple[int, ...], init: Any, dtype: torch.dtype, device: torch.device
@@ -291,6 +291,57 @@ def _add_copy(gm: fx.GraphModule, site: AttentionSite, psis: dict[fx.Node, fx.No
     site.extra["asr_mul"] = scaled
     site.extra["frozen_norms"] = _freeze_norms(
         gm, [mapping[n] for n in site.branch if n in mapping])
+
+
+def _batch_statistic_norm(gm: fx.GraphModule, n: fx.Node) -> str | None:
+    """A description of ``n`` when it normalises with the statistics of the batch it is given
+    in some mode and has no running statistics to use instead (so :func:`_freeze_norms` cannot
+    fix it), else None."""
+    if n.op == "call_module":
+        mod = gm.get_submodule(str(n.target))
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is None:
+            return f"{n.target} ({type(mod).__name__} without running statistics)"
+        if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and mod.track_running_stats \
+                and mod.running_mean is None:
+            return f"{n.target} ({type(mod).__name__})"
+        return None
+    if n.op == "call_function" and n.target in (torch.nn.functional.batch_norm,
+                                                torch.batch_norm):
+        args = list(n.args) + [None] * 6
+        mean = args[1] if len(n.args) > 1 else n.kwargs.get("running_mean")
+        training = n.kwargs.get("training", args[5] if len(n.args) > 5 else False)
+        if mean is None or training is True:
+            return f"{module_path_of(n)} (batch_norm with batch statistics)"
+    return None
+
+
+def module_path_of(n: fx.Node) -> str:
+    from .graph_utils import module_path
+
+    return module_path(n) or n.name
+
+
+def refuse_batch_statistic_sites(gm: fx.GraphModule, sites: list[AttentionSite]
+                                 ) -> tuple[list[AttentionSite], list[tuple[AttentionSite, str]]]:
+    """Split ``sites`` into those whose branch can read psi and those with a norm inside the
+    branch that normalises with batch statistics and has no running ones.
+
+    psi is one value for the whole batch: such a norm would see identical rows, output its bias
+    whatever psi is, and give psi a zero gradient (psi would never train), and on one row it
+    cannot run in training mode at all. Those sites keep their input-dependent attention.
+    """
+    keep, refused = [], []
+    for site in sites:
+        norms = [d for n in site.branch if (d := _batch_statistic_norm(gm, n)) is not None]
+        if norms:
+            refused.append((site, f"the branch normalises with batch statistics ("
+                                  f"{', '.join(norms)}): fed psi, one value for the whole batch, "
+                                  f"it would output its bias and psi would never train; the "
+                                  f"input-dependent attention is kept (give the norm running "
+                                  f"statistics to convert it)"))
+        else:
+            keep.append(site)
+    return keep, refused
 
 
 def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[str]:

@@ -152,6 +152,15 @@ def collapse_batch(gm: fx.GraphModule, nodes: Iterable[fx.Node], outs: Iterable[
     """
     nodes = set(nodes)
     outs = set(outs)
+    # constant computations hanging off the branch belong to it: an in-place op on a branch value
+    # (``t.mul_(t.sigmoid())``) is not on the data path from psi to the gate but changes it
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in nodes and u not in outs and u not in dep and u.op != "output":
+                nodes.add(u)
+                stack.append(u)
     for n in nodes:
         for u in n.users:
             if u not in nodes and u not in outs:

@@ -15,7 +15,8 @@ from torch import nn
 
 __all__ = ["tensor_shape", "value_dependent", "module_path", "is_op", "to_networkx",
            "MUL_OPS", "ADD_OPS", "SUB_OPS", "SHAPE_ATTRS", "SHAPE_METHODS", "call_sites",
-           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "pass_record", "get_attr_path", "unique_name"]
+           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "pass_record", "get_attr_path", "unique_name",
+           "module_hooks", "describe_hooks", "deepcopy_module"]
 
 MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.Tensor.mul}
 ADD_OPS = {operator.add, operator.iadd, torch.add, "add", "add_", torch.Tensor.add}
@@ -183,9 +184,74 @@ def stable_toposort(graph: fx.Graph) -> None:
 _ATOMIC = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
 
 
+#: the hook dicts ``Module.__call__`` runs (``_forward_hooks_with_kwargs`` and friends only hold
+#: flags keyed like these)
+CALL_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def module_hooks(mod: nn.Module) -> list[str]:
+    """What runs when ``mod`` is called besides its ``forward``: its forward (pre-)hooks and
+    backward (pre-)hooks, described in words (``"forward hook"``, ``"legacy weight_norm"``...);
+    empty when there are none. Global hooks (``register_module_forward_hook``) are not counted.
+    """
+    if not any(getattr(mod, attr, None) for attr in CALL_HOOK_DICTS):
+        return []
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    kinds: list[str] = []
+    for attr, word in zip(CALL_HOOK_DICTS, ("forward pre-hook", "forward hook",
+                                            "backward pre-hook", "backward hook")):
+        for hook in (getattr(mod, attr, None) or {}).values():
+            kind = "legacy weight_norm" if isinstance(hook, WeightNorm) else \
+                "legacy spectral_norm" if isinstance(hook, SpectralNorm) else \
+                "pruning" if isinstance(hook, BasePruningMethod) else word
+            if kind not in kinds:
+                kinds.append(kind)
+    return kinds
+
+
+def describe_hooks(kinds: list[str]) -> str:
+    """``["forward hook", "legacy weight_norm"]`` -> "a forward hook and a legacy weight_norm
+    hook", for messages."""
+    words = [f"a {k} hook" if k.startswith("legacy") or k == "pruning" else f"a {k}"
+             for k in kinds]
+    return " and ".join(words) if len(words) <= 2 else ", ".join(words)
+
+
+def _nonleaf_copy(v: torch.Tensor, memo: dict) -> torch.Tensor:
+    """A copy of a tensor attribute computed with autograd (legacy ``weight_norm`` keeps
+    ``weight`` so, recomputing it from ``weight_g``/``weight_v`` before every call), which
+    ``copy.deepcopy`` refuses: the values, detached (the graph it came from is the caller's)."""
+    got = memo.get(id(v))
+    if got is None:
+        got = memo[id(v)] = v.detach().clone()
+    return got
+
+
+def _share_hooks(hooks: dict, memo: dict) -> dict:
+    """A new hook dict holding the caller's hooks themselves, so that what a hook records lands
+    where the caller looks (a counter, a list of activations). A hook bound to a module (a
+    method of it, or a module) follows the copy of that module instead."""
+    import types
+
+    out = type(hooks)()
+    for k, h in hooks.items():
+        bound = getattr(h, "__self__", None)
+        if isinstance(h, nn.Module):
+            h = clone_module(h, memo)
+        elif isinstance(h, types.MethodType) and isinstance(bound, nn.Module):
+            h = types.MethodType(h.__func__, clone_module(bound, memo))
+        out[k] = h
+    return out
+
+
 def _copy_value(v: Any, memo: dict) -> Any:
     if isinstance(v, _ATOMIC):
         return v
+    if isinstance(v, torch.Tensor) and not v.is_leaf:
+        return _nonleaf_copy(v, memo)
     if type(v) is tuple and all(isinstance(e, _ATOMIC) for e in v):
         return v
     if type(v) in (dict, set, list, __import__("collections").OrderedDict) and not v:
@@ -197,19 +263,18 @@ def clone_module(mod: nn.Module, memo: dict | None = None) -> nn.Module:
     """A deep copy of ``mod``, about twice as fast as ``copy.deepcopy`` on large models.
 
     Parameters and buffers are deep-copied (tied weights stay tied through ``memo``); module
-    state that is atomic (numbers, strings, tuples of them) is shared, empty hook dicts are made
-    anew, everything else is deep-copied. Classes with their own ``__deepcopy__`` or
-    ``__slots__`` go through ``copy.deepcopy``.
+    state that is atomic (numbers, strings, tuples of them) is shared, the hooks a call runs are
+    the caller's own (see :func:`_share_hooks`), a tensor attribute computed with autograd
+    (legacy ``weight_norm``'s ``weight``) is copied detached, everything else is deep-copied.
+    Classes with their own ``__deepcopy__`` or ``__slots__`` go through :func:`deepcopy_module`.
     """
-    import copy
-
     memo = {} if memo is None else memo
     got = memo.get(id(mod))
     if got is not None:
         return got
     cls = type(mod)
     if getattr(cls, "__deepcopy__", None) is not None or "__slots__" in vars(cls):
-        return copy.deepcopy(mod, memo)
+        return deepcopy_module(mod, memo)
     new = object.__new__(cls)
     memo[id(mod)] = new
     d: dict[str, Any] = {}
@@ -217,11 +282,27 @@ def clone_module(mod: nn.Module, memo: dict | None = None) -> nn.Module:
         if k == "_modules":
             d[k] = {n: (None if c is None else clone_module(c, memo)) for n, c in v.items()}
         elif k in ("_parameters", "_buffers"):
-            d[k] = {n: (None if t is None else copy.deepcopy(t, memo)) for n, t in v.items()}
+            d[k] = {n: (None if t is None else _copy_value(t, memo)) for n, t in v.items()}
+        elif k in CALL_HOOK_DICTS and v:
+            d[k] = _share_hooks(v, memo)
         else:
             d[k] = _copy_value(v, memo)
     new.__dict__ = d
     return new
+
+
+def deepcopy_module(mod: nn.Module, memo: dict | None = None) -> nn.Module:
+    """``copy.deepcopy(mod)`` that also copies tensor attributes computed with autograd (legacy
+    ``weight_norm``/``spectral_norm`` after a forward with gradients), detached, where
+    ``copy.deepcopy`` raises "Only Tensors created explicitly by the user (graph leaves)..."."""
+    import copy
+
+    memo = {} if memo is None else memo
+    for m in mod.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                _nonleaf_copy(v, memo)
+    return copy.deepcopy(mod, memo)
 
 
 def _mutates(node: fx.Node, gm: nn.Module | None) -> bool:
@@ -241,22 +322,71 @@ def _mutates(node: fx.Node, gm: nn.Module | None) -> bool:
     return False
 
 
+# layers and ops that return a new tensor (never their input or a view of it): an in-place op
+# on their result can only be seen by the nodes that read that result afterwards
+_FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase,
+                  nn.GroupNorm, nn.LayerNorm, nn.modules.pooling._AdaptiveAvgPoolNd,
+                  nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                  nn.modules.pooling._MaxPoolNd, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.GELU,
+                  nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+                  nn.Mish, nn.ELU)
+_FRESH_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm, F.group_norm,
+                    F.layer_norm, torch.sigmoid, torch.tanh, F.silu, F.gelu, F.relu, F.hardswish,
+                    F.hardsigmoid, torch.relu, operator.add, operator.mul, operator.sub,
+                    operator.truediv, torch.add, torch.mul, torch.sub, torch.div, torch.cat,
+                    torch.mean, torch.sum, torch.matmul, operator.matmul, F.softmax,
+                    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+_FRESH_METHODS = {"sigmoid", "tanh", "relu", "add", "mul", "sub", "div", "mean", "sum", "clone",
+                  "softmax", "matmul", "pow", "sqrt", "exp", "abs"}
+
+
+def _fresh(node: fx.Node, gm: nn.Module | None) -> bool:
+    """Whether ``node`` certainly produced a new tensor (not an input, parameter, buffer, or an
+    alias or view of one)."""
+    if node.op == "call_module" and gm is not None:
+        try:
+            mod = gm.get_submodule(str(node.target))
+        except AttributeError:
+            return False
+        return type(mod).__module__.startswith("torch.nn") and \
+            isinstance(mod, _FRESH_MODULES) and not getattr(mod, "inplace", False) and \
+            not module_hooks(mod)  # a forward hook may return anything
+    if node.op == "call_function":
+        return node.target in _FRESH_FUNCTIONS and not node.kwargs.get("inplace")
+    if node.op == "call_method":
+        return node.target in _FRESH_METHODS
+    return False
+
+
 def has_side_effects(node: fx.Node, gm: nn.Module | None = None) -> bool:
     """Conservative impurity: fx's own notion; in-place ops (``x.mul_(g)``,
-    ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``) whose mutated input is read by
-    another node; calls of modules outside ``torch.nn`` (opaque leaves)."""
+    ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``) whose effect can be observed: the
+    mutated tensor is not certainly a fresh one (it may be an input, parameter, buffer or a view
+    of one), or a node after the op reads it; calls of modules outside ``torch.nn`` (opaque
+    leaves) and of modules with hooks (the hook runs even when nothing reads the output).
+
+    An in-place op on a fresh tensor that nothing reads afterwards (``t = conv(s);
+    t.mul_(t.sigmoid())`` with ``t`` unused later) is dead: the reads before it saw the old
+    value either way.
+    """
     if node.is_impure():
         return True
     if _mutates(node, gm):
         first = node.args[0] if node.args else None
-        return isinstance(first, fx.Node) and any(
-            u is not node and not reads_shape_only(u) for u in first.users)
+        if not isinstance(first, fx.Node):
+            return False
+        if node.op == "call_function" and node.target is operator.setitem:
+            return True  # a write through an index: kept
+        if not _fresh(first, gm):
+            return True
+        return any(u is not node and not reads_shape_only(u) and u > node
+                   for u in first.users)
     if node.op == "call_module" and gm is not None:
         try:
             mod = gm.get_submodule(str(node.target))
         except AttributeError:
             return True
-        return not type(mod).__module__.startswith("torch.nn")
+        return not type(mod).__module__.startswith("torch.nn") or bool(module_hooks(mod))
     return False
 
 
