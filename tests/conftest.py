@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,10 +20,13 @@ from helpers import randomize_bn  # noqa: E402,F401  (re-exported: ``from confte
 
 # Hypothesis profiles, picked with HYPOTHESIS_PROFILE (default "ci"). Tests that set their own
 # max_examples keep it; the rest (the random-architecture fuzzer, tests/test_fuzz.py) take the
-# profile's. "ci": derandomized (the same examples every run), 150 examples per test. "long":
-# thousands of random examples, run by hand:
+# profile's. "ci": derandomized (the same examples every run), 150 examples per test, and no
+# shrinking: a failure is reported as drawn, at once (shrinking a random architecture took
+# minutes per failure). "long": thousands of random examples, shrunk, run by hand:
 #   HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest -q tests/test_fuzz.py
 settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True,
+                          database=None, print_blob=True,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate],
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=3000, deadline=None, derandomize=False,
                           suppress_health_check=[HealthCheck.too_slow])

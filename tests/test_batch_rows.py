@@ -259,3 +259,63 @@ def test_collapse_refuses_a_branch_read_elsewhere():
     changed, reason = collapse_batch(gm, {w, g}, {mul}, dep)
     assert not changed and "also read" in reason
     assert gm.code == before
+
+
+class NormedSE(nn.Module):
+    """An SE whose excitation normalises its hidden units: ``norm`` decides with what."""
+
+    def __init__(self, c: int, norm: str):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, c // 2, 1)
+        self.fc2 = nn.Conv2d(c // 2, c, 1)
+        self.norm = norm
+        if norm == "running":
+            self.bn = nn.BatchNorm2d(c // 2)
+        elif norm == "batch-only":
+            self.bn = nn.BatchNorm2d(c // 2, track_running_stats=False)
+        self.bias = nn.Parameter(torch.zeros(c // 2))
+
+    def forward(self, x):
+        h = self.fc1(x.mean((2, 3), keepdim=True))
+        if self.norm == "functional":  # batch statistics written by hand, no running ones
+            h = nn.functional.batch_norm(h, None, None, None, self.bias, training=True)
+        else:
+            h = self.bn(h)
+        return x * torch.sigmoid(self.fc2(torch.relu(h)))
+
+
+def _normed_net(norm: str) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         NormedSE(8, norm))
+
+
+@pytest.mark.parametrize("norm", ["batch-only", "functional"])
+def test_branch_normalising_with_batch_statistics_is_refused(norm):
+    """psi is one value for the whole batch: a norm with batch statistics only would output its
+    bias whatever psi is (psi's gradient ~1e-7 before: it never trained). The site is refused,
+    the norm named, the attention left input-dependent."""
+    model = _normed_net(norm)
+    x = torch.randn(4, 3, 8, 8)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    (site,) = prepared.asrfx_report.sites
+    assert (site.action, site.code) == ("refused", "batch-stats-norm-in-branch")
+    assert ("3.bn" if norm == "batch-only" else "batch_norm") in site.reason
+    assert not [n for n, _ in prepared.named_parameters() if n.endswith("psi")]
+    prepared.eval()
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(model(x), prepared(x)) <= 1e-6
+
+
+def test_branch_norm_with_running_statistics_trains_psi():
+    """The same SE with running statistics converts; the norm is frozen to them, and psi's
+    gradient is of the size of the other weights' (it trains)."""
+    prepared = asrfx.prepare(_normed_net("running"), example_inputs=(torch.randn(4, 3, 8, 8),))
+    (site,) = prepared.asrfx_report.sites
+    assert site.action == "converted"
+    prepared.train()
+    prepared(torch.randn(4, 3, 8, 8)).square().sum().backward()
+    psi = prepared.get_parameter("3.psi").grad.abs().max()
+    fc1 = prepared.get_parameter("3.fc1.weight").grad.abs().max()
+    assert psi > 1e-3 * fc1 > 0
