@@ -167,4 +167,4 @@ def assert_prepare_changes_nothing(model: nn.Module, *inputs: torch.Tensor) -> N
     model.eval()
     prepared.eval()
     with torch.no_grad():
-        assert torch.equal(prepared(*inputs), model(*inputs))
+        torch.testing.assert_close(prepared(*inputs), model(*inputs))

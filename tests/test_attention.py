@@ -279,7 +279,7 @@ def test_fx_trace_matches_eager(name, dims):
     for batch, scale in ((2, 1), (5, 2)):
         x = torch.randn(batch, C, *(s * scale for s in spatial_shape(dims)))
         with torch.no_grad():
-            torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
+            torch.testing.assert_close(gm(x), m(x))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -322,7 +322,7 @@ def test_eca_spellings_agree():
     a, b = ECA(128), ECATranspose(128)
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 128, 5, 7)
-    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    torch.testing.assert_close(a(x), b(x))
 
 
 def test_cbam_is_channel_then_spatial():

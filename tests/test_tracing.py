@@ -137,7 +137,7 @@ def test_nested_untraceable_submodule_becomes_a_leaf_with_a_warning():
         for sign in (1.0, -1.0):  # both branches of the gate
             x = sign * (torch.rand(2, 3, 8, 8) + 0.1)
             ref = model(x)
-            assert torch.equal(gm(x), ref)
+            torch.testing.assert_close(gm(x), ref)
     # the model's mode is left alone
     assert not model.training
 
@@ -231,7 +231,7 @@ def test_silently_wrong_trace_is_never_returned():
             return
     gm.eval()
     with torch.no_grad():
-        assert torch.equal(gm(x), model(x))
+        torch.testing.assert_close(gm(x), model(x))
 
 
 def test_nested_module_that_traces_wrongly_becomes_a_leaf():
@@ -242,7 +242,7 @@ def test_nested_module_that_traces_wrongly_becomes_a_leaf():
     assert "body.1" in _call_module_targets(gm)
     gm.eval()
     with torch.no_grad():
-        assert torch.equal(gm(x), model(x))
+        torch.testing.assert_close(gm(x), model(x))
 
 
 class TwoSE(nn.Module):
@@ -266,7 +266,7 @@ def test_leaf_modules_by_name_keeps_that_module_opaque():
     assert "se2.fc1" in targets and "se2" not in targets  # only the named one
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        assert torch.equal(gm(x), model(x))
+        torch.testing.assert_close(gm(x), model(x))
     prepared = asrfx.prepare(model, example_inputs=(x,), leaf_modules=["se"])
     assert _psi_names(prepared) == ["se2.psi"]
     assert "se" in _call_module_targets(prepared)
@@ -280,7 +280,7 @@ def test_leaf_modules_by_type_keeps_every_instance_opaque():
     assert "se" in targets and "se2" in targets
     assert not any(t.startswith(("se.", "se2.")) for t in targets)
     with torch.no_grad():
-        assert torch.equal(gm(x), model(x))
+        torch.testing.assert_close(gm(x), model(x))
     prepared = asrfx.prepare(model, example_inputs=(x,), leaf_modules=[SE])
     assert _psi_names(prepared) == []
     assert prepared.asrfx_report.count(action="converted") == 0
@@ -427,7 +427,7 @@ def test_prepare_without_attention_returns_an_equivalent_model_and_says_so():
     prepared.eval()
     with torch.no_grad():
         for xi in (x, torch.randn(5, 3, 8, 8)):
-            assert torch.equal(prepared(xi), model(xi))
+            torch.testing.assert_close(prepared(xi), model(xi))
 
 
 @pytest.mark.parametrize("mode", ["replace", "both"])
@@ -446,7 +446,7 @@ def test_prepare_twice_returns_the_prepared_model_unchanged(mode):
     once.eval()
     twice.eval()
     with torch.no_grad():
-        assert torch.equal(twice(x), once(x))
+        torch.testing.assert_close(twice(x), once(x))
 
 
 def test_fold_twice_returns_the_same_graph():
@@ -466,7 +466,7 @@ def test_fold_twice_returns_the_same_graph():
     assert not again.training
     with torch.no_grad():
         xi = torch.randn(3, 3, 8, 8)
-        assert torch.equal(again(xi), folded(xi))
+        torch.testing.assert_close(again(xi), folded(xi))
 
 
 # --------------------------------------------------------------------------------------------
@@ -701,4 +701,4 @@ def test_prepared_and_folded_models_pickle_whole():
         model.eval()
         back.eval()
         with torch.no_grad():
-            assert torch.equal(model(x), back(x))
+            torch.testing.assert_close(model(x), back(x))

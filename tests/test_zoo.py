@@ -199,7 +199,7 @@ def test_fx_trace_depth20_se_matches_eager():
     with torch.no_grad():
         expected = model(x)
         got = gm(x)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected)
     # Tracing sees through SE: 9 sigmoid gates, no opaque SEModule leaf.
     gates = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith("attention.gate")]
     assert len(gates) == 9
@@ -210,7 +210,7 @@ def test_fx_trace_bottleneck_se_matches_eager():
     gm = torch.fx.symbolic_trace(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(gm(x), model(x))
 
 
 # --------------------------------------------------------------------------
