@@ -177,9 +177,13 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
                     shared[stat] = (psis[stat], name)
             if mode == "replace":
                 branch = set(site.branch)
+                # a gate that is the statistic itself (``x * x.mean((2, 3), keepdim=True)``):
+                # the multiplies read psi directly
+                appliers = {site.mul, *site.extra.get("more_muls", [])} \
+                    if site.gate in site.stats else set()
                 for stat, e in psis.items():
                     for user in list(stat.users):
-                        if user in branch:
+                        if user in branch or (stat is site.gate and user in appliers):
                             user.replace_input_with(stat, e)
                 site.extra["frozen_norms"] = _freeze_norms(gm, site.branch)
             elif mode == "both":

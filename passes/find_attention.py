@@ -8,6 +8,16 @@ A site is a multiply ``x * g`` where
   statistic: adaptive pooling to size 1, ``mean``/``amax``/``std``... over all spatial dims);
 * every node between the statistics and ``g`` works on pooled, per-sample data (no spatial extent).
 
+A statistic reduces *all* positions of the map it pools and keeps that map's channels, so psi (the
+statistic's shape with batch 1) never carries a spatial or token extent and the prepared model runs
+at any input size. Shapes alone cannot promise that: ``(N, L, C) @ w`` with a learned ``w`` of shape
+``(C, 1)`` gives ``(N, L, 1)``, the shape of a pooled ``(N, C, 1)`` column, yet it scores each
+token. So the layout of the pooled map is read from the graph (:func:`channels_first`,
+:func:`channels_last`, :func:`tokens`), a reduction must name every position dim, a product counts
+as pooling only when both factors depend on the input and the summed dim is every position of one
+feature map (:func:`matmul_pooling`), and every site's psi is checked once more
+(:func:`psi_extent`).
+
 Class names are never consulted: Linear vs 1x1 conv excitation, sigmoid vs hand-written
 hard-sigmoid gates, module vs functional vs tensor-method spellings all look the same here.
 Candidates that are close but not safe to convert are returned as refusals with a reason.
@@ -26,7 +36,8 @@ from torch import nn
 
 from .graph_utils import ADD_OPS, MUL_OPS, is_op, module_path, prod, tensor_shape, value_dependent
 
-__all__ = ["AttentionSite", "find_attention_sites", "is_global_reduction", "unexpand"]
+__all__ = ["AttentionSite", "find_attention_sites", "is_global_reduction", "is_statistic",
+           "matmul_pooling", "psi_extent", "tokens", "unexpand"]
 
 _REDUCE_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
                    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -42,6 +53,8 @@ _REDUCE_FUNCTIONS = {
     torch.max_pool2d, torch.max_pool3d,
 }
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm"}
+_DIM_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
+                   torch.logsumexp, torch.norm}
 
 
 @dataclass
@@ -85,34 +98,84 @@ def _is_adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS
 
 
+def _adaptive_size(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """The ``output_size`` of an adaptive pooling node, as a tuple (None where unknown)."""
+    if node.op == "call_module":
+        size = getattr(gm.get_submodule(str(node.target)), "output_size", None)
+    else:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    if isinstance(size, int):
+        return (size,)
+    if isinstance(size, (tuple, list)):
+        return tuple(size)
+    return None
+
+
+def _fixed_size(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An adaptive pooling whose output size is fixed in every dim: ``AdaptiveAvgPool2d((None,
+    1))`` keeps the rows, whatever the example's height is. Other nodes: True."""
+    if not _is_adaptive_pool(gm, node):
+        return True
+    size = _adaptive_size(gm, node)
+    return size is not None and all(isinstance(d, int) and not isinstance(d, bool) for d in size)
+
+
+def _reduced_dims(node: fx.Node, rank: int) -> set[int] | None:
+    """The dims a ``mean``/``sum``/``amax``... call reduces, or None when the call does not say
+    (pooling modules and functions, a dim computed at run time)."""
+    if not (node.op == "call_method" and node.target in _REDUCE_METHODS or
+            node.op == "call_function" and node.target in _DIM_REDUCTIONS):
+        return None  # pooling modules and functions: kernel and output sizes, no dims
+    is_norm = node.target in (torch.norm, "norm")
+    pos = 2 if is_norm else 1
+    dim = node.kwargs.get("dim", node.args[pos] if len(node.args) > pos else None)
+    if isinstance(dim, bool) or dim is None:
+        return None
+    dims = (dim,) if isinstance(dim, int) else dim
+    if not isinstance(dims, (tuple, list)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return None
+    return {d % rank for d in dims}
+
+
+def _reduces_all(node: fx.Node, positions: range, rank: int) -> bool:
+    """The reduction names every position dim (size-1 ones too: at another input size they have
+    an extent). True when the call does not name its dims (the shapes decide then)."""
+    dims = _reduced_dims(node, rank)
+    return dims is None or set(positions) <= dims
+
+
 def is_statistic(gm: fx.GraphModule, node: fx.Node, dep: set) -> bool:
     """A pooled descriptor of a feature map: what ASR replaces by psi.
 
+    Each kind reduces every position of the pooled map and keeps its channels, so psi has no
+    spatial or token extent:
+
     * a global reduction over all spatial dims (adaptive pooling to 1, ``mean``/``amax``/``std``
-      ... over every spatial dim): ``(N, C, *S) -> (N, C[, 1...])``;
+      ... over every spatial dim): ``(N, C, *S) -> (N, C[, 1...])`` (:func:`is_global_reduction`);
     * adaptive pooling to a fixed size (a spatial pyramid level): ``(N, C, *S) -> (N, C, *s)``,
-      with ``s`` independent of the input size;
-    * attention pooling by matrix product (global context): ``(N, C, L) @ (N, L, 1) -> (N, C, 1)``.
+      with ``s`` fixed in every dim (no ``None``), so independent of the input size;
+    * attention pooling by matrix product (global context): ``(N, C, L) @ (N, L, 1) -> (N, C, 1)``
+      with input-dependent weights over every position (:func:`matmul_pooling`).
     """
     if is_global_reduction(gm, node):
         return True
     src = node.args[0] if node.args else None
     ins, outs = tensor_shape(src), tensor_shape(node)
-    if ins is None or outs is None or len(ins) < 3:
-        return False
     if _is_adaptive_pool(gm, node):
-        return tuple(outs[:2]) == tuple(ins[:2])
-    if (node.op in ("call_function", "call_method")) and node.target in _MATMULS:
-        if len(outs) >= 2 and all(d == 1 for d in outs[2:]) and \
-                any(isinstance(a, fx.Node) and a in dep and tensor_shape(a) is not None
-                    and len(tensor_shape(a)) == 3 and tensor_shape(a)[:2] == tuple(outs[:2])
-                    and tensor_shape(a)[2] > 1 for a in node.args[:2]):
-            return True
-    return False
+        return ins is not None and outs is not None and len(ins) >= 3 and \
+            tuple(outs[:2]) == tuple(ins[:2]) and _fixed_size(gm, node) and \
+            "first" in layouts(gm, src)
+    return matmul_pooling(gm, node, dep) is not None
 
 
 def is_global_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A node that reduces all spatial dims of an ``(N, C, *S)`` tensor to 1 (or drops them)."""
+    """A node that reduces all spatial dims of an ``(N, C, *S)`` tensor to 1 (or drops them), or
+    all token / spatial dims of tokens ``(N, L, C)`` and channels-last maps ``(N, *S, C)``.
+
+    The layout comes from the graph (:func:`layouts`): a mean over the last dim of tokens is a
+    statistic *per token* (it reduces the channels), not a channel statistic.
+    """
     if node.op == "call_module":
         if not isinstance(gm.get_submodule(str(node.target)), _REDUCE_MODULES):
             return False
@@ -126,18 +189,307 @@ def is_global_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     src = node.args[0] if node.args else None
     ins, outs = tensor_shape(src), tensor_shape(node)
-    if ins is None or outs is None or len(ins) < 3:
+    if ins is None or outs is None or len(ins) < 3 or not _fixed_size(gm, node):
         return False
-    if tuple(outs[:2]) == tuple(ins[:2]) and all(d == 1 for d in outs[2:]):
+    lay = layouts(gm, src)
+    if "first" in lay and tuple(outs[:2]) == tuple(ins[:2]) and all(d == 1 for d in outs[2:]) \
+            and _reduces_all(node, range(2, len(ins)), len(ins)):
         return True  # channels first: (N, C, *S) -> (N, C[, 1...])
     # tokens (N, L, C) -> (N, C) or (N, 1, C): a pooling over the tokens; channels-last maps
     # (N, *S, C) -> (N, C) or (N, 1.., C) when the layout is known to be channels last
-    if node.op in ("call_function", "call_method") and outs[0] == ins[0] \
+    if "last" in lay and node.op in ("call_function", "call_method") and outs[0] == ins[0] \
             and outs[-1] == ins[-1] and prod(ins[1:-1]) > 1 and prod(outs[1:-1]) == 1 \
             and len(outs) in (2, len(ins)) and outs[-1] > 1 \
-            and ((len(ins) == 3 and not channels_first(gm, src)) or channels_last(gm, src)):
+            and _reduces_all(node, range(1, len(ins) - 1), len(ins)):
         return True
     return False
+
+
+# --- layouts and where dims come from ----------------------------------------------------------
+
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"}
+_RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
+                      torch.unflatten}
+_TRANSPOSE_METHODS = {"transpose", "swapaxes", "swapdims"}
+_TRANSPOSE_FUNCTIONS = {torch.transpose, torch.swapaxes, torch.swapdims}
+_SAME_METHODS = {"contiguous", "clone"}
+
+
+def _transpose_perm(node: fx.Node, rank: int) -> tuple[int, ...] | None:
+    """The permutation a ``transpose``/``permute`` node applies, or None."""
+    dims = permute_dims(node)
+    if dims is not None:
+        return dims if len(dims) == rank else None
+    if (node.op == "call_method" and node.target in _TRANSPOSE_METHODS) or \
+            (node.op == "call_function" and node.target in _TRANSPOSE_FUNCTIONS):
+        a = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim0")
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim1")
+        if not (isinstance(a, int) and isinstance(b, int)):
+            return None
+        perm = list(range(rank))
+        perm[a % rank], perm[b % rank] = perm[b % rank], perm[a % rank]
+        return tuple(perm)
+    return None
+
+
+def _layout_op(gm: fx.GraphModule, node: fx.Node):
+    """("reshape",), ("perm", dims) or ("same",) for a node that only rearranges its first
+    argument (view, flatten, unsqueeze, transpose, permute, contiguous...); else None."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    shape, ins = tensor_shape(node), tensor_shape(node.args[0])
+    if shape is None or ins is None or prod(shape) != prod(ins):
+        return None
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, (nn.Flatten, nn.Unflatten)):
+            return ("reshape",)
+        if isinstance(mod, nn.Identity):
+            return ("same",)
+        return None
+    if node.op == "call_method" and node.target in _RESHAPE_METHODS or \
+            node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS:
+        return ("reshape",)
+    if node.op == "call_method" and node.target in _SAME_METHODS:
+        return ("same",)
+    perm = _transpose_perm(node, len(ins))
+    if perm is not None:
+        return ("perm", perm)
+    return None
+
+
+def _layout_chain(gm: fx.GraphModule, node: fx.Node, depth: int = 8):
+    """Walk back over rearranging nodes: (source node, [(op, input shape, output shape)...] in
+    forward order)."""
+    ops = []
+    for _ in range(depth):
+        op = _layout_op(gm, node)
+        if op is None:
+            break
+        src = node.args[0]
+        ops.append((op, tensor_shape(src), tensor_shape(node)))
+        node = src
+    return node, ops[::-1]
+
+
+_SPLIT = ("split", -1)  # a label saying "only part of these dims"
+
+
+def _reshape_labels(ins: tuple, outs: tuple, labels: list) -> list | None:
+    """Carry per-dim labels through a reshape: merged dims take the union of their labels, a
+    dim split into several carries its labels and a mark that it is only part of them."""
+    out: list = [frozenset()] * len(outs)
+    i = j = 0
+    while True:
+        while i < len(ins) and ins[i] == 1:
+            i += 1
+        while j < len(outs) and outs[j] == 1:
+            j += 1
+        if i == len(ins) or j == len(outs):
+            return out if i == len(ins) and j == len(outs) else None
+        gi, gj, pi, pj = [i], [j], ins[i], outs[j]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                if i == len(ins):
+                    return None
+                gi.append(i)
+                pi *= ins[i]
+            else:
+                j += 1
+                if j == len(outs):
+                    return None
+                gj.append(j)
+                pj *= outs[j]
+        merged = frozenset().union(*(labels[k] for k in gi))
+        if len(gj) > 1:
+            merged = merged | {_SPLIT}
+        for k in gj:
+            out[k] = merged if outs[k] > 1 else frozenset()
+        i += 1
+        j += 1
+
+
+def _base_labels(shape: tuple, layout: str) -> list:
+    """Per-dim labels of a feature map: ("n", 0) batch, ("c", d) channels, ("p", d) positions
+    (dims of size 1 carry none)."""
+    chan = 1 if layout == "first" else len(shape) - 1
+    labels = []
+    for d, size in enumerate(shape):
+        kind = "n" if d == 0 else "c" if d == chan else "p"
+        labels.append(frozenset({(kind, d)}) if size > 1 else frozenset())
+    return labels
+
+
+def _labels(shape: tuple, layout: str, ops: list) -> list | None:
+    labels = _base_labels(shape, layout)
+    for op, ins, outs in ops:
+        if op[0] == "reshape":
+            labels = _reshape_labels(ins, outs, labels)
+            if labels is None:
+                return None
+        elif op[0] == "perm":
+            labels = [labels[d] for d in op[1]]
+    return labels
+
+
+def matmul_pooling(gm: fx.GraphModule, node: fx.Node, dep: set) -> tuple[fx.Node, str] | None:
+    """(pooled map, its layout) when ``node`` is attention pooling written as a matrix product.
+
+    Global context: ``(N, [1,] C, L) @ (N, [1,] L, 1) -> (N, [1,] C, 1)``, or for tokens
+    ``(N, 1, L) @ (N, L, C) -> (N, 1, C)``. Both factors depend on the input (a product with a
+    learned, constant weight, ``(N, L, C) @ w(C, 1)``, scores positions, it does not pool them),
+    and the summed dim is, through views, flattens and transposes, every position of one feature
+    map, the other dim of that factor its channels.
+    """
+    if node.op not in ("call_function", "call_method") or node.target not in _MATMULS or \
+            len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in dep and b in dep):
+        return None
+    sa, sb, so = tensor_shape(a), tensor_shape(b), tensor_shape(node)
+    if sa is None or sb is None or so is None or len(so) < 3 or len(sa) < 2 or len(sb) < 2:
+        return None
+    if any(d != 1 for d in so[1:-2]):
+        return None  # one pooled vector per sample
+    if so[-1] == 1 and so[-2] > 1 and sb[-1] == 1:
+        pooled, summed, chan = a, -1, -2      # (.., C, L) @ (.., L, 1)
+    elif so[-2] == 1 and so[-1] > 1 and sa[-2] == 1:
+        pooled, summed, chan = b, -2, -1      # (.., 1, L) @ (.., L, C)
+    else:
+        return None
+    if tensor_shape(pooled)[summed] <= 1:
+        return None
+    src, ops = _layout_chain(gm, pooled)
+    shape = tensor_shape(src)
+    for layout in layouts(gm, src):
+        labels = _labels(shape, layout, ops)
+        if labels is None:
+            continue
+        base = _base_labels(shape, layout)
+        positions = frozenset().union(*(lab for lab in base if any(k == "p" for k, _ in lab)))
+        channels = frozenset().union(*(lab for lab in base if any(k == "c" for k, _ in lab)))
+        if positions and labels[summed] == positions and labels[chan] == channels:
+            return src, layout
+    return None
+
+
+def layouts(gm: fx.GraphModule, node) -> tuple[str, ...]:
+    """The layouts a feature map may have: ``"first"`` (``(N, C, *S)``), ``"last"`` (tokens
+    ``(N, L, C)``, channels-last maps ``(N, *S, C)``), or both when the graph does not tell.
+
+    Rank >= 4 is channels first unless :func:`channels_last` shows otherwise; rank 3 is what
+    :func:`channels_first` or :func:`tokens` shows, else either.
+    """
+    shape = tensor_shape(node)
+    if shape is None or len(shape) < 3:
+        return ()
+    if len(shape) > 3:
+        return ("last",) if channels_last(gm, node) else ("first",)
+    if channels_first(gm, node):
+        return ("first",)
+    found = _rank3_layout(gm, node)
+    return (found,) if found is not None else ("first", "last")
+
+
+def tokens(gm: fx.GraphModule, node) -> bool:
+    """Whether a rank-3 tensor is known to be tokens ``(N, L, C)``: it comes (through elementwise
+    ops) from a LayerNorm over the last dim, a Linear, or a view/transpose that puts the channels
+    of a map of known layout last (ViT's ``conv(x).flatten(2).transpose(1, 2)``)."""
+    return layouts(gm, node) == ("last",)
+
+
+def _only(labels: frozenset, kind: str) -> bool:
+    return all(k == kind for k, _ in labels)
+
+
+def _chain_layout(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The layout of a rank-3 view / transpose of a map whose layout the graph shows."""
+    src, ops = _layout_chain(gm, node)
+    shape = tensor_shape(src)
+    if not ops or shape is None or len(shape) < 3:
+        return None
+    found = set()
+    for layout in layouts(gm, src):
+        labels = _labels(shape, layout, ops)
+        if labels is None or len(labels) != 3 or not _only(labels[0], "n"):
+            continue
+        if _only(labels[1], "c") and _only(labels[2], "p") and labels[1]:
+            found.add("first")
+        if _only(labels[2], "c") and _only(labels[1], "p") and labels[2]:
+            found.add("last")
+    return found.pop() if len(found) == 1 else None
+
+
+def _rank3_layout(gm: fx.GraphModule, node, depth: int = 6) -> str | None:
+    """"last" (tokens) when a rank-3 tensor comes, through elementwise ops, from a LayerNorm
+    over its last dim or a Linear; the layout a view / transpose chain gives it
+    (:func:`_chain_layout`); else None."""
+    shape = tensor_shape(node)
+    if not isinstance(node, fx.Node) or shape is None or len(shape) != 3:
+        return None
+    last = shape[-1]
+    for _ in range(depth):
+        if _layout_op(gm, node) is not None and node.op != "call_module":
+            return _chain_layout(gm, node)
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            if isinstance(mod, nn.LayerNorm):
+                return "last" if tuple(mod.normalized_shape) == (last,) else None
+            if isinstance(mod, nn.Linear):
+                return "last" if mod.out_features == last else None
+            if isinstance(mod, (nn.Flatten, nn.Unflatten)):
+                return _chain_layout(gm, node)
+            if not isinstance(mod, _ELEMENTWISE_MODULES):
+                return None
+        elif node.op in ("call_function", "call_method"):
+            if node.target in (F.layer_norm, F.linear):
+                return "last"
+            if node.target not in _ELEMENTWISE_FUNCTIONS and not is_op(node, MUL_OPS) \
+                    and not is_op(node, ADD_OPS):
+                return None
+        else:
+            return None
+        nxt = node.args[0] if node.args else None
+        if not (isinstance(nxt, fx.Node) and tensor_shape(nxt) == shape):
+            return None
+        node = nxt
+    return None
+
+
+def _stat_source(gm: fx.GraphModule, stat: fx.Node, dep: set):
+    """(pooled map, its possible layouts, fixed pooled size) of a statistic."""
+    found = matmul_pooling(gm, stat, dep)
+    if found is not None:
+        return found[0], (found[1],), 1
+    src = stat.args[0] if stat.args else None
+    if _is_adaptive_pool(gm, stat):
+        size = _adaptive_size(gm, stat) or ()
+        spatial = max(len(tensor_shape(src) or ()) - 2, 0)
+        grid = size if len(size) == spatial else size * spatial  # AdaptiveAvgPool2d(2): 2 x 2
+        return src, ("first",), prod(grid)
+    return src, layouts(gm, src), 1
+
+
+def psi_extent(gm: fx.GraphModule, stat: fx.Node, dep: set) -> str | None:
+    """Why psi for ``stat`` would carry a spatial or token extent (fix the input size), or None.
+
+    psi has the statistic's shape with batch 1; its size must be the pooled map's channel count
+    (times the fixed grid of an adaptive pooling), nothing of the map's positions.
+    """
+    shape = tensor_shape(stat)
+    src, lay, fixed = _stat_source(gm, stat, dep)
+    src_shape = tensor_shape(src)
+    if shape is None or src_shape is None:
+        return "has no known shape"
+    size = prod(shape[1:])
+    for layout in lay:
+        chans = src_shape[1] if layout == "first" else src_shape[-1]
+        if size == chans * fixed:
+            return None
+    return (f"keeps a spatial/token extent: psi of shape {(1, *shape[1:])} would only fit "
+            f"inputs of the example's size")
 
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Identity,
@@ -282,6 +634,14 @@ def _spatial_gate(xs: tuple | None, gs: tuple | None) -> bool:
             and gs[1] == 1 and xs[1] > 1 and tuple(gs[2:]) == tuple(xs[2:]) and prod(xs[2:]) > 1)
 
 
+def _token_gate(xs: tuple | None, gs: tuple | None) -> bool:
+    """``g`` is one value per token (``(N, L, 1)``) over tokens ``(N, L, C)``."""
+    if xs is None or gs is None or len(xs) != 3 or len(gs) > 3:
+        return False
+    gs = (1,) * (3 - len(gs)) + tuple(gs)
+    return gs[0] in (1, xs[0]) and gs[1] == xs[1] > 1 and gs[2] == 1 and xs[2] > 1
+
+
 def _per_channel(xs: tuple, gs: tuple, last: bool = False, first: bool = False) -> bool:
     if len(xs) >= 3 and len(gs) == len(xs) and channel_axis(xs, gs, last, first) == -1 and \
             not (gs[1] == xs[1] and all(d == 1 for d in gs[2:]) and not last):
@@ -311,6 +671,25 @@ def _pooled_nodes(gm: fx.GraphModule, dep: set[fx.Node]) -> set[fx.Node]:
     return pooled
 
 
+def _scores_positions(node: fx.Node, dep: set) -> bool:
+    """A product shaped like a pooled column, ``(N, L, C) @ w(C, 1) -> (N, L, 1)``, whose other
+    factor is input-independent: one score per position (what shapes alone took for pooling)."""
+    if node.op not in ("call_function", "call_method") or node.target not in _MATMULS or \
+            len(node.args) < 2:
+        return False
+    outs = tensor_shape(node)
+    if outs is None or len(outs) < 3 or any(d != 1 for d in outs[2:]):
+        return False
+    a, b = node.args[0], node.args[1]
+    for m, w in ((a, b), (b, a)):
+        ms = tensor_shape(m)
+        if isinstance(m, fx.Node) and m in dep and not (isinstance(w, fx.Node) and w in dep) \
+                and ms is not None and len(ms) == 3 and tuple(ms[:2]) == tuple(outs[:2]) \
+                and ms[2] > 1:
+            return True
+    return False
+
+
 def _trace_branch(gm: fx.GraphModule, gate: fx.Node, dep: set[fx.Node],
                   xs: tuple | None = None, last: bool = False, first: bool = False,
                   pooled: Callable[[], set[fx.Node]] | None = None
@@ -337,6 +716,9 @@ def _trace_branch(gm: fx.GraphModule, gate: fx.Node, dep: set[fx.Node],
             continue
         if n.op == "placeholder":
             return "reads the model input directly"
+        if _scores_positions(n, dep):
+            return ("reads a product with an input-independent weight: it scores positions, "
+                    "it does not pool them (psi would carry the input's spatial/token extent)")
         shape = tensor_shape(n)
         if xs is not None and shape is not None and len(shape) == len(xs):
             sp = (slice(1, -1) if channel_axis(xs, tuple(shape), last, first) == -1
@@ -379,6 +761,7 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
     refusals: list[tuple[str, str]] = []
     by_gate: dict[fx.Node, AttentionSite] = {}
     cache: dict[str, set[fx.Node]] = {}
+    spatial: dict[fx.Node, int] = {}  # per-position multiplies refused: index in refusals
 
     def pooled() -> set[fx.Node]:
         if "pooled" not in cache:
@@ -397,11 +780,19 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
             g = unexpand(g, x)  # x * g.expand_as(x) multiplies like x * g
             gs = tensor_shape(g)
             last = xs is not None and len(xs) > 3 and channels_last(gm, x)
-            first = xs is not None and len(xs) == 3 and channels_first(gm, x)
+            first = xs is not None and len(xs) == 3 and layouts(gm, x) == ("first",)
             if is_mul and not last and _spatial_gate(xs, gs) and \
                     channel_axis(xs, gs, first=first) is None and g in dep and x in dep:
+                spatial[node] = len(refusals)
                 refusals.append((module_path(node), "spatial attention (an input-dependent gate "
                                  "per position, not per channel): it stays as it is"))
+                break
+            if not first and _token_gate(xs, gs) and tokens(gm, x):
+                # (N, L, C) * (N, L, 1) on tokens: one value per token, whatever the shapes say
+                if is_mul and g in dep and x in dep:
+                    spatial[node] = len(refusals)
+                    refusals.append((module_path(node), "spatial attention (an input-dependent "
+                                     "gate per token, not per channel): it stays as it is"))
                 break
             if xs is None or gs is None or not _per_channel(xs, gs, last, first):
                 continue
@@ -420,6 +811,11 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
             if x in branch:
                 refusals.append((module_path(node), "the gate depends on x other than by pooling"))
                 break
+            extent = next((r for r in (psi_extent(gm, st, dep) for st in stats) if r), None)
+            if extent is not None:
+                refusals.append((module_path(node), f"per-channel multiply whose statistic "
+                                 f"{extent}"))
+                break
             if node.op == "call_method" and node.target in ("mul_", "add_") and \
                     node.args[0] is g:
                 refusals.append((module_path(node), "in-place op into the gate"))
@@ -435,4 +831,8 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
                                        fusion="mul" if is_mul else "add"))
             by_gate[g] = sites[-1]
             break
-    return sites, refusals
+    # a per-position weighting read only by the statistics of converted sites is part of an
+    # attention pooling (``(x * a).sum(1)``) psi replaces: nothing of it stays to report
+    pooled_by_sites = {st for site in sites for st in site.stats}
+    drop = {i for n, i in spatial.items() if n.users and set(n.users) <= pooled_by_sites}
+    return sites, [r for i, r in enumerate(refusals) if i not in drop]

@@ -26,10 +26,15 @@ from monai.networks.nets.efficientnet import MBConvBlock  # noqa: E402
 
 
 def _roundtrip(model: nn.Module, x: torch.Tensor, x2: torch.Tensor):
+    """Prepare at ``x``, run in train mode at ``x`` and at ``x2`` (another batch and spatial size:
+    psi must not fix the input size), fold at ``x``, compare in eval mode at both."""
+    assert x2.shape[0] != x.shape[0] and x2.shape[2:] != x.shape[2:]
     prepared = asrfx.prepare(model, example_inputs=(x,))
     prepared.train()
     out = prepared(x)
     out.float().sum().backward()
+    with torch.no_grad():
+        assert prepared(x2).shape[0] == x2.shape[0]
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in prepared.modules()):
         randomize_bn(prepared, seed=3)
     deploy = asrfx.fold(prepared, example_inputs=(x,))
@@ -51,7 +56,7 @@ def test_monai_efficientnet_bn_len_of_shape_is_answered():
     assert n_se == 16
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no submodule may fall back to an opaque leaf
-        prepared, deploy = _roundtrip(model, torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64))
+        prepared, deploy = _roundtrip(model, torch.randn(2, 3, 64, 64), torch.randn(3, 3, 48, 80))
     assert isinstance(prepared, asrfx.DualModeGraphModule)  # drop-connect in train mode only
     assert prepared.asrfx_report.count(action="converted") == n_se
     assert len(_psi(prepared)) == n_se
@@ -79,17 +84,17 @@ def test_monai_basic_unet_unfaithful_trace_becomes_leaf():
         assert torch.allclose(gm(x), model(x), atol=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _roundtrip(model, x, torch.randn(1, 1, 32, 32))
+        _roundtrip(model, x, torch.randn(1, 1, 48, 32))
 
 
 @pytest.mark.parametrize("name", ["seresnext50", "seresnet50_1d"])
 def test_monai_se_families(name):
     if name == "seresnext50":
         model = mnets.SEResNeXt50(spatial_dims=2, in_channels=3, num_classes=4)
-        x, x2 = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 64, 64)
+        x, x2 = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 48, 80)
     else:
         model = mnets.SEResNet50(spatial_dims=1, in_channels=2, num_classes=4)
-        x, x2 = torch.randn(2, 2, 256), torch.randn(1, 2, 256)
+        x, x2 = torch.randn(2, 2, 256), torch.randn(1, 2, 160)
     n_se = sum(1 for m in model.modules() if isinstance(m, ChannelSELayer))
     prepared, deploy = _roundtrip(model, x, x2)
     assert prepared.asrfx_report.count(action="converted") == n_se == 16
@@ -100,7 +105,7 @@ def test_monai_se_families(name):
 def test_monai_densenet_pre_activation_bn_is_reported_not_fused():
     model = mnets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=3)
     x = torch.randn(2, 1, 64, 64)
-    prepared, deploy = _roundtrip(model, x, torch.randn(1, 1, 64, 64))
+    prepared, deploy = _roundtrip(model, x, torch.randn(1, 1, 48, 80))
     assert prepared.asrfx_report.count(action="converted") == 0
     report = deploy.asrfx_report
     kept = [s for s in report.sites if s.kind == "conv+bn" and s.action == "kept"]
