@@ -4,6 +4,12 @@ Each function takes and returns plain tensors, computes in float64 and casts the
 the dtype of the weights it was given. A per-channel affine map ``x -> x * s + t`` is the common
 currency: ASR's constant attention is ``s = A(psi)``, ``t = 0``; a residual gate ``x + x * g`` is
 ``s = 1 + g``; an additive context block is ``s = 1``, ``t = f(psi)``.
+
+Aliasing: no function modifies its inputs, and every tensor returned is a new, contiguous tensor
+that shares no memory with an input. That holds in float64 too, where the conversions
+``t.to(torch.float64)`` / ``r.to(dtype)`` return their argument itself (or, for ``expand``, a
+view with zero strides): a caller may wrap a result in a Parameter, or change it in place,
+without touching the layer it came from.
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ __all__ = [
 
 
 def _f64(t: Tensor | None) -> Tensor | None:
+    """``t`` in float64, for reading only: for a float64 ``t`` this is ``t`` itself (detached),
+    so nothing may write into it."""
     return None if t is None else t.detach().to(torch.float64)
+
+
+def _out(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A result: ``t`` cast to ``dtype`` as a new contiguous tensor -- never ``t`` itself, a view
+    of it, or an input (``t.to(dtype)`` is ``t`` when the dtype already matches)."""
+    return t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def _shape_for(vec: Tensor, ndim: int, dim: int = 0) -> Tensor:
@@ -41,8 +55,8 @@ def compose_affine(s1: Tensor, t1: Tensor, s2: Tensor, t2: Tensor) -> tuple[Tens
 
 
 def fold_scale_into_norm(weight: Tensor | None, bias: Tensor | None, scale: Tensor,
-                         shift: Tensor | None = None, num_features: int | None = None
-                         ) -> tuple[Tensor, Tensor]:
+                         shift: Tensor | None = None, num_features: int | None = None,
+                         dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Fold ``y = norm(x) * s + t`` into the norm's affine parameters.
 
     A normalisation layer ends with ``gamma * xhat + beta``; then
@@ -50,16 +64,22 @@ def fold_scale_into_norm(weight: Tensor | None, bias: Tensor | None, scale: Tens
     ``gamma' = gamma * s`` and ``beta' = beta * s + t``. A non-affine norm has
     ``gamma = 1, beta = 0``.
 
+    Args:
+        dtype: the dtype of the results; by default that of ``weight``, else of ``bias``, else
+            of ``scale``. A norm without affine parameters has none to take it from: pass the
+            dtype of the values it normalises (the scale is usually float64).
+
     Returns:
-        (gamma', beta') in the dtype of ``weight`` (or of ``scale`` when the norm had none).
+        (gamma', beta') in ``dtype``, new tensors.
     """
-    dtype = weight.dtype if weight is not None else scale.dtype
+    if dtype is None:
+        dtype = next(p.dtype for p in (weight, bias, scale) if p is not None)
     n = num_features if num_features is not None else scale.numel()
     s = _f64(scale).reshape(-1).expand(n)
     t = torch.zeros_like(s) if shift is None else _f64(shift).reshape(-1).expand(n)
     g = torch.ones_like(s) if weight is None else _f64(weight)
     b = torch.zeros_like(s) if bias is None else _f64(bias)
-    return (g * s).to(dtype), (b * s + t).to(dtype)
+    return _out(g * s, dtype), _out(b * s + t, dtype)
 
 
 def fold_scale_into_conv_out(weight: Tensor, bias: Tensor | None, scale: Tensor,
@@ -71,7 +91,7 @@ def fold_scale_into_conv_out(weight: Tensor, bias: Tensor | None, scale: Tensor,
     Grouping does not matter on the output side.
 
     Returns:
-        (W', b'); ``b'`` is always a tensor (zeros-based when the layer had no bias).
+        (W', b'), new tensors; ``b'`` is always a tensor (zeros-based when the layer had no bias).
     """
     dtype = weight.dtype
     w = _f64(weight)
@@ -79,7 +99,7 @@ def fold_scale_into_conv_out(weight: Tensor, bias: Tensor | None, scale: Tensor,
     s = _f64(scale).reshape(-1).expand(out)
     t = torch.zeros_like(s) if shift is None else _f64(shift).reshape(-1).expand(out)
     b = torch.zeros_like(s) if bias is None else _f64(bias)
-    return (w * _shape_for(s, w.dim())).to(dtype), (b * s + t).to(dtype)
+    return _out(w * _shape_for(s, w.dim()), dtype), _out(b * s + t, dtype)
 
 
 def fold_scale_into_conv_in(weight: Tensor, bias: Tensor | None, scale: Tensor,
@@ -97,7 +117,7 @@ def fold_scale_into_conv_in(weight: Tensor, bias: Tensor | None, scale: Tensor,
     has no padding. Scaling alone is exact with zero padding, because ``0 * s = 0``.
 
     Returns:
-        (W', b').
+        (W', b'), new tensors (``b'`` too when there is no shift: not the layer's bias).
     """
     dtype = weight.dtype
     w = _f64(weight)
@@ -111,19 +131,19 @@ def fold_scale_into_conv_in(weight: Tensor, bias: Tensor | None, scale: Tensor,
         t = _f64(shift).reshape(-1).expand(cg * groups)
         tcol = t.reshape(groups, 1, cg).expand(groups, out // groups, cg).reshape(out, cg)
         b = b + (w * tcol.reshape(out, cg, *([1] * (w.dim() - 2)))).flatten(1).sum(1)
-    return w2.to(dtype), b.to(dtype)
+    return _out(w2, dtype), _out(b, dtype)
 
 
 def fold_scale_into_linear_in(weight: Tensor, bias: Tensor | None, scale: Tensor,
                               shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Fold ``y = linear(x * s + t)``: ``W' = W diag(s)``, ``b' = b + W t``."""
+    """Fold ``y = linear(x * s + t)``: ``W' = W diag(s)``, ``b' = b + W t``; new tensors."""
     dtype = weight.dtype
     w = _f64(weight)
     s = _f64(scale).reshape(-1).expand(w.shape[1])
     b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else _f64(bias)
     if shift is not None:
         b = b + w @ _f64(shift).reshape(-1).expand(w.shape[1])
-    return (w * s.reshape(1, -1)).to(dtype), b.to(dtype)
+    return _out(w * s.reshape(1, -1), dtype), _out(b, dtype)
 
 
 def pad_kernel(weight: Tensor, size: tuple[int, ...]) -> Tensor:
@@ -132,6 +152,7 @@ def pad_kernel(weight: Tensor, size: tuple[int, ...]) -> Tensor:
     A kxk conv with padding p and a jxj conv (j < k, both odd) with padding p - (k-j)/2 read the
     same window centres; the small kernel placed in the middle of a kxk block of zeros computes
     the same output, so kernels of parallel branches can be summed once padded to a common size.
+    Returns a new tensor, also when no padding is needed.
     """
     pads: list[int] = []
     for have, want in zip(reversed(weight.shape[2:]), reversed(size)):
@@ -139,7 +160,7 @@ def pad_kernel(weight: Tensor, size: tuple[int, ...]) -> Tensor:
         if extra < 0 or extra % 2:
             raise ValueError(f"cannot centre a kernel of size {tuple(weight.shape[2:])} in {size}")
         pads += [extra // 2, extra // 2]
-    return torch.nn.functional.pad(weight, pads)
+    return _out(torch.nn.functional.pad(weight, pads), weight.dtype)
 
 
 def identity_kernel(channels: int, groups: int, size: tuple[int, ...], dtype: torch.dtype,
@@ -163,7 +184,7 @@ def merge_parallel_convs(weights: list[Tensor], biases: list[Tensor | None]) -> 
     w = sum(pad_kernel(_f64(k), size) for k in weights)
     b = sum(torch.zeros(weights[0].shape[0], dtype=torch.float64, device=weights[0].device)
             if bb is None else _f64(bb) for bb in biases)
-    return w.to(dtype), b.to(dtype)
+    return _out(w, dtype), _out(b, dtype)
 
 
 def merge_sequential_convs(w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
@@ -183,14 +204,15 @@ def merge_sequential_convs(w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor
         else _f64(b2)
     if b1 is not None:
         bias = bias + torch.einsum("om...,m->o", b, _f64(b1))
-    return w.to(dtype), bias.to(dtype)
+    return _out(w, dtype), _out(bias, dtype)
 
 
 def avg_pool_kernel(weight: Tensor, pool: tuple[int, ...]) -> Tensor:
     """``avgpool_k(conv1x1(x))`` as one conv: the 1x1 kernel spread uniformly over the pool
-    window, ``W[o, i, *k] = W1[o, i] / prod(k)`` (stride and padding those of the pool)."""
+    window, ``W[o, i, *k] = W1[o, i] / prod(k)`` (stride and padding those of the pool). A new
+    contiguous tensor (not the zero-stride ``expand`` of the 1x1 kernel)."""
     n = 1
     for k in pool:
         n *= k
     w = _f64(weight).flatten(1) / n
-    return w.reshape(*w.shape, *([1] * len(pool))).expand(*w.shape, *pool).to(weight.dtype)
+    return _out(w.reshape(*w.shape, *([1] * len(pool))).expand(*w.shape, *pool), weight.dtype)

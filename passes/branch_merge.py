@@ -100,11 +100,15 @@ def merge_branches(gm: fx.GraphModule, select: Callable[[str], bool] = lambda ke
                 eye = foldmath.identity_kernel(ref.out_channels, ref.groups, (1,) * len(size),
                                                ref.weight.dtype, ref.weight.device)
                 if kind == "bn":
-                    std = torch.sqrt(mod.running_var.double() + mod.eps)
-                    g = mod.weight.double() if mod.weight is not None else torch.ones_like(std)
-                    beta = mod.bias.double() if mod.bias is not None else torch.zeros_like(std)
+                    # read-only float64 views (``.double()`` of a float64 tensor is the tensor
+                    # itself): every value below is computed into new tensors
+                    std = torch.sqrt(mod.running_var.detach().double() + mod.eps)
+                    g = mod.weight.detach().double() if mod.weight is not None \
+                        else torch.ones_like(std)
+                    beta = mod.bias.detach().double() if mod.bias is not None \
+                        else torch.zeros_like(std)
                     eye = (eye.double() * (g / std).view(-1, *([1] * (eye.dim() - 1))))
-                    biases.append((beta - mod.running_mean.double() * g / std).to(
+                    biases.append((beta - mod.running_mean.detach().double() * g / std).to(
                         ref.weight.dtype))
                     eye = eye.to(ref.weight.dtype)
                 else:
@@ -238,7 +242,8 @@ def merge_sequential(gm: fx.GraphModule, select: Callable[[str], bool] = lambda 
                 rec["reason"] = "average pool with a divisor override"
                 continue
             w = foldmath.avg_pool_kernel(first.weight.detach(), k)
-            b = first.bias.detach() if first.bias is not None else \
+            # a copy: the merged conv must not share its bias with the 1x1 conv it replaces
+            b = first.bias.detach().clone() if first.bias is not None else \
                 torch.zeros(first.out_channels, dtype=w.dtype, device=w.device)
             new = type(first)(first.in_channels, first.out_channels, k, stride, pad, bias=True)
         new = new.to(device=first.weight.device, dtype=first.weight.dtype).train(False)

@@ -330,7 +330,8 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0,
             spread = lambda v: v.reshape((-1,) + (1,) * (len(full) - 1)).expand(full).reshape(-1)
             w, b = foldmath.fold_scale_into_norm(
                 None if mod.weight is None else mod.weight.reshape(-1),
-                None if mod.bias is None else mod.bias.reshape(-1), spread(s), spread(t))
+                None if mod.bias is None else mod.bias.reshape(-1), spread(s), spread(t),
+                dtype=_norm_dtype(mod, x))
             mod.weight, mod.bias = nn.Parameter(w.reshape(full)), nn.Parameter(b.reshape(full))
             mod.elementwise_affine = True
             return f"{x.target} (norm affine)"
@@ -372,6 +373,15 @@ def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0,
 
 
 _CATS = {torch.cat, torch.concat}
+
+
+def _norm_dtype(mod: nn.Module, x: fx.Node) -> torch.dtype | None:
+    """The dtype a norm's folded affine parameters take: its weight's, else the dtype of the
+    values it computes (a LayerNorm without affine parameters has nothing else to go by; the
+    float64 scale must not make them float64 in a float32 model)."""
+    if getattr(mod, "weight", None) is not None:
+        return mod.weight.dtype
+    return getattr(x.meta.get("tensor_meta"), "dtype", None)
 
 
 def _sum_parts(x: fx.Node, s: torch.Tensor, t: torch.Tensor
@@ -475,7 +485,8 @@ def _fold_tokens_into_producer(gm: fx.GraphModule, chain: Chain, depth: int,
             if dry:
                 return f"{x.target} (norm affine)"
             mod = module_for_call_site(gm, x)
-            w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, s.numel())
+            w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, s.numel(),
+                                                 dtype=_norm_dtype(mod, x))
             mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
             mod.elementwise_affine = True
             return f"{x.target} (norm affine)"
@@ -562,18 +573,22 @@ def _fold_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
 
 def _fold_scale_into_norm_input(mod: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
     """An eval-mode BatchNorm of ``x * s + t``: ``a (x s + t - m) + b`` with ``a = g / sd`` is
-    the same norm with running mean 0, weight ``g s`` and bias ``b + a (t - m)``."""
+    the same norm with running mean 0, weight ``g s`` and bias ``b + a (t - m)``.
+
+    Nothing is changed in place: ``.to(float64)`` of a float64 buffer is the buffer itself, so
+    zeroing the running mean in place would zero ``m`` too (and any module sharing the buffer);
+    a new zero buffer is assigned instead."""
     f64 = torch.float64
-    sd = torch.sqrt(mod.running_var.to(f64) + mod.eps)
+    sd = torch.sqrt(mod.running_var.detach().to(f64) + mod.eps)
     g = mod.weight.detach().to(f64) if mod.weight is not None else torch.ones_like(sd)
     b = mod.bias.detach().to(f64) if mod.bias is not None else torch.zeros_like(sd)
-    m = mod.running_mean.to(f64)
+    m = mod.running_mean.detach().to(f64)
     dtype = mod.running_var.dtype
-    with torch.no_grad():
-        mod.running_mean.zero_()
+    weight, bias = (g * s).to(dtype), (b + g / sd * (t - m)).to(dtype)
+    mod.running_mean = torch.zeros_like(mod.running_mean)
     mod.affine = True
-    mod.weight = nn.Parameter((g * s).to(dtype))
-    mod.bias = nn.Parameter((b + g / sd * (t - m)).to(dtype))
+    mod.weight = nn.Parameter(weight)
+    mod.bias = nn.Parameter(bias)
 
 
 _GLOBAL_AVG_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -680,8 +695,8 @@ def _forward_step(gm: fx.GraphModule, u: fx.Node, node: fx.Node, s: torch.Tensor
         s2, t2 = [], []
         for p in seq:
             w = tensor_shape(p)[1]
-            s2.append(s if p is node else torch.ones(w, dtype=s.dtype))
-            t2.append(t if p is node else torch.zeros(w, dtype=t.dtype))
+            s2.append(s if p is node else torch.ones(w, dtype=s.dtype, device=s.device))
+            t2.append(t if p is node else torch.zeros(w, dtype=t.dtype, device=t.device))
         return torch.cat(s2), torch.cat(t2), "cat"
     if not _only_first_arg(u, node) or len(ushape) < 2 or tuple(ushape[:2]) != tuple(shape[:2]):
         return None  # every step below keeps (N, C) in place

@@ -6,8 +6,9 @@ A constant per-channel affine map ``x -> x * k + t`` (``k``, ``t`` registered bu
 ``asrfx.fold(model, example_inputs=(x,))`` and checks
 
 * equivalence: the eval-mode outputs of the eager model and of the folded GraphModule agree to
-  ``helpers.REL_TOL`` (max |ref - out| / max |ref|) on the example input and on a fresh input of
-  another batch size;
+  the tolerance of the example's dtype (max |ref - out| / max |ref|; ``helpers.REL_TOL`` in
+  float32, :func:`_tol` in float64) on the example input and on a fresh input of another batch
+  size, and ``asrfx.fold``'s own check runs at that tolerance;
 * the report: exactly one "channel scale" site, its action ("folded" / "kept") and target as the
   rules below demand, and the graph agrees with it (a folded site leaves no multiply / add / sub /
   div; a kept one leaves it in the graph with a reason).
@@ -20,10 +21,11 @@ What is swept:
    parameters, positional or keyword) followed by the scale (and shift): always folds into the
    conv's output rows.
 2. Consumer side: a producer that takes nothing (the input itself, tanh, gelu), the scale (and
-   shift), then one or two Convs (random geometry, padding modes, ``"same"`` / ``"valid"``) or
-   Linears on ``(N, C)``. A scale alone folds into the consumers' input columns for any padding; a
-   shift folds only where no kernel reads zero padding, and is kept where one does. A second
-   reader of the scaled tensor that is not a Conv / Linear keeps it.
+   shift), then one or two Convs (random geometry, padding modes, ``"same"`` / ``"valid"``), a
+   Conv and an eval-mode BatchNorm (which takes scale and shift on its input side), or Linears on
+   ``(N, C)``. A scale alone folds into the consumers' input columns for any padding; a shift
+   folds only where no kernel reads zero padding, and is kept where one does. A second reader of
+   the scaled tensor that is not a Conv / Linear / BatchNorm keeps it.
 3. Through ops: Conv -> BN -> one or two of ReLU / LeakyReLU / MaxPool / AvgPool / ReLU6 (module
    or functional) -> scale. A shift-free scale reaches the BN when every op commutes with it:
    AvgPool for any sign, ReLU / LeakyReLU / MaxPool only when it is non-negative, ReLU6 never;
@@ -33,6 +35,9 @@ What is swept:
 
 Every tensor (input, weights, statistics, scale, shift) derives from a seed that hypothesis draws,
 through ``torch.Generator``; BatchNorm statistics are always randomised (``helpers.randomize_bn``).
+Every test also draws the dtype, float32 or float64 (the model is built, initialised, then cast
+with ``.to(dtype)``): a float64 model must fold as exactly as a float32 one, where conversions to
+float64 inside the fold return their input itself.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ _AFFINE_TARGETS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.
                    operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 
 seeds = st.integers(0, 2**31 - 1)
+dtypes = st.sampled_from([torch.float32, torch.float64])
 mul_spellings = st.sampled_from(["mul", "rmul", "div"])
 add_spellings = st.sampled_from(["add", "radd", "sub"])
 
@@ -283,17 +289,33 @@ _SAME_EVEN = pytest.mark.filterwarnings("ignore:Using padding='same' with even k
 # checks
 
 
-def _fold(model: nn.Module, x: torch.Tensor, seed: int, fuse_bn: bool = True):
-    """Fold, then compare eval-mode outputs on ``x`` and on a fresh batch of 3."""
-    deploy = asrfx.fold(model, example_inputs=(x,), fuse_bn=fuse_bn)
+def _tol(dtype: torch.dtype) -> float:
+    """The relative tolerance for a dtype: ``REL_TOL`` in float32 (about 840 eps); in float64
+    2**20 eps (~2.3e-10) -- rounding alone stays below ~1e-14 here (values O(1), at most a few
+    hundred terms per output), while any slip of a fold is of the order of the values."""
+    if dtype == torch.float32:
+        return REL_TOL
+    return 2.0 ** 20 * torch.finfo(dtype).eps
+
+
+def _fold(model: nn.Module, x: torch.Tensor, seed: int, fuse_bn: bool = True,
+          dtype: torch.dtype = torch.float32):
+    """Cast ``model`` and ``x`` to ``dtype``, fold (its check at the dtype's tolerance), then
+    compare eval-mode outputs on ``x`` and on a fresh batch of 3."""
+    model.to(dtype)
+    x = x.to(dtype)
+    tol = _tol(dtype)
+    deploy = asrfx.fold(model, example_inputs=(x,), fuse_bn=fuse_bn, tol=tol)
     model.eval()
     gen = torch.Generator().manual_seed(seed + 2)
-    fresh = torch.randn(3, *x.shape[1:], generator=gen)
+    fresh = torch.randn(3, *x.shape[1:], generator=gen).to(dtype)
     with torch.no_grad():
         for xi in (x, fresh):
             ref, out = model(xi), deploy(xi)
+            assert ref.dtype == out.dtype == dtype, (ref.dtype, out.dtype)
             err = rel_err(ref, out)
-            assert err <= REL_TOL, f"rel err {err:.2e}\n{deploy.asrfx_report}\n{deploy.code}"
+            assert err <= tol, f"{dtype}: rel err {err:.2e}\n{deploy.asrfx_report}\n{deploy.code}"
+    event(f"dtype: {dtype}")
     return deploy
 
 
@@ -342,9 +364,9 @@ class Chain(nn.Module):
 @PROPS
 @given(spec=conv_specs(padding_modes=padding_modes, strings=True), spelling=conv_spellings,
        sign=st.sampled_from(["any", "negative"]), with_shift=st.booleans(), mul=mul_spellings,
-       add=add_spellings, tail=st.sampled_from(["none", "tanh"]), seed=seeds)
+       add=add_spellings, tail=st.sampled_from(["none", "tanh"]), seed=seeds, dtype=dtypes)
 def test_conv_producer_takes_scale_and_shift_in_its_output_rows(spec, spelling, sign, with_shift,
-                                                                mul, add, tail, seed):
+                                                                mul, add, tail, seed, dtype):
     if spelling != "module":  # F.convNd pads with zeros only
         spec = ConvSpec(**{**spec.__dict__, "padding_mode": "zeros"})
     gen = torch.Generator().manual_seed(seed)
@@ -352,7 +374,7 @@ def test_conv_producer_takes_scale_and_shift_in_its_output_rows(spec, spelling, 
     shift = _shift(gen, spec.cout) if with_shift else None
     model = _init(Chain(ConvCall(spec, spelling),
                         ScaleShift(scale, shift, spec.dim + 2, mul, add), tail=tail), seed)
-    deploy = _fold(model, _input(seed, 2, spec.cin, *spec.size), seed)
+    deploy = _fold(model, _input(seed, 2, spec.cin, *spec.size), seed, dtype=dtype)
     site = _scale_site(deploy, spec.cout)
     assert (site.action, site.target) == ("folded", "layers.0.conv (output rows)"), site
 
@@ -387,13 +409,19 @@ pres = st.sampled_from(["input", "tanh", "gelu"])
 
 @st.composite
 def consumer_convs(draw):
-    """One or two conv consumers of the same input: (specs, spellings)."""
+    """One or two consumers of the same input, the first a conv, the second (one time in three)
+    another conv or (one time in six) the string "bn", an eval-mode BatchNorm: (specs,
+    spellings)."""
     first = draw(conv_specs(padding_modes=padding_modes, strings=True))
     specs = [first]
-    if draw(st.integers(0, 2)) == 0:
+    second = draw(st.integers(0, 5))
+    if second < 2:
         specs.append(draw(conv_specs(dim=first.dim, cin=first.cin, size=first.size,
                                      padding_modes=padding_modes, strings=True)))
-    spellings = [draw(conv_spellings) if s.padding_mode == "zeros" else "module" for s in specs]
+    elif second == 2:
+        specs.append("bn")
+    spellings = [draw(conv_spellings) if s != "bn" and s.padding_mode == "zeros" else "module"
+                 for s in specs]
     return specs, spellings
 
 
@@ -401,24 +429,27 @@ def consumer_convs(draw):
 @PROPS
 @given(convs=consumer_convs(), pre=pres, sign=st.sampled_from(["any", "negative", "positive"]),
        with_shift=st.booleans(), extra_reader=st.integers(0, 5).map(lambda i: i == 0),
-       mul=mul_spellings, add=add_spellings, seed=seeds)
+       mul=mul_spellings, add=add_spellings, seed=seeds, dtype=dtypes)
 def test_conv_consumer_takes_scale_for_any_padding_and_shift_only_without(
-        convs, pre, sign, with_shift, extra_reader, mul, add, seed):
+        convs, pre, sign, with_shift, extra_reader, mul, add, seed, dtype):
     specs, spellings = convs
     c, dim = specs[0].cin, specs[0].dim
     gen = torch.Generator().manual_seed(seed)
     scale = _scale(gen, c, sign)
     shift = _shift(gen, c) if with_shift else None
     model = _init(ConsumerNet(pre, ScaleShift(scale, shift, dim + 2, mul, add),
-                              [ConvCall(s, sp) for s, sp in zip(specs, spellings)],
+                              [BN[dim](c) if s == "bn" else ConvCall(s, sp)
+                               for s, sp in zip(specs, spellings)],
                               extra_reader), seed)
-    deploy = _fold(model, _input(seed, 2, c, *specs[0].size), seed)
+    deploy = _fold(model, _input(seed, 2, c, *specs[0].size), seed, dtype=dtype)
     site = _scale_site(deploy, c)
-    into = ", ".join(f"consumers.{i}.conv (input columns)" for i in range(len(specs)))
-    event(f"conv consumer: {site.action}")
-    if extra_reader or (with_shift and any(s.reads_zero_padding for s in specs)):
+    into = ", ".join(f"consumers.{i} (norm input)" if s == "bn" else
+                     f"consumers.{i}.conv (input columns)" for i, s in enumerate(specs))
+    convs = [s for s in specs if s != "bn"]  # a BatchNorm takes a shift on its input side too
+    event(f"conv consumer{' + bn' if 'bn' in specs else ''}: {site.action}")
+    if extra_reader or (with_shift and any(s.reads_zero_padding for s in convs)):
         assert site.action == "kept", site  # another reader / a kernel reading zero padding
-    elif not with_shift or all(s.zero_padding for s in specs):
+    elif not with_shift or all(s.zero_padding for s in convs):
         assert (site.action, site.target) == ("folded", into), site
     else:
         # a shift before "valid" / kernel-1 "same" / reflect-like padding: folding it would be
@@ -430,15 +461,15 @@ def test_conv_consumer_takes_scale_for_any_padding_and_shift_only_without(
 @given(cin=st.integers(1, 12), outs=st.lists(st.integers(1, 12), min_size=1, max_size=2),
        bias=st.booleans(), pre=pres, sign=st.sampled_from(["any", "negative"]),
        with_shift=st.booleans(), extra_reader=st.integers(0, 5).map(lambda i: i == 0),
-       mul=mul_spellings, add=add_spellings, seed=seeds)
+       mul=mul_spellings, add=add_spellings, seed=seeds, dtype=dtypes)
 def test_linear_consumer_takes_scale_and_shift(cin, outs, bias, pre, sign, with_shift,
-                                               extra_reader, mul, add, seed):
+                                               extra_reader, mul, add, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
     scale = _scale(gen, cin, sign)
     shift = _shift(gen, cin) if with_shift else None
     model = _init(ConsumerNet(pre, ScaleShift(scale, shift, 2, mul, add),
                               [nn.Linear(cin, o, bias=bias) for o in outs], extra_reader), seed)
-    deploy = _fold(model, _input(seed, 2, cin), seed)
+    deploy = _fold(model, _input(seed, 2, cin), seed, dtype=dtype)
     site = _scale_site(deploy, cin)
     if extra_reader:
         assert site.action == "kept", site
@@ -505,16 +536,17 @@ _LINEAR = {"avgpool"}  # commutes with any scale
        slope=st.sampled_from([0.01, 0.1, 0.3]),
        sign=st.sampled_from(["positive", "nonneg", "negative"]),
        with_shift=st.integers(0, 3).map(lambda i: i == 0), mul=mul_spellings,
-       tail=st.sampled_from(["none", "tanh", "conv"]), fuse_bn=st.booleans(), seed=seeds)
+       tail=st.sampled_from(["none", "tanh", "conv"]), fuse_bn=st.booleans(), seed=seeds,
+       dtype=dtypes)
 def test_scale_crosses_only_the_ops_it_commutes_with(dim, c, size, ops, slope, sign, with_shift,
-                                                     mul, tail, fuse_bn, seed):
+                                                     mul, tail, fuse_bn, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
     scale = _scale(gen, c, sign)
     shift = _shift(gen, c) if with_shift else None
     nonneg = bool((scale >= 0).all())
     layers = [Op(kind, dim, functional, slope) for kind, functional in ops]
     model = _init(ThroughNet(dim, c, layers, ScaleShift(scale, shift, dim + 2, mul), tail), seed)
-    deploy = _fold(model, _input(seed, 2, 3, *(size,) * dim), seed, fuse_bn=fuse_bn)
+    deploy = _fold(model, _input(seed, 2, 3, *(size,) * dim), seed, fuse_bn=fuse_bn, dtype=dtype)
     site = _scale_site(deploy, c)
     crosses = shift is None and all(k in _LINEAR or (k in _HOMOGENEOUS and nonneg)
                                     for k, _ in ops)
@@ -551,9 +583,11 @@ class NormNet(nn.Module):
        pre=st.booleans(), bn_affine=st.booleans(),
        track=st.integers(0, 4).map(lambda i: i != 0), sign=st.sampled_from(["any", "negative"]),
        with_shift=st.booleans(), mul=mul_spellings, add=add_spellings,
-       tail=st.sampled_from(["none", "tanh"]), fuse_bn=st.booleans(), seed=seeds)
+       tail=st.sampled_from(["none", "tanh"]), fuse_bn=st.booleans(), seed=seeds,
+       dtype=dtypes)
 def test_batchnorm_takes_scale_and_shift_in_its_affine(dim, c, size, pre, bn_affine, track, sign,
-                                                       with_shift, mul, add, tail, fuse_bn, seed):
+                                                       with_shift, mul, add, tail, fuse_bn, seed,
+                                                       dtype):
     # dim 0: BatchNorm1d on (N, C), after a Linear; else BatchNorm{dim}d, after a conv
     gen = torch.Generator().manual_seed(seed)
     scale = _scale(gen, c, sign)
@@ -563,7 +597,7 @@ def test_batchnorm_takes_scale_and_shift_in_its_affine(dim, c, size, pre, bn_aff
     cin = c if not pre else 5 if dim == 0 else 3
     ndim = 2 if dim == 0 else dim + 2
     model = _init(NormNet(first, norm, ScaleShift(scale, shift, ndim, mul, add), tail), seed)
-    deploy = _fold(model, _input(seed, 2, cin, *(size,) * dim), seed, fuse_bn=fuse_bn)
+    deploy = _fold(model, _input(seed, 2, cin, *(size,) * dim), seed, fuse_bn=fuse_bn, dtype=dtype)
     site = _scale_site(deploy, c)
     if track:
         assert (site.action, site.target) == ("folded", "norm (norm affine)"), site
@@ -575,9 +609,10 @@ def test_batchnorm_takes_scale_and_shift_in_its_affine(dim, c, size, pre, bn_aff
 @given(kind=st.sampled_from(["group", "instance"]), dim=st.integers(1, 3),
        c=st.integers(1, 12), data=st.data(), size=st.integers(5, 9), pre=st.booleans(),
        track=st.booleans(), sign=st.sampled_from(["any", "negative"]), with_shift=st.booleans(),
-       mul=mul_spellings, add=add_spellings, tail=st.sampled_from(["none", "tanh"]), seed=seeds)
+       mul=mul_spellings, add=add_spellings, tail=st.sampled_from(["none", "tanh"]), seed=seeds,
+       dtype=dtypes)
 def test_group_and_instance_norm_take_scale_and_shift_in_their_affine(
-        kind, dim, c, data, size, pre, track, sign, with_shift, mul, add, tail, seed):
+        kind, dim, c, data, size, pre, track, sign, with_shift, mul, add, tail, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
     scale = _scale(gen, c, sign)
     shift = _shift(gen, c) if with_shift else None
@@ -587,7 +622,7 @@ def test_group_and_instance_norm_take_scale_and_shift_in_their_affine(
         norm = IN[dim](c, affine=True, track_running_stats=track)
     first = CONV[dim](3, c, 3, padding=1) if pre else None
     model = _init(NormNet(first, norm, ScaleShift(scale, shift, dim + 2, mul, add), tail), seed)
-    deploy = _fold(model, _input(seed, 2, 3 if pre else c, *(size,) * dim), seed)
+    deploy = _fold(model, _input(seed, 2, 3 if pre else c, *(size,) * dim), seed, dtype=dtype)
     site = _scale_site(deploy, c)
     assert (site.action, site.target) == ("folded", "norm (norm affine)"), site
 
@@ -595,9 +630,10 @@ def test_group_and_instance_norm_take_scale_and_shift_in_their_affine(
 @PROPS
 @given(cin=st.integers(1, 12), c=st.integers(1, 12), bias=st.booleans(),
        sign=st.sampled_from(["any", "negative"]), with_shift=st.booleans(), mul=mul_spellings,
-       add=add_spellings, tail=st.sampled_from(["none", "tanh", "linear"]), seed=seeds)
+       add=add_spellings, tail=st.sampled_from(["none", "tanh", "linear"]), seed=seeds,
+       dtype=dtypes)
 def test_linear_producer_takes_scale_and_shift_in_its_output_rows(cin, c, bias, sign, with_shift,
-                                                                  mul, add, tail, seed):
+                                                                  mul, add, tail, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
     scale = _scale(gen, c, sign)
     shift = _shift(gen, c) if with_shift else None
@@ -605,6 +641,6 @@ def test_linear_producer_takes_scale_and_shift_in_its_output_rows(cin, c, bias, 
     if tail == "linear":  # a consumer too: the producer is tried first
         layers.append(nn.Linear(c, 3))
     model = _init(Chain(*layers, tail=tail), seed)
-    deploy = _fold(model, _input(seed, 2, cin), seed)
+    deploy = _fold(model, _input(seed, 2, cin), seed, dtype=dtype)
     site = _scale_site(deploy, c)
     assert (site.action, site.target) == ("folded", "layers.0 (output rows)"), site

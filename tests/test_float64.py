@@ -1,0 +1,272 @@
+"""float64 models fold as exactly as float32 ones.
+
+The fold computes in float64 and converts with ``t.to(torch.float64)``, ``t.double()`` and
+``r.to(dtype)``. For a float64 tensor each of these returns the tensor itself (an ``expand``ed one
+keeps its zero strides), so in a float64 model a value the fold "converted" may be a layer's own
+parameter or buffer: writing into it in place changes the layer, and a result that is such an
+alias ties the deploy model's parameters to each other. Every test here runs float32 and float64
+side by side; tolerances derive from the dtype (:func:`_tol`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import asrfx
+from asrfx import foldmath
+from helpers import (REL_TOL, assert_state_equal, randomize_bn, randomize_psi, rel_err,
+                     state_snapshot)
+
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+
+
+def _tol(dtype: torch.dtype) -> float:
+    """Relative tolerance (max |ref - out| / max |ref|) of an exact fold: ``REL_TOL`` in float32
+    (~840 eps); 2**20 eps (~2.3e-10) in float64 -- the rounding of these small O(1) nets is
+    ~1e-15, a fold that loses a term errs by the order of the values (0.1 .. 6)."""
+    return REL_TOL if dtype == torch.float32 else 2.0 ** 20 * torch.finfo(dtype).eps
+
+
+def _check(model: nn.Module, deploy: nn.Module, x: torch.Tensor) -> None:
+    """Eval-mode outputs agree on ``x`` and on a fresh batch of another size, in x's dtype."""
+    model.eval()
+    fresh = torch.randn(3, *x.shape[1:], dtype=x.dtype,
+                        generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        for xi in (x, fresh):
+            ref, out = model(xi), deploy(xi)
+            assert out.dtype == x.dtype
+            err = rel_err(ref, out)
+            assert err <= _tol(x.dtype), f"{x.dtype}: rel err {err:.2e}\n{deploy.asrfx_report}"
+
+
+def _targets(deploy, kind: str = "channel scale") -> list[str]:
+    return [s.target for s in deploy.asrfx_report.sites if s.kind == kind and
+            s.action == "folded"]
+
+
+class SE(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+def _prepared(model: nn.Module, x: torch.Tensor, seed: int) -> nn.Module:
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    randomize_bn(prepared, seed=seed)
+    randomize_psi(prepared, seed=seed + 1)
+    return prepared
+
+
+# ---------------------------------------------------------------------------------------------
+# a constant gate folded into the input side of a BatchNorm
+
+
+class GateThenNorm(nn.Module):
+    """conv -> GELU (takes no scale) -> SE -> BN: ASR's constant gate has no producer to go
+    to; the BN's input side takes it (running mean 0, weight g*s, bias b + g/sd * (t - m))."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.conv, self.se, self.bn = nn.Conv2d(3, c, 3, padding=1), SE(c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.tanh(self.bn(self.se(F.gelu(self.conv(x)))))
+
+
+@DTYPES
+def test_gate_folded_into_batchnorm_input_keeps_the_running_mean_term(dtype):
+    """Before: the running mean was read with ``.to(float64)`` and then zeroed in place; for a
+    float64 buffer the read was the buffer, so the new bias lost its ``-g/sd * m`` term (float64
+    relative error ~0.5, float32 exact)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    prepared = _prepared(GateThenNorm().to(dtype), x, seed=1)
+    before = state_snapshot(prepared)
+    deploy = asrfx.fold(prepared, example_inputs=(x,), tol=_tol(dtype))
+    assert _targets(deploy) == ["bn (norm input)"]
+    _check(prepared, deploy, x)
+    assert_state_equal(before, state_snapshot(prepared))  # fold leaves its argument alone
+
+
+class RepBlock(nn.Module):
+    """RepVGG-style: 3x3 conv+BN, 1x1 conv+BN and an identity BN, summed; an SE gate on the
+    block's input (into the convs' input columns and the identity BN's input side) and/or on
+    the sum (into every branch's BN)."""
+
+    def __init__(self, c: int, gate_in: bool, gate_out: bool):
+        super().__init__()
+        self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.k1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.id = nn.BatchNorm2d(c)
+        self.se_in = SE(c) if gate_in else None
+        self.se_out = SE(c) if gate_out else None
+
+    def forward(self, x):
+        if self.se_in is not None:
+            x = self.se_in(x)
+        y = self.k3(x) + self.k1(x) + self.id(x)
+        if self.se_out is not None:
+            y = self.se_out(y)
+        return y
+
+
+class RepNet(nn.Module):
+    def __init__(self, gate_in: bool, gate_out: bool, c: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.b1, self.b2 = RepBlock(c, gate_in, gate_out), RepBlock(c, gate_in, gate_out)
+
+    def forward(self, x):
+        return self.b2(F.gelu(self.b1(F.gelu(self.stem(x)))))
+
+
+@DTYPES
+@pytest.mark.parametrize("gate_in,gate_out", [(True, False), (True, True), (False, True)])
+def test_rep_block_with_gates_folds_and_merges_exactly(dtype, gate_in, gate_out):
+    """The identity BN of a RepVGG block taking a gate on its input side is then merged as an
+    identity kernel from its (rewritten) statistics; before, in float64, its bias had lost the
+    running-mean term and the merged conv erred by ~0.1-1.2 relative."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    prepared = _prepared(RepNet(gate_in, gate_out).to(dtype), x, seed=3)
+    deploy = asrfx.fold(prepared, example_inputs=(x,), tol=_tol(dtype))
+    targets = _targets(deploy)
+    assert len(targets) == gate_in * 2 + gate_out * 2, deploy.asrfx_report
+    if gate_in:
+        assert any("b1.id (norm input)" in t for t in targets), targets
+    mods = [deploy.get_submodule(str(n.target)) for n in deploy.graph.nodes
+            if n.op == "call_module"]
+    # stem + one merged 3x3 per block, no norm left
+    assert sum(isinstance(m, nn.Conv2d) for m in mods) == 3
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in mods)
+    _check(prepared, deploy, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# results of the fold math are new tensors
+
+
+def _storages(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _foldmath_calls(dtype: torch.dtype):
+    """(name, function, args) for every foldmath identity, on random tensors of ``dtype`` (the
+    per-channel scale and shift in float64, as the passes give them)."""
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt)
+
+    w, b, s, t = r(4, 2, 3, 3), r(4), r(4, dt=torch.float64), r(4, dt=torch.float64)
+    s_in, t_in = r(4, dt=torch.float64), r(4, dt=torch.float64)
+    lw, lb = r(3, 4), r(3)
+    yield "norm", foldmath.fold_scale_into_norm, (r(4), r(4), s, t)
+    yield "conv_out", foldmath.fold_scale_into_conv_out, (w, b, s, t)
+    yield "conv_in", foldmath.fold_scale_into_conv_in, (w, b, s_in, None, 2)
+    yield "conv_in_shift", foldmath.fold_scale_into_conv_in, (w, b, s_in, t_in, 2)
+    yield "linear_in", foldmath.fold_scale_into_linear_in, (lw, lb, s_in, None)
+    yield "linear_in_shift", foldmath.fold_scale_into_linear_in, (lw, lb, s_in, t_in)
+    yield "pad_kernel", foldmath.pad_kernel, (w, (3, 3))
+    yield "merge_parallel", foldmath.merge_parallel_convs, ([w, r(4, 2, 1, 1)], [b, None])
+    yield "merge_sequential", foldmath.merge_sequential_convs, (r(2, 3, 1, 1), None, r(5, 2, 3, 3),
+                                                                r(5))
+    yield "avg_pool_kernel", foldmath.avg_pool_kernel, (r(4, 3, 1, 1), (3, 3))
+
+
+@DTYPES
+@pytest.mark.parametrize("case", [c[0] for c in _foldmath_calls(torch.float32)])
+def test_foldmath_results_are_new_tensors_and_inputs_stay(dtype, case):
+    """Before, in float64: ``fold_scale_into_conv_in`` / ``_linear_in`` without a shift and
+    ``merge_sequential_convs`` without a first bias returned the layer's own bias, and
+    ``avg_pool_kernel`` a zero-stride ``expand`` of the 1x1 kernel (a Parameter no optimizer
+    step can write); in both dtypes ``merge_sequential_convs`` returned einsum's permuted,
+    non-contiguous layout."""
+    (_, fn, args), = [c for c in _foldmath_calls(dtype) if c[0] == case]
+    leaves = [a for a in args if isinstance(a, torch.Tensor)] + \
+        [e for a in args if isinstance(a, list) for e in a if isinstance(e, torch.Tensor)]
+    saved = [a.clone() for a in leaves]
+    out = fn(*args)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    for o in outs:
+        assert o.is_contiguous(), (case, o.stride())
+        assert o.dtype == leaves[0].dtype
+        assert all(_storages(o) != _storages(a) for a in leaves), case
+    assert len({_storages(o) for o in outs}) == len(outs)
+    for o in outs:
+        o.mul_(3.0).add_(1.0)  # writing into a result touches no input
+    for a, before in zip(leaves, saved):
+        assert torch.equal(a, before), case  # inputs are not computed: compared exactly
+
+
+class DBBish(nn.Module):
+    """DBB-style sequential branches: 1x1 conv -> average pool, 1x1 conv -> 3x3 conv."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.pool = nn.Sequential(nn.Conv2d(c, c, 1), nn.AvgPool2d(3, 1, 0))
+        self.seq = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.Conv2d(c, c, 3))
+
+    def forward(self, x):
+        return torch.tanh(self.pool(x)) + torch.tanh(self.seq(x))
+
+
+@DTYPES
+def test_sequential_merges_give_parameters_of_their_own(dtype):
+    """Before, in float64, the 1x1 -> average pool merge kept a zero-stride kernel as its
+    weight (an optimizer step on the deploy model failed: 'more than one element of the
+    written-to tensor refers to a single memory location'); in both dtypes the 1x1 -> 3x3
+    merge's weight was not contiguous, and the pool merge's bias was a view of the 1x1 conv's
+    bias in the graph being folded."""
+    torch.manual_seed(0)
+    model = DBBish().to(dtype)
+    x = torch.randn(2, 4, 7, 7, dtype=dtype)
+    deploy = asrfx.fold(model, example_inputs=(x,), tol=_tol(dtype))
+    assert deploy.asrfx_report.count(action="merged", kind="sequential merge") == 2
+    _check(model, deploy, x)
+    params = list(deploy.parameters())
+    assert all(p.is_contiguous() for p in params), [p.stride() for p in params]
+    assert len({_storages(p) for p in params}) == len(params)
+    theirs = {_storages(p) for p in model.parameters()}
+    assert not any(_storages(p) in theirs for p in params)
+    before = state_snapshot(model)
+    opt = torch.optim.SGD(deploy.parameters(), lr=0.1)
+    deploy.train()
+    deploy(x).square().mean().backward()
+    opt.step()  # in place on every parameter
+    assert_state_equal(before, state_snapshot(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# a norm without affine parameters takes the dtype of its values, not of the float64 scale
+
+
+class ScaledLayerNorm(nn.Module):
+    def __init__(self, tokens: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(6 if tokens else (6, 5, 5), elementwise_affine=False)
+        shape = (1, 1, 6) if tokens else (1, 6, 1, 1)
+        self.register_buffer("k", torch.linspace(-1.5, 2.0, 6).reshape(shape))
+
+    def forward(self, x):
+        return torch.tanh(self.norm(x) * self.k)
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens", [False, True])
+def test_non_affine_layernorm_takes_the_scale_in_the_models_dtype(dtype, tokens):
+    """Before, the folded weight and bias of a LayerNorm without affine parameters came out in
+    the scale's float64: a float32 model then failed to run ('mixed dtype')."""
+    model = ScaledLayerNorm(tokens).to(dtype)
+    x = torch.randn(*((2, 7, 6) if tokens else (2, 6, 5, 5)), dtype=dtype)
+    deploy = asrfx.fold(model, example_inputs=(x,), tol=_tol(dtype))
+    assert _targets(deploy) == ["norm (norm affine)"]
+    assert deploy.norm.weight.dtype == deploy.norm.bias.dtype == dtype
+    _check(model, deploy, x)
