@@ -129,6 +129,12 @@ def insert_modules(gm: fx.GraphModule, points: list[fx.Node],
         if mod is None:
             tokens = is_token_norm(gm, p)
             mod = factory(int(shape[-1] if tokens else shape[1]), len(shape) - 2, tokens)
+            # the new attention computes in the dtype of the map it gates, on the model's device
+            # (a float64 or CUDA model: a float32 CPU module would fail on its first call)
+            dtype = getattr(p.meta.get("tensor_meta"), "dtype", None)
+            device = next((t.device for t in gm.parameters()), None)
+            mod = mod.to(device=device, dtype=dtype if dtype is not None and
+                         dtype.is_floating_point else None)
             created[path] = mod
         set_attr_path(gm, path, mod)
         sub = tracer_cls().trace(mod)

@@ -270,3 +270,24 @@ def test_non_affine_layernorm_takes_the_scale_in_the_models_dtype(dtype, tokens)
     assert _targets(deploy) == ["norm (norm affine)"]
     assert deploy.norm.weight.dtype == deploy.norm.bias.dtype == dtype
     _check(model, deploy, x)
+
+
+def test_inserted_attention_takes_the_model_dtype():
+    """prepare(insert=...) on a float64 model: the new modules are built in float64 too (they
+    were float32 and the first call failed with "expected scalar type Double")."""
+    import asrfx
+    from asrfx.zoo import cifar_resnet
+    from helpers import randomize_bn, randomize_psi, rel_err
+
+    torch.manual_seed(0)
+    model = cifar_resnet(20, attention=None, num_classes=10).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    prepared = asrfx.prepare(model, example_inputs=(x,), insert="se")
+    assert prepared.asrfx_report.count(action="inserted") > 0
+    assert {p.dtype for p in prepared.parameters()} == {torch.float64}
+    randomize_bn(prepared, 0)
+    randomize_psi(prepared, 1)
+    deploy = asrfx.fold(prepared, example_inputs=(x,), tol=1e-10)
+    prepared.eval()
+    with torch.no_grad():
+        assert rel_err(prepared(x), deploy(x)) <= 1e-10
