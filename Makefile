@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.asrfx-installed
 
-.PHONY: venv test test-all demo bench clean
+.PHONY: venv test test-all demo bench zoo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,22 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/asrfx demo --out out/demo
+
+# timm and torchvision need the CUDA build of torch (it runs on the CPU): a separate environment
+# outside the clone, made once and reused (about 5 GB). `make zoo` then runs the zoo checks.
+ZOO_VENV ?= ../.zoo-venv
+ZOO_PY := $(ZOO_VENV)/bin/python
+ZOO_STAMP := $(ZOO_VENV)/.asrfx-zoo-installed
+
+$(ZOO_STAMP):
+	test -x $(ZOO_PY) || $(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(ZOO_PY) -m pip install -q timm networkx tabulate tqdm pytest hypothesis
+	touch $(ZOO_STAMP)
+
+zoo: $(ZOO_STAMP)
+	$(ZOO_PY) -m pip install -q --no-deps -e .
+	$(ZOO_PY) -m pytest -q -m "zoo" tests/test_zoo_models.py
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q
