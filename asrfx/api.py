@@ -14,7 +14,8 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils._pytree import tree_flatten
 
 from asrfx.passes import (apply_asr, cleanup, drop_identities, revert_sync_batchnorm, evaluate_constants, find_attention_sites,
-                          fold_scales, fuse_batchnorm, refuse_batch_statistic_sites)
+                          fold_scales, fuse_batchnorm, refuse_batch_statistic_sites,
+                          refuse_gates_before_batch_norm)
 from asrfx.passes.graph_utils import (clone_module, deepcopy_module, describe_hooks, module_path,
                                       safe_dce, stable_toposort)
 from asrfx.passes.hooks import (hook_fix, protect_hooked_calls, refuse_hooked_sites,
@@ -299,7 +300,9 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
             (sites, [])
         _, batch_stats = refuse_batch_statistic_sites(
             gm, [s for s in sites if mode != "keep" or s.mul in new_nodes])
-        sites = [s for s in sites if all(s is not r for r, _ in batch_stats)]
+        _, before_bn = refuse_gates_before_batch_norm(
+            gm, [s for s in sites if mode == "replace" and s.mul not in new_nodes])
+        sites = [s for s in sites if all(s is not r for r, _ in batch_stats + before_bn)]
         site_modes = ["replace" if s.mul in new_nodes else mode for s in sites]
         try:
             names = apply_asr(gm, sites, init=init, created=created, root=work,
@@ -328,6 +331,9 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
             for site, reason in batch_stats:
                 report.add(site.path, "channel-attention", site.channels, "refused", "", reason,
                            code="batch-stats-norm-in-branch")
+            for site, reason in before_bn:
+                report.add(site.path, "channel-attention", site.channels, "refused", "", reason,
+                           code="gate-before-batch-norm")
             for site in sites:
                 if site.extra.get("rows"):
                     report.notes.append(f"{site.path}: the ASR branch runs on psi expanded to "

@@ -25,7 +25,8 @@ from .batch_rows import collapse_batch
 from .graph_utils import (get_attr_path, reads_shape_only, set_attr_path, stable_toposort,
                           tensor_shape, value_dependent)
 
-__all__ = ["apply_asr", "make_psi", "fresh_module", "refuse_batch_statistic_sites"]
+__all__ = ["apply_asr", "make_psi", "fresh_module", "refuse_batch_statistic_sites",
+           "refuse_gates_before_batch_norm"]
 
 
 def make_psi(shape: tuple[int, ...], init: Any, dtype: torch.dtype, device: torch.device
@@ -343,6 +344,57 @@ def refuse_batch_statistic_sites(gm: fx.GraphModule, sites: list[AttentionSite]
                                   f"it would output its bias and psi would never train; the "
                                   f"input-dependent attention is kept (give the norm running "
                                   f"statistics to convert it)"))
+        else:
+            keep.append(site)
+    return keep, refused
+
+
+def _train_mode_batch_norm(gm: fx.GraphModule, n: fx.Node) -> str | None:
+    """The name of ``n`` when it is a BatchNorm that normalises with batch statistics while
+    training (a ``_BatchNorm`` module in train mode, or ``batch_norm(..., training=True)``)."""
+    if n.op == "call_module":
+        mod = gm.get_submodule(str(n.target))
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and \
+                (mod.training or mod.running_mean is None) and \
+                type(mod).__module__.startswith("torch.nn"):
+            return f"{n.target} ({type(mod).__name__})"
+        return None
+    if n.op == "call_function" and n.target in (torch.nn.functional.batch_norm,
+                                                torch.batch_norm):
+        training = n.kwargs.get("training", n.args[5] if len(n.args) > 5 else False)
+        if training is True:
+            return f"{module_path_of(n)} (batch_norm)"
+    return None
+
+
+def refuse_gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite]
+                                   ) -> tuple[list[AttentionSite],
+                                              list[tuple[AttentionSite, str]]]:
+    """Split ``sites`` into those whose gate can train as a constant and those whose gated map
+    is read only by BatchNorms that use batch statistics in training.
+
+    Such a norm subtracts each channel's batch mean and divides by its batch standard deviation:
+    ``BN(x * g) = sign(g) BN(x)`` and ``BN(x + t) = BN(x)`` for per-channel constants, up to the
+    norm's eps. The ASR gate would cancel while training (psi's gradient measured 1e-6..1e-8 of
+    its excitation weights' in random networks), and the deployed gate would be whatever psi
+    started as. The input-dependent attention (which varies
+    per sample, so the norm does not cancel it) is kept instead.
+    """
+    keep, refused = [], []
+    for site in sites:
+        norms = []
+        for m in (site.mul, *site.extra.get("more_muls", [])):
+            readers = [u for u in m.users if not reads_shape_only(u)]
+            found = [_train_mode_batch_norm(gm, u) for u in readers]
+            norms.append(found if readers and all(found) else None)
+        if all(norms):
+            names = sorted({n for found in norms for n in found})
+            refused.append((site, f"the gated map is read only by {', '.join(names)}, which "
+                                  f"normalises each channel by its batch statistics in "
+                                  f"training: a constant gate there cancels (up to the norm's "
+                                  f"eps) and psi would not learn; the input-dependent attention "
+                                  f"is kept (ASR belongs after the norm, e.g. insert=..., "
+                                  f"where='block_output')"))
         else:
             keep.append(site)
     return keep, refused

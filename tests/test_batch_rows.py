@@ -319,3 +319,76 @@ def test_branch_norm_with_running_statistics_trains_psi():
     psi = prepared.get_parameter("3.psi").grad.abs().max()
     fc1 = prepared.get_parameter("3.fc1.weight").grad.abs().max()
     assert psi > 1e-3 * fc1 > 0
+
+
+class GateThenBN(nn.Module):
+    """conv -> SE gate -> BatchNorm: in training the norm divides each channel by its batch
+    standard deviation, so a constant gate cancels (``BN(x g) = sign(g) BN(x)``)."""
+
+    def __init__(self, shortcut: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.bn = nn.BatchNorm2d(8)
+        self.shortcut = shortcut
+
+    def forward(self, x):
+        x = self.conv(x)
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
+        y = x * g[:, :, None, None]
+        return self.bn(y) + y if self.shortcut else self.bn(y)
+
+
+def test_gate_read_only_by_a_training_batch_norm_is_refused():
+    model = GateThenBN()
+    x = torch.randn(4, 3, 8, 8)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    (site,) = prepared.asrfx_report.sites
+    assert (site.action, site.code) == ("refused", "gate-before-batch-norm")
+    assert "bn (BatchNorm2d)" in site.reason
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert deploy.asrfx_report.count(action="kept", kind="channel-attention") == 1
+
+
+def test_constant_gate_before_a_training_batch_norm_would_not_train():
+    """The refusal's premise, measured: with the gate forced into its ASR form (a constant),
+    the training-mode norm cancels it and psi's gradient is rounding noise. (With the norm's
+    eps, ``g / sqrt(var g^2 + eps)`` leaks a gradient of order eps / (var g^2)^1.5 that only
+    pulls g towards the eps regime; eps = 1e-12 here shows the cancellation itself.)"""
+    model = GateThenBN()
+    model.bn.eps = 1e-12
+    psi = nn.Parameter(torch.full((1, 8), 0.5))
+    model.train()
+
+    def asr_forward(x):
+        x = model.conv(x)
+        g = torch.sigmoid(model.fc2(torch.relu(model.fc1(psi))))
+        return model.bn(x * g[:, :, None, None])
+
+    out = asr_forward(torch.randn(4, 3, 8, 8))
+    (out * torch.randn(out.shape)).sum().backward()  # (a normalised map's square sum is fixed)
+    backbone = model.conv.weight.grad.abs().max()
+    assert backbone > 1e-3
+    assert psi.grad.abs().max() < 1e-5 * backbone
+
+
+def test_gate_also_read_elsewhere_or_before_a_frozen_norm_converts():
+    x = torch.randn(4, 3, 8, 8)
+    both = asrfx.prepare(GateThenBN(shortcut=True), example_inputs=(x,))
+    assert both.asrfx_report.count(action="converted") == 1
+    frozen = GateThenBN()
+    frozen.bn.eval()  # fine-tuning with frozen statistics: the gate does not cancel
+    prepared = asrfx.prepare(frozen, example_inputs=(x,))
+    assert prepared.asrfx_report.count(action="converted") == 1
+
+
+def test_additive_gate_before_a_training_batch_norm_is_refused():
+    """Global-context attention adds a per-channel constant; a training-mode BN subtracts the
+    batch mean and cancels it just the same."""
+    from asrfx.attention import make_attention
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), make_attention("gc", 16),
+                          nn.BatchNorm2d(16))
+    prepared = asrfx.prepare(model, example_inputs=(torch.randn(2, 3, 8, 8),))
+    (site,) = prepared.asrfx_report.sites
+    assert site.code == "gate-before-batch-norm"

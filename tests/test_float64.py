@@ -87,7 +87,12 @@ def test_gate_folded_into_batchnorm_input_keeps_the_running_mean_term(dtype):
     relative error ~0.5, float32 exact)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8, dtype=dtype)
-    prepared = _prepared(GateThenNorm().to(dtype), x, seed=1)
+    model = GateThenNorm().to(dtype)
+    # statistics frozen (fine-tuning): a gate before a training-mode BN would cancel and is
+    # refused; before a frozen one it trains and folds into the norm's input side
+    model.bn.eval()
+    prepared = _prepared(model, x, seed=1)
+    assert prepared.asrfx_report.count(action="converted") == 1
     before = state_snapshot(prepared)
     deploy = asrfx.fold(prepared, example_inputs=(x,), tol=_tol(dtype))
     assert _targets(deploy) == ["bn (norm input)"]

@@ -999,6 +999,36 @@ def gated_by(model: fx.GraphModule, psi: str) -> set[fx.Node]:
             if u not in region}
 
 
+def _gates_before_batch_norm(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Per attention path: how many of its per-channel multiplies (or additions) feed nothing
+    but BatchNorm modules (all in training mode here). Read off the traced original model."""
+    from asrfx.passes.graph_utils import module_path, reads_shape_only
+
+    gm = asrfx.trace(model, (x,))  # the model is in train mode: its training graph
+    out: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        # a per-channel product (SE) or sum (GC): BN in training cancels either
+        if not (n.op == "call_function" and n.target in (operator.mul, torch.mul, operator.add,
+                                                         torch.add) or
+                n.op == "call_method" and n.target in ("mul", "add")):
+            continue
+        # x * g.expand_as(x) gates like x * g
+        ops = [a.args[0] if isinstance(a, fx.Node) and a.op == "call_method" and
+               a.target in ("expand", "expand_as") else a for a in n.args[:2]]
+        shapes = [tuple(a.meta["tensor_meta"].shape) for a in ops
+                  if isinstance(a, fx.Node) and "tensor_meta" in a.meta]
+        if len(shapes) != 2 or not any(len(sh) >= 3 and sh[1] > 1 and all(d == 1 for d in sh[2:])
+                                       for sh in shapes):
+            continue  # not a per-channel gate
+        readers = [u for u in n.users if not reads_shape_only(u)]
+        if readers and all(u.op == "call_module" and isinstance(
+                gm.get_submodule(str(u.target)), nn.modules.batchnorm._BatchNorm)
+                for u in readers):
+            path = module_path(n)
+            out[path] = out.get(path, 0) + 1
+    return out
+
+
 def _dead_units(prepared: fx.GraphModule, x: torch.Tensor) -> set[str]:
     """psi names whose branch holds a value with zero derivative everywhere: a
     ReLU whose every output is 0 (a dead hidden unit of a random SE), or a hard gate saturated
@@ -1086,18 +1116,26 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
         event(f"attention: {a.name if a.kind == 'lib' else 'hand-written'}")
 
     # (1) prepare converts every placed attention: one site per call (a CBAM's spatial half is
-    # refused, once per call)
+    # refused, once per call), except a gate whose map only a training-mode BatchNorm reads
+    # (it would cancel there: refused, with the input-dependent attention kept)
+    before_bn = _gates_before_batch_norm(model, x)
     prepared = asrfx.prepare(model, example_inputs=(x,))
     report = prepared.asrfx_report
+    n_before = 0
     for path, (a, calls) in placed.items():
         mine = [site for site in report.sites if site.path == path or
                 site.path.startswith(path + ".")]
-        got = sorted(site.action for site in mine)
-        want = ["converted"] * calls + (["refused"] * calls if (a.kind, a.name) ==
-                                        ("lib", "cbam") else [])
+        nb = sum(1 for site in mine if site.code == "gate-before-batch-norm")
+        assert nb == before_bn.get(path, 0), f"{path}: {nb} refused before a BatchNorm\n{report}"
+        n_before += nb
+        got = sorted(site.action for site in mine if site.code != "gate-before-batch-norm")
+        want = ["converted"] * (calls - nb) + (["refused"] * calls if (a.kind, a.name) ==
+                                               ("lib", "cbam") else [])
         assert got == want, f"{path} ({a}): {got}, wanted {want}\n{report}"
-    assert report.count(action="converted") == n_sites, report
-    assert report.count(action="converted") == len(report.sites) - n_cbam, report
+    if n_before:
+        event("a gate before a training-mode BatchNorm: refused")
+    assert report.count(action="converted") == n_sites - n_before, report
+    assert report.count(action="converted") == len(report.sites) - n_cbam - n_before, report
     assert report.count(action="refused", kind="spatial attention") == n_cbam, report
 
     # (2) training steps: finite losses; every psi trains (a non-zero gradient) wherever the loss
@@ -1128,8 +1166,12 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
     prepared, deploy = _fold_equivalent(prepared, x, fresh)
     x = x.to(next(prepared.parameters()).dtype)
 
-    # (5) nothing of a converted attention is left
+    # (5) nothing of a converted attention is left (attention refused before a BatchNorm stays,
+    # reported as kept)
     freport = deploy.asrfx_report
+    if n_before:
+        assert freport.count(action="kept", kind="channel-attention") == n_before, freport
+        return
     kept = freport.count(action="kept", kind="channel scale")
     event(f"kept channel scales: {min(kept, 2)}{'+' if kept >= 2 else ''}")
     gates = gate_nodes(deploy)
