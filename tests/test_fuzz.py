@@ -1147,6 +1147,9 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
     if not psi_grads:
         event("the loss reaches no gated product (dead units downstream)")
     for name, (g, scale) in psi_grads.items():
+        if scale == 0:  # no gradient reaches the excitation at all (x is 0 where the loss is
+            event("no gradient reaches an excitation")  # felt): nothing psi-specific
+            continue
         if name not in dead:  # 1e-5 of its excitation's weights: more than rounding noise
             assert g > 1e-5 * scale, \
                 f"{name} gets no gradient ({g:.1e} vs {scale:.1e})\n{report}\n{prepared.code}"
