@@ -43,6 +43,12 @@ TIMM = [
     "ghostnet_050",          # SE (hard sigmoid) in ghost bottlenecks
     "mixnet_s",              # mixed-kernel convs with SE
     "tinynet_a",             # EfficientNet-style SE at another depth / width
+    "seresnext26d_32x4d",    # SE in grouped bottlenecks
+    "semnasnet_050",         # MNASNet with SE
+    "fbnetv3_b",             # hard-swish / hard-sigmoid SE
+    "lcnet_050",             # SE late in a depthwise net
+    "ese_vovnet19b_dw",      # effective SE (one conv, hard sigmoid)
+    "nf_regnet_b0",          # normaliser-free: weight-standardised convs, no BatchNorm
 ]
 
 
