@@ -915,7 +915,8 @@ def _train(model: nn.Module, spec: ArchSpec, seed: int, steps: int = 2,
     products: dict[fx.Node, torch.Tensor] = {}
 
     class Capture(fx.Interpreter):
-        """The model's own forward, keeping the gradient of every product a gate applies."""
+        """The model's own forward, keeping the gradient of every gate (dL/dg is zero where
+        the loss does not reach the product, or where the gated map is zero where it does)."""
 
         def run_node(self, n):
             out = super().run_node(n)
@@ -932,7 +933,7 @@ def _train(model: nn.Module, spec: ArchSpec, seed: int, steps: int = 2,
         loss = F.cross_entropy(Capture(model).run(x) if step == 0 else model(x), y)
         loss.backward()
         if step == 0:
-            # a psi's gradient is expected where the loss reaches a product its gate applies
+            # a psi's gradient is expected where the loss reaches its gate
             reached = {n for n, t in products.items() if t.grad is not None and
                        bool((t.grad != 0).any())}
             psi_grads = {name: (float(p.grad.abs().max()) if p.grad is not None else 0.0,
@@ -961,9 +962,9 @@ def _psi_regions(model: fx.GraphModule) -> dict[fx.Node, set[str]]:
 
 
 def _gated_products(model: fx.GraphModule) -> set[fx.Node]:
-    """The value-dependent nodes that read a psi-computed value: the gates' products."""
+    """The gates: psi-computed values that a value-dependent node reads (the products)."""
     region = _psi_regions(model)
-    return {u for n in region for u in n.users if u not in region}
+    return {n for n in region if any(u not in region for u in n.users)}
 
 
 def _branch_grad(model: fx.GraphModule, psi: str) -> float:
@@ -993,10 +994,10 @@ def _attr_or_none(model: nn.Module, target: str):
 
 
 def gated_by(model: fx.GraphModule, psi: str) -> set[fx.Node]:
-    """The products a psi's gate applies."""
+    """The gates computed from a psi."""
     region = _psi_regions(model)
-    return {u for n, owners in region.items() if psi in owners for u in n.users
-            if u not in region}
+    return {n for n, owners in region.items() if psi in owners and
+            any(u not in region for u in n.users)}
 
 
 def _gates_before_batch_norm(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
