@@ -367,6 +367,70 @@ def _train_mode_batch_norm(gm: fx.GraphModule, n: fx.Node) -> str | None:
     return None
 
 
+_POSITIVE_GATES = {torch.sigmoid, torch.nn.functional.sigmoid, torch.nn.functional.hardsigmoid,
+                   torch.softmax, torch.nn.functional.softmax, torch.exp, "sigmoid", "softmax",
+                   "exp"}
+# ops that commute with a positive per-channel scale: f(x * g) = f(x) * g for g > 0
+_HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.modules.pooling._MaxPoolNd,
+                        nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                        nn.modules.pooling._AdaptiveMaxPoolNd, nn.Identity)
+_HOMOGENEOUS_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.leaky_relu,
+                          torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d,
+                          torch.nn.functional.max_pool3d, torch.nn.functional.avg_pool1d,
+                          torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d,
+                          "relu", "relu_"}
+
+
+def _positive(gm: fx.GraphModule, g: fx.Node) -> bool:
+    """The gate is positive by construction (its last op is a sigmoid, softmax, exp...)."""
+    if g.op == "call_module":
+        return isinstance(gm.get_submodule(str(g.target)), (nn.Sigmoid, nn.Hardsigmoid,
+                                                             nn.Softmax))
+    if g.op in ("call_function", "call_method"):
+        if g.target in _POSITIVE_GATES:
+            return True
+        if g.target in ("view", "reshape", "unsqueeze", "flatten", "expand", "expand_as") or \
+                g.target in (torch.reshape, torch.unsqueeze, torch.flatten):
+            return isinstance(g.args[0], fx.Node) and _positive(gm, g.args[0])
+    return False
+
+
+def _norms_reading(gm: fx.GraphModule, m: fx.Node, positive: bool,
+                   depth: int = 4) -> list[str] | None:
+    """The training-mode BatchNorms that are all the readers of ``m`` (through ops that commute
+    with the gate: ReLU / pooling for a positive scale), or None if anything else reads it."""
+    readers = [u for u in m.users if not reads_shape_only(u)]
+    if not readers:
+        return None
+    found: list[str] = []
+    for u in readers:
+        name = _train_mode_batch_norm(gm, u)
+        if name is not None:
+            found.append(name)
+            continue
+        mod = gm.get_submodule(str(u.target)) if u.op == "call_module" else None
+        if type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and \
+                mod.groups == mod.in_channels == mod.out_channels and u.args[0] is m:
+            # depthwise: channel c of the output reads channel c alone, linearly (a scale of
+            # either sign crosses; its bias is a per-channel shift the norm removes too)
+            deeper = _norms_reading(gm, u, positive, depth - 1) if depth > 0 else None
+            if deeper is None:
+                return None
+            found += deeper
+            continue
+        homogeneous = (u.op == "call_module" and isinstance(
+            gm.get_submodule(str(u.target)), _HOMOGENEOUS_MODULES) and
+            type(gm.get_submodule(str(u.target))).__module__.startswith("torch.nn")) or \
+            (u.op in ("call_function", "call_method") and u.target in _HOMOGENEOUS_FUNCTIONS)
+        if not (positive and homogeneous and depth > 0 and u.args and u.args[0] is m):
+            return None
+        deeper = _norms_reading(gm, u, positive, depth - 1)
+        if deeper is None:
+            return None
+        found += deeper
+    return found
+
+
 def refuse_gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite]
                                    ) -> tuple[list[AttentionSite],
                                               list[tuple[AttentionSite, str]]]:
@@ -377,16 +441,17 @@ def refuse_gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite
     ``BN(x * g) = sign(g) BN(x)`` and ``BN(x + t) = BN(x)`` for per-channel constants, up to the
     norm's eps. The ASR gate would cancel while training (psi's gradient measured 1e-6..1e-8 of
     its excitation weights' in random networks), and the deployed gate would be whatever psi
-    started as. The input-dependent attention (which varies
-    per sample, so the norm does not cancel it) is kept instead.
+    started as. A positive gate (sigmoid, hard-sigmoid, softmax) also crosses ReLU, LeakyReLU and
+    pooling on its way to the norm (they commute with a positive per-channel scale), and any
+    gate crosses a depthwise conv (channel c reads channel c alone). The
+    input-dependent attention (which varies per sample, so the norm does not cancel it) is kept
+    instead.
     """
     keep, refused = [], []
     for site in sites:
-        norms = []
-        for m in (site.mul, *site.extra.get("more_muls", [])):
-            readers = [u for u in m.users if not reads_shape_only(u)]
-            found = [_train_mode_batch_norm(gm, u) for u in readers]
-            norms.append(found if readers and all(found) else None)
+        positive = site.fusion == "mul" and _positive(gm, site.gate)
+        norms = [_norms_reading(gm, m, positive)
+                 for m in (site.mul, *site.extra.get("more_muls", []))]
         if all(norms):
             names = sorted({n for found in norms for n in found})
             refused.append((site, f"the gated map is read only by {', '.join(names)}, which "

@@ -1021,13 +1021,59 @@ def _gates_before_batch_norm(model: nn.Module, x: torch.Tensor) -> dict[str, int
         if len(shapes) != 2 or not any(len(sh) >= 3 and sh[1] > 1 and all(d == 1 for d in sh[2:])
                                        for sh in shapes):
             continue  # not a per-channel gate
-        readers = [u for u in n.users if not reads_shape_only(u)]
-        if readers and all(u.op == "call_module" and isinstance(
-                gm.get_submodule(str(u.target)), nn.modules.batchnorm._BatchNorm)
-                for u in readers):
+        gate = next((a for a, sh in zip(ops, shapes) if len(sh) >= 3 and
+                     all(d == 1 for d in sh[2:])), None)
+        positive = n.target in (operator.mul, torch.mul, "mul") and _positive_gate(gm, gate)
+        if _only_batch_norms(gm, n, positive):
             path = module_path(n)
             out[path] = out.get(path, 0) + 1
     return out
+
+
+def _positive_gate(gm: fx.GraphModule, g) -> bool:
+    """A gate whose last op (under views) is a sigmoid, hard sigmoid or softmax."""
+    while isinstance(g, fx.Node):
+        if g.op == "call_module":
+            return type(gm.get_submodule(str(g.target))).__name__ in (
+                "Sigmoid", "Hardsigmoid", "Softmax")
+        name = g.target if isinstance(g.target, str) else getattr(g.target, "__name__", "")
+        if name in ("sigmoid", "hardsigmoid", "softmax"):
+            return True
+        if name not in ("view", "reshape", "unsqueeze", "flatten", "expand", "expand_as",
+                        "getitem"):
+            return False
+        g = g.args[0]
+    return False
+
+
+def _only_batch_norms(gm: fx.GraphModule, n: fx.Node, positive: bool) -> bool:
+    """Every value reader of ``n`` is a BatchNorm module, directly, through depthwise convs, or
+    (for a positive gate) through ReLU / max and average pooling, which a positive per-channel
+    scale crosses."""
+    from asrfx.passes.graph_utils import reads_shape_only
+
+    readers = [u for u in n.users if not reads_shape_only(u)]
+    if not readers:
+        return False
+    for u in readers:
+        mod = gm.get_submodule(str(u.target)) if u.op == "call_module" else None
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            continue
+        if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed and \
+                mod.groups == mod.in_channels == mod.out_channels and u.args[0] is n:
+            if not _only_batch_norms(gm, u, positive):  # depthwise: per channel, linear
+                return False
+            continue
+        name = type(mod).__name__ if mod is not None else (
+            u.target if isinstance(u.target, str) else getattr(u.target, "__name__", ""))
+        crosses = name in ("ReLU", "LeakyReLU", "MaxPool1d", "MaxPool2d", "MaxPool3d",
+                           "AvgPool1d", "AvgPool2d", "AvgPool3d", "relu", "relu_",
+                           "leaky_relu", "max_pool1d", "max_pool2d", "max_pool3d",
+                           "avg_pool1d", "avg_pool2d", "avg_pool3d", "Identity")
+        if not (positive and crosses and u.args and u.args[0] is n and
+                _only_batch_norms(gm, u, positive)):
+            return False
+    return True
 
 
 def _dead_units(prepared: fx.GraphModule, x: torch.Tensor) -> set[str]:
@@ -1651,3 +1697,32 @@ def test_repeated_call_with_attention_keeps_the_backbone_merges():
                           extra=(("pool", ("max", "module")),))),
         head="adaptive", classes=2)
     check_case(Case(spec, 0))
+
+
+def test_positive_gate_before_relu_pool_and_batch_norm_is_refused():
+    """Found by a long run: a shared attention's second call gates a map that then goes through
+    ReLU, max pooling and a RepVGG block's depthwise convs into training-mode BatchNorms only. A
+    sigmoid gate is positive and crosses all of them, so the norms cancel it (psi's gradient
+    1.4e-7 of its excitation's): refused, like a gate read by a norm directly."""
+    spec = ArchSpec(
+        dims=3, cin=1, size=4,
+        stem=BlockSpec("plain", 1, 4, 1, 1, "bn", ("relu", "module"), extra=(("bias", False),),
+                       atts=(("pre_act", AttSpec("lib", "cbam")),)),
+        blocks=(BlockSpec("plain", 4, 4, 1, 1, "bn", ("relu", "module"),
+                          extra=(("bias", False), ("tail", None))),
+                BlockSpec("repeat", 4, 4, 1, 1, "bn", ("relu", "module"),
+                          extra=(("bias", False), ("times", 2)),
+                          atts=(("pre_act", AttSpec("hand", "", (
+                              ("excite", "seq_linear"), ("flat", "flatten"),
+                              ("gate", "nn_sigmoid"), ("gate_on_map", False), ("hidden", 5),
+                              ("mul", "x*g"), ("stat", "avgpool"), ("unflat", "view")))),)),
+                BlockSpec("pool", 4, 4, 2, 1, "bn", ("relu", "module"),
+                          extra=(("pool", ("max", "module")),)),
+                BlockSpec("repvgg", 4, 4, 1, 3, "bn", ("relu", "module"), groups=4,
+                          extra=(("identity", True),))),
+        head="adaptive", classes=2)
+    model = FuzzNet(spec)
+    report = asrfx.prepare(model, example_inputs=(torch.randn(2, 1, 4, 4, 4),)).asrfx_report
+    assert [s.path for s in report.sites if s.code == "gate-before-batch-norm"] == \
+        ["blocks.1.atts.pre_act"], report
+    check_case(Case(spec, 277))
