@@ -301,7 +301,8 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
         _, batch_stats = refuse_batch_statistic_sites(
             gm, [s for s in sites if mode != "keep" or s.mul in new_nodes])
         _, before_bn = refuse_gates_before_batch_norm(
-            gm, [s for s in sites if mode == "replace" and s.mul not in new_nodes])
+            gm, [s for s in sites if mode == "replace" and s.mul not in new_nodes and
+                 all(s is not r for r, _ in batch_stats)])
         sites = [s for s in sites if all(s is not r for r, _ in batch_stats + before_bn)]
         site_modes = ["replace" if s.mul in new_nodes else mode for s in sites]
         try:

@@ -395,15 +395,24 @@ def _positive(gm: fx.GraphModule, g: fx.Node) -> bool:
     return False
 
 
-def _norms_reading(gm: fx.GraphModule, m: fx.Node, positive: bool,
-                   depth: int = 4) -> list[str] | None:
+def _norms_reading(gm: fx.GraphModule, m: fx.Node, positive: bool, depth: int = 6,
+                   dying: set = frozenset(), products: dict | None = None) -> list[str] | None:
     """The training-mode BatchNorms that are all the readers of ``m`` (through ops that commute
-    with the gate: ReLU / pooling for a positive scale), or None if anything else reads it."""
-    readers = [u for u in m.users if not reads_shape_only(u)]
+    with the gate: ReLU / pooling for a positive scale, depthwise convs, other converted sites'
+    constant gates), or None if anything else reads it. ``dying`` readers (feeding only
+    statistics that psi replaces) do not count."""
+    products = products or {}
+    readers = [u for u in m.users if not reads_shape_only(u) and u not in dying]
     if not readers:
         return None
     found: list[str] = []
     for u in readers:
+        if u in products and depth > 0 and products[u].x is m:
+            deeper = _norms_reading(gm, u, positive, depth - 1, dying, products)
+            if deeper is None:
+                return None
+            found += deeper
+            continue
         name = _train_mode_batch_norm(gm, u)
         if name is not None:
             found.append(name)
@@ -413,7 +422,8 @@ def _norms_reading(gm: fx.GraphModule, m: fx.Node, positive: bool,
                 mod.groups == mod.in_channels == mod.out_channels and u.args[0] is m:
             # depthwise: channel c of the output reads channel c alone, linearly (a scale of
             # either sign crosses; its bias is a per-channel shift the norm removes too)
-            deeper = _norms_reading(gm, u, positive, depth - 1) if depth > 0 else None
+            deeper = _norms_reading(gm, u, positive, depth - 1, dying, products) \
+                if depth > 0 else None
             if deeper is None:
                 return None
             found += deeper
@@ -424,7 +434,7 @@ def _norms_reading(gm: fx.GraphModule, m: fx.Node, positive: bool,
             (u.op in ("call_function", "call_method") and u.target in _HOMOGENEOUS_FUNCTIONS)
         if not (positive and homogeneous and depth > 0 and u.args and u.args[0] is m):
             return None
-        deeper = _norms_reading(gm, u, positive, depth - 1)
+        deeper = _norms_reading(gm, u, positive, depth - 1, dying, products)
         if deeper is None:
             return None
         found += deeper
@@ -447,10 +457,21 @@ def refuse_gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite
     input-dependent attention (which varies per sample, so the norm does not cancel it) is kept
     instead.
     """
+    # what the conversion of the other sites changes about the readers of a gated map: the
+    # nodes that only feed statistics stop reading it (psi replaces the statistics), and another
+    # site's product becomes a per-channel constant scale (or shift), which a gate crosses
+    stats = {st for site in sites for st in site.stats}
+    dying = set(stats)
+    for n in reversed(list(gm.graph.nodes)):
+        if n.users and all(u in dying for u in n.users):
+            dying.add(n)
+    products = {m: site for site in sites
+                for m in (site.mul, *site.extra.get("more_muls", []))}
     keep, refused = [], []
     for site in sites:
         positive = site.fusion == "mul" and _positive(gm, site.gate)
-        norms = [_norms_reading(gm, m, positive)
+        norms = [_norms_reading(gm, m, positive, dying=dying,
+                                products={k: v for k, v in products.items() if v is not site})
                  for m in (site.mul, *site.extra.get("more_muls", []))]
         if all(norms):
             names = sorted({n for found in norms for n in found})

@@ -1173,7 +1173,12 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
         mine = [site for site in report.sites if site.path == path or
                 site.path.startswith(path + ".")]
         nb = sum(1 for site in mine if site.code == "gate-before-batch-norm")
-        assert nb == before_bn.get(path, 0), f"{path}: {nb} refused before a BatchNorm\n{report}"
+        # the traced original shows the gates read by BatchNorms directly or through ops they
+        # cross; prepare also sees through a neighbour attention it converts (its statistic
+        # stops reading the map, its gate is then a constant scale): at least those
+        assert nb >= before_bn.get(path, 0), f"{path}: {nb} refused before a BatchNorm\n{report}"
+        if nb > before_bn.get(path, 0):
+            event("a gate before a converted neighbour and BatchNorms: refused")
         n_before += nb
         got = sorted(site.action for site in mine if site.code != "gate-before-batch-norm")
         want = ["converted"] * (calls - nb) + (["refused"] * calls if (a.kind, a.name) ==
@@ -1725,4 +1730,35 @@ def test_positive_gate_before_relu_pool_and_batch_norm_is_refused():
     report = asrfx.prepare(model, example_inputs=(torch.randn(2, 1, 4, 4, 4),)).asrfx_report
     assert [s.path for s in report.sites if s.code == "gate-before-batch-norm"] == \
         ["blocks.1.atts.pre_act"], report
+    check_case(Case(spec, 277))
+
+
+def test_gate_before_a_converted_neighbour_and_batch_norms_is_refused():
+    """Found by a 3-D long run: a sigmoid gate's map goes through max pooling into the next
+    block's GCT attention, whose statistic stops reading it once converted and whose constant
+    gate then scales it before depthwise convs and BatchNorms only. The refusal looks at the
+    readers as they will be after every site is converted."""
+    gct = AttSpec("lib", "gct")
+    spec = ArchSpec(
+        dims=3, cin=1, size=4,
+        stem=BlockSpec("plain", 1, 4, 1, 1, "bn", ("relu", "module"), extra=(("bias", False),),
+                       atts=(("pre_act", AttSpec("lib", "cbam")),)),
+        blocks=(BlockSpec("plain", 4, 4, 1, 1, "bn", ("relu", "module"),
+                          extra=(("bias", False), ("tail", None))),
+                BlockSpec("repeat", 4, 4, 1, 1, "bn", ("relu", "module"),
+                          extra=(("bias", False), ("times", 2)),
+                          atts=(("out", AttSpec("hand", "", (
+                              ("excite", "seq_linear"), ("flat", "flatten"),
+                              ("gate", "nn_sigmoid"), ("gate_on_map", False), ("hidden", 5),
+                              ("mul", "x*g"), ("stat", "avgpool"), ("unflat", "view")))),)),
+                BlockSpec("pool", 4, 4, 2, 1, "bn", ("relu", "module"),
+                          extra=(("pool", ("max", "module")),)),
+                BlockSpec("repvgg", 4, 4, 1, 3, "bn", ("relu", "module"), groups=4,
+                          extra=(("identity", True), ("share", ("in", "pre_act"))),
+                          atts=(("in", gct), ("pre_act", gct)))),
+        head="adaptive", classes=2)
+    report = asrfx.prepare(FuzzNet(spec),
+                           example_inputs=(torch.randn(2, 1, 4, 4, 4),)).asrfx_report
+    assert "blocks.1.atts.out" in [s.path for s in report.sites
+                                   if s.code == "gate-before-batch-norm"], report
     check_case(Case(spec, 277))
