@@ -16,8 +16,8 @@ from torch.utils._pytree import tree_flatten
 from asrfx.passes import (apply_asr, cleanup, drop_identities, revert_sync_batchnorm, evaluate_constants, find_attention_sites,
                           fold_scales, fuse_batchnorm, refuse_batch_statistic_sites,
                           refuse_gates_before_batch_norm)
-from asrfx.passes.graph_utils import (clone_module, deepcopy_module, describe_hooks, module_path,
-                                      safe_dce, stable_toposort)
+from asrfx.passes.graph_utils import (clone_module, deepcopy_module, describe_hooks,
+                                      get_attr_path, module_path, safe_dce, stable_toposort)
 from asrfx.passes.hooks import (hook_fix, protect_hooked_calls, refuse_hooked_sites,
                                 restore_hooked_calls)
 from asrfx.passes.insertion import insert_modules, insertion_points
@@ -427,19 +427,12 @@ def _describe_nonfinite(gm: fx.GraphModule, n: fx.Node) -> str:
         tensors = list(mod.named_parameters()) + list(mod.named_buffers())
     else:
         what = f"{getattr(n.target, '__name__', n.target)} in {path}"
-        tensors = [(str(a.target), _attr(gm, str(a.target)))
+        tensors = [(str(a.target), get_attr_path(gm, str(a.target)))
                    for a in n.all_input_nodes if a.op == "get_attr"]
     bad = [f"{k} holds {_count_nonfinite(t)} values" for k, t in tensors if _nonfinite(t)]
     if bad:
         return f"{what}: {'; '.join(bad)}"
     return f"{what}: its output is the first non-finite value (its inputs are finite)"
-
-
-def _attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _eval_graph_module(model: nn.Module, leaf_modules: Sequence[str | type],

@@ -22,8 +22,8 @@ from torch import nn
 
 from .find_attention import AttentionSite
 from .batch_rows import collapse_batch
-from .graph_utils import (get_attr_path, reads_shape_only, set_attr_path, stable_toposort,
-                          tensor_shape, value_dependent)
+from .graph_utils import (get_attr_path, module_path, reads_shape_only, set_attr_path,
+                          stable_toposort, tensor_shape, value_dependent)
 
 __all__ = ["apply_asr", "make_psi", "fresh_module", "refuse_batch_statistic_sites",
            "refuse_gates_before_batch_norm"]
@@ -321,8 +321,6 @@ def _batch_statistic_norm(gm: fx.GraphModule, n: fx.Node) -> str | None:
 
 
 def module_path_of(n: fx.Node) -> str:
-    from .graph_utils import module_path
-
     return module_path(n) or n.name
 
 

@@ -1704,12 +1704,11 @@ def test_repeated_call_with_attention_keeps_the_backbone_merges():
     check_case(Case(spec, 0))
 
 
-def test_positive_gate_before_relu_pool_and_batch_norm_is_refused():
-    """Found by a long run: a shared attention's second call gates a map that then goes through
-    ReLU, max pooling and a RepVGG block's depthwise convs into training-mode BatchNorms only. A
-    sigmoid gate is positive and crosses all of them, so the norms cancel it (psi's gradient
-    1.4e-7 of its excitation's): refused, like a gate read by a norm directly."""
-    spec = ArchSpec(
+def _gated_repeat_then_repvgg(slot: str, repvgg_extra: tuple = (), repvgg_atts: tuple = ()
+                              ) -> ArchSpec:
+    """The 3-D architecture of two long-run findings: a repeated conv whose sigmoid-gated map
+    (an SE at ``slot``) goes through ReLU and max pooling into a depthwise RepVGG block."""
+    return ArchSpec(
         dims=3, cin=1, size=4,
         stem=BlockSpec("plain", 1, 4, 1, 1, "bn", ("relu", "module"), extra=(("bias", False),),
                        atts=(("pre_act", AttSpec("lib", "cbam")),)),
@@ -1717,15 +1716,23 @@ def test_positive_gate_before_relu_pool_and_batch_norm_is_refused():
                           extra=(("bias", False), ("tail", None))),
                 BlockSpec("repeat", 4, 4, 1, 1, "bn", ("relu", "module"),
                           extra=(("bias", False), ("times", 2)),
-                          atts=(("pre_act", AttSpec("hand", "", (
+                          atts=((slot, AttSpec("hand", "", (
                               ("excite", "seq_linear"), ("flat", "flatten"),
                               ("gate", "nn_sigmoid"), ("gate_on_map", False), ("hidden", 5),
                               ("mul", "x*g"), ("stat", "avgpool"), ("unflat", "view")))),)),
                 BlockSpec("pool", 4, 4, 2, 1, "bn", ("relu", "module"),
                           extra=(("pool", ("max", "module")),)),
                 BlockSpec("repvgg", 4, 4, 1, 3, "bn", ("relu", "module"), groups=4,
-                          extra=(("identity", True),))),
+                          extra=(("identity", True), *repvgg_extra), atts=repvgg_atts)),
         head="adaptive", classes=2)
+
+
+def test_positive_gate_before_relu_pool_and_batch_norm_is_refused():
+    """Found by a long run: a shared attention's second call gates a map that then goes through
+    ReLU, max pooling and a RepVGG block's depthwise convs into training-mode BatchNorms only. A
+    sigmoid gate is positive and crosses all of them, so the norms cancel it (psi's gradient
+    1.4e-7 of its excitation's): refused, like a gate read by a norm directly."""
+    spec = _gated_repeat_then_repvgg("pre_act")
     model = FuzzNet(spec)
     report = asrfx.prepare(model, example_inputs=(torch.randn(2, 1, 4, 4, 4),)).asrfx_report
     assert [s.path for s in report.sites if s.code == "gate-before-batch-norm"] == \
@@ -1739,24 +1746,8 @@ def test_gate_before_a_converted_neighbour_and_batch_norms_is_refused():
     gate then scales it before depthwise convs and BatchNorms only. The refusal looks at the
     readers as they will be after every site is converted."""
     gct = AttSpec("lib", "gct")
-    spec = ArchSpec(
-        dims=3, cin=1, size=4,
-        stem=BlockSpec("plain", 1, 4, 1, 1, "bn", ("relu", "module"), extra=(("bias", False),),
-                       atts=(("pre_act", AttSpec("lib", "cbam")),)),
-        blocks=(BlockSpec("plain", 4, 4, 1, 1, "bn", ("relu", "module"),
-                          extra=(("bias", False), ("tail", None))),
-                BlockSpec("repeat", 4, 4, 1, 1, "bn", ("relu", "module"),
-                          extra=(("bias", False), ("times", 2)),
-                          atts=(("out", AttSpec("hand", "", (
-                              ("excite", "seq_linear"), ("flat", "flatten"),
-                              ("gate", "nn_sigmoid"), ("gate_on_map", False), ("hidden", 5),
-                              ("mul", "x*g"), ("stat", "avgpool"), ("unflat", "view")))),)),
-                BlockSpec("pool", 4, 4, 2, 1, "bn", ("relu", "module"),
-                          extra=(("pool", ("max", "module")),)),
-                BlockSpec("repvgg", 4, 4, 1, 3, "bn", ("relu", "module"), groups=4,
-                          extra=(("identity", True), ("share", ("in", "pre_act"))),
-                          atts=(("in", gct), ("pre_act", gct)))),
-        head="adaptive", classes=2)
+    spec = _gated_repeat_then_repvgg("out", (("share", ("in", "pre_act")),),
+                                     (("in", gct), ("pre_act", gct)))
     report = asrfx.prepare(FuzzNet(spec),
                            example_inputs=(torch.randn(2, 1, 4, 4, 4),)).asrfx_report
     assert "blocks.1.atts.out" in [s.path for s in report.sites
