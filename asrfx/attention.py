@@ -15,7 +15,7 @@ arithmetic is done on traced sizes.
 The exact forms (which op pools, where the gate is applied) matter: asrfx finds attention by graph
 structure, so each docstring states the equation the module implements.
 
-* :data:`SE` -- squeeze-and-excitation (re-export of :class:`asrfx.zoo.SEModule`).
+* :class:`SEModule` (also :data:`SE`) -- squeeze-and-excitation.
 * :class:`EffectiveSE` -- eSE of CenterMask/VoVNetV2.
 * :class:`ECA` and :class:`ECATranspose` -- efficient channel attention.
 * :class:`SRM` -- style-based recalibration.
@@ -23,21 +23,29 @@ structure, so each docstring states the equation the module implements.
 * :class:`CBAM` and :class:`CBAMChannel` -- convolutional block attention module.
 * :class:`SPA` -- spatial pyramid attention.
 * :class:`GC` -- global context block (additive fusion).
+* :class:`TokenSE` -- SE over the last dim of tokens ``(N, L, C)`` or channels-last maps.
 
-:data:`ATTENTIONS` maps short names to classes and :func:`make_attention` builds one by name with
-the default hyper-parameters; :func:`asrfx.zoo.cifar_resnet` accepts the same names.
+:data:`ATTENTIONS` maps short names to classes. :func:`get_attention` is the one resolver of an
+attention spec -- a name of :data:`ATTENTIONS` or a callable ``channels -> nn.Module`` -- to a
+module: :func:`asrfx.zoo.cifar_resnet` (``attention=``) and :func:`asrfx.prepare` (``insert=``,
+through :func:`attention_factory`) both resolve names with it. :func:`make_attention` builds one
+by name with the default hyper-parameters.
+
+This module is the layer below the models: it also holds the dims-generic layer tables and
+helpers (Conv/BatchNorm/pool classes by ``dims``, :func:`_check_dims`, :func:`_conv`) that
+:mod:`asrfx.zoo` builds its networks from, and it imports nothing of :mod:`asrfx.zoo`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Any, Callable, Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .zoo import _CONV, _POOL, SEModule, _check_dims
+from .errors import InputError
 
 __all__ = [
     "TokenSE",
@@ -54,8 +62,37 @@ __all__ = [
     "ATTENTIONS",
     "make_attention",
 ]
+# Also public, outside ``__all__`` (its contents are pinned by the test suite): ``SEModule``,
+# ``get_attention``, ``attention_factory``, ``eca_kernel_size``, ``AttentionFactory``.
 
+#: A callable ``channels -> nn.Module``: builds one attention module for a map of C channels.
+AttentionFactory = Callable[[int], nn.Module]
+
+# --- dims-generic layers: the building blocks of this library and of asrfx.zoo ------------------
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 _MAXPOOL = {1: nn.AdaptiveMaxPool1d, 2: nn.AdaptiveMaxPool2d, 3: nn.AdaptiveMaxPool3d}
+
+
+def _check_dims(dims: int) -> int:
+    """``dims`` itself when it is 1, 2 or 3 (a Python int, not a bool).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(dims, bool) or not isinstance(dims, int) or dims not in _CONV:
+        raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+    return dims
+
+
+def _conv(dims: int, cin: int, cout: int, kernel_size: int, stride: int = 1) -> nn.Module:
+    """Bias-free ``Conv{dims}d`` ``cin -> cout`` with 'same' padding for odd kernels: maps
+    ``(N, cin, *S)`` to ``(N, cout, *ceil(S / stride))``."""
+    return _CONV[dims](
+        cin, cout, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2, bias=False
+    )
 
 
 def _check_channels(channels: int) -> int:
@@ -77,9 +114,64 @@ def _only_2d(cls_name: str, dims: int) -> int:
     return dims
 
 
+class SEModule(nn.Module):
+    """Squeeze-and-excitation channel attention.
+
+    Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018,
+    arXiv:1709.01507. Global average pooling squeezes each channel to a
+    scalar, a two-layer bottleneck MLP (``channels -> channels // reduction
+    -> channels``, ReLU between) followed by a sigmoid gives one gate per
+    channel, and the input is rescaled channel-wise by the gate::
+
+        Y = X * sigmoid(W2 relu(W1 avgpool(X)))
+
+    Args:
+        channels: number of input (and output) channels.
+        reduction: reduction ratio of the hidden layer;
+            ``hidden = max(channels // reduction, 1)``.
+        dims: spatial dimensionality of the input (1, 2 or 3), which picks
+            ``AdaptiveAvgPool1d/2d/3d``.
+
+    Shape:
+        Input ``(N, C, *spatial)`` with ``len(spatial) == dims``; output has
+        the same shape.
+
+    Raises:
+        ValueError: ``channels`` or ``reduction`` below 1, ``dims`` not 1, 2 or 3.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, dims: int = 2) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be positive, got {channels}")
+        if reduction < 1:
+            raise ValueError(f"reduction must be positive, got {reduction}")
+        self.dims = _check_dims(dims)
+        self.channels = channels
+        self.reduction = reduction
+        hidden = max(channels // reduction, 1)
+        self.pool = _POOL[dims](1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden, channels)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        y = self.pool(x).flatten(1)
+        y = self.fc2(self.relu(self.fc1(y)))
+        # self.dims (a Python int) rather than x.dim(): keeps fx tracing
+        # free of Proxy arithmetic in the view's shape.
+        y = self.gate(y).view(b, c, *([1] * self.dims))
+        return x * y
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, reduction={self.reduction}, dims={self.dims}"
+
+
 #: Squeeze-and-excitation, Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018,
 #: arXiv:1709.01507: ``x * sigmoid(W2 relu(W1 avgpool(x)))``. The same class as
-#: :class:`asrfx.zoo.SEModule`.
+#: :class:`SEModule` (which :mod:`asrfx.zoo` re-exports under that name).
 SE = SEModule
 
 
@@ -499,8 +591,78 @@ ATTENTIONS: Dict[str, type] = {
 }
 
 
+def _known_names() -> str:
+    return ", ".join(repr(k) for k in ATTENTIONS)
+
+
+def _check_spec(spec: Any, arg: str) -> None:
+    """Raise the :class:`InputError` :func:`get_attention` would raise for ``spec`` before it
+    builds anything; return quietly for a known name or a callable."""
+    if isinstance(spec, str):
+        if spec not in ATTENTIONS:
+            raise InputError(f"{arg}={spec!r} is not a known attention; choose one of "
+                             f"{_known_names()}, or pass a callable channels -> nn.Module")
+    elif isinstance(spec, nn.Module):
+        raise InputError(f"{arg} must be an attention name or a callable channels -> nn.Module, "
+                         f"not an nn.Module instance ({type(spec).__name__}), which every "
+                         f"place it is put would share; pass its class or a factory")
+    elif not callable(spec):
+        raise InputError(f"{arg} must be an attention name ({_known_names()}) or a callable "
+                         f"channels -> nn.Module, got {spec!r}")
+
+
+def get_attention(spec: str | AttentionFactory, channels: int, dims: int = 2, *,
+                  arg: str = "attention", **kwargs: Any) -> nn.Module:
+    """Resolve an attention spec to a new module for a map of ``channels`` channels.
+
+    The one place asrfx turns ``attention=`` / ``insert=`` arguments into modules, as timm's
+    ``create_attn`` does:
+
+    * a name of :data:`ATTENTIONS` builds its class as ``cls(channels, dims=dims, **kwargs)``
+      (the paper's defaults unless ``kwargs`` override them, e.g. ``reduction=4``);
+    * a callable ``channels -> nn.Module`` (a factory function or a module class) is called as
+      ``spec(channels, **kwargs)``; it picks its own dimensionality (``dims`` is not passed).
+
+    Args:
+        spec: an attention name or a callable ``channels -> nn.Module``.
+        channels: C of the ``(N, C, *spatial)`` map the module will gate.
+        dims: 1, 2 or 3, for names only; the 2-D-only modules (``eca_transpose``, ``spa``,
+            ``gc``) reject other values.
+        arg: the argument name error messages quote (``"attention"``, ``"insert"``).
+        **kwargs: hyper-parameters passed on to the class or the callable.
+
+    Returns:
+        An ``nn.Module`` mapping ``(N, C, *spatial)`` to the same shape (for the library
+        modules; a callable's module is taken as it comes).
+
+    Raises:
+        InputError: ``spec`` is an unknown name (the message quotes it and lists the names of
+            :data:`ATTENTIONS`), an ``nn.Module`` instance (it would be shared wherever it is
+            placed), neither a name nor a callable, or a callable that returns something other
+            than an ``nn.Module``.
+        ValueError: the module's own checks: ``channels`` not positive, ``dims`` not 1, 2 or 3,
+            or not 2 for a 2-D-only module.
+
+    Example:
+        >>> get_attention("eca", 64, dims=1).kernel_size
+        3
+        >>> type(get_attention(lambda c: SEModule(c, reduction=4), 32)).__name__
+        'SEModule'
+    """
+    _check_spec(spec, arg)
+    if isinstance(spec, str):
+        return ATTENTIONS[spec](channels, dims=dims, **kwargs)
+    module = spec(channels, **kwargs)
+    if not isinstance(module, nn.Module):
+        raise InputError(f"{arg} callable returned {type(module).__name__} for {channels} "
+                         f"channels, expected an nn.Module")
+    return module
+
+
 def make_attention(name: str, channels: int, dims: int = 2) -> nn.Module:
     """Build the attention module registered as ``name`` with its default hyper-parameters.
+
+    Names only; :func:`get_attention` also takes callables and hyper-parameters.
 
     Args:
         name: a key of :data:`ATTENTIONS`.
@@ -508,14 +670,46 @@ def make_attention(name: str, channels: int, dims: int = 2) -> nn.Module:
         dims: 1, 2 or 3; the 2-D-only modules (``eca_transpose``, ``spa``, ``gc``) raise
             ``ValueError`` for other values.
 
+    Returns:
+        A fresh module mapping ``(N, C, *spatial)`` to the same shape.
+
     Raises:
-        ValueError: unknown ``name`` (the message lists the known ones) or unsupported ``dims``.
+        InputError (a ``ValueError``): ``name`` is not a key of :data:`ATTENTIONS` (the message
+            lists the known ones).
+        ValueError: unsupported ``dims`` or ``channels``.
     """
-    cls = ATTENTIONS.get(name) if isinstance(name, str) else None
-    if cls is None:
-        known = ", ".join(repr(k) for k in ATTENTIONS)
-        raise ValueError(f"unknown attention {name!r}; known names: {known}")
-    return cls(channels, dims=dims)
+    if not isinstance(name, str) or name not in ATTENTIONS:
+        raise InputError(f"unknown attention {name!r}; known names: {_known_names()}")
+    return get_attention(name, channels, dims=dims)
+
+
+def attention_factory(insert: str | AttentionFactory
+                      ) -> Callable[[int, int, bool], nn.Module]:
+    """The module builder behind ``asrfx.prepare(insert=...)``.
+
+    ``insert`` is checked at once (before anything is traced). The returned
+    ``build(channels, dims, tokens=False)`` resolves it with :func:`get_attention` for a map
+    ``(N, C, *spatial)`` with ``len(spatial) == dims``; with ``tokens=True`` (a place after a
+    token LayerNorm: tokens ``(N, L, C)`` or a channels-last map ``(N, *S, C)``, ``dims`` token
+    dims) the name ``"se"`` builds :class:`TokenSE` and a callable is called as it is.
+
+    Raises:
+        InputError: at once, for an unknown name, an ``nn.Module`` instance or a non-callable
+            (see :func:`get_attention`); from ``build``, for a name other than ``"se"`` at a
+            token place, or a callable that returns something other than an ``nn.Module``.
+    """
+    _check_spec(insert, "insert")
+
+    def build(channels: int, dims: int, tokens: bool = False) -> nn.Module:
+        if tokens and isinstance(insert, str):
+            if insert != "se":
+                raise InputError(f"insert={insert!r} is written for (N, C, *spatial) maps; "
+                                 f"after a token LayerNorm use insert='se' (TokenSE) or a "
+                                 f"callable channels -> nn.Module")
+            return TokenSE(channels, dims=dims)
+        return get_attention(insert, channels, dims=dims, arg="insert")
+
+    return build
 
 
 class TokenSE(nn.Module):

@@ -23,7 +23,6 @@ compiler itself against graph size.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import platform
@@ -38,20 +37,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .zoo import THIRD_PARTY, build_model, parse_model_spec
 
 __all__ = ["BenchConfig", "run_bench", "format_results", "write_outputs", "strip_attention",
            "compiler_cost", "machine_description", "time_interleaved", "build_models",
            "THIRD_PARTY"]
 
-#: third-party models benchmarked by name (their packages are optional)
-THIRD_PARTY = ("monai-seresnet50", "efficientnet-b0")
-
-
 @dataclass
 class BenchConfig:
     """What ``asrfx bench`` runs. ``attention`` names library attentions ("all" for every one);
-    ``model`` is a zoo name (resnet20/56/110/164/1001...), a third-party name (see
-    :data:`THIRD_PARTY`) or ``package.module:factory`` returning a model with attention."""
+    ``model`` is a model spec (:func:`asrfx.zoo.parse_model_spec`): a zoo name
+    (resnet20/56/110/164/1001..., its ``-se`` suffix aside: the zoo ResNets get each of
+    ``attention``), a third-party name (see :data:`THIRD_PARTY`) or ``package.module:factory``
+    returning a model with attention."""
 
     model: str = "resnet164"
     attention: Sequence[str] = ("se",)
@@ -90,78 +88,57 @@ def machine_description(device: torch.device | str = "cpu") -> str:
 def strip_attention(model: nn.Module, example_inputs: tuple,
                     leaf_modules: Sequence[Any] = ()) -> nn.Module:
     """The model with every channel-attention site bypassed (``x * g -> x``, ``x + g -> x``),
-    the attention branches removed: the backbone of a model nobody wrote a plain version of."""
-    from .passes import cleanup, find_attention_sites
-    from .passes.graph_utils import clone_module, safe_dce
-    from .tracing import propagate_shapes, trace_modes
+    the attention branches removed: the backbone of a model nobody wrote a plain version of.
 
-    tr = trace_modes(clone_module(model), leaf_modules, example_inputs)
+    Captures a copy of ``model`` (``leaf_modules`` as for :func:`asrfx.trace`), records its
+    shapes on ``example_inputs`` and runs the pass
+    :func:`asrfx.passes.strip_attention.strip_attention` on its graphs. The result is a
+    GraphModule (a :class:`asrfx.DualModeGraphModule` for models whose modes differ) in the
+    model's train/eval mode; ``model`` is untouched.
+    """
+    from .capture import capture
+    from .passes.graph_utils import clone_module
+    from .passes.shapes import propagate_shapes
+    from .passes.strip_attention import strip_attention as strip_pass
+
+    tr = capture(clone_module(model), example_inputs, leaf_modules)
     graphs = tr.modules()
     for gm in graphs:
         propagate_shapes(gm, example_inputs)
-        sites, _ = find_attention_sites(gm)
-        for site in sites:
-            for mul in [site.mul] + site.extra.get("more_muls", []):
-                other = next(a for a in mul.args[:2] if a is not site.gate)
-                mul.replace_all_uses_with(other)
-        safe_dce(gm)
-    for gm in graphs:
-        cleanup(gm, tuple(g.graph for g in graphs if g is not gm))
+    strip_pass(graphs)
     out = tr.build()
     out.train(model.training)
     return out
 
 
-def _zoo_depth(spec: str) -> int | None:
-    name = spec.lower().replace("-", "")
-    if name.startswith("resnet") and name[6:].isdigit():
-        return int(name[6:])
-    return None
-
-
 def build_models(cfg: BenchConfig, attention: str | None) -> tuple[nn.Module, nn.Module | None,
                                                                       tuple[int, ...]]:
-    """(model with attention, its plain backbone or None, input shape without batch)."""
-    depth = _zoo_depth(cfg.model)
+    """(model with attention, its plain backbone or None, input shape without batch).
+
+    ``cfg.model`` is read by :func:`asrfx.zoo.parse_model_spec` and built by
+    :func:`asrfx.zoo.build_model`: a zoo ResNet with ``attention`` in every block and its plain
+    twin (32x32 RGB inputs unless ``cfg.image_size``), a third-party model (64x64 by default)
+    or a factory's model (``cfg.image_size`` required); the last two have no plain twin.
+
+    Raises:
+        InputError: an unknown spec, a factory that cannot be loaded, no input size for one.
+    """
+    spec = parse_model_spec(cfg.model)
     torch.manual_seed(cfg.seed)
-    if depth is not None:
-        from .zoo import cifar_resnet
-
-        block = "basic" if depth in (20, 32, 44, 56, 110) else "bottleneck"
+    if spec.kind == "zoo":
         size = cfg.image_size or 32
-        make = lambda att: cifar_resnet(depth, block=block, attention=att,  # noqa: E731
-                                        num_classes=cfg.num_classes)
+        make = lambda att: build_model(spec, attention=att,  # noqa: E731
+                                       num_classes=cfg.num_classes)
         return make(attention), make(None), (3, size, size)
-    if cfg.model == "monai-seresnet50":
-        from monai.networks.nets import SEResNet50
-
+    model = build_model(spec, num_classes=cfg.num_classes)
+    if spec.kind == "third-party":
         size = cfg.image_size or 64
-        return SEResNet50(spatial_dims=2, in_channels=3, num_classes=cfg.num_classes), None, \
-            (3, size, size)
-    if cfg.model == "efficientnet-b0":
-        from efficientnet_pytorch import EfficientNet
-
-        size = cfg.image_size or 64
-        return EfficientNet.from_name("efficientnet-b0", num_classes=cfg.num_classes), None, \
-            (3, size, size)
-    if ":" in cfg.model:
-        mod_name, _, fn = cfg.model.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod_name), fn)
-        except (ImportError, AttributeError) as e:
-            raise InputError(f"--model {cfg.model!r}: cannot load {fn!r} from {mod_name!r} "
-                             f"({e}); give package.module:factory on the Python path") from None
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise InputError(f"--model {cfg.model!r}: the factory returned "
-                             f"{type(model).__name__}, not an nn.Module")
-        if cfg.image_size is None:
-            raise InputError(f"--model {cfg.model!r}: give the input size with --size "
-                             f"(e.g. --size 3 32 32)")
-        return model, None, tuple(cfg.image_size) if isinstance(cfg.image_size, (list, tuple)) \
-            else (3, cfg.image_size, cfg.image_size)
-    raise InputError(f"--model {cfg.model!r}: expected a zoo name like resnet164, one of "
-                     f"{THIRD_PARTY}, or package.module:factory")
+        return model, None, (3, size, size)
+    if cfg.image_size is None:
+        raise InputError(f"--model {cfg.model!r}: give the input size with --size "
+                         f"(e.g. --size 3 32 32)")
+    return model, None, tuple(cfg.image_size) if isinstance(cfg.image_size, (list, tuple)) \
+        else (3, cfg.image_size, cfg.image_size)
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, warmup: int = 3,
@@ -225,7 +202,7 @@ def _variants(cfg: BenchConfig, x1: torch.Tensor, device: torch.device
               ) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, Any]]:
     """(eval forms by name, trainable forms by name, notes)."""
     import asrfx
-    from .api import _full_fp32_precision, relative_error
+    from .check import full_fp32_precision, relative_error
 
     evals: dict[str, nn.Module] = {}
     trains: dict[str, nn.Module] = {}
@@ -238,7 +215,7 @@ def _variants(cfg: BenchConfig, x1: torch.Tensor, device: torch.device
     for i, att in enumerate(atts):
         model, backbone, _ = build_models(cfg, att)
         model = model.to(device)
-        label = att if _zoo_depth(cfg.model) is not None else type(model).__name__
+        label = att if parse_model_spec(cfg.model).kind == "zoo" else type(model).__name__
         if i == 0:
             if backbone is None:
                 backbone = strip_attention(model, (x1,))
@@ -259,7 +236,7 @@ def _variants(cfg: BenchConfig, x1: torch.Tensor, device: torch.device
         evals[f"ASR({label}) BN-only fold"] = asrfx.fold(prepared, example_inputs=(x1,),
                                                          fuse_bn=False)
         rep = deploy.asrfx_report
-        with torch.no_grad(), _full_fp32_precision():
+        with torch.no_grad(), full_fp32_precision():
             err = relative_error(prepared(x1), deploy(x1))
         notes[label] = {"converted": prepared.asrfx_report.count(action="converted"),
                         "folded": rep.count(action="folded"),
@@ -279,7 +256,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if any(b < 1 for b in cfg.batches) or cfg.reps < 1:
         raise InputError(f"batch sizes and --reps must be positive, got {list(cfg.batches)} and "
                          f"{cfg.reps}")
-    _, _, shape = build_models(cfg, None if _zoo_depth(cfg.model) is not None else "se")
+    _, _, shape = build_models(cfg, None if parse_model_spec(cfg.model).kind == "zoo" else "se")
     gen = torch.Generator().manual_seed(cfg.seed)
     x1 = torch.randn(1, *shape, generator=gen).to(device)
     evals, trains, notes = _variants(cfg, x1, device)
@@ -541,13 +518,11 @@ def compiler_cost(depths: Sequence[int] = (20, 56, 110, 164, 326, 650, 1001), re
     import asrfx
     from tqdm.auto import tqdm
 
-    from .zoo import cifar_resnet
-
     x = torch.randn(1, 3, 32, 32)
     rows: list[CostRow] = []
     for depth in tqdm(depths, desc="compiler cost", disable=not progress):
-        block = "basic" if (depth - 2) % 6 == 0 and depth < 164 else "bottleneck"
-        model = cifar_resnet(depth, block=block, attention=attention)
+        # the CIFAR convention of the model specs (resnet<depth>): 20..110 basic, 164.. bottleneck
+        model = build_model(f"resnet{depth}", attention=attention, num_classes=100)
         prep, fold = [], []
         for _ in range(reps):
             t0 = time.perf_counter()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import sys
@@ -14,10 +13,9 @@ import torch
 from torch import nn
 
 from .errors import ASRError, InputError
+from .zoo import build_model, parse_model_spec
 
 __all__ = ["main", "load_model", "read_checkpoint", "fold_checkpoint"]
-
-_ZOO = re.compile(r"^resnet(\d+)(-se)?(-basic|-bottleneck)?$")
 
 
 def read_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -67,42 +65,22 @@ def _load_failure(e: BaseException) -> str:
 
 def load_model(spec: str, checkpoint: str | None = None, *, num_classes: int = 10,
                in_channels: int = 3, dims: int = 2, device: str = "cpu") -> nn.Module:
-    """Build a model from ``module:factory`` or a zoo name, and load a checkpoint into it.
+    """Build a model from a model spec, and load a checkpoint into it.
 
     Args:
-        spec: ``package.module:factory`` (``factory()`` returns the model) or a zoo name
-            ``resnet<depth>[-se][-basic|-bottleneck]`` (built for the data's classes/channels).
+        spec: ``package.module:factory`` (``factory()`` returns the model), a zoo name
+            ``resnet<depth>[-se][-basic|-bottleneck]`` or a third-party name (built for the
+            data's classes/channels/dims); see :func:`asrfx.zoo.parse_model_spec`.
         checkpoint: a ``state_dict`` file, loaded with ``torch.load(weights_only=True)`` only.
+
+    Returns:
+        The model on ``device``.
 
     Raises:
         InputError: unknown spec, factory failure, unreadable or mismatching checkpoint.
     """
-    zoo = _ZOO.match(spec)
-    if zoo:
-        from .zoo import cifar_resnet
-
-        depth = int(zoo.group(1))
-        # the CIFAR naming: ResNet-20/56/110 are basic-block nets, ResNet-164/1001 bottleneck;
-        # a depth only one rule fits picks that rule
-        fits_basic, fits_bottleneck = (depth - 2) % 6 == 0, (depth - 2) % 9 == 0
-        block = (zoo.group(3) or "").lstrip("-") or (
-            "bottleneck" if fits_bottleneck and (depth >= 164 or not fits_basic) else "basic")
-        model = cifar_resnet(depth, attention="se" if zoo.group(2) else None,
-                             num_classes=num_classes, block=block, in_channels=in_channels,
-                             dims=dims)
-    elif ":" in spec:
-        mod_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise InputError(f"cannot import {spec!r} ({e}); pass --model package.module:factory "
-                             f"with the module on PYTHONPATH") from None
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise InputError(f"{spec} returned {type(model).__name__}, not an nn.Module")
-    else:
-        raise InputError(f"--model {spec!r}: expected package.module:factory or a zoo name like "
-                         f"resnet20-se / resnet164-se")
+    model = build_model(parse_model_spec(spec), num_classes=num_classes,
+                        in_channels=in_channels, dims=dims)
     if checkpoint:
         state = read_checkpoint(checkpoint, device)
         result = model.load_state_dict(state, strict=False)

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "batchnorm_affine",
     "fold_scale_into_norm",
+    "fold_scale_into_batchnorm_input",
     "fold_scale_into_conv_out",
     "fold_scale_into_conv_in",
     "fold_scale_into_linear_in",
@@ -80,6 +82,50 @@ def fold_scale_into_norm(weight: Tensor | None, bias: Tensor | None, scale: Tens
     g = torch.ones_like(s) if weight is None else _f64(weight)
     b = torch.zeros_like(s) if bias is None else _f64(bias)
     return _out(g * s, dtype), _out(b * s + t, dtype)
+
+
+def batchnorm_affine(running_mean: Tensor, running_var: Tensor, eps: float,
+                     weight: Tensor | None = None, bias: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm as the per-channel affine map it is: ``bn(x) = x * s + t`` with
+    ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s`` (Ioffe & Szegedy, 2015; the
+    identity behind every conv-BN fusion). A norm without affine parameters has ``gamma = 1``,
+    ``beta = 0``.
+
+    Returns:
+        (s, t), float64 tensors of shape ``(C,)``, new (never an input).
+    """
+    sd = torch.sqrt(_f64(running_var) + eps)
+    g = torch.ones_like(sd) if weight is None else _f64(weight)
+    b = torch.zeros_like(sd) if bias is None else _f64(bias)
+    s = g / sd
+    return s, b - _f64(running_mean) * s
+
+
+def fold_scale_into_batchnorm_input(weight: Tensor | None, bias: Tensor | None,
+                                    running_mean: Tensor, running_var: Tensor, eps: float,
+                                    scale: Tensor, shift: Tensor | None = None,
+                                    dtype: torch.dtype | None = None
+                                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold ``y = bn(x * s + t)`` (eval mode) into the norm.
+
+    With ``a = gamma / sqrt(var + eps)``, ``bn(x s + t) = a (x s + t - m) + beta``: the same norm
+    with running mean 0, ``gamma' = gamma s`` and ``beta' = beta + a (t - m)`` (the variance is
+    unchanged, so ``a`` keeps its meaning).
+
+    Returns:
+        (gamma', beta', running_mean'), new tensors in ``dtype`` (default: the running
+        variance's); the new running mean is zeros.
+    """
+    dtype = running_var.dtype if dtype is None else dtype
+    sd = torch.sqrt(_f64(running_var) + eps)
+    g = torch.ones_like(sd) if weight is None else _f64(weight)
+    b = torch.zeros_like(sd) if bias is None else _f64(bias)
+    s = _f64(scale).reshape(-1).expand(sd.numel())
+    t = torch.zeros_like(sd) if shift is None else _f64(shift).reshape(-1).expand(sd.numel())
+    m = _f64(running_mean)
+    return _out(g * s, dtype), _out(b + g / sd * (t - m), dtype), \
+        torch.zeros_like(running_mean, memory_format=torch.contiguous_format)
 
 
 def fold_scale_into_conv_out(weight: Tensor, bias: Tensor | None, scale: Tensor,

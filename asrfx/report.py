@@ -22,8 +22,10 @@ class Site:
         target: where it went (module or parameter the constant was folded into), if anywhere.
         reason: why a site was refused or kept, empty when it went through.
         code: a short, stable, machine-readable name of the reason (e.g.
-            ``"batch-stats-norm-in-branch"``), where one is assigned; tests and tools match it
-            rather than the prose.
+            ``"batch-stats-norm-in-branch"``); every kept or refused site has one. Tests and
+            tools match it rather than the prose.
+        key: the pass's name for this place in the graph (e.g. ``"bn:<node>"``), with which
+            the pipeline re-runs a pass on this site alone; empty where there is none.
     """
 
     path: str
@@ -33,6 +35,7 @@ class Site:
     target: str = ""
     reason: str = ""
     code: str = ""
+    key: str = field(default="", repr=False)
 
 
 @dataclass
@@ -52,6 +55,21 @@ class Report:
         site = Site(*args, **kwargs)
         self.sites.append(site)
         return site
+
+    def extend(self, records: list[Site]) -> None:
+        """Append a pass's records. A site one pass kept and a later pass handled (e.g. an
+        identity-BatchNorm branch that fusion keeps and branch merging absorbs) is reported
+        once, by its final outcome: the later record replaces the earlier "kept" one."""
+        for rec in records:
+            if rec.action != "kept":
+                for i, old in enumerate(self.sites):
+                    if old.action == "kept" and (old.path, old.kind) == (rec.path, rec.kind):
+                        self.sites[i] = rec
+                        break
+                else:
+                    self.sites.append(rec)
+            else:
+                self.sites.append(rec)
 
     def count(self, action: str | None = None, kind: str | None = None) -> int:
         """Number of sites with the given action and/or kind."""

@@ -37,7 +37,9 @@ from torch import nn
 
 from .api import relative_error
 from .errors import ExportError, InputError
-from .tracing import normalize_inputs, preserve_modes
+from .inputs import normalize_inputs
+from .passes.graph_utils import module_device
+from .tracing import preserve_modes
 
 __all__ = ["export_onnx", "onnx_session", "run_onnx", "check_onnx", "export_program",
            "load_program", "check_program", "compiled", "available"]
@@ -72,14 +74,6 @@ def _model_name(model: Any) -> str:
         if meta.get("stage"):
             return f"{name} (asrfx.{meta['stage']} output)"
     return name
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _inputs(model: nn.Module, example_inputs: Any) -> tuple:
@@ -290,7 +284,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     missing = [m for m in ("onnx", "onnxscript") if not _has(m)]
     if missing:
         raise ExportError(name, "ONNX", f"{' and '.join(missing)} not installed", _DEPLOY_EXTRA)
-    inputs = _to(_inputs(model, example_inputs), _model_device(model))
+    inputs = _to(_inputs(model, example_inputs), module_device(model))
     args, shapes = _export_args(inputs, dynamic_batch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -398,7 +392,7 @@ def check_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike 
     Raises:
         ExportError: the export or a run failed, or the error exceeds ``tol`` (``.rel_error``).
     """
-    inputs = _to(_inputs(model, example_inputs), _model_device(model))
+    inputs = _to(_inputs(model, example_inputs), module_device(model))
     with _target(path, ".onnx") as (file, exists):
         if not exists:
             export_onnx(model, inputs, file, dynamic_batch=dynamic_batch)
@@ -428,7 +422,7 @@ def export_program(model: nn.Module, example_inputs: tuple, path: str | os.PathL
         ExportError: torch.export rejects the model.
     """
     name = _model_name(model)
-    inputs = _to(_inputs(model, example_inputs), _model_device(model))
+    inputs = _to(_inputs(model, example_inputs), module_device(model))
     args, shapes = _export_args(inputs, dynamic_batch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -491,8 +485,8 @@ def check_program(model: nn.Module, example_inputs: tuple, path: str | os.PathLi
     Raises:
         ExportError: the export, load or a run failed, or the error exceeds ``tol``.
     """
-    inputs = _to(_inputs(model, example_inputs), _model_device(model))
-    target = torch.device(device) if device is not None else _model_device(model)
+    inputs = _to(_inputs(model, example_inputs), module_device(model))
+    target = torch.device(device) if device is not None else module_device(model)
     with _target(path, ".pt2") as (file, exists):
         if not exists:
             export_program(model, inputs, file, dynamic_batch=dynamic_batch)
@@ -541,8 +535,8 @@ def compiled(model: nn.Module, example_inputs: tuple, *, mode: str | None = None
         ``(compiled model, "")`` when the first call works, else ``(None, reason)`` (no C++
         compiler, an inductor or dynamo error, a mismatch): never raises for those.
     """
-    inputs = _to(_inputs(model, example_inputs), _model_device(model))
-    reason = _compile_reason(_model_device(model))
+    inputs = _to(_inputs(model, example_inputs), module_device(model))
+    reason = _compile_reason(module_device(model))
     if reason:
         return None, reason
     try:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from asrfx.passes import find_attention_sites
+from asrfx.passes.graph_utils import module_device
 
 from .errors import InputError
 from .tracing import DualModeGraphModule, trace
@@ -85,14 +86,6 @@ def _first_input(batch: Any) -> Tensor:
         f"(extra elements such as labels are ignored), got {type(batch).__name__}"
         + (f" starting with {type(batch[0]).__name__}" if isinstance(batch, (tuple, list))
            and batch else ""))
-
-
-def _device_of(module: nn.Module) -> torch.device | None:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return None
 
 
 class AttentionRecorder:
@@ -152,7 +145,7 @@ class AttentionRecorder:
             refused = ""
             if refusals:
                 refused = (" (per-channel multiplies that look like attention but were not "
-                           "recognised: " + "; ".join(f"'{p}': {r}" for p, r in refusals[:5])
+                           "recognised: " + "; ".join(f"'{p}': {r}" for p, r, _ in refusals[:5])
                            + ")")
             raise InputError(
                 f"{type(model).__name__} has no input-dependent channel attention to record"
@@ -202,7 +195,7 @@ class AttentionRecorder:
         chunks: list[list[Tensor]] = [[] for _ in self.sites]
         modes = [(m, m.training) for m in {id(m): m for m in
                                            [*self.model.modules(), *gm.modules()]}.values()]
-        device = _device_of(gm)
+        device = module_device(gm)
         total = None
         try:
             total = len(batches)  # type: ignore[arg-type]
@@ -218,8 +211,7 @@ class AttentionRecorder:
                     x = _first_input(batch)
                     if max_inputs is not None:
                         x = x[:max_inputs - seen]
-                    if device is not None:
-                        x = x.to(device)
+                    x = x.to(device)
                     runner = _GateCapture(gm, self._graph, gates, muls)
                     runner.run(x)
                     n = int(x.shape[0])

@@ -1,4 +1,8 @@
-"""Capturing models as torch.fx graphs.
+"""The torch.fx front end: capturing models as torch.fx graphs.
+
+Callers reach it through :func:`asrfx.capture.capture` (the one seam to the front ends), or
+:func:`trace` for a single GraphModule. Example inputs are checked in :mod:`asrfx.inputs`; shape
+metadata is recorded by :mod:`asrfx.passes.shapes`.
 
 Tracing degrades instead of crashing: a submodule whose forward cannot be traced symbolically is
 retried as a leaf (an opaque call), with a warning naming it. Only a failure at the top level is
@@ -19,14 +23,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import GraphModule, _copy_attr, _forward_from_src
-from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import InputError, TraceError
+from .inputs import check_example_inputs, inputs_failure, normalize_inputs, short_error, \
+    top_level_hint
 from .passes.graph_utils import describe_hooks, module_hooks
+from .passes.shapes import ShapeRecorder, propagate_shapes
 
-__all__ = ["trace", "AsrTracer", "ShapeRecorder", "preserve_modes", "DualModeGraphModule", "TraceResult", "trace_modes",
-           "propagate_shapes", "normalize_inputs", "infer_example_inputs", "hooked_leaves",
-           "warn_own_hooks"]
+__all__ = ["trace", "AsrTracer", "preserve_modes", "DualModeGraphModule", "TraceResult",
+           "trace_modes", "hooked_leaves", "warn_own_hooks"]
 
 # Norm and dropout layers decide their behaviour on self.training at run time; a subclass of
 # one of them traced through would freeze that decision, so they stay opaque calls.
@@ -256,26 +261,21 @@ def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
                 raise TraceError(f.path, str(f.error), "pass leaf_modules=[...] naming it") from None
             warnings.warn(
                 f"asrfx: submodule '{f.path}' ({type(model.get_submodule(f.path)).__name__}) "
-                f"cannot be traced symbolically ({_short(f.error)}); it is kept as an opaque leaf "
+                f"cannot be traced symbolically ({short_error(f.error)}); it is kept as an opaque leaf "
                 f"and nothing inside it will be converted.", stacklevel=3)
             leaves.add(f.path)
         except Exception as e:  # noqa: BLE001 - the top level itself failed
             if example_inputs is not None and not with_values and "'len'" in str(e):
                 with_values = True
                 continue
-            hint = _top_level_hint(model, example_inputs)
+            hint = top_level_hint(model, example_inputs)
             raise TraceError(
-                "", f"{type(e).__name__}: {_short(e)} (in {name}.forward)",
+                "", f"{type(e).__name__}: {short_error(e)} (in {name}.forward)",
                 "remove data-dependent Python control flow from the top-level forward, or wrap the "
                 "offending part in a submodule and pass its name in leaf_modules=[...] "
                 "(asrfx.trace / asrfx.prepare accept leaf_modules)" +
                 (f"; {hint}" if hint else "")) from None
     raise TraceError("", "too many untraceable submodules", "pass leaf_modules=[...]")
-
-
-def _short(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return msg[0][:300] if msg else type(e).__name__
 
 
 def _graph_signature(graph: fx.Graph) -> list[tuple]:
@@ -343,7 +343,7 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
             path = _find_unfaithful_module(model, tr, leaf_modules, leaves, example_inputs,
                                            reference) or ""
         if path == "":
-            hint = _top_level_hint(model, example_inputs)
+            hint = top_level_hint(model, example_inputs)
             raise TraceError("", f"the traced graph of {type(model).__name__} {why}",
                              "pass leaf_modules=[...] naming the submodule with Python control "
                              "flow on tensors (isinstance/None checks on inputs, len(x.shape))" +
@@ -389,7 +389,7 @@ def _report_hooks(model: nn.Module, tr: TraceResult, leaf_modules: Sequence[str 
 def warn_own_hooks(model: nn.Module) -> None:
     """Warn that hooks registered on ``model`` itself do not carry over to a result built from
     its graph (a new module); a hook that changes the output fails the trace's check instead
-    (see :func:`_top_level_hint`)."""
+    (see :func:`asrfx.inputs.top_level_hint`)."""
     own = module_hooks(model)
     if own:
         warnings.warn(f"asrfx: {type(model).__name__} has {describe_hooks(own)} on itself, "
@@ -427,61 +427,7 @@ def _eager_eval(model: nn.Module, inputs: tuple) -> Any:
             with torch.no_grad():
                 return model(*inputs)
         except Exception as e:  # noqa: BLE001
-            raise InputError(_inputs_failure(model, inputs, e)) from None
-
-
-def _inputs_failure(model: nn.Module, inputs: tuple, e: BaseException) -> str:
-    """Why ``model(*inputs)`` failed and what to pass instead."""
-    dtypes = _param_dtypes(model)
-    wrong = [t.dtype for t in inputs if isinstance(t, torch.Tensor) and dtypes
-             and t.dtype not in dtypes]
-    hint = ""
-    if wrong:
-        want = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
-        hint = (f"; the model's parameters are {want}, the inputs "
-                f"{', '.join(str(d).replace('torch.', '') for d in wrong)}: cast them (x.to("
-                f"{next(iter(sorted(dtypes, key=str)))})) if the model takes such values")
-    return (f"{type(model).__name__} fails on the example inputs ({_short(e)}); pass "
-            f"example_inputs=(x,) with tensors {_signature(model)} accepts (given: "
-            f"{describe_inputs(inputs)}){hint}")
-
-
-def _light_meta(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return TensorMetadata(obj.shape, obj.dtype, obj.requires_grad, (), None, False, {})
-    if isinstance(obj, (list, tuple)):
-        metas = [_light_meta(o) for o in obj]
-        return type(obj)(metas) if any(m is not None for m in metas) and \
-            not hasattr(obj, "_fields") else None
-    return None
-
-
-class ShapeRecorder(fx.Interpreter):
-    """Runs a GraphModule once, recording each node's shape and dtype in ``meta["tensor_meta"]``.
-
-    Lighter than ``torch.fx.passes.shape_prop.ShapeProp`` (no strides or memory-format probes,
-    no traceback printing); remembers the node being run (``current``) so a failure can be
-    traced to its module, and keeps the values of the nodes in ``keep``.
-    """
-
-    def __init__(self, gm: GraphModule, keep: Iterable[fx.Node] = ()):
-        super().__init__(gm)
-        self.current: fx.Node | None = None
-        self.keep = set(keep)
-        self.values: dict[fx.Node, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.current = n
-        out = super().run_node(n)
-        meta = _light_meta(out)
-        if meta is not None:
-            n.meta["tensor_meta"] = meta
-        if n in self.keep:
-            self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
-        return out
-
-    def propagate(self, *args: Any) -> Any:
-        return self.run(*args)
+            raise InputError(inputs_failure(model, inputs, e)) from None
 
 
 def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
@@ -502,8 +448,8 @@ def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
             stack = stack[:-1]  # the leaf being called is not the culprit; its caller is
         for path in reversed(stack):
             if path not in leaves and path not in user_leaves:
-                return path, f"fails to run ({_short(e.__cause__ or e)})"
-        return "", f"fails to run ({_short(e.__cause__ or e)})"
+                return path, f"fails to run ({short_error(e.__cause__ or e)})"
+        return "", f"fails to run ({short_error(e.__cause__ or e)})"
     finally:
         modes.__exit__()
     a, _ = tree_flatten(reference)
@@ -708,138 +654,6 @@ def _getattr_path(mod: nn.Module, target: str) -> Any:
     return obj
 
 
-def normalize_inputs(example_inputs: Any, model: nn.Module) -> tuple | None:
-    """Return example inputs as a tuple, or None. A single tensor becomes a 1-tuple."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if _is_array(example_inputs):
-        raise InputError(f"example_inputs for {type(model).__name__} must be torch tensors, got "
-                         f"a {type(example_inputs).__name__}: pass "
-                         f"example_inputs=(torch.from_numpy(a),)")
-    if isinstance(example_inputs, (list, tuple)):
-        arrays = [i for i, a in enumerate(example_inputs) if _is_array(a)]
-        if arrays:
-            raise InputError(f"example_inputs for {type(model).__name__} must be torch tensors, "
-                             f"got a {type(example_inputs[arrays[0]]).__name__} at position "
-                             f"{arrays[0]}: convert it with torch.from_numpy(a)")
-        return tuple(example_inputs)
-    raise InputError(f"example_inputs for {type(model).__name__} must be a tensor or a tuple of "
-                     f"tensors, got {type(example_inputs).__name__}; pass example_inputs=(x,) "
-                     f"or (x, y, ...) in the order {_signature(model)} takes them")
-
-
-def _is_array(obj: Any) -> bool:
-    """A numpy array (or another array type with a numpy-like interface), not a tensor."""
-    return not isinstance(obj, torch.Tensor) and hasattr(obj, "__array__") and \
-        hasattr(obj, "dtype") and hasattr(obj, "shape")
-
-
-def check_example_inputs(inputs: tuple, model: nn.Module) -> None:
-    """Refuse example inputs no check can be made with: no tensor at all, or an empty batch.
-
-    Raises:
-        InputError: naming the model, what was given and what to pass instead.
-    """
-    from torch.utils._pytree import tree_flatten
-
-    name = type(model).__name__
-    tensors = [t for t in tree_flatten(list(inputs))[0] if isinstance(t, torch.Tensor)]
-    if inputs and not tensors:
-        raise InputError(f"example_inputs for {name} hold no tensor (got "
-                         f"{describe_inputs(inputs)}); pass example_inputs=(x,) with x a "
-                         f"torch.Tensor batch the model accepts, e.g. torch.randn(2, 3, 32, 32)")
-    if tensors and tensors[0].numel() == 0 and tensors[0].dim() > 0:
-        raise InputError(f"the example input of {name} is empty (shape "
-                         f"{tuple(tensors[0].shape)}): nothing could be checked on it; pass "
-                         f"example_inputs=(x,) with a batch of at least one sample, e.g. 2")
-
-
-def describe_inputs(inputs: Any) -> str:
-    """``[(2, 3, 8, 8) float32, 'int']``: each input's shape and dtype, or its type."""
-    def one(t: Any) -> str:
-        if isinstance(t, torch.Tensor):
-            return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" + \
-                (f" on {t.device}" if t.device.type != "cpu" else "")
-        return type(t).__name__
-    return "[" + ", ".join(one(t) for t in inputs) + "]"
-
-
-def _signature(model: nn.Module) -> str:
-    import inspect
-
-    try:
-        return f"{type(model).__name__}.forward{inspect.signature(model.forward)}"
-    except (TypeError, ValueError):
-        return f"{type(model).__name__}.forward"
-
-
-def _param_dtypes(model: nn.Module) -> set[torch.dtype]:
-    return {p.dtype for p in model.parameters() if p.is_floating_point()}
-
-
-def _top_level_hint(model: nn.Module, inputs: tuple | None) -> str:
-    """Extra advice for a top-level trace failure: causes the control-flow advice misses."""
-    import inspect
-
-    hints = []
-    if model._forward_hooks or model._forward_pre_hooks or \
-            getattr(model, "_forward_hooks_with_kwargs", None):
-        hints.append(f"{type(model).__name__} has forward hooks on itself, which a traced graph "
-                     f"does not run: remove them (handle.remove()) before asrfx, or register "
-                     f"them on the result")
-    if inputs is not None:
-        try:
-            params = list(inspect.signature(model.forward).parameters.values())
-        except (TypeError, ValueError):
-            params = []
-        optional = [p.name for p in params[len(inputs):]
-                    if p.default is not inspect.Parameter.empty
-                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if optional:
-            hints.append(f"{_signature(model)} has optional arguments {optional} that "
-                         f"example_inputs do not give; asrfx traces them as inputs, so a branch "
-                         f"on them (e.g. `if mask is None`) cannot be traced: give them in "
-                         f"example_inputs, or wrap the model in a module whose forward(x) calls "
-                         f"model(x)")
-    return "; ".join(hints)
-
-
-def infer_example_inputs(model: nn.Module, size: int = 32, batch: int = 2) -> tuple:
-    """Guess one input batch from the first conv or linear layer (channels, dims).
-
-    Used only when the caller gives no example inputs; the guess is checked by running it.
-    """
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(
-                m, nn.modules.conv._ConvTransposeNd):
-            nd = len(m.kernel_size)
-            return (torch.randn(batch, m.in_channels, *([size] * nd),
-                                device=m.weight.device, dtype=m.weight.dtype),)
-        if isinstance(m, nn.Linear):
-            return (torch.randn(batch, m.in_features, device=m.weight.device,
-                                dtype=m.weight.dtype),)
-    raise InputError(f"cannot guess an input for {type(model).__name__}: pass example_inputs=(x,)")
-
-
-def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
-    """Record ``tensor_meta`` (shape, dtype) on every node by running ``gm`` in eval mode.
-
-    Runs without gradients and in eval mode so BatchNorm running statistics are not touched; the
-    module's mode is restored afterwards.
-    """
-    modes = preserve_modes(gm)
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeRecorder(gm).propagate(*example_inputs)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(_inputs_failure(gm, example_inputs, e)) from None
-    finally:
-        modes.__exit__()
-
-
 def trace(model: nn.Module, example_inputs: Any = None, *,
           leaf_modules: Sequence[str | type] = ()) -> GraphModule:
     """Capture ``model`` as a torch.fx GraphModule.
@@ -856,6 +670,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *,
 
     Raises:
         TraceError: the top-level forward cannot be traced (names the reason and the fix).
+        InputError: ``model`` is not an ``nn.Module``, ``example_inputs`` are not tensors, or
+            the model fails on them.
 
     Example:
         >>> gm = asrfx.trace(model, torch.randn(1, 3, 32, 32))
@@ -865,7 +681,9 @@ def trace(model: nn.Module, example_inputs: Any = None, *,
     inputs = normalize_inputs(example_inputs, model)
     if inputs is not None:
         check_example_inputs(inputs, model)
-    tr = trace_modes(model, leaf_modules, inputs)
+    from .capture import capture  # the seam imports this module
+
+    tr = capture(model, inputs, leaf_modules)
     if inputs is not None:
         for gm in tr.modules():
             propagate_shapes(gm, inputs)

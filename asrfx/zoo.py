@@ -6,7 +6,8 @@ asrfx later rewrites into plain networks for deployment.
 
 * :class:`SEModule` -- squeeze-and-excitation channel attention
   (Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018,
-  arXiv:1709.01507).
+  arXiv:1709.01507); defined in :mod:`asrfx.attention` with the other
+  attention modules and re-exported here.
 * :class:`BasicBlock` and :class:`Bottleneck` -- the original
   (post-activation) residual blocks of He, Zhang, Ren, Sun, "Deep Residual
   Learning for Image Recognition", CVPR 2016, arXiv:1512.03385.
@@ -22,15 +23,28 @@ attributes, never on tensor values.
 Projection shortcuts (1x1 conv + BN, the paper's option B) are used wherever
 a block changes shape; with them ResNet-110 for CIFAR-10 has 1,730,714
 parameters.
+
+Models are built from the layers of :mod:`asrfx.attention` (attention modules,
+the dims-generic Conv/BatchNorm/pool tables); that module imports nothing from
+here. :func:`parse_model_spec` and :func:`build_model` read the model specs of
+the command line and the benchmarks (``resnet20-se``, ``resnet164``,
+``efficientnet-b0``, ``package.module:factory``).
 """
 
 from __future__ import annotations
 
+import importlib
 import operator
+import re
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
+
+from .attention import (_BN, _POOL, AttentionFactory, SEModule, TokenSE, _check_dims, _check_spec,
+                        _conv, get_attention)
+from .errors import InputError
 
 __all__ = [
     "SEModule",
@@ -51,27 +65,9 @@ __all__ = [
     "convnext_tiny",
 ]
 
-AttentionFactory = Callable[[int], nn.Module]
 AttentionSpec = Union[None, str, AttentionFactory]
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
-
 _BLOCKS = ("basic", "bottleneck")
-
-
-def _check_dims(dims: int) -> int:
-    if isinstance(dims, bool) or not isinstance(dims, int) or dims not in _CONV:
-        raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
-    return dims
-
-
-def _conv(dims: int, cin: int, cout: int, kernel_size: int, stride: int = 1) -> nn.Module:
-    """Bias-free convolution with 'same' padding for odd kernels."""
-    return _CONV[dims](
-        cin, cout, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2, bias=False
-    )
 
 
 def _make_attention(attention: Union[None, nn.Module, AttentionFactory], channels: int) -> Optional[nn.Module]:
@@ -91,56 +87,6 @@ def _make_attention(attention: Union[None, nn.Module, AttentionFactory], channel
         "attention must be None, an nn.Module or a callable channels -> nn.Module, "
         f"got {type(attention).__name__}"
     )
-
-
-class SEModule(nn.Module):
-    """Squeeze-and-excitation channel attention.
-
-    Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018,
-    arXiv:1709.01507. Global average pooling squeezes each channel to a
-    scalar, a two-layer bottleneck MLP (``channels -> channels // reduction
-    -> channels``, ReLU between) followed by a sigmoid gives one gate per
-    channel, and the input is rescaled channel-wise by the gate.
-
-    Args:
-        channels: number of input (and output) channels.
-        reduction: reduction ratio of the hidden layer;
-            ``hidden = max(channels // reduction, 1)``.
-        dims: spatial dimensionality of the input (1, 2 or 3), which picks
-            ``AdaptiveAvgPool1d/2d/3d``.
-
-    Shape:
-        Input ``(N, C, *spatial)`` with ``len(spatial) == dims``; output has
-        the same shape.
-    """
-
-    def __init__(self, channels: int, reduction: int = 16, dims: int = 2) -> None:
-        super().__init__()
-        if channels < 1:
-            raise ValueError(f"channels must be positive, got {channels}")
-        if reduction < 1:
-            raise ValueError(f"reduction must be positive, got {reduction}")
-        self.dims = _check_dims(dims)
-        self.channels = channels
-        self.reduction = reduction
-        hidden = max(channels // reduction, 1)
-        self.pool = _POOL[dims](1)
-        self.fc1 = nn.Linear(channels, hidden)
-        self.relu = nn.ReLU(inplace=True)
-        self.fc2 = nn.Linear(hidden, channels)
-        self.gate = nn.Sigmoid()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c = x.shape[:2]
-        y = self.pool(x).flatten(1)
-        y = self.fc2(self.relu(self.fc1(y)))
-        # self.dims (a Python int) rather than x.dim(): keeps fx tracing
-        # free of Proxy arithmetic in the view's shape.
-        y = self.gate(y).view(b, c, *([1] * self.dims))
-        return x * y
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, reduction={self.reduction}, dims={self.dims}"
 
 
 class _ResidualBlock(nn.Module):
@@ -373,7 +319,7 @@ def cifar_resnet(
             :data:`asrfx.attention.ATTENTIONS` (``"ese"``, ``"eca"``,
             ``"eca_transpose"``, ``"srm"``, ``"gct"``, ``"cbam"``,
             ``"cbam_channel"``, ``"spa"``, ``"gc"``; built by
-            :func:`asrfx.attention.make_attention` with its defaults), or a
+            :func:`asrfx.attention.get_attention` with its defaults), or a
             callable ``channels -> nn.Module`` called once per block.
         num_classes: output size of the classifier.
         block: ``"basic"`` or ``"bottleneck"``.
@@ -390,9 +336,11 @@ def cifar_resnet(
 
     Raises:
         ValueError: ``depth`` does not fit the depth rule of ``block``;
-            unknown ``attention`` string or ``block``; ``dims`` not 1, 2 or
+            unknown ``block``; ``dims`` not 1, 2 or
             3, or not 2 for a 2-D-only attention (``"eca_transpose"``,
             ``"spa"``, ``"gc"``); non-positive ``width``, ``num_classes`` or ``in_channels``.
+        InputError (a ``ValueError``): unknown ``attention`` string (the
+            message lists the names).
         TypeError: ``depth`` is not an int, or ``attention`` is neither
             None, a string nor a callable (an ``nn.Module`` instance is
             rejected: it would be shared by every block).
@@ -417,19 +365,8 @@ def cifar_resnet(
     if attention is None:
         factory = None
     elif isinstance(attention, str):
-        # Imported here: asrfx.attention imports this module (SEModule, _CONV, _POOL).
-        from .attention import ATTENTIONS, make_attention
-
-        if attention not in ATTENTIONS:
-            accepted = ", ".join(repr(a) for a in ATTENTIONS)
-            raise ValueError(
-                f"unknown attention {attention!r}; accepted values: None, {accepted}, "
-                "or a callable channels -> nn.Module"
-            )
-        if attention == "se":
-            factory = lambda channels: SEModule(channels, reduction=16, dims=dims)  # noqa: E731
-        else:
-            factory = lambda channels: make_attention(attention, channels, dims=dims)  # noqa: E731
+        _check_spec(attention, "attention")  # an unknown name fails before any block is built
+        factory = lambda channels: get_attention(attention, channels, dims=dims)  # noqa: E731
     elif isinstance(attention, nn.Module):
         raise TypeError(
             "attention must be a factory (callable channels -> nn.Module), not an "
@@ -546,8 +483,6 @@ class ViTBlock(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         if attention:
-            from .attention import TokenSE
-
             self.se = TokenSE(dim)
         else:
             self.se = None
@@ -615,8 +550,6 @@ class ConvNeXtBlock(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         if attention:
-            from .attention import TokenSE
-
             self.se = TokenSE(dim, dims=2)
         else:
             self.se = None
@@ -667,3 +600,151 @@ def convnext_tiny(**kwargs: Any) -> ConvNeXt:
     """A small :class:`ConvNeXt` (widths 16, 32; one block per stage); ``attention=True`` puts a
     channels-last TokenSE after the norm of every block."""
     return ConvNeXt(**kwargs)
+
+
+# --- model specs: the --model argument of the command line and the benchmarks -------------------
+
+#: Third-party models known by name (their packages are optional): ``monai-seresnet50`` (MONAI's
+#: ``SEResNet50``) and ``efficientnet-b0`` (efficientnet_pytorch), both with SE attention.
+THIRD_PARTY = ("monai-seresnet50", "efficientnet-b0")
+
+_ZOO_NAME = re.compile(r"^resnet-?(\d+)(-se)?(-basic|-bottleneck)?$", re.IGNORECASE)
+_FROM_SPEC: Any = object()  # build_model's default attention: the one the spec names
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec (see :func:`parse_model_spec`).
+
+    Attributes:
+        text: the spec as given.
+        kind: ``"zoo"`` (a CIFAR ResNet of :func:`cifar_resnet`), ``"third-party"`` (a name
+            of :data:`THIRD_PARTY`) or ``"factory"`` (``package.module:factory``).
+        depth: the ResNet depth (zoo only).
+        block: ``"basic"`` or ``"bottleneck"`` (zoo only): the one the name gives, else the
+            CIFAR convention for the depth.
+        attention: ``"se"`` for a ``-se`` zoo name, else None.
+        module, factory: the two halves of ``package.module:factory`` (factory only).
+    """
+
+    text: str
+    kind: str
+    depth: Optional[int] = None
+    block: Optional[str] = None
+    attention: Optional[str] = None
+    module: Optional[str] = None
+    factory: Optional[str] = None
+
+
+def _cifar_block(depth: int) -> str:
+    """The CIFAR naming: ResNet-20/32/44/56/110 are basic-block nets, ResNet-164/1001
+    bottleneck; a depth only one rule fits (29, 47, ...) picks that rule."""
+    fits_basic, fits_bottleneck = (depth - 2) % 6 == 0, (depth - 2) % 9 == 0
+    return "bottleneck" if fits_bottleneck and (depth >= 164 or not fits_basic) else "basic"
+
+
+def parse_model_spec(spec: str | ModelSpec) -> ModelSpec:
+    """Read a model spec, as ``asrfx stripes/convert/fold/bench --model`` take it.
+
+    Accepted forms:
+
+    * a zoo name ``resnet<depth>[-se][-basic|-bottleneck]`` (case-insensitive, ``resnet-164``
+      too): a CIFAR ResNet (:func:`cifar_resnet`), with SE in every block for ``-se``; without a
+      block suffix the block follows the CIFAR convention (basic for 20/32/44/56/110, bottleneck
+      for 164/1001, and the only rule a depth fits, e.g. bottleneck for 29);
+    * a name of :data:`THIRD_PARTY`;
+    * ``package.module:factory``, where ``factory()`` returns the model.
+
+    The depth is not checked here (:func:`build_model` does, through :func:`cifar_resnet`).
+    A :class:`ModelSpec` is returned as it is.
+
+    Raises:
+        InputError: ``spec`` fits none of these forms (the message shows the forms).
+
+    Example:
+        >>> s = parse_model_spec("resnet164-se")
+        >>> s.kind, s.depth, s.block, s.attention
+        ('zoo', 164, 'bottleneck', 'se')
+        >>> parse_model_spec("ResNet-20").block
+        'basic'
+        >>> parse_model_spec("mypkg.models:build").factory
+        'build'
+    """
+    if isinstance(spec, ModelSpec):
+        return spec
+    if not isinstance(spec, str):
+        raise InputError(f"--model must be a string, got {type(spec).__name__}")
+    zoo = _ZOO_NAME.match(spec)
+    if zoo:
+        depth = int(zoo.group(1))
+        block = (zoo.group(3) or "").lstrip("-").lower() or _cifar_block(depth)
+        return ModelSpec(spec, "zoo", depth=depth, block=block,
+                         attention="se" if zoo.group(2) else None)
+    if spec in THIRD_PARTY:
+        return ModelSpec(spec, "third-party")
+    if ":" in spec:
+        module, _, factory = spec.partition(":")
+        if module and factory:
+            return ModelSpec(spec, "factory", module=module, factory=factory)
+    raise InputError(f"--model {spec!r}: expected a zoo name like resnet20-se or resnet164, one "
+                     f"of {', '.join(THIRD_PARTY)}, or package.module:factory")
+
+
+def build_model(spec: str | ModelSpec, *, attention: AttentionSpec = _FROM_SPEC,
+                num_classes: int = 10, in_channels: int = 3, dims: int = 2) -> nn.Module:
+    """Build the model a spec names (see :func:`parse_model_spec`), with fresh weights.
+
+    Args:
+        spec: a model spec string or a parsed :class:`ModelSpec`.
+        attention: for zoo models, the attention of every block (as :func:`cifar_resnet`
+            takes it; None for the plain network); by default the spec's own (``-se``: SE).
+            Third-party and factory models come with their own attention; it is ignored there.
+        num_classes, in_channels, dims: the classifier's outputs, input channels and spatial
+            dims of zoo and third-party models (``efficientnet-b0`` is 2-D only). A factory is
+            called with no arguments and builds the model as it likes.
+
+    Returns:
+        The model (an ``nn.Module``), on the CPU; for zoo models an input
+        ``(N, in_channels, *spatial)`` with ``len(spatial) == dims`` gives ``(N, num_classes)``.
+
+    Raises:
+        InputError: an unparseable spec; a factory whose module or attribute cannot be
+            imported, or that returns something other than an ``nn.Module``; a third-party
+            model whose package is not installed or that cannot have ``dims``.
+        ValueError: a zoo depth that fits no block rule (the message gives the nearest ones).
+        Exception: whatever a factory itself raises, unchanged.
+    """
+    ms = parse_model_spec(spec)
+    if ms.kind == "zoo":
+        return cifar_resnet(int(ms.depth), attention=ms.attention if attention is _FROM_SPEC
+                            else attention, num_classes=num_classes, block=str(ms.block),
+                            in_channels=in_channels, dims=dims)
+    if ms.kind == "third-party":
+        return _third_party(ms.text, num_classes, in_channels, dims)
+    try:
+        factory = getattr(importlib.import_module(str(ms.module)), str(ms.factory))
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"--model {ms.text!r}: cannot load {ms.factory!r} from {ms.module!r}: "
+                         f"cannot import it ({e}); pass package.module:factory with the module "
+                         f"on the Python path (PYTHONPATH)") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--model {ms.text!r}: the factory returned {type(model).__name__}, "
+                         f"not an nn.Module")
+    return model
+
+
+def _third_party(name: str, num_classes: int, in_channels: int, dims: int) -> nn.Module:
+    package = {"monai-seresnet50": "monai", "efficientnet-b0": "efficientnet_pytorch"}[name]
+    try:
+        if name == "monai-seresnet50":
+            from monai.networks.nets import SEResNet50
+
+            return SEResNet50(spatial_dims=dims, in_channels=in_channels, num_classes=num_classes)
+        from efficientnet_pytorch import EfficientNet
+    except ImportError as e:
+        raise InputError(f"--model {name}: needs the {package} package ({e}); install it "
+                         f"(pip install {package.replace('_', '-')})") from None
+    if dims != 2:
+        raise InputError(f"--model {name} takes images (dims=2), got dims={dims}")
+    return EfficientNet.from_name(name, in_channels=in_channels, num_classes=num_classes)

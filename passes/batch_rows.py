@@ -150,63 +150,17 @@ def collapse_batch(gm: fx.GraphModule, nodes: Iterable[fx.Node], outs: Iterable[
         None)`` when it never read the batch size, ``(False, reason)`` when it was left as it is
         and why.
     """
-    nodes = set(nodes)
-    outs = set(outs)
-    # constant computations hanging off the branch belong to it: an in-place op on a branch value
-    # (``t.mul_(t.sigmoid())``) is not on the data path from psi to the gate but changes it
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in nodes and u not in outs and u not in dep and u.op != "output":
-                nodes.add(u)
-                stack.append(u)
-    for n in nodes:
-        for u in n.users:
-            if u not in nodes and u not in outs:
-                return False, f"a value of the branch is also read by {u.name}"
-    # shape-derived scalars feeding the branch: walk back from branch arguments
-    feeds: set[fx.Node] = set()
-    stack = [a for n in nodes for a in n.all_input_nodes if a not in nodes]
-    while stack:
-        a = stack.pop()
-        if a in feeds or a in nodes or a.op in ("get_attr", "placeholder") or a in dep:
-            continue
-        feeds.add(a)
-        if not reads_shape_only(a):
-            stack.extend(a.all_input_nodes)
+    nodes, outs = set(nodes), set(outs)
+    why = _close_branch(nodes, outs, dep)
+    if why:
+        return False, why
+    feeds = _shape_feeds(nodes, dep)
     reads = {r: k for r in feeds if (k := _batch_read(r, dep)) is not None}
     if not reads:
         return False, None
-    # follow each batch-carrying value forward to the branch; every use must be a size argument.
-    # kinds: value -> (what it says about the batch, rank of the shape it is / slices)
-    kinds: dict[fx.Node, tuple[str, int | None]] = {}
-    for r, k in reads.items():
-        shape = tensor_shape(r.args[0])
-        kinds[r] = (k, len(shape) if shape is not None else None)
-    stack = list(reads)
-    region: set[fx.Node] = set()
-    while stack:
-        v = stack.pop()
-        kind, ndim = kinds[v]
-        if kind == "count":
-            return False, f"{v.name} counts the batch (numel) and reaches the branch"
-        for u in v.users:
-            if u in nodes:
-                if not _size_argument(u, v):
-                    return False, f"the batch size reaches {u.name} other than as a size"
-                continue
-            if u not in feeds:
-                continue  # a use outside the branch (e.g. x.view(b, -1)) keeps the real size
-            if not (u.op == "call_function" and u.target is operator.getitem and
-                    u.args[0] is v and kind == "size"):
-                return False, f"the batch size reaches the branch through {u.name} ({u.target})"
-            k = _getitem_kind(u.args[1], ndim)
-            if k is None:
-                continue  # a non-batch extent: unaffected by the rewrite
-            kinds[u] = (k, ndim)
-            region.add(u)
-            stack.append(u)
+    region = _batch_region(reads, nodes, feeds)
+    if isinstance(region, str):
+        return False, region
     # rewrite: the branch reads copies of the scalar chain that start from one_row(read)
     graph = gm.graph
     mapping: dict[fx.Node, fx.Node] = {}
@@ -224,3 +178,70 @@ def collapse_batch(gm: fx.GraphModule, nodes: Iterable[fx.Node], outs: Iterable[
         if not o.users:
             graph.erase_node(o)
     return True, None
+
+
+def _close_branch(nodes: set[fx.Node], outs: set[fx.Node], dep: set[fx.Node]) -> str | None:
+    """Add to ``nodes`` the constant computations hanging off the branch (an in-place op on a
+    branch value, ``t.mul_(t.sigmoid())``, is not on the data path from psi to the gate but
+    changes it); why not, when a branch value has a reader outside it and ``outs``."""
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in nodes and u not in outs and u not in dep and u.op != "output":
+                nodes.add(u)
+                stack.append(u)
+    for n in nodes:
+        for u in n.users:
+            if u not in nodes and u not in outs:
+                return f"a value of the branch is also read by {u.name}"
+    return None
+
+
+def _shape_feeds(nodes: set[fx.Node], dep: set[fx.Node]) -> set[fx.Node]:
+    """Shape-derived scalars feeding the branch: walked back from its arguments."""
+    feeds: set[fx.Node] = set()
+    stack = [a for n in nodes for a in n.all_input_nodes if a not in nodes]
+    while stack:
+        a = stack.pop()
+        if a in feeds or a in nodes or a.op in ("get_attr", "placeholder") or a in dep:
+            continue
+        feeds.add(a)
+        if not reads_shape_only(a):
+            stack.extend(a.all_input_nodes)
+    return feeds
+
+
+def _batch_region(reads: dict[fx.Node, str], nodes: set[fx.Node], feeds: set[fx.Node]
+                  ) -> set[fx.Node] | str:
+    """The scalars carrying the batch size from ``reads`` to the branch (each use must be a
+    size argument), or why the batch size reaches it otherwise."""
+    # value -> (what it says about the batch, rank of the shape it is / slices)
+    kinds: dict[fx.Node, tuple[str, int | None]] = {}
+    for r, k in reads.items():
+        shape = tensor_shape(r.args[0])
+        kinds[r] = (k, len(shape) if shape is not None else None)
+    stack = list(reads)
+    region: set[fx.Node] = set()
+    while stack:
+        v = stack.pop()
+        kind, ndim = kinds[v]
+        if kind == "count":
+            return f"{v.name} counts the batch (numel) and reaches the branch"
+        for u in v.users:
+            if u in nodes:
+                if not _size_argument(u, v):
+                    return f"the batch size reaches {u.name} other than as a size"
+                continue
+            if u not in feeds:
+                continue  # a use outside the branch (e.g. x.view(b, -1)) keeps the real size
+            if not (u.op == "call_function" and u.target is operator.getitem and
+                    u.args[0] is v and kind == "size"):
+                return f"the batch size reaches the branch through {u.name} ({u.target})"
+            k = _getitem_kind(u.args[1], ndim)
+            if k is None:
+                continue  # a non-batch extent: unaffected by the rewrite
+            kinds[u] = (k, ndim)
+            region.add(u)
+            stack.append(u)
+    return region

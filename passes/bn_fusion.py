@@ -1,102 +1,69 @@
 """Conv -> BatchNorm (and Linear -> BatchNorm1d) fusion for the deploy graph.
 
-The math is torch's own (``torch.nn.utils.fusion``); this pass only checks the preconditions:
-exact layer types, a conv whose output nothing but the norm reads, a norm with running
-statistics. A conv called at several places is cloned for the fused call site.
+An eval-mode BatchNorm is a per-channel affine map (:func:`asrfx.foldmath.batchnorm_affine`),
+so fusing it is folding that map into the producer's output rows: the same producer fold
+targets as :mod:`.scale_fold` (:mod:`.targets`), restricted to those marked
+``fuses_batchnorm`` (convolutions and Linear layers, module or functional). Preconditions: an
+exact BatchNorm type with running statistics, and a producer whose output nothing else reads. A
+layer called at several places is cloned for the fused call site.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Iterator
 
 import torch.fx as fx
-from torch import nn
-import torch
-from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from .graph_utils import clone_module, pass_record, reads_shape_only, call_sites, get_attr_path, module_path, set_attr_path, tensor_shape, \
-    unique_name
-from .scale_fold import CONV_TYPES, NORM_TYPES, _conv_param_nodes, set_functional_conv_params
+from asrfx import foldmath
+from asrfx.report import Site
+from .graph_utils import module_path, reads_shape_only
+from .layers import BATCH_NORM_TYPES
+from .protocol import PassContext, Step, record, run_steps
+from .targets import producer_target
 
-__all__ = ["fuse_batchnorm"]
-
-
-def _fused(fn: Callable, weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's fusion math, computed in float64 and cast back to the layer's dtype."""
-    f64 = lambda t: None if t is None else t.detach().to(torch.float64)  # noqa: E731
-    if fn is fuse_linear_bn_weights:
-        w, b = fn(f64(weight), f64(bias), f64(bn.running_mean), f64(bn.running_var), bn.eps,
-                  f64(bn.weight) if bn.weight is not None else torch.ones_like(f64(bn.running_mean)),
-                  f64(bn.bias) if bn.bias is not None else torch.zeros_like(f64(bn.running_mean)))
-    else:
-        w, b = fn(f64(weight), f64(bias), f64(bn.running_mean), f64(bn.running_var), bn.eps,
-                  f64(bn.weight), f64(bn.bias))
-    return w.detach().to(weight.dtype), b.detach().to(weight.dtype)
+__all__ = ["fuse_batchnorm", "batchnorm_steps"]
 
 
-def fuse_batchnorm(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: True
-                   ) -> list[dict[str, Any]]:
+def _fuse(gm: fx.GraphModule, bn_node: fx.Node) -> list[Site]:
+    bn = gm.get_submodule(str(bn_node.target))
+    rec = record(f"bn:{bn_node.name}", str(bn_node.target), "conv+bn", bn.num_features)
+    if bn.running_mean is None:
+        rec.reason, rec.code = ("no running statistics (uses batch statistics in eval)",
+                                "no-running-stats")
+        return [rec]
+    src = bn_node.args[0] if bn_node.args else None
+    if not isinstance(src, fx.Node):
+        rec.reason, rec.code = "no input node", "no-input-node"
+        return [rec]
+    if sum(1 for u in src.users if not reads_shape_only(u)) != 1:
+        rec.reason, rec.code = "its input is read elsewhere too", "producer-read-elsewhere"
+        return [rec]
+    target = producer_target(gm, src)
+    s, t = foldmath.batchnorm_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                     bn.bias)
+    if target is None or not target.fuses_batchnorm or target.check(gm, src, s, t, 1):
+        rec.reason, rec.code = "not preceded by an exact Conv/Linear", "no-conv-producer"
+        return [rec]
+    rec.target = target.apply(gm, src, s, t).rpartition(" (")[0]
+    bn_node.replace_all_uses_with(src)
+    gm.graph.erase_node(bn_node)
+    rec.action, rec.path = "fused", module_path(bn_node) or rec.path
+    return [rec]
+
+
+def batchnorm_steps(gm: fx.GraphModule) -> Iterator[Step]:
+    """One step per call of an exact BatchNorm (key ``"bn:<node name>"``)."""
+    for bn_node in list(gm.graph.nodes):
+        if bn_node.op == "call_module" and \
+                type(gm.get_submodule(str(bn_node.target))) in BATCH_NORM_TYPES:
+            yield Step(f"bn:{bn_node.name}", lambda n=bn_node: _fuse(gm, n))
+
+
+def fuse_batchnorm(gm: fx.GraphModule, ctx: PassContext | None = None) -> list[Site]:
     """Fuse every eligible conv/linear -> BatchNorm pair of ``gm`` (which must be in eval mode).
 
     Returns:
-        One record per BatchNorm looked at: ``{"key", "path", "channels", "action", "target",
-        "reason"}``; "kept" records say why a norm stays.
+        One "conv+bn" record per BatchNorm looked at; kept ones say why, with a code
+        (``no-running-stats``, ``producer-read-elsewhere``, ``no-conv-producer``).
     """
-    records = []
-    for bn_node in list(gm.graph.nodes):
-        if bn_node.op != "call_module":
-            continue
-        bn = gm.get_submodule(str(bn_node.target))
-        if type(bn) not in NORM_TYPES:
-            continue
-        key = f"bn:{bn_node.name}"
-        if not select(key):
-            continue
-        rec = pass_record(key, str(bn_node.target), bn.num_features)
-        records.append(rec)
-        if bn.running_mean is None:
-            rec["reason"] = "no running statistics (uses batch statistics in eval)"
-            continue
-        src = bn_node.args[0] if bn_node.args else None
-        if not isinstance(src, fx.Node) or \
-                sum(1 for u in src.users if not reads_shape_only(u)) != 1:
-            rec["reason"] = "its input is read elsewhere too" if isinstance(src, fx.Node) \
-                else "no input node"
-            continue
-        fused_into = None
-        if src.op == "call_module":
-            mod = gm.get_submodule(str(src.target))
-            if type(mod) in CONV_TYPES:
-                new = clone_module(mod)  # fuse_conv_bn_eval would deep-copy the conv
-                w, b = _fused(fuse_conv_bn_weights, mod.weight, mod.bias, bn)
-                new.weight, new.bias = nn.Parameter(w), nn.Parameter(b)
-            elif type(mod) is nn.Linear and len(tensor_shape(src) or ()) == 2:
-                new = clone_module(mod)
-                w, b = _fused(fuse_linear_bn_weights, mod.weight, mod.bias, bn)
-                new.weight, new.bias = nn.Parameter(w), nn.Parameter(b)
-            else:
-                new = None
-            if new is not None:
-                target = str(src.target)
-                if call_sites(gm.graph, target) > 1:
-                    target = unique_name(gm, f"{target}_site")
-                    src.target = target
-                set_attr_path(gm, target, new)
-                fused_into = target
-        else:
-            params = _conv_param_nodes(gm, src)
-            if params is not None:
-                w_node, b_node = params
-                weight = get_attr_path(gm, str(w_node.target))
-                bias = None if b_node is None else get_attr_path(gm, str(b_node.target))
-                w, b = _fused(fuse_conv_bn_weights, weight, bias, bn)
-                fused_into = set_functional_conv_params(gm, src, w_node, b_node, w.detach(),
-                                                        b.detach())
-        if fused_into is None:
-            rec["reason"] = "not preceded by an exact Conv/Linear"
-            continue
-        bn_node.replace_all_uses_with(src)
-        gm.graph.erase_node(bn_node)
-        rec.update(action="fused", target=fused_into, path=module_path(bn_node) or rec["path"])
-    return records
+    return run_steps(batchnorm_steps(gm), ctx)

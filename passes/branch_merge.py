@@ -11,18 +11,20 @@ as it is and reported.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from asrfx import foldmath
-from .graph_utils import (ADD_OPS, is_op, module_path, pass_record, reads_shape_only, safe_dce,
+from asrfx.report import Site
+from .graph_utils import (ADD_OPS, is_op, module_path, reads_shape_only, safe_dce,
                           set_attr_path, tensor_shape, unique_name)
-from .scale_fold import CONV_TYPES, NORM_TYPES
+from .layers import AVG_POOLS, BATCH_NORM_TYPES as NORM_TYPES, CONV_TYPES
+from .protocol import PassContext, Step, record, run_steps
 
-__all__ = ["merge_branches", "merge_sequential"]
+__all__ = ["merge_branches", "merge_sequential", "branch_merge_steps", "sequential_merge_steps"]
 
 
 def _operands(add: fx.Node) -> list[fx.Node] | None:
@@ -52,124 +54,137 @@ def _branch(gm: fx.GraphModule, node: fx.Node) -> tuple[str, Any, fx.Node] | Non
     return "id", None, node
 
 
-def merge_branches(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: True
-                   ) -> list[dict[str, Any]]:
+def _candidate(gm: fx.GraphModule, add: fx.Node) -> tuple[list, list, fx.Node] | None:
+    """(summands, their branches, the shared input) of a sum that is a multi-branch block: at
+    least two summands read one input (a conv, a BN of it, or it), one of them a conv."""
+    if add.graph is not gm.graph or not is_op(add, ADD_OPS) or len(add.args) != 2 or add.kwargs:
+        return None
+    ops = _operands(add)
+    if not ops or len(ops) < 2:
+        return None
+    branches = [_branch(gm, o) for o in ops]
+    inputs = [b[2] for b in branches]
+    x0 = max(set(inputs), key=inputs.count)
+    if inputs.count(x0) < 2 or not any(b[0] == "conv" and b[2] is x0 for b in branches):
+        return None
+    return ops, branches, x0
+
+
+def _merged_kernel(branches: list, ref: nn.Module, size: tuple
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one kernel and bias the branches sum to (identities and BatchNorms of the input
+    as scaled identity kernels)."""
+    weights, biases = [], []
+    for kind, mod, _ in branches:
+        if kind == "conv":
+            weights.append(mod.weight.detach())
+            biases.append(None if mod.bias is None else mod.bias.detach())
+            continue
+        eye = foldmath.identity_kernel(ref.out_channels, ref.groups, (1,) * len(size),
+                                       ref.weight.dtype, ref.weight.device)
+        if kind == "bn":
+            scale, shift = foldmath.batchnorm_affine(mod.running_mean, mod.running_var,
+                                                     mod.eps, mod.weight, mod.bias)
+            eye, bias = foldmath.fold_scale_into_conv_out(eye, None, scale, shift)
+            biases.append(bias)
+        else:
+            biases.append(None)
+        weights.append(eye)
+    return foldmath.merge_parallel_convs(weights, biases)
+
+
+def _merge(gm: fx.GraphModule, add: fx.Node, ops: list, branches: list, x: fx.Node
+           ) -> list[Site]:
+    convs = [b for b in branches if b[0] == "conv"]
+    convs = [b for b in convs if b[2] is x] + [b for b in convs if b[2] is not x]
+    rec = record(f"merge:{add.name}", module_path(add), "branch merge",
+                 convs[0][1].out_channels)
+    why = _mergeable(gm, ops, branches, x)
+    if why:
+        rec.code, rec.reason = why
+        return [rec]
+    ref = convs[0][1]
+    size = tuple(max(b[1].kernel_size[d] for b in convs) for d in range(len(ref.kernel_size)))
+    offset = tuple(ref.kernel_size[d] // 2 - ref.padding[d] for d in range(len(size)))
+    w, b = _merged_kernel(branches, ref, size)
+    merged = type(ref)(ref.in_channels, ref.out_channels, size, stride=ref.stride,
+                       padding=tuple(size[d] // 2 - offset[d] for d in range(len(size))),
+                       groups=ref.groups, bias=True).to(device=ref.weight.device,
+                                                        dtype=ref.weight.dtype)
+    merged.weight, merged.bias = nn.Parameter(w), nn.Parameter(b)
+    merged.train(False)
+    name = unique_name(gm, f"{module_path(add) or 'merged'}.merged_conv"
+                       if module_path(add) else "merged_conv")
+    set_attr_path(gm, name, merged)
+    with gm.graph.inserting_before(add):
+        new = gm.graph.call_module(name, (x,))
+    new.meta = dict(add.meta)
+    add.replace_all_uses_with(new)
+    rec.action, rec.target = "merged", f"{name} ({len(ops)} branches, kernel {size})"
+    # an identity BatchNorm branch is absorbed here: its own record says so (a later record of
+    # a site supersedes the "kept" one BatchNorm fusion gave it)
+    absorbed = [record(f"merge:{add.name}", str(o.target), "conv+bn", br[1].num_features,
+                       "merged", rec.target) for o, br in zip(ops, branches) if br[0] == "bn"]
+    safe_dce(gm)  # the old branches, before the next sum is looked at
+    return [rec] + absorbed
+
+
+def branch_merge_steps(gm: fx.GraphModule) -> Iterator[Step]:
+    """One step per sum of parallel branches with a conv (key ``"merge:<add node>"``);
+    outermost sums first, so a three-branch block becomes one conv in one step."""
+    for add in reversed(list(gm.graph.nodes)):
+        found = _candidate(gm, add)
+        if found is not None:
+            yield Step(f"merge:{add.name}", lambda add=add, found=found: _merge(gm, add, *found))
+
+
+def merge_branches(gm: fx.GraphModule, ctx: PassContext | None = None) -> list[Site]:
     """Merge every sum of parallel conv/BN/identity branches of one input into one conv.
 
     Returns:
-        One record per sum of at least two branches with a conv among them.
+        One "branch merge" record per sum of at least two branches with a conv among them
+        (kept ones with a code), and a "conv+bn" record per BatchNorm branch merged.
     """
-    records = []
-    # outermost sums first, so a three-branch block becomes one conv in one step
-    for add in reversed(list(gm.graph.nodes)):
-        if add.graph is not gm.graph or not is_op(add, ADD_OPS) or len(add.args) != 2 or \
-                add.kwargs:
-            continue
-        ops = _operands(add)
-        if not ops or len(ops) < 2:
-            continue
-        branches = [_branch(gm, o) for o in ops]
-        convs = [b for b in branches if b[0] == "conv"]
-        if not convs:
-            continue
-        # a multi-branch block: at least two summands read one input (a conv, a BN of it, or it)
-        inputs = [b[2] for b in branches]
-        x0 = max(set(inputs), key=inputs.count)
-        if inputs.count(x0) < 2 or not any(b[0] == "conv" and b[2] is x0 for b in branches):
-            continue
-        convs = [b for b in convs if b[2] is x0] + [b for b in convs if b[2] is not x0]
-        key = f"merge:{add.name}"
-        if not select(key):
-            continue
-        x = convs[0][2]
-        rec = pass_record(key, module_path(add), convs[0][1].out_channels)
-        records.append(rec)
-        why = _mergeable(gm, ops, branches, x)
-        if why:
-            rec["reason"] = why
-            continue
-        ref = convs[0][1]
-        size = tuple(max(b[1].kernel_size[d] for b in convs) for d in range(len(ref.kernel_size)))
-        offset = tuple(ref.kernel_size[d] // 2 - ref.padding[d] for d in range(len(size)))
-        weights, biases = [], []
-        for kind, mod, _ in branches:
-            if kind == "conv":
-                weights.append(mod.weight.detach())
-                biases.append(None if mod.bias is None else mod.bias.detach())
-            else:
-                eye = foldmath.identity_kernel(ref.out_channels, ref.groups, (1,) * len(size),
-                                               ref.weight.dtype, ref.weight.device)
-                if kind == "bn":
-                    # read-only float64 views (``.double()`` of a float64 tensor is the tensor
-                    # itself): every value below is computed into new tensors
-                    std = torch.sqrt(mod.running_var.detach().double() + mod.eps)
-                    g = mod.weight.detach().double() if mod.weight is not None \
-                        else torch.ones_like(std)
-                    beta = mod.bias.detach().double() if mod.bias is not None \
-                        else torch.zeros_like(std)
-                    eye = (eye.double() * (g / std).view(-1, *([1] * (eye.dim() - 1))))
-                    biases.append((beta - mod.running_mean.detach().double() * g / std).to(
-                        ref.weight.dtype))
-                    eye = eye.to(ref.weight.dtype)
-                else:
-                    biases.append(None)
-                weights.append(eye)
-        w, b = foldmath.merge_parallel_convs(weights, biases)
-        merged = type(ref)(ref.in_channels, ref.out_channels, size, stride=ref.stride,
-                           padding=tuple(size[d] // 2 - offset[d] for d in range(len(size))),
-                           groups=ref.groups, bias=True).to(device=ref.weight.device,
-                                                            dtype=ref.weight.dtype)
-        merged.weight = nn.Parameter(w)
-        merged.bias = nn.Parameter(b)
-        merged.train(False)
-        name = unique_name(gm, f"{module_path(add) or 'merged'}.merged_conv"
-                           if module_path(add) else "merged_conv")
-        set_attr_path(gm, name, merged)
-        with gm.graph.inserting_before(add):
-            new = gm.graph.call_module(name, (x,))
-        new.meta = dict(add.meta)
-        add.replace_all_uses_with(new)
-        rec.update(action="merged", target=f"{name} ({len(ops)} branches, kernel {size})",
-                   absorbed=[str(o.target) for o, b in zip(ops, branches) if b[0] == "bn"])
-        safe_dce(gm)  # the old branches, before the next sum is looked at
-    return records
+    return run_steps(branch_merge_steps(gm), ctx)
 
 
-def _mergeable(gm: fx.GraphModule, ops: list[fx.Node], branches: list, x: fx.Node) -> str:
-    """'' when the branches sum to one conv, else why not."""
+def _mergeable(gm: fx.GraphModule, ops: list[fx.Node], branches: list, x: fx.Node
+               ) -> tuple[str, str] | None:
+    """None when the branches sum to one conv, else (code, why not)."""
     convs = [b for b in branches if b[0] == "conv"]
     ref = convs[0][1]
     for o, (kind, mod, inp) in zip(ops, branches):
         if inp is not x:
-            return "the branches do not read the same input"
+            return "branches-read-different-inputs", "the branches do not read the same input"
         if kind != "id" and sum(1 for u in o.users if not reads_shape_only(u)) != 1:
-            return "a branch's output is read elsewhere too"
+            return "branch-read-elsewhere", "a branch's output is read elsewhere too"
         if kind == "conv":
             if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-                return f"a branch pads with {mod.padding_mode!r} / {mod.padding!r}"
+                return "branch-padding", f"a branch pads with {mod.padding_mode!r} / {mod.padding!r}"
             if any(d != 1 for d in mod.dilation) or any(k % 2 == 0 for k in mod.kernel_size):
-                return "a dilated or even-sized kernel is not a centred part of one kernel"
+                return ("dilated-or-even-kernel",
+                        "a dilated or even-sized kernel is not a centred part of one kernel")
             if (mod.stride, mod.groups, mod.in_channels, mod.out_channels) != \
                     (ref.stride, ref.groups, ref.in_channels, ref.out_channels):
-                return "branches differ in stride, groups or channels"
+                return "branches-differ", "branches differ in stride, groups or channels"
             off = [mod.kernel_size[d] // 2 - mod.padding[d] for d in range(len(mod.kernel_size))]
             ref_off = [ref.kernel_size[d] // 2 - ref.padding[d] for d in range(len(off))]
             if off != ref_off:
-                return "branches' windows are not centred alike (kernel//2 - padding differs)"
+                return ("windows-not-centred",
+                        "branches' windows are not centred alike (kernel//2 - padding differs)")
         else:
             if any(s != 1 for s in ref.stride) or ref.in_channels != ref.out_channels:
-                return "an identity branch needs stride 1 and equal channels"
+                return ("identity-needs-stride-1",
+                        "an identity branch needs stride 1 and equal channels")
             if kind == "bn" and mod.num_features != ref.out_channels:
-                return "an identity BatchNorm of another width"
+                return "channels-differ", "an identity BatchNorm of another width"
             if any(k // 2 - p != 0 for k, p in zip(ref.kernel_size, ref.padding)):
-                return "an identity branch needs 'same' padding on the convs"
+                return ("identity-needs-same-padding",
+                        "an identity branch needs 'same' padding on the convs")
     shape = tensor_shape(ops[0])
     if shape is None or any(tensor_shape(o) != shape for o in ops):
-        return "branch outputs differ in shape"
-    return ""
-
-
-_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+        return "branch-shapes-differ", "branch outputs differ in shape"
+    return None
 
 
 def _pointwise(mod: Any) -> bool:
@@ -179,82 +194,96 @@ def _pointwise(mod: Any) -> bool:
             and all(d == 1 for d in mod.dilation))
 
 
-def merge_sequential(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: True
-                     ) -> list[dict[str, Any]]:
-    """Merge a 1x1 conv followed directly by a kxk conv, or by an average pool, into one conv
-    (DBB's sequential branches), where that is exact; report where it is not."""
-    records = []
-    for node in list(gm.graph.nodes):
-        if node.graph is not gm.graph or node.op != "call_module":
-            continue
-        second = gm.get_submodule(str(node.target))
-        src = node.args[0] if node.args else None
-        # an nn.Identity in between (an optional norm switched off) changes nothing
-        while isinstance(src, fx.Node) and src.op == "call_module" and \
-                type(gm.get_submodule(str(src.target))) is nn.Identity and len(src.users) == 1:
-            src = src.args[0]
-        if not (isinstance(src, fx.Node) and src.op == "call_module"):
-            continue
-        first = gm.get_submodule(str(src.target))
-        if not _pointwise(first):
-            continue
-        is_conv = type(second) in CONV_TYPES and len(second.kernel_size) == len(first.kernel_size)
-        is_pool = type(second) in _AVG_POOLS and second.ceil_mode is False
-        if not (is_conv or is_pool):
-            continue
-        key = f"seq:{node.name}"
-        if not select(key):
-            continue
-        rec = pass_record(key, str(node.target), first.out_channels)
-        records.append(rec)
-        if sum(1 for u in src.users if not reads_shape_only(u)) != 1:
-            rec["reason"] = "the 1x1 conv's output is read elsewhere too"
-            continue
-        b1 = first.bias
-        has_b1 = b1 is not None and bool(torch.any(b1 != 0))
-        if is_conv:
-            if second.groups != 1 or second.padding_mode != "zeros" or \
-                    isinstance(second.padding, str):
-                rec["reason"] = "the second conv is grouped or not zero-padded"
-                continue
-            if has_b1 and any(p != 0 for p in second.padding):
-                rec["reason"] = ("1x1 conv with bias -> zero-padded conv is not one conv: the "
-                                 "padding would have to hold the bias")
-                continue
-            w, b = foldmath.merge_sequential_convs(first.weight.detach(), None if b1 is None
-                                                   else b1.detach(), second.weight.detach(),
-                                                   None if second.bias is None
-                                                   else second.bias.detach())
-            new = type(second)(first.in_channels, second.out_channels, second.kernel_size,
-                               second.stride, second.padding, second.dilation, bias=True)
-        else:
-            k = second.kernel_size if isinstance(second.kernel_size, tuple) else \
-                (second.kernel_size,) * len(first.kernel_size)
-            stride = second.stride if isinstance(second.stride, tuple) else \
-                (second.stride,) * len(k)
-            pad = second.padding if isinstance(second.padding, tuple) else \
-                (second.padding,) * len(k)
-            if any(p != 0 for p in pad) and (not second.count_include_pad or has_b1):
-                rec["reason"] = ("average pool with padding: the padded positions would hold "
-                                 "the 1x1 conv's bias, not 0")
-                continue
-            if getattr(second, "divisor_override", None):
-                rec["reason"] = "average pool with a divisor override"
-                continue
-            w = foldmath.avg_pool_kernel(first.weight.detach(), k)
-            # a copy: the merged conv must not share its bias with the 1x1 conv it replaces
-            b = first.bias.detach().clone() if first.bias is not None else \
-                torch.zeros(first.out_channels, dtype=w.dtype, device=w.device)
-            new = type(first)(first.in_channels, first.out_channels, k, stride, pad, bias=True)
-        new = new.to(device=first.weight.device, dtype=first.weight.dtype).train(False)
-        new.weight, new.bias = nn.Parameter(w), nn.Parameter(b)
-        name = unique_name(gm, f"{node.target}_merged")
-        set_attr_path(gm, name, new)
-        with gm.graph.inserting_before(node):
-            merged = gm.graph.call_module(name, (src.args[0],))
-        merged.meta = dict(node.meta)
-        node.replace_all_uses_with(merged)
-        safe_dce(gm)
-        rec.update(action="merged", target=f"{name} (1x1 -> {type(second).__name__})")
-    return records
+def _sequential_pair(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """(1x1 conv node, 1x1 conv, second layer) when ``node`` is a conv or average pool reading
+    a pointwise conv directly (an ``nn.Identity`` in between, an optional norm switched off,
+    changes nothing)."""
+    if node.graph is not gm.graph or node.op != "call_module":
+        return None
+    second = gm.get_submodule(str(node.target))
+    src = node.args[0] if node.args else None
+    while isinstance(src, fx.Node) and src.op == "call_module" and \
+            type(gm.get_submodule(str(src.target))) is nn.Identity and len(src.users) == 1:
+        src = src.args[0]
+    if not (isinstance(src, fx.Node) and src.op == "call_module"):
+        return None
+    first = gm.get_submodule(str(src.target))
+    if not _pointwise(first):
+        return None
+    is_conv = type(second) in CONV_TYPES and len(second.kernel_size) == len(first.kernel_size)
+    is_pool = type(second) in AVG_POOLS and second.ceil_mode is False
+    return (src, first, second) if is_conv or is_pool else None
 
+
+def _then_conv(first: nn.Module, second: nn.Module, has_b1: bool) -> tuple:
+    """(code, reason) or (weight, bias, new conv) of 1x1 conv -> kxk conv."""
+    if second.groups != 1 or second.padding_mode != "zeros" or isinstance(second.padding, str):
+        return "second-conv-grouped-or-padded", "the second conv is grouped or not zero-padded"
+    if has_b1 and any(p != 0 for p in second.padding):
+        return "bias-before-padded-conv", ("1x1 conv with bias -> zero-padded conv is not one "
+                                           "conv: the padding would have to hold the bias")
+    b1 = first.bias
+    w, b = foldmath.merge_sequential_convs(first.weight.detach(), None if b1 is None
+                                           else b1.detach(), second.weight.detach(),
+                                           None if second.bias is None else second.bias.detach())
+    return w, b, type(second)(first.in_channels, second.out_channels, second.kernel_size,
+                              second.stride, second.padding, second.dilation, bias=True)
+
+
+def _then_pool(first: nn.Module, second: nn.Module, has_b1: bool) -> tuple:
+    """(code, reason) or (weight, bias, new conv) of 1x1 conv -> average pool."""
+    n = len(first.kernel_size)
+    k, stride, pad = (v if isinstance(v, tuple) else (v,) * n
+                      for v in (second.kernel_size, second.stride, second.padding))
+    if any(p != 0 for p in pad) and (not second.count_include_pad or has_b1):
+        return "bias-before-padded-pool", ("average pool with padding: the padded positions "
+                                           "would hold the 1x1 conv's bias, not 0")
+    if getattr(second, "divisor_override", None):
+        return "pool-divisor-override", "average pool with a divisor override"
+    w = foldmath.avg_pool_kernel(first.weight.detach(), k)
+    # a copy: the merged conv must not share its bias with the 1x1 conv it replaces
+    b = first.bias.detach().clone() if first.bias is not None else \
+        torch.zeros(first.out_channels, dtype=w.dtype, device=w.device)
+    return w, b, type(first)(first.in_channels, first.out_channels, k, stride, pad, bias=True)
+
+
+def _merge_pair(gm: fx.GraphModule, node: fx.Node, src: fx.Node, first: nn.Module,
+                second: nn.Module) -> list[Site]:
+    rec = record(f"seq:{node.name}", str(node.target), "sequential merge", first.out_channels)
+    if sum(1 for u in src.users if not reads_shape_only(u)) != 1:
+        rec.code, rec.reason = "pointwise-read-elsewhere", \
+            "the 1x1 conv's output is read elsewhere too"
+        return [rec]
+    has_b1 = first.bias is not None and bool(torch.any(first.bias != 0))
+    made = (_then_conv if type(second) in CONV_TYPES else _then_pool)(first, second, has_b1)
+    if len(made) == 2:
+        rec.code, rec.reason = made
+        return [rec]
+    w, b, new = made
+    new = new.to(device=first.weight.device, dtype=first.weight.dtype).train(False)
+    new.weight, new.bias = nn.Parameter(w), nn.Parameter(b)
+    name = unique_name(gm, f"{node.target}_merged")
+    set_attr_path(gm, name, new)
+    with gm.graph.inserting_before(node):
+        merged = gm.graph.call_module(name, (src.args[0],))
+    merged.meta = dict(node.meta)
+    node.replace_all_uses_with(merged)
+    safe_dce(gm)
+    rec.action, rec.target = "merged", f"{name} (1x1 -> {type(second).__name__})"
+    return [rec]
+
+
+def sequential_merge_steps(gm: fx.GraphModule) -> Iterator[Step]:
+    """One step per 1x1 conv -> conv / average pool pair (key ``"seq:<second node>"``)."""
+    for node in list(gm.graph.nodes):
+        found = _sequential_pair(gm, node)
+        if found is not None:
+            yield Step(f"seq:{node.name}", lambda node=node, found=found:
+                       _merge_pair(gm, node, *found))
+
+
+def merge_sequential(gm: fx.GraphModule, ctx: PassContext | None = None) -> list[Site]:
+    """Merge a 1x1 conv followed directly by a kxk conv, or by an average pool, into one conv
+    (DBB's sequential branches, Ding et al., CVPR 2021), where that is exact; a "sequential
+    merge" record per pair, kept ones with a code."""
+    return run_steps(sequential_merge_steps(gm), ctx)

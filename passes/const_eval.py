@@ -10,15 +10,20 @@ expanded over the batch are stored with batch 1 (they only meet the input throug
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
+import operator
+
 
 import torch
 import torch.fx as fx
 
+from asrfx.report import Site
+
 from .batch_rows import collapse_batch
 from .graph_utils import (safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op, module_path,
                           set_attr_path, stable_toposort, unique_name, value_dependent)
+from .protocol import PassContext, record
+from .shapes import ShapeRecorder
 
 __all__ = ["evaluate_constants", "rows_agree"]
 
@@ -107,8 +112,7 @@ def rows_agree(v: torch.Tensor) -> bool:
     return bool(((v - first).abs() <= 16 * eps * max(scale, torch.finfo(v.dtype).tiny)).all())
 
 
-def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
-                       outputs: list | None = None) -> list[dict[str, Any]]:
+def evaluate_constants(gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
     """Replace input-independent tensor subgraphs feeding the input-dependent graph by buffers.
 
     A subgraph that reads the input's batch size only to give its result N rows (an expanded
@@ -119,52 +123,30 @@ def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
 
     Args:
         gm: a GraphModule in eval mode (the constants are eval-mode values).
-        example_inputs: inputs to run ``gm`` on (these runs also refresh every node's
-            ``tensor_meta``).
-        outputs: if a list is given, the output of the unchanged graph is appended.
+        ctx: ``ctx.inputs`` are the inputs to run ``gm`` on (these runs also refresh every
+            node's ``tensor_meta``); the output of the unchanged graph is stored in
+            ``ctx.reference``.
 
     Returns:
-        One record per constant: ``{"node", "path", "shape", "buffer"}`` when baked, or
-        ``{"node", "path", "refused": reason, "code": code}`` when it had to stay a
-        computation.
+        A "constant branch" record (kept, with a code: ``shape-follows-input``,
+        ``batch-dependent``) for each input-independent value that had to stay a
+        computation; baked constants are reported by the passes that fold them.
     """
-    from asrfx.tracing import ShapeRecorder  # the recorder lives with the tracer
-
     graph = gm.graph
     expands = _broadcast_expands(gm)
     rec: ShapeRecorder | None = None
-    reference = None
-
-    def frontier_of() -> tuple[set, set, list]:
-        dep = value_dependent(graph)
-        shape_dep: set[fx.Node] = set()
-        for n in graph.nodes:
-            if n in dep:
-                continue
-            if (reads_shape_only(n) and any(a in dep for a in n.all_input_nodes)) or \
-                    any(a in shape_dep for a in n.all_input_nodes):
-                shape_dep.add(n)
-        frontier = [n for n in graph.nodes
-                    if n not in dep and n.op in ("call_function", "call_method", "call_module")
-                    and not reads_shape_only(n) and any(u in dep for u in n.users)]
-        return dep, shape_dep, frontier
-
     if expands:  # the reference output is the unchanged graph's
         with torch.no_grad():
-            reference = ShapeRecorder(gm).propagate(*example_inputs)
+            ctx.reference = ShapeRecorder(gm).propagate(*ctx.inputs)
         drop_broadcast_expands(gm, expands)
-        dep, shape_dep, frontier = frontier_of()
+        dep, shape_dep, frontier = _frontier(graph)
     else:
-        dep, shape_dep, frontier = frontier_of()
+        dep, shape_dep, frontier = _frontier(graph)
         rec = ShapeRecorder(gm, keep=frontier)
         with torch.no_grad():
-            reference = rec.propagate(*example_inputs)
-
-    def broadcast_only(n: fx.Node) -> bool:
-        return all(is_op(u, _BROADCAST_OPS) for u in n.users)
-
+            ctx.reference = rec.propagate(*ctx.inputs)
     rows: str | None = None
-    targets = [n for n in frontier if n in shape_dep and broadcast_only(n)]
+    targets = [n for n in frontier if n in shape_dep and _broadcast_only(n)]
     if targets:
         others = [n for n in frontier if n not in targets]
         nodes = _region(targets, dep) - _region(others, dep)
@@ -176,32 +158,54 @@ def evaluate_constants(gm: fx.GraphModule, example_inputs: tuple,
     if rec is None:
         rec = ShapeRecorder(gm, keep=frontier)
         with torch.no_grad():
-            rec.propagate(*example_inputs)
-    if outputs is not None:
-        outputs.append(reference)
-    records = []
-    for n in frontier:
-        v = rec.values.get(n)
-        path = module_path(n)
-        if not isinstance(v, torch.Tensor):
-            continue
-        if n in shape_dep:
-            if not broadcast_only(n):
-                records.append({"node": n.name, "path": path, "code": "shape-follows-input",
-                                "refused": "its shape follows the input's; kept as computed"})
-                continue
-            if v.dim() >= 1 and v.shape[0] > 1:
-                if not rows_agree(v):
-                    records.append({"node": n.name, "path": path, "code": "batch-dependent",
-                                    "refused": f"differs across the batch ({rows}); kept as "
-                                               f"computed"})
-                    continue
-                v = v[:1].clone()
-        name = unique_name(gm, f"{path}.asrfx_const" if path else "asrfx_const")
-        set_attr_path(gm, name, v)
-        with graph.inserting_before(n):
-            c = graph.get_attr(name)
-        n.replace_all_uses_with(c)
-        records.append({"node": n.name, "path": path, "shape": tuple(v.shape), "buffer": name})
+            rec.propagate(*ctx.inputs)
+    records = [r for n in frontier if (r := _bake(gm, n, rec.values.get(n), n in shape_dep,
+                                                  rows)) is not None]
     safe_dce(gm)
     return records
+
+
+def _frontier(graph: fx.Graph) -> tuple[set, set, list]:
+    """(value-dependent nodes, constants whose shape follows the input's, the constants the
+    input-dependent graph reads)."""
+    dep = value_dependent(graph)
+    shape_dep: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n in dep:
+            continue
+        if (reads_shape_only(n) and any(a in dep for a in n.all_input_nodes)) or \
+                any(a in shape_dep for a in n.all_input_nodes):
+            shape_dep.add(n)
+    frontier = [n for n in graph.nodes
+                if n not in dep and n.op in ("call_function", "call_method", "call_module")
+                and not reads_shape_only(n) and any(u in dep for u in n.users)]
+    return dep, shape_dep, frontier
+
+
+def _broadcast_only(n: fx.Node) -> bool:
+    return all(is_op(u, _BROADCAST_OPS) for u in n.users)
+
+
+def _bake(gm: fx.GraphModule, n: fx.Node, v: Any, shape_dep: bool, rows: str | None
+          ) -> Site | None:
+    """Replace constant ``n`` (value ``v``) by a buffer; a record when it has to stay."""
+    if not isinstance(v, torch.Tensor):
+        return None
+    path = module_path(n)
+    if shape_dep:
+        if not _broadcast_only(n):
+            return record(f"const:{n.name}", path, "constant branch", 0,
+                          reason="its shape follows the input's; kept as computed",
+                          code="shape-follows-input")
+        if v.dim() >= 1 and v.shape[0] > 1:
+            if not rows_agree(v):
+                return record(f"const:{n.name}", path, "constant branch", 0,
+                              reason=f"differs across the batch ({rows}); kept as computed",
+                              code="batch-dependent")
+            v = v[:1].clone()
+    name = unique_name(gm, f"{path}.asrfx_const" if path else "asrfx_const")
+    set_attr_path(gm, name, v)
+    with gm.graph.inserting_before(n):
+        c = gm.graph.get_attr(name)
+    n.replace_all_uses_with(c)
+    return None

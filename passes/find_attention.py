@@ -748,17 +748,70 @@ def unexpand(g: Any, x: Any) -> Any:
     return g
 
 
-def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[tuple[str, str]]]:
+def _examine(gm: fx.GraphModule, node: fx.Node, x: fx.Node, g: fx.Node, dep: set,
+             pooled: Callable[[], set]) -> Any:
+    """What ``node`` (``x * g`` or ``x + g``) is, read with ``x`` the map and ``g`` the gate:
+    None (not this way round), False (nothing to report), a refusal ``(path, reason,
+    code)``, or an :class:`AttentionSite`."""
+    is_mul = is_op(node, MUL_OPS)
+    xs, gs = tensor_shape(x), tensor_shape(g)
+    last = xs is not None and len(xs) > 3 and channels_last(gm, x)
+    first = xs is not None and len(xs) == 3 and layouts(gm, x) == ("first",)
+    path = module_path(node)
+    if is_mul and not last and _spatial_gate(xs, gs) and \
+            channel_axis(xs, gs, first=first) is None and g in dep and x in dep:
+        return (path, "spatial attention (an input-dependent gate per position, not per "
+                      "channel): it stays as it is", "spatial-attention")
+    if not first and _token_gate(xs, gs) and tokens(gm, x):
+        # (N, L, C) * (N, L, 1) on tokens: one value per token, whatever the shapes say
+        if is_mul and g in dep and x in dep:
+            return (path, "spatial attention (an input-dependent gate per token, not per "
+                          "channel): it stays as it is", "spatial-attention")
+        return False
+    if xs is None or gs is None or not _per_channel(xs, gs, last, first):
+        return None
+    if not is_mul and (_spatial_size(xs, last) == 1 or x not in dep):
+        return None  # an additive site modulates a feature map
+    if g not in dep:
+        return False  # already input-independent: a constant scale (fold's business)
+    if _spatial_size(xs, last) == 1 and not isinstance(_trace_branch(gm, x, dep), str):
+        return False  # x is itself pooled data (e.g. a swish inside an excitation branch)
+    found = _trace_branch(gm, g, dep, xs, last, first, pooled)
+    if isinstance(found, str):
+        if "spatial extent" in found:
+            return False
+        code = ("gate-reads-input" if "input directly" in found else
+                "gate-scores-positions" if "scores positions" in found else "gate-not-pooled")
+        return (path, f"per-channel multiply whose gate {found}", code)
+    stats, branch = found
+    if x in branch:
+        return (path, "the gate depends on x other than by pooling", "gate-reads-map")
+    extent = next((r for r in (psi_extent(gm, st, dep) for st in stats) if r), None)
+    if extent is not None:
+        return (path, f"per-channel multiply whose statistic {extent}", "statistic-extent")
+    if node.op == "call_method" and node.target in ("mul_", "add_") and node.args[0] is g:
+        return (path, "in-place op into the gate", "in-place-gate")
+    return AttentionSite(mul=node, x=x, gate=g, stats=stats, branch=list(branch), path=path,
+                         channels=int(xs[channel_axis(xs, gs, last, first) or 1]),
+                         fusion="mul" if is_mul else "add")
+
+
+def find_attention_sites(gm: fx.GraphModule
+                         ) -> tuple[list[AttentionSite], list[tuple[str, str, str]]]:
     """Find every channel-attention site in ``gm`` (shape metadata required).
 
     Returns:
-        (sites, refusals) where refusals are ``(module path, reason)`` for per-channel multiplies
-        that look like attention but cannot be converted safely.
+        (sites, refusals) where refusals are ``(module path, reason, code)`` for multiplies
+        that look like attention but cannot be converted safely. Codes: ``spatial-attention``
+        (a gate per position or token), ``gate-reads-input``, ``gate-scores-positions``, ``gate-not-pooled`` (no global
+        reduction), ``gate-reads-map`` (the gate depends on x other than by pooling),
+        ``statistic-extent`` (a statistic that is not one value per channel),
+        ``in-place-gate``.
     """
     dep = value_dependent(gm.graph)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites: list[AttentionSite] = []
-    refusals: list[tuple[str, str]] = []
+    refusals: list[tuple[str, str, str]] = []
     by_gate: dict[fx.Node, AttentionSite] = {}
     cache: dict[str, set[fx.Node]] = {}
     spatial: dict[fx.Node, int] = {}  # per-position multiplies refused: index in refusals
@@ -769,67 +822,28 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
         return cache["pooled"]
 
     for node in gm.graph.nodes:
-        is_mul = is_op(node, MUL_OPS)
-        if not (is_mul or is_op(node, ADD_OPS)) or len(node.args) < 2:
+        if not (is_op(node, MUL_OPS) or is_op(node, ADD_OPS)) or len(node.args) < 2:
             continue
         a, b = node.args[0], node.args[1]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
         for x, g in ((a, b), (b, a)):
-            xs = tensor_shape(x)
-            g = unexpand(g, x)  # x * g.expand_as(x) multiplies like x * g
-            gs = tensor_shape(g)
-            last = xs is not None and len(xs) > 3 and channels_last(gm, x)
-            first = xs is not None and len(xs) == 3 and layouts(gm, x) == ("first",)
-            if is_mul and not last and _spatial_gate(xs, gs) and \
-                    channel_axis(xs, gs, first=first) is None and g in dep and x in dep:
-                spatial[node] = len(refusals)
-                refusals.append((module_path(node), "spatial attention (an input-dependent gate "
-                                 "per position, not per channel): it stays as it is"))
-                break
-            if not first and _token_gate(xs, gs) and tokens(gm, x):
-                # (N, L, C) * (N, L, 1) on tokens: one value per token, whatever the shapes say
-                if is_mul and g in dep and x in dep:
+            verdict = _examine(gm, node, x, unexpand(g, x), dep, pooled)
+            if verdict is None:
+                continue  # try the operands the other way round
+            if isinstance(verdict, tuple):
+                if verdict[2] == "spatial-attention":
                     spatial[node] = len(refusals)
-                    refusals.append((module_path(node), "spatial attention (an input-dependent "
-                                     "gate per token, not per channel): it stays as it is"))
-                break
-            if xs is None or gs is None or not _per_channel(xs, gs, last, first):
-                continue
-            if not is_mul and (_spatial_size(xs, last) == 1 or x not in dep):
-                continue  # an additive site modulates a feature map
-            if g not in dep:
-                break  # already input-independent: a constant scale (fold's business)
-            if _spatial_size(xs, last) == 1 and not isinstance(_trace_branch(gm, x, dep), str):
-                break  # x is itself pooled data (e.g. a swish inside an excitation branch)
-            found = _trace_branch(gm, g, dep, xs, last, first, pooled)
-            if isinstance(found, str):
-                if "spatial extent" not in found:
-                    refusals.append((module_path(node), f"per-channel multiply whose gate {found}"))
-                break
-            stats, branch = found
-            if x in branch:
-                refusals.append((module_path(node), "the gate depends on x other than by pooling"))
-                break
-            extent = next((r for r in (psi_extent(gm, st, dep) for st in stats) if r), None)
-            if extent is not None:
-                refusals.append((module_path(node), f"per-channel multiply whose statistic "
-                                 f"{extent}"))
-                break
-            if node.op == "call_method" and node.target in ("mul_", "add_") and \
-                    node.args[0] is g:
-                refusals.append((module_path(node), "in-place op into the gate"))
-                break
-            if g in by_gate:  # one gate scaling several tensors: one site, one psi
-                by_gate[g].extra.setdefault("more_muls", []).append(node)
-                break
-            stats.sort(key=order.__getitem__)
-            sites.append(AttentionSite(mul=node, x=x, gate=g, stats=stats,
-                                       branch=sorted(branch, key=order.__getitem__),
-                                       path=module_path(node),
-                                       channels=int(xs[channel_axis(xs, gs, last, first) or 1]),
-                                       fusion="mul" if is_mul else "add"))
-            by_gate[g] = sites[-1]
+                refusals.append(verdict)
+            elif isinstance(verdict, AttentionSite):
+                g = verdict.gate
+                if g in by_gate:  # one gate scaling several tensors: one site, one psi
+                    by_gate[g].extra.setdefault("more_muls", []).append(node)
+                else:
+                    verdict.stats.sort(key=order.__getitem__)
+                    verdict.branch = sorted(verdict.branch, key=order.__getitem__)
+                    sites.append(verdict)
+                    by_gate[g] = verdict
             break
     # a per-position weighting read only by the statistics of converted sites is part of an
     # attention pooling (``(x * a).sum(1)``) psi replaces: nothing of it stays to report

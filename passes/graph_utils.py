@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["tensor_shape", "value_dependent", "module_path", "is_op", "to_networkx",
            "MUL_OPS", "ADD_OPS", "SUB_OPS", "SHAPE_ATTRS", "SHAPE_METHODS", "call_sites",
-           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "pass_record", "get_attr_path", "unique_name",
+           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "get_attr_path", "unique_name",
            "module_hooks", "describe_hooks", "deepcopy_module"]
 
 MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.Tensor.mul}
@@ -395,9 +395,16 @@ def safe_dce(gm: fx.GraphModule) -> bool:
     return gm.graph.eliminate_dead_code(is_impure_node=lambda n: has_side_effects(n, gm))
 
 
-def pass_record(key: str, path: str, channels: int, action: str = "kept", target: str = "",
-                reason: str = "") -> dict[str, Any]:
-    """The record a pass returns for one place it looked at (see :class:`asrfx.report.Site`);
-    ``key`` lets a caller re-run the pass on that place alone."""
-    return {"key": key, "path": path, "channels": int(channels), "action": action,
-            "target": target, "reason": reason}
+def module_device(mod: nn.Module) -> torch.device:
+    """The device of ``mod``: its first parameter's, else its first buffer's, else the CPU.
+
+    A module without tensors runs wherever its inputs are; the CPU is the answer then.
+    """
+    for t in mod.parameters():
+        return t.device
+    for t in mod.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+__all__ += ["module_device"]

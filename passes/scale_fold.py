@@ -4,47 +4,53 @@ After constant evaluation an ASR site is ``x * v`` with ``v`` a constant buffer.
 collects chains of per-channel affine ops on one tensor (``x * s``, ``x + t``, ``x - t``,
 ``x / s``, and the residual gate ``x * g + x``) into one map ``x -> x * s + t`` and folds it:
 
-1. into the producer of ``x`` when nothing else reads ``x``: an (exact-type) BatchNorm's affine,
-   or a Conv's / Linear's output rows and bias (module or functional conv on parameters);
-2. else into the consumers, when every reader of the result is an exact Conv / Linear
-   (input columns; a shift only where the kernel never reads padding);
-3. else the multiply by a constant buffer stays, and the report says why.
+1. into the producer of ``x`` when nothing else reads ``x``: a producer fold target
+   (:mod:`.targets`: a BatchNorm's or other norm's affine, a Conv's / Linear's output rows),
+   reached through ops the map commutes with, and into every part of a sum or concatenation;
+2. else into the consumers, when every reader of the result leads to a consumer fold target
+   (a Conv's / Linear's input columns, a BatchNorm's input side);
+3. else the multiply by a constant buffer stays, and the record says why (with a code).
 
-A module called at several places is cloned for the folded call site, never changed for all.
-Subclasses are never targets: their forward may do more than their base class (the tracer traces
-through them, so their real ops are visible to this pass instead).
+Planning is pure: :func:`plan_producer` and :func:`plan_consumers` return a plan (or a
+:class:`~.targets.Refusal`) without changing anything; :func:`apply_plan` writes it.
 """
 
 from __future__ import annotations
 
-import copy
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Iterator, Union
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from asrfx import foldmath
+from asrfx.report import Site
 from .find_attention import permute_dims
-from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, call_sites, get_attr_path, is_op,
-                          module_path, pass_record, reads_shape_only, set_attr_path,
-                          tensor_shape, unique_name, value_dependent)
+from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, get_attr_path, is_op, module_path,
+                          reads_shape_only, tensor_shape, value_dependent)
+from .layers import (CATS, DIV_OPS, ELEMENTWISE, FLATTENS, GLOBAL_AVG_FUNCTIONS,
+                     GLOBAL_AVG_MODULES, LINEAR_FUNCTIONS, LINEAR_MODULES, PASS_THROUGH,
+                     POSITIVE_HOMOGENEOUS_FUNCTIONS, POSITIVE_HOMOGENEOUS_MODULES, exact,
+                     in_place, mutates_its_input)
+from .protocol import PassContext, Step, record, run_steps
+from .targets import Fold, Refusal, consumer_target, producer_target
 
-__all__ = ["fold_scales", "Chain", "CONV_TYPES", "NORM_TYPES", "FUNCTIONAL_CONVS",
-           "module_for_call_site"]
+__all__ = ["fold_scales", "scale_steps", "Chain", "plan_producer", "plan_consumers",
+           "apply_plan"]
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
-_DIV_OPS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
-_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_DIV_OPS = DIV_OPS
+_MAX_DEPTH = 8
+# refusals that say only that no target was reached; a more specific one names the reason
+_GENERIC = {"no-fold-target", "producer-read-elsewhere", "no-producer-target",
+            "no-consumer-target"}
 
 
 @dataclass
 class Chain:
+    """``members`` (ops, in order, ending at the root) compute ``base * scale + shift`` over
+    channel ``axis``; ``scale`` and ``shift`` are float64 ``(C,)``."""
+
     base: fx.Node
     scale: torch.Tensor
     shift: torch.Tensor
@@ -56,8 +62,23 @@ class Chain:
         return self.members[-1]
 
 
-def _exact(mod: Any, types: tuple) -> bool:
-    return type(mod) in types
+@dataclass
+class Through:
+    """A plan reached through an op the map commutes with (``what``)."""
+
+    inner: "Plan"
+    what: str
+
+
+@dataclass
+class Parts:
+    """One plan per part of a sum (``total``) or a channel concatenation."""
+
+    plans: list
+    total: bool
+
+
+Plan = Union[Fold, Through, Parts, list]  # a list: consumer folds, one per reader
 
 
 def _per_channel_const(gm: fx.GraphModule, node: Any, xshape: tuple, dep: set
@@ -106,7 +127,7 @@ def _const(gm: fx.GraphModule, node: Any, xshape: tuple, dep: set
     return (v, -1) if v is not None else None
 
 
-def _collect_chains(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[Chain]:
+def _collect_chains(gm: fx.GraphModule) -> list[Chain]:
     dep = value_dependent(gm.graph)
     chains: dict[fx.Node, Chain] = {}
 
@@ -127,7 +148,7 @@ def _collect_chains(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[C
             continue
         a, b = n.args
         chain = None
-        if _in_place(n) and isinstance(a, fx.Node) and \
+        if in_place(n) and isinstance(a, fx.Node) and \
                 sum(1 for u in a.users if not reads_shape_only(u)) > 1:
             continue  # later readers of a would see the in-place result: not a local chain
         for x, k in ((a, b), (b, a)):
@@ -160,88 +181,7 @@ def _collect_chains(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[C
         if chain is not None:
             chain.members.append(n)
             chains[n] = chain
-    return [c for c in chains.values() if select(f"scale:{c.root.name}")]
-
-
-def _in_place(n: fx.Node) -> bool:
-    t = n.target
-    return (isinstance(t, str) and t.endswith("_")) or t in (operator.imul, operator.iadd,
-                                                             operator.isub, operator.itruediv)
-
-
-def module_for_call_site(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
-    """The module ``node`` calls, cloned under a new name first if other nodes call it too."""
-    target = str(node.target)
-    mod = gm.get_submodule(target)
-    if call_sites(gm.graph, target) > 1:
-        name = unique_name(gm, f"{target}_site")
-        mod = copy.deepcopy(mod)
-        set_attr_path(gm, name, mod)
-        node.target = name
-    return mod
-
-
-def _conv_param_nodes(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
-    """(weight, bias) get_attr nodes of a functional conv, if it is foldable (sole users)."""
-    if node.op != "call_function" or node.target not in FUNCTIONAL_CONVS:
-        return None
-    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if not (isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) == 1):
-        return None
-    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr" and len(b.users) == 1):
-        return None
-    return w, b
-
-
-def _functional_conv_arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def set_functional_conv_params(gm: fx.GraphModule, node: fx.Node, w_node: fx.Node,
-                               b_node: fx.Node | None, w: torch.Tensor, b: torch.Tensor) -> str:
-    """Write new weight/bias of a functional conv, creating a bias parameter if it had none."""
-    old_w = get_attr_path(gm, str(w_node.target))
-    set_attr_path(gm, str(w_node.target), nn.Parameter(w, requires_grad=old_w.requires_grad))
-    if b_node is None:
-        owner = str(w_node.target).rpartition(".")[0]
-        name = unique_name(gm, f"{owner}.bias" if owner else "bias")
-        set_attr_path(gm, name, nn.Parameter(b, requires_grad=old_w.requires_grad))
-        with gm.graph.inserting_before(node):
-            b_node = gm.graph.get_attr(name)
-        if len(node.args) > 2:
-            args = list(node.args)
-            args[2] = b_node
-            node.args = tuple(args)
-        else:
-            kwargs = dict(node.kwargs)
-            kwargs["bias"] = b_node
-            node.kwargs = kwargs
-            if len(node.args) == 2:
-                node.args = node.args + (kwargs.pop("bias"),)
-                node.kwargs = kwargs
-    else:
-        set_attr_path(gm, str(b_node.target), nn.Parameter(b, requires_grad=old_w.requires_grad))
-    return str(w_node.target).rpartition(".")[0]
-
-
-_POSITIVE_HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d,
-                                 nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-                                 nn.AdaptiveMaxPool3d)
-_LINEAR_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-                   nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d) + _PASS_THROUGH
-_POSITIVE_HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.max_pool1d, F.max_pool2d,
-                                   F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-                                   F.adaptive_max_pool3d, "relu", "relu_"}
-_LINEAR_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-                     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout}
-OTHER_NORMS = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-
-
-_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, F.relu, torch.relu, F.leaky_relu, "relu", "relu_",
-                nn.Identity, nn.Dropout, F.dropout)
+    return list(chains.values())
 
 
 def _commutes(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tensor,
@@ -259,129 +199,131 @@ def _commutes(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tenso
     nonneg = bool(torch.all(s >= 0))
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
-        if type(mod) is nn.ReLU6 or (axis != 1 and type(mod) not in _ELEMENTWISE):
+        if type(mod) is nn.ReLU6 or (axis != 1 and type(mod) not in ELEMENTWISE):
             return None
-        if _exact(mod, _POSITIVE_HOMOGENEOUS_MODULES):
+        if exact(mod, POSITIVE_HOMOGENEOUS_MODULES):
             return type(mod).__name__ if nonneg else None
-        if _exact(mod, _LINEAR_MODULES):
+        if exact(mod, LINEAR_MODULES):
             return type(mod).__name__
         return None
     if node.op in ("call_function", "call_method"):
-        if axis != 1 and node.target not in _ELEMENTWISE:
+        if axis != 1 and node.target not in ELEMENTWISE:
             return None
         name = getattr(node.target, "__name__", str(node.target))
-        if node.target in _POSITIVE_HOMOGENEOUS_FUNCTIONS:
+        if node.target in POSITIVE_HOMOGENEOUS_FUNCTIONS:
             return name if nonneg else None
-        if node.target in _LINEAR_FUNCTIONS and not node.kwargs.get("training", False):
+        if node.target in LINEAR_FUNCTIONS and not node.kwargs.get("training", False):
             if node.target is F.dropout and (len(node.args) > 2 and node.args[2]):
                 return None
             return name
     return None
 
 
-def _fold_into_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0,
-                        dry: bool = False) -> str | None:
-    """Fold into the producer of the chain's base; through ops the scale commutes with, and
-    into every part of a sum or a channel concatenation. With ``dry``, only say where the
-    chain would go: nothing is changed (a sum or a concat folds only when all its parts can)."""
+def plan_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> Plan | Refusal:
+    """Where the chain's map folds on the producer side, or why it does not. Pure."""
     x = chain.base
     members = set(chain.members)
     # shape reads (x.shape, x.size()) see the same shape after the fold
     if any(u not in members and not reads_shape_only(u) for u in x.users):
-        return None
-    s, t = chain.scale, chain.shift
-    shape = tensor_shape(x)
+        return Refusal("producer-read-elsewhere", f"{x.name} is read elsewhere too")
+    deeper = depth < _MAX_DEPTH
     dims = permute_dims(x)
     if dims is not None:
-        return _fold_through_permute(gm, chain, dims, depth, dry)
-    if chain.axis == -1:
-        return _fold_tokens_into_producer(gm, chain, depth, dry)
-    through = _commutes(gm, x, s, t)
-    if through is not None and depth < 8 and x.args and isinstance(x.args[0], fx.Node):
-        inner = Chain(x.args[0], s, t, [x], axis=chain.axis)
-        if tensor_shape(x.args[0]) is not None and len(tensor_shape(x.args[0])) == len(shape) \
-                and tensor_shape(x.args[0])[1] == shape[1]:
-            target = _fold_into_producer(gm, inner, depth + 1, dry)
-            if target is not None:
-                return f"{target} through {through}"
-    if depth < 8:
-        parts = _sum_parts(x, s, t) or _cat_parts(x, s, t)
+        return _plan_through_permute(gm, chain, dims, depth) if deeper else \
+            Refusal("no-producer-target", "")
+    inner = _plan_through(gm, chain, depth) if deeper else Refusal("no-producer-target", "")
+    if not isinstance(inner, Refusal):
+        return inner
+    if chain.axis == 1 and deeper:
+        parts = _sum_parts(x, chain.scale, chain.shift) or _cat_parts(x, chain.scale, chain.shift)
         if parts is not None:
-            return _fold_into_parts(gm, x, parts, depth, dry)
+            return _plan_parts(gm, x, parts, depth)
+    target = producer_target(gm, x)
+    if target is None:
+        return inner if inner.reason else \
+            Refusal("no-producer-target", f"{_describe(gm, x)} is not a fold target")
+    return target.check(gm, x, chain.scale, chain.shift, chain.axis) or \
+        Fold(target, x, chain.scale, chain.shift)
+
+
+def _describe(gm: fx.GraphModule, x: fx.Node) -> str:
     if x.op == "call_module":
-        other = gm.get_submodule(str(x.target))
-        if _exact(other, OTHER_NORMS) and getattr(other, "affine", False) and \
-                getattr(other, "weight", None) is not None and other.weight.numel() == s.numel():
-            if dry:
-                return f"{x.target} (norm affine)"
-            mod = module_for_call_site(gm, x)
-            w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, s.numel())
-            mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
-            return f"{x.target} (norm affine)"
-    if x.op == "call_module":
-        mod = gm.get_submodule(str(x.target))
-        if _exact(mod, (nn.LayerNorm,)) and tuple(mod.normalized_shape) == tuple(shape[1:]):
-            # LayerNorm over (C, *S) of a channels-first map: its affine is per element, the
-            # channel scale repeats over the positions of each channel
-            if dry:
-                return f"{x.target} (norm affine)"
-            mod = module_for_call_site(gm, x)
-            full = tuple(shape[1:])
-            spread = lambda v: v.reshape((-1,) + (1,) * (len(full) - 1)).expand(full).reshape(-1)
-            w, b = foldmath.fold_scale_into_norm(
-                None if mod.weight is None else mod.weight.reshape(-1),
-                None if mod.bias is None else mod.bias.reshape(-1), spread(s), spread(t),
-                dtype=_norm_dtype(mod, x))
-            mod.weight, mod.bias = nn.Parameter(w.reshape(full)), nn.Parameter(b.reshape(full))
-            mod.elementwise_affine = True
-            return f"{x.target} (norm affine)"
-        if _exact(mod, NORM_TYPES):
-            if mod.running_mean is None or mod.num_features != s.numel():
-                return None
-            if dry:
-                return f"{x.target} (norm affine)"
-            mod = module_for_call_site(gm, x)
-            w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, mod.num_features)
-            w, b = w.to(mod.running_var.dtype), b.to(mod.running_var.dtype)
-            if not mod.affine:
-                mod.affine = True
-            mod.weight = nn.Parameter(w)
-            mod.bias = nn.Parameter(b)
-            return f"{x.target} (norm affine)"
-        if _exact(mod, CONV_TYPES) or (_exact(mod, (nn.Linear,)) and len(shape) == 2):
-            if mod.weight.shape[0] != s.numel():
-                return None
-            if dry:
-                return f"{x.target} (output rows)"
-            mod = module_for_call_site(gm, x)
-            w, b = foldmath.fold_scale_into_conv_out(mod.weight, mod.bias, s, t)
-            mod.weight = nn.Parameter(w)
-            mod.bias = nn.Parameter(b)
-            return f"{x.target} (output rows)"
-        return None
-    params = _conv_param_nodes(gm, x)
-    if params is not None:
-        w_node, b_node = params
-        if dry:
-            return f"{str(w_node.target).rpartition('.')[0]} (output rows)"
-        weight = get_attr_path(gm, str(w_node.target))
-        bias = None if b_node is None else get_attr_path(gm, str(b_node.target))
-        w, b = foldmath.fold_scale_into_conv_out(weight, bias, s, t)
-        owner = set_functional_conv_params(gm, x, w_node, b_node, w, b)
-        return f"{owner} (output rows)"
-    return None
+        return f"{x.target} ({type(gm.get_submodule(str(x.target))).__name__})"
+    return f"{x.name} ({getattr(x.target, '__name__', x.target)})"
 
 
-_CATS = {torch.cat, torch.concat}
+def _plan_through(gm: fx.GraphModule, chain: Chain, depth: int) -> Plan | Refusal:
+    """Through an op the map commutes with (ReLU, pooling, ...), to the op's input."""
+    x = chain.base
+    through = _commutes(gm, x, chain.scale, chain.shift, chain.axis)
+    src = x.args[0] if x.args else None
+    if through is None or not isinstance(src, fx.Node) or tensor_shape(src) is None:
+        return Refusal("no-producer-target", "")
+    shape, sshape = tensor_shape(x), tensor_shape(src)
+    if chain.axis == 1:
+        if len(sshape) != len(shape) or sshape[1] != shape[1]:
+            return Refusal("no-producer-target", "")
+    elif sshape != shape or any(u is not x and not reads_shape_only(u) for u in src.users):
+        return Refusal("no-producer-target", "")
+    inner = plan_producer(gm, Chain(src, chain.scale, chain.shift, [x], axis=chain.axis),
+                          depth + 1)
+    return inner if isinstance(inner, Refusal) else Through(inner, through)
 
 
-def _norm_dtype(mod: nn.Module, x: fx.Node) -> torch.dtype | None:
-    """The dtype a norm's folded affine parameters take: its weight's, else the dtype of the
-    values it computes (a LayerNorm without affine parameters has nothing else to go by; the
-    float64 scale must not make them float64 in a float32 model)."""
-    if getattr(mod, "weight", None) is not None:
-        return mod.weight.dtype
-    return getattr(x.meta.get("tensor_meta"), "dtype", None)
+def _plan_parts(gm: fx.GraphModule, x: fx.Node,
+                parts: list[tuple[fx.Node, torch.Tensor, torch.Tensor]], depth: int
+                ) -> Plan | Refusal:
+    """Each part's share into that part's producer, all or none. Of a sum, one summand takes
+    the shift: the first whose producer can."""
+    trials = [parts]
+    if _is_sum(x):
+        shift = parts[0][2]
+        n = len(parts) if bool(torch.any(shift != 0)) else 1
+        trials = [[(p, sc, shift if j == i else torch.zeros_like(shift))
+                   for j, (p, sc, _) in enumerate(parts)] for i in range(n)]
+    refusal = None
+    for trial in trials:
+        plans = [plan_producer(gm, Chain(p, sc, sh, [x]), depth + 1) for p, sc, sh in trial]
+        refusal = next((p for p in plans if isinstance(p, Refusal)), None)
+        if refusal is None:
+            return Parts(plans, _is_sum(x))
+    return refusal
+
+
+def _plan_through_permute(gm: fx.GraphModule, chain: Chain, dims: tuple[int, ...],
+                          depth: int) -> Plan | Refusal:
+    """``permute(z, dims) * s`` scales dim ``dims[axis]`` of ``z``: continue on ``z`` when that
+    is its channel dim (1, channels first) or its last dim (channels last / tokens).
+    ConvNeXt's ``x.permute(0, 3, 1, 2)`` turns a channels-first scale after the block into a
+    last-dim scale of its final Linear."""
+    x = chain.base
+    src = x.args[0] if x.args else None
+    shape = tensor_shape(src) if isinstance(src, fx.Node) else None
+    if shape is None or len(shape) != len(dims):
+        return Refusal("no-producer-target", "")
+    moved = dims[1 if chain.axis == 1 else len(dims) - 1]
+    axis = 1 if moved == 1 else -1 if moved == len(dims) - 1 else None
+    if axis is None:
+        return Refusal("channel-axis", "a permute moves the channels to a middle dim")
+    inner = plan_producer(gm, Chain(src, chain.scale, chain.shift, [x], axis=axis), depth + 1)
+    return inner if isinstance(inner, Refusal) else Through(inner, "permute")
+
+
+def _is_sum(x: fx.Node) -> bool:
+    return is_op(x, ADD_OPS) or is_op(x, SUB_OPS)
+
+
+def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
+    """Write a plan from :func:`plan_producer` / :func:`plan_consumers`; returns what took
+    the map, for the report."""
+    if isinstance(plan, Fold):
+        return plan.apply(gm)
+    if isinstance(plan, Through):
+        return f"{apply_plan(gm, plan.inner)} through {plan.what}"
+    if isinstance(plan, Parts):
+        names = [apply_plan(gm, p) for p in plan.plans]
+        return " + ".join(names) if plan.total else f"cat({', '.join(names)})"
+    return ", ".join(apply_plan(gm, p) for p in plan)
 
 
 def _sum_parts(x: fx.Node, s: torch.Tensor, t: torch.Tensor
@@ -406,7 +348,7 @@ def _cat_parts(x: fx.Node, s: torch.Tensor, t: torch.Tensor
                ) -> list[tuple[fx.Node, torch.Tensor, torch.Tensor]] | None:
     """``cat([a, b], 1) * s + t = cat([a * s_a + t_a, b * s_b + t_b], 1)``: the parts of a
     concatenation over the channels, each with its slice of the chain."""
-    if x.op != "call_function" or x.target not in _CATS:
+    if x.op != "call_function" or x.target not in CATS:
         return None
     seq = x.args[0] if x.args else x.kwargs.get("tensors")
     dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", 0)
@@ -427,175 +369,98 @@ def _cat_parts(x: fx.Node, s: torch.Tensor, t: torch.Tensor
     return out
 
 
-def _fold_into_parts(gm: fx.GraphModule, x: fx.Node,
-                     parts: list[tuple[fx.Node, torch.Tensor, torch.Tensor]], depth: int,
-                     dry: bool) -> str | None:
-    """Fold each part's share into that part's producer, all or none (checked dry first)."""
-    if _is_sum(x):
-        # one summand takes the shift: the first whose producer can
-        shift = parts[0][2]
-        has_shift = bool(torch.any(shift != 0))
-        plans = None
-        for i in range(len(parts) if has_shift else 1):
-            trial = [(p, sc, shift if j == i else torch.zeros_like(shift))
-                     for j, (p, sc, _) in enumerate(parts)]
-            if all(_fold_into_producer(gm, Chain(p, sc, sh, [x]), depth + 1, dry=True)
-                   for p, sc, sh in trial):
-                plans = trial
-                break
-        if plans is None:
-            return None
-    else:
-        plans = parts
-        if not all(_fold_into_producer(gm, Chain(p, sc, sh, [x]), depth + 1, dry=True)
-                   for p, sc, sh in plans):
-            return None
-    targets = []
-    for p, sc, sh in plans:
-        target = _fold_into_producer(gm, Chain(p, sc, sh, [x]), depth + 1, dry)
-        if target is None:  # the dry run said it would fold: an inconsistency, not a choice
-            raise RuntimeError(f"asrfx internal error: folding into {p.name} (a part of "
-                               f"{x.name}) failed after its dry run succeeded")
-        targets.append(target)
-    return " + ".join(targets) if _is_sum(x) else f"cat({', '.join(targets)})"
-
-
-def _is_sum(x: fx.Node) -> bool:
-    return is_op(x, ADD_OPS) or is_op(x, SUB_OPS)
-
-
-def _fold_tokens_into_producer(gm: fx.GraphModule, chain: Chain, depth: int,
-                               dry: bool = False) -> str | None:
-    """Tokens ``(N, L, C)`` scaled per channel (last dim): into the producing Linear's output
-    rows or LayerNorm's affine, through elementwise ops the scale commutes with (ReLU and
-    LeakyReLU for a non-negative scale; identity and eval-mode dropout for any)."""
-    x = chain.base
-    s, t = chain.scale, chain.shift
-    through = _commutes(gm, x, s, t, axis=-1)
-    if x.op == "call_module":
-        mod = gm.get_submodule(str(x.target))
-        if _exact(mod, (nn.Linear,)) and mod.out_features == s.numel():
-            if dry:
-                return f"{x.target} (output rows)"
-            mod = module_for_call_site(gm, x)
-            w, b = foldmath.fold_scale_into_conv_out(mod.weight, mod.bias, s, t)
-            mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
-            return f"{x.target} (output rows)"
-        elif _exact(mod, (nn.LayerNorm,)) and tuple(mod.normalized_shape) == (s.numel(),):
-            if dry:
-                return f"{x.target} (norm affine)"
-            mod = module_for_call_site(gm, x)
-            w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, s, t, s.numel(),
-                                                 dtype=_norm_dtype(mod, x))
-            mod.weight, mod.bias = nn.Parameter(w), nn.Parameter(b)
-            mod.elementwise_affine = True
-            return f"{x.target} (norm affine)"
-    if through is None or depth >= 8 or not (x.args and isinstance(x.args[0], fx.Node)):
-        return None
-    src = x.args[0]
-    if tensor_shape(src) != tensor_shape(x) or \
-            any(u is not x and not reads_shape_only(u) for u in src.users):
-        return None
-    target = _fold_into_producer(gm, Chain(src, s, t, [x], axis=-1), depth + 1, dry)
-    return None if target is None else f"{target} through {through}"
-
-
-def _fold_through_permute(gm: fx.GraphModule, chain: Chain, dims: tuple[int, ...],
-                          depth: int, dry: bool = False) -> str | None:
-    """``permute(z, dims) * s`` scales dim ``dims[axis]`` of ``z``: continue on ``z`` when that
-    is its channel dim (1, channels first) or its last dim (channels last / tokens).
-    ConvNeXt's ``x.permute(0, 3, 1, 2)`` turns a channels-first scale after the block into a
-    last-dim scale of its final Linear."""
-    x = chain.base
-    src = x.args[0] if x.args else None
-    shape = tensor_shape(src) if isinstance(src, fx.Node) else None
-    if depth >= 8 or shape is None or len(shape) != len(dims):
-        return None
-    moved = dims[1 if chain.axis == 1 else len(dims) - 1]
-    axis = 1 if moved == 1 else -1 if moved == len(dims) - 1 else None
-    if axis is None:
-        return None
-    target = _fold_into_producer(gm, Chain(src, chain.scale, chain.shift, [x], axis=axis),
-                                 depth + 1, dry)
-    return None if target is None else f"{target} through permute"
-
-
-def _consumer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """Follow pass-through modules (Identity, eval-mode Dropout) to the consuming layer."""
-    while node.op == "call_module" and _exact(gm.get_submodule(str(node.target)), _PASS_THROUGH) \
-            and len(node.users) == 1:
-        node = next(iter(node.users))
-    return node
-
-
-def _fold_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
-    """Fold into the layers that read the chain's result: every reader must take it.
+def plan_consumers(gm: fx.GraphModule, chain: Chain) -> Plan | Refusal:
+    """Folds into the layers that read the chain's result (every reader must take it), or
+    why not. Pure.
 
     Channels first, the scale (and shift) also moves forward through what it commutes with --
     pass-through modules, ReLU / pooling (:func:`_commutes`), averages over the positions,
     the flatten of a pooled ``(N, C, 1, ...)`` map to ``(N, C)``, a channel concatenation (the
-    other parts scaled by one) -- to Conv / Linear input columns or a BatchNorm's input side.
+    other parts scaled by one) -- to a consumer fold target. Tokens / channels last, only
+    pass-through modules lead to one (a Linear reads the last dim).
     """
     if chain.axis == -1:
-        return _fold_tokens_into_consumers(gm, chain)
-    sinks = _forward_sinks(gm, chain.root, chain.scale, chain.shift, 0, set())
-    if not sinks:
+        return _token_sinks(gm, chain)
+    return _forward_sinks(gm, chain.root, chain.scale, chain.shift, 0, set())
+
+
+def _sink(gm: fx.GraphModule, u: fx.Node, node: fx.Node, s: torch.Tensor, t: torch.Tensor,
+          axis: int) -> Fold | Refusal | None:
+    """``u`` as a consumer target of ``node``'s map: a fold, a refusal, or None (no target)."""
+    target = consumer_target(gm, u)
+    if target is None:
         return None
-    targets = []
-    for kind, c, s, t, via in sinks:
-        has_shift = bool(torch.any(t != 0))
-        if kind in ("conv", "linear"):
-            mod = module_for_call_site(gm, c)
-            if kind == "conv":
-                w, b = foldmath.fold_scale_into_conv_in(mod.weight, mod.bias, s,
-                                                        t if has_shift else None, mod.groups)
-            else:
-                w, b = foldmath.fold_scale_into_linear_in(mod.weight, mod.bias, s,
-                                                          t if has_shift else None)
-            mod.weight = nn.Parameter(w)
-            mod.bias = nn.Parameter(b)
-            name = f"{c.target} (input columns)"
-        elif kind == "bn":
-            mod = module_for_call_site(gm, c)
-            _fold_scale_into_norm_input(mod, s, t)
-            name = f"{c.target} (norm input)"
-        else:
-            w_node, b_node = _conv_param_nodes(gm, c)
-            weight = get_attr_path(gm, str(w_node.target))
-            bias = None if b_node is None else get_attr_path(gm, str(b_node.target))
-            groups = _functional_conv_arg(c, 6, "groups", 1)
-            w, b = foldmath.fold_scale_into_conv_in(weight, bias, s, t if has_shift else None,
-                                                    groups)
-            name = f"{set_functional_conv_params(gm, c, w_node, b_node, w, b)} (input columns)"
-        targets.append(name + (f" after {', '.join(via)}" if via else ""))
-    return ", ".join(targets)
+    if not _only_first_arg(u, node):
+        return Refusal("no-consumer-target", f"{u.name} reads the map other than as its input")
+    return target.check(gm, u, s, t, axis) or Fold(target, u, s, t)
 
 
-def _fold_scale_into_norm_input(mod: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
-    """An eval-mode BatchNorm of ``x * s + t``: ``a (x s + t - m) + b`` with ``a = g / sd`` is
-    the same norm with running mean 0, weight ``g s`` and bias ``b + a (t - m)``.
+def _forward_sinks(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tensor,
+                   depth: int, seen: set) -> list[Fold] | Refusal:
+    """The consumer folds of ``node``'s per-channel map (channels first), when every value
+    reader of ``node`` leads to one."""
+    shape = tensor_shape(node)
+    if shape is None or len(shape) < 2 or depth > _MAX_DEPTH:
+        return Refusal("no-consumer-target", "no fold target within reach")
+    out: list[Fold] = []
+    for u in list(node.users):
+        if reads_shape_only(u):
+            continue  # the shape is the same after the fold
+        if u in seen:  # reached twice: the two paths would need one combined scale
+            return Refusal("no-consumer-target", f"{u.name} is reached on two paths")
+        seen.add(u)
+        if u.op == "call_module":
+            if not _only_first_arg(u, node):
+                return Refusal("no-consumer-target", f"{u.name} reads it other than as input")
+            mod = gm.get_submodule(str(u.target))
+            if exact(mod, PASS_THROUGH) and (type(mod) is nn.Identity or not mod.training):
+                more = _forward_sinks(gm, u, s, t, depth + 1, seen)
+                if isinstance(more, Refusal):
+                    return more
+                out += more
+                continue
+        sink = _sink(gm, u, node, s, t, 1)
+        if isinstance(sink, Fold):
+            out.append(sink)
+            continue
+        step = _forward_step(gm, u, node, s, t)
+        if step is None:
+            return sink or Refusal("no-consumer-target", f"{_describe(gm, u)} does not take it")
+        s2, t2, what = step
+        more = _forward_sinks(gm, u, s2, t2, depth + 1, seen)
+        if isinstance(more, Refusal):
+            return more
+        out += [Fold(f.target, f.node, f.scale, f.shift, (what,) + f.via) for f in more]
+    return out or Refusal("no-consumer-target", "nothing reads it")
 
-    Nothing is changed in place: ``.to(float64)`` of a float64 buffer is the buffer itself, so
-    zeroing the running mean in place would zero ``m`` too (and any module sharing the buffer);
-    a new zero buffer is assigned instead."""
-    f64 = torch.float64
-    sd = torch.sqrt(mod.running_var.detach().to(f64) + mod.eps)
-    g = mod.weight.detach().to(f64) if mod.weight is not None else torch.ones_like(sd)
-    b = mod.bias.detach().to(f64) if mod.bias is not None else torch.zeros_like(sd)
-    m = mod.running_mean.detach().to(f64)
-    dtype = mod.running_var.dtype
-    weight, bias = (g * s).to(dtype), (b + g / sd * (t - m)).to(dtype)
-    mod.running_mean = torch.zeros_like(mod.running_mean)
-    mod.affine = True
-    mod.weight = nn.Parameter(weight)
-    mod.bias = nn.Parameter(bias)
+
+def _token_sinks(gm: fx.GraphModule, chain: Chain) -> list[Fold] | Refusal:
+    """Tokens / channels last: each reader, past pass-through modules, must be a target."""
+    root = chain.root
+    out: list[Fold] = []
+    for user in root.users:
+        if reads_shape_only(user):
+            continue
+        c = _consumer(gm, user)
+        if c is not user and user.args[0] is not root:
+            return Refusal("no-consumer-target", f"{user.name} reads the map other than as "
+                                                 f"its input")
+        inp = root if c is user else (c.args[0] if c.args else None)
+        sink = _sink(gm, c, inp, chain.scale, chain.shift, -1)
+        if sink is None:
+            return Refusal("no-consumer-target", f"{_describe(gm, c)} does not take it")
+        if isinstance(sink, Refusal):
+            return sink
+        out.append(sink)
+    return out or Refusal("no-consumer-target", "nothing reads it")
 
 
-_GLOBAL_AVG_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_GLOBAL_AVG_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-                         torch.adaptive_avg_pool1d, torch.mean, "mean"}
-_FLATTENS = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze",
-             torch.squeeze}
+def _consumer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Follow pass-through modules (Identity, eval-mode Dropout) to the consuming layer."""
+    while node.op == "call_module" and exact(gm.get_submodule(str(node.target)), PASS_THROUGH) \
+            and len(node.users) == 1:
+        node = next(iter(node.users))
+    return node
 
 
 def _only_first_arg(u: fx.Node, node: fx.Node) -> bool:
@@ -607,85 +472,14 @@ def _only_first_arg(u: fx.Node, node: fx.Node) -> bool:
     return node not in others
 
 
-def _forward_sinks(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tensor,
-                   depth: int, seen: set) -> list | None:
-    """The layers that take ``node``'s per-channel scale ``s`` and shift ``t`` (channels first)
-    if every (value) reader of ``node`` leads to one: ``[(kind, layer node, s, t, via)]`` with
-    kind conv / fconv / linear / bn, or None."""
-    shape = tensor_shape(node)
-    if shape is None or len(shape) < 2 or depth > 8:
-        return None
-    has_shift = bool(torch.any(t != 0))
-    out = []
-    for u in list(node.users):
-        if reads_shape_only(u):
-            continue  # the shape is the same after the fold
-        if u in seen:
-            return None  # reached twice: the two paths would need one combined scale
-        seen.add(u)
-        if u.op == "call_module":
-            mod = gm.get_submodule(str(u.target))
-            if not _only_first_arg(u, node):
-                return None
-            if _exact(mod, _PASS_THROUGH) and (type(mod) is nn.Identity or not mod.training):
-                more = _forward_sinks(gm, u, s, t, depth + 1, seen)
-                if more is None:
-                    return None
-                out += more
-                continue
-            if _exact(mod, CONV_TYPES):
-                if has_shift and _reads_padding(mod.padding, mod.kernel_size):
-                    return None
-                out.append(("conv", u, s, t, []))
-                continue
-            if _exact(mod, (nn.Linear,)) and len(shape) == 2:
-                out.append(("linear", u, s, t, []))
-                continue
-            if _exact(mod, NORM_TYPES) and not mod.training and mod.running_mean is not None \
-                    and mod.num_features == s.numel():
-                out.append(("bn", u, s, t, []))
-                continue
-        elif _conv_param_nodes(gm, u) is not None and _only_first_arg(u, node):
-            pad = _functional_conv_arg(u, 4, "padding", 0)
-            ksize = tuple(get_attr_path(gm, str(_conv_param_nodes(gm, u)[0].target)).shape[2:])
-            if has_shift and _reads_padding(pad, ksize):
-                return None
-            out.append(("fconv", u, s, t, []))
-            continue
-        step = _forward_step(gm, u, node, s, t)
-        if step is None:
-            return None
-        s2, t2, what = step
-        more = _forward_sinks(gm, u, s2, t2, depth + 1, seen)
-        if more is None:
-            return None
-        out += [(k, c, sc, sh, [what] + via) for k, c, sc, sh, via in more]
-    return out or None
-
-
-def _mutates_its_input(gm: fx.GraphModule, u: fx.Node) -> bool:
-    """An in-place call (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.relu_()``):
-    after a consumer fold it would write into the unscaled tensor, which others may read."""
-    if u.op == "call_module":
-        return bool(getattr(gm.get_submodule(str(u.target)), "inplace", False))
-    if u.op == "call_method":
-        return isinstance(u.target, str) and u.target.endswith("_")
-    if u.op == "call_function":
-        if u.kwargs.get("inplace") or _in_place(u):
-            return True
-        return u.target in _POSITIVE_HOMOGENEOUS_FUNCTIONS | _LINEAR_FUNCTIONS and \
-            any(a is True for a in u.args[1:])  # a positional inplace=True
-    return False
-
-
 def _forward_step(gm: fx.GraphModule, u: fx.Node, node: fx.Node, s: torch.Tensor,
                   t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """``u(node * s + t) = u(node) * s' + t'`` for a reader ``u`` of ``node``: (s', t', what u
     is), or None."""
     shape, ushape = tensor_shape(node), tensor_shape(u)
-    if ushape is None or u.op == "output" or _mutates_its_input(gm, u):
+    if ushape is None or u.op == "output" or mutates_its_input(gm, u):
         return None
-    if u.op == "call_function" and u.target in _CATS:
+    if u.op == "call_function" and u.target in CATS:
         seq = u.args[0] if u.args else u.kwargs.get("tensors")
         dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
         if not isinstance(seq, (list, tuple)) or not isinstance(dim, int) or \
@@ -706,65 +500,17 @@ def _forward_step(gm: fx.GraphModule, u: fx.Node, node: fx.Node, s: torch.Tensor
     # an average over the positions (any scale, any shift): a global pooling or mean
     spatial_gone = all(d == 1 for d in ushape[2:])
     if spatial_gone and len(ushape) in (2, len(shape)):
-        if u.op == "call_module" and _exact(gm.get_submodule(str(u.target)), _GLOBAL_AVG_MODULES):
+        if u.op == "call_module" and exact(gm.get_submodule(str(u.target)), GLOBAL_AVG_MODULES):
             return s, t, type(gm.get_submodule(str(u.target))).__name__
-        if u.op in ("call_function", "call_method") and u.target in _GLOBAL_AVG_FUNCTIONS:
+        if u.op in ("call_function", "call_method") and u.target in GLOBAL_AVG_FUNCTIONS:
             return s, t, str(getattr(u.target, "__name__", u.target))
     # (N, C, 1, ...) -> (N, C): channels map one to one
     if len(ushape) == 2 and all(d == 1 for d in shape[2:]):
-        if (u.op in ("call_function", "call_method") and u.target in _FLATTENS) or \
-                (u.op == "call_module" and _exact(gm.get_submodule(str(u.target)),
+        if (u.op in ("call_function", "call_method") and u.target in FLATTENS) or \
+                (u.op == "call_module" and exact(gm.get_submodule(str(u.target)),
                                                   (nn.Flatten,))):
             return s, t, "flatten"
     return None
-
-
-def _fold_tokens_into_consumers(gm: fx.GraphModule, chain: Chain) -> str | None:
-    """Tokens / channels last: only a Linear reads the channel (last) dim."""
-    root = chain.root
-    s, t = chain.scale, chain.shift
-    has_shift = bool(torch.any(t != 0))
-    plans = []
-    for user in root.users:
-        if reads_shape_only(user):
-            continue
-        c = _consumer(gm, user)
-        if c is None:
-            return None
-        if c is not user and user.args[0] is not root:
-            return None
-        first = c.args[0] if c.args else None
-        if c is user and (first is not root or root in c.args[1:]):
-            return None
-        if c.op == "call_module" and _exact(gm.get_submodule(str(c.target)), (nn.Linear,)):
-            plans.append(c)
-            continue
-        return None
-    if not plans:
-        return None
-    targets = []
-    for c in plans:
-        mod = module_for_call_site(gm, c)
-        w, b = foldmath.fold_scale_into_linear_in(mod.weight, mod.bias, s,
-                                                  t if has_shift else None)
-        mod.weight = nn.Parameter(w)
-        mod.bias = nn.Parameter(b)
-        targets.append(f"{c.target} (input columns)")
-    return ", ".join(targets)
-
-
-def _reads_padding(padding: Any, kernel_size: tuple) -> bool:
-    """Whether a conv's kernel ever reads zero padding ("valid" never; "same" only for
-    kernels wider than 1)."""
-    if padding == "valid":
-        return False
-    if padding == "same":
-        return any(k > 1 for k in _tuple(kernel_size))
-    return any(p != 0 for p in _tuple(padding))
-
-
-def _tuple(v: Any) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
 def _chain_paths(chain: Chain) -> list[str]:
@@ -778,50 +524,48 @@ def _chain_paths(chain: Chain) -> list[str]:
     return paths if len(paths) > 1 else [module_path(chain.root)]
 
 
-def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: True
-                ) -> list[dict[str, Any]]:
-    """Fold every per-channel affine chain of ``gm`` (eval mode) into a neighbouring layer.
+def _kept(producer: Refusal, consumers: Refusal) -> tuple[str, str]:
+    """(code, reason) of a chain neither side takes: the more specific refusal's code."""
+    code = next((r.code for r in (producer, consumers) if r.code not in _GENERIC),
+                "no-fold-target")
+    why = "; ".join(r.reason for r in (producer, consumers) if r.reason)
+    return code, "no exact BatchNorm/Conv/Linear producer or consumer takes it" + \
+        (f" ({why})" if why else "")
 
-    Args:
-        gm: a GraphModule with shape metadata, whose constants are get_attr buffers
-            (run :func:`evaluate_constants` first).
-        select: called with each chain's key (``"scale:<node name>"``); only chains it accepts
-            are folded (used to isolate the site behind a failed check).
 
-    Returns:
-        One record per chain: ``{"key", "path", "channels", "action", "target"}``.
-    """
-    records = []
-    covered: set[str] = set()
-    replaced: dict[fx.Node, fx.Node] = {}  # folded chain root -> the node that now stands for it
-    for chain in _collect_chains(gm, select):
-        while chain.base in replaced:  # this chain scales the result of a chain folded before
-            chain.base = replaced[chain.base]
-        covered.update(m.name for m in chain.members)
-        root = chain.root
-        recs = [pass_record(f"scale:{root.name}", path, chain.scale.numel())
-                for path in _chain_paths(chain)]
-        target = _fold_into_producer(gm, chain)
-        if target is None:
-            target = _fold_into_consumers(gm, chain)
-        if target is None:
+def _fold_chain(gm: fx.GraphModule, chain: Chain, replaced: dict[fx.Node, fx.Node]
+                ) -> list[Site]:
+    while chain.base in replaced:  # this chain scales the result of a chain folded before
+        chain.base = replaced[chain.base]
+    root = chain.root
+    recs = [record(f"scale:{root.name}", path, "channel scale", chain.scale.numel())
+            for path in _chain_paths(chain)]
+    plan = plan_producer(gm, chain)
+    if isinstance(plan, Refusal):
+        producer_refusal, plan = plan, plan_consumers(gm, chain)
+        if isinstance(plan, Refusal):
+            code, reason = _kept(producer_refusal, plan)
             for rec in recs:
-                rec.update(action="kept", target="",
-                           reason="no exact BatchNorm/Conv/Linear producer or consumer takes it")
-            records.extend(recs)
-            continue
-        root.replace_all_uses_with(chain.base)
-        replaced[root] = chain.base
-        for m in reversed(chain.members):
-            if not m.users:
-                gm.graph.erase_node(m)
-        for rec in recs:
-            rec.update(action="folded", target=target, reason="")
-        records.extend(recs)
-    # nothing is skipped silently: report every per-channel constant op still in the graph
+                rec.reason, rec.code = reason, code
+            return recs
+    target = apply_plan(gm, plan)
+    root.replace_all_uses_with(chain.base)
+    replaced[root] = chain.base
+    for m in reversed(chain.members):
+        if not m.users:
+            gm.graph.erase_node(m)
+    for rec in recs:
+        rec.action, rec.target = "folded", target
+    return recs
+
+
+def _leftovers(gm: fx.GraphModule, covered: set[str]) -> list[Site]:
+    """Nothing is skipped silently: a record for every per-channel constant op still in the
+    graph that no chain covered."""
+    out = []
     dep = value_dependent(gm.graph)
     for n in gm.graph.nodes:
-        if n.name in covered or not select(f"scale:{n.name}") or n.op not in ("call_function", "call_method") \
+        if n.name in covered or n.op not in ("call_function", "call_method") \
                 or len(n.args) != 2 or n not in dep:
             continue
         if not (is_op(n, MUL_OPS) or is_op(n, ADD_OPS) or is_op(n, SUB_OPS) or is_op(n, _DIV_OPS)):
@@ -832,8 +576,41 @@ def fold_scales(gm: fx.GraphModule, select: Callable[[str], bool] = lambda key: 
         found = next((f for f in (_const(gm, k, shape, dep) for k in n.args) if f), None)
         if found is None:
             continue
-        reason = ("in-place op on a tensor that is read again later" if _in_place(n)
-                  else "no exact BatchNorm/Conv/Linear producer or consumer takes it")
-        records.append(pass_record(f"scale:{n.name}", module_path(n), shape[found[1]],
-                                   reason=reason))
-    return records
+        if in_place(n):
+            reason, code = "in-place op on a tensor that is read again later", "in-place-reread"
+        else:
+            reason = "no exact BatchNorm/Conv/Linear producer or consumer takes it"
+            code = "no-fold-target"
+        out.append(record(f"scale:{n.name}", module_path(n), "channel scale", shape[found[1]],
+                          reason=reason, code=code))
+    return out
+
+
+def scale_steps(gm: fx.GraphModule) -> Iterator[Step]:
+    """The steps of :func:`fold_scales`: one per chain (key ``"scale:<root node>"``), then the
+    report of per-channel constant ops left over."""
+    covered: set[str] = set()
+    replaced: dict[fx.Node, fx.Node] = {}  # folded chain root -> the node that now stands for it
+    for chain in _collect_chains(gm):
+        covered.update(m.name for m in chain.members)
+        yield Step(f"scale:{chain.root.name}",
+                   lambda chain=chain: _fold_chain(gm, chain, replaced))
+    yield Step(None, lambda: _leftovers(gm, covered))
+
+
+def fold_scales(gm: fx.GraphModule, ctx: PassContext | None = None) -> list[Site]:
+    """Fold every per-channel affine chain of ``gm`` (eval mode) into a neighbouring layer.
+
+    Args:
+        gm: a GraphModule with shape metadata, whose constants are get_attr buffers
+            (run :func:`~.const_eval.evaluate_constants` first).
+        ctx: ``ctx.select`` picks the chains that fold (by key ``"scale:<node name>"``).
+
+    Returns:
+        One "channel scale" record per chain (per attention site when a chain joins several),
+        and one per constant op left over; kept records carry a code (``no-fold-target``,
+        ``shift-before-padded-conv``, ``in-place-reread``, ...).
+    """
+    return run_steps(scale_steps(gm), ctx)
+
+

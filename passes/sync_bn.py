@@ -16,7 +16,13 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .graph_utils import pass_record, set_attr_path, tensor_shape
+from asrfx.inputs import normalize_inputs
+
+from asrfx.report import Site
+
+from .graph_utils import set_attr_path, tensor_shape
+from .protocol import PassContext, record
+from .shapes import propagate_shapes
 
 __all__ = ["revert_sync_batchnorm"]
 
@@ -26,8 +32,10 @@ _BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.Batch
 
 def _graphs(gm: fx.GraphModule) -> list[fx.Graph]:
     graphs = [gm.graph]
-    eval_graph = gm.__dict__.get("_asrfx_eval_graph")  # a DualModeGraphModule's second graph
-    if eval_graph is not None and eval_graph is not gm.graph:
+    # a DualModeGraphModule's second graph, read through its public ``eval_graph`` (a plain
+    # GraphModule has none); duck-typed, so that no pass imports the tracer
+    eval_graph = getattr(gm, "eval_graph", None)
+    if isinstance(eval_graph, fx.Graph) and eval_graph is not gm.graph:
         graphs.append(eval_graph)
     return graphs
 
@@ -54,7 +62,8 @@ def _batchnorm_like(sync: nn.SyncBatchNorm, cls: type) -> nn.Module:
     return bn
 
 
-def revert_sync_batchnorm(gm: fx.GraphModule, example_inputs: Any = None) -> list[dict[str, Any]]:
+def revert_sync_batchnorm(gm: fx.GraphModule, ctx: PassContext | None = None, *,
+                          example_inputs: Any = None) -> list[Site]:
     """Replace every exact ``nn.SyncBatchNorm`` that ``gm`` calls by ``BatchNorm1d/2d/3d``, in place.
 
     The dimensionality comes from the rank of the input at the module's call sites (2 or 3 ->
@@ -67,12 +76,11 @@ def revert_sync_batchnorm(gm: fx.GraphModule, example_inputs: Any = None) -> lis
     sites of both graphs count.
 
     Returns:
-        One record per SyncBatchNorm called: action ``"reverted"`` with the new class name as
-        target, or ``"kept"`` with a reason.
+        One "SyncBatchNorm" record per SyncBatchNorm called: action ``"reverted"`` with the
+        new class name as target, or ``"kept"`` with a reason and a code (``rank-unknown``,
+        ``rank-unsupported``, ``ranks-differ``).
     """
     if example_inputs is not None:
-        from asrfx.tracing import normalize_inputs, propagate_shapes
-
         inputs = normalize_inputs(example_inputs, gm)
         if inputs is not None:
             propagate_shapes(gm, inputs)
@@ -87,21 +95,22 @@ def revert_sync_batchnorm(gm: fx.GraphModule, example_inputs: Any = None) -> lis
     records = []
     for target, rs in ranks.items():
         sync = gm.get_submodule(target)
-        rec = pass_record(f"syncbn:{target}", target, sync.num_features)
+        rec = record(f"syncbn:{target}", target, "SyncBatchNorm", sync.num_features)
         records.append(rec)
         if None in rs:
-            rec["reason"] = ("the rank of its input is unknown (no shape metadata); pass "
-                             "example_inputs")
+            rec.code, rec.reason = "rank-unknown", ("the rank of its input is unknown (no "
+                                                    "shape metadata); pass example_inputs")
             continue
         classes = {_BY_RANK.get(r) for r in rs}
         if None in classes:
-            rec["reason"] = f"input of rank {max(rs)}: no BatchNorm class takes it"
+            rec.code, rec.reason = ("rank-unsupported",
+                                    f"input of rank {max(rs)}: no BatchNorm class takes it")
             continue
         if len(classes) > 1:
-            rec["reason"] = (f"called on inputs of ranks {sorted(rs)}: no one BatchNorm class "
-                             f"takes them all")
+            rec.code, rec.reason = "ranks-differ", (f"called on inputs of ranks {sorted(rs)}: "
+                                                    f"no one BatchNorm class takes them all")
             continue
         (cls,) = classes
         set_attr_path(gm, target, _batchnorm_like(sync, cls))
-        rec.update(action="reverted", target=cls.__name__)
+        rec.action, rec.target = "reverted", cls.__name__
     return records

@@ -15,6 +15,8 @@ import torch
 from hypothesis import HealthCheck, Phase, settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the shared checks in helpers (assert_outputs_close, roundtrip, ...) assert: show their values
+pytest.register_assert_rewrite("helpers")
 
 from helpers import randomize_bn  # noqa: E402,F401  (re-exported: ``from conftest import ...``)
 

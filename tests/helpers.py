@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -11,8 +11,11 @@ from torch import nn
 
 from asrfx.zoo import SEModule
 
-__all__ = ["randomize_bn", "rel_err", "count_se", "se_paths", "node_kinds", "sigmoid_nodes",
-           "bn_call_nodes", "train_steps", "state_snapshot", "assert_state_equal", "REL_TOL"]
+__all__ = ["randomize_bn", "randomize_psi", "randomize_ln", "rel_err", "count_se", "se_paths",
+           "node_kinds", "sigmoid_nodes", "bn_call_nodes", "train_steps", "state_snapshot",
+           "assert_state_equal", "assert_prepare_changes_nothing", "REL_TOL", "rand_images",
+           "uniform", "divisors", "dtype_tol", "SE", "SENet", "DropPathNet", "psi_names",
+           "has_batchnorm", "assert_outputs_close", "check_fold", "roundtrip"]
 
 #: the equivalence tolerance of the tests: max |ref - out| / max |ref|.
 REL_TOL = 1e-4
@@ -168,3 +171,149 @@ def assert_prepare_changes_nothing(model: nn.Module, *inputs: torch.Tensor) -> N
     prepared.eval()
     with torch.no_grad():
         torch.testing.assert_close(prepared(*inputs), model(*inputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and small numeric helpers
+
+
+def rand_images(batch: int, seed: int, size: int = 32) -> torch.Tensor:
+    """A (batch, 3, size, size) standard-normal batch from a generator seeded with ``seed``."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def uniform(gen: torch.Generator, shape, lo: float, hi: float,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """U(lo, hi) of ``shape`` from ``gen``, in ``dtype`` (the default dtype if None)."""
+    return torch.rand(*shape, generator=gen, dtype=dtype) * (hi - lo) + lo
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def dtype_tol(dtype: torch.dtype, float32_tol: float = REL_TOL) -> float:
+    """Relative tolerance (max |ref - out| / max |ref|) of an exact fold or merge in ``dtype``:
+    ``float32_tol`` in float32 (``REL_TOL``, about 840 eps, unless the caller asks for less);
+    otherwise 2**20 eps (~2.3e-10 in float64) -- rounding alone stays below ~1e-14 in the small
+    O(1) nets of the tests, while a fold that loses a term errs by the order of the values."""
+    return float32_tol if dtype == torch.float32 else 2.0 ** 20 * torch.finfo(dtype).eps
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+class SE(nn.Module):
+    """Squeeze-and-excitation with 1x1 convs: ``x * sigmoid(fc2(relu(fc1(mean(x)))))``.
+
+    ``hidden``: the width of the excitation, ``max(c // 2, 1)`` unless given.
+    """
+
+    def __init__(self, c: int, hidden: int | None = None):
+        super().__init__()
+        hidden = max(c // 2, 1) if hidden is None else hidden
+        self.fc1 = nn.Conv2d(c, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class SENet(nn.Module):
+    """conv -> BN -> SE -> ReLU -> conv -> BN: the SE folds into ``bn``, both BNs into convs."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.se = SE(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.se(self.bn(self.conv(x))))))
+
+
+class DropPathNet(nn.Module):
+    """Forward differs between train and eval mode (stochastic depth), without shape reads:
+    traced as two graphs over one set of weights."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.se = SE(c)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.se(self.bn(y))
+        if self.training:
+            keep = (torch.rand_like(z[:, :1, :1, :1]) < 0.8).float()
+            z = z * keep / 0.8
+        return torch.relu(y + z)
+
+
+# ---------------------------------------------------------------------------------------------
+# model state
+
+
+def psi_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s psi parameters, in registration order."""
+    return [n for n, _ in model.named_parameters() if n.endswith("psi")]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def randomize_ln(model: nn.Module, seed: int) -> nn.Module:
+    """Give every affine LayerNorm of ``model`` random weight ~ U(0.5, 1.5) and bias
+    ~ U(-0.5, 0.5), in place, from a ``torch.Generator`` seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# fold checks
+
+
+def assert_outputs_close(ref: nn.Module, model: nn.Module, *inputs: torch.Tensor,
+                         tol: float = REL_TOL) -> None:
+    """``ref`` (switched to eval mode) and ``model`` agree on every input: rel_err <= ``tol``."""
+    ref.eval()
+    with torch.no_grad():
+        for xi in inputs:
+            assert rel_err(ref(xi), model(xi)) <= tol
+
+
+def check_fold(prepared: nn.Module, x: torch.Tensor, deploy: nn.Module,
+               tol: float = REL_TOL) -> None:
+    """Eval-mode outputs of ``prepared`` and ``deploy`` agree on ``x`` and on a fresh batch of 3
+    (``torch.randn``, from the global generator)."""
+    assert_outputs_close(prepared, deploy, x, torch.randn(3, *x.shape[1:]), tol=tol)
+
+
+def roundtrip(model: nn.Module, x: torch.Tensor, *others: torch.Tensor, bn_seed: int = 1,
+              psi_seed: int | None = 2, tol: float = REL_TOL,
+              before_fold: Callable[[nn.Module], None] | None = None):
+    """prepare at ``x`` -> ``before_fold(prepared)`` (e.g. a training step) -> random BatchNorm
+    statistics (``bn_seed``, where there are BatchNorms) and psi (``psi_seed``; None keeps psi)
+    -> fold at ``x``; eval outputs checked on ``x`` and ``others``. Returns (prepared, deploy)."""
+    import asrfx
+
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    if before_fold is not None:
+        before_fold(prepared)
+    if has_batchnorm(prepared):
+        randomize_bn(prepared, seed=bn_seed)
+    if psi_seed is not None:
+        randomize_psi(prepared, seed=psi_seed)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert_outputs_close(prepared, deploy, x, *others, tol=tol)
+    return prepared, deploy

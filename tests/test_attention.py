@@ -27,9 +27,7 @@ ADDITIVE = {"gc"}  # fusion x + f(x); every other module is x * g
 C = 64
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+# every test starts from torch.manual_seed(0): conftest._deterministic_torch
 
 
 def spatial_shape(dims: int) -> tuple:

@@ -97,7 +97,7 @@ def test_training_form_runs_the_excitation_once():
 
 def _expanded_form(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
     """The training form as it was: psi expanded to the batch (apply_asr(one_row=False))."""
-    import asrfx.api as api
+    import asrfx.pipeline as api
 
     original = api.apply_asr
     api.apply_asr = lambda *a, **k: original(*a, **{**k, "one_row": False})

@@ -10,14 +10,13 @@ from torch import nn
 
 import asrfx
 from asrfx import foldmath
-from helpers import randomize_bn, randomize_psi, rel_err
+from helpers import dtype_tol, randomize_bn, randomize_psi, rel_err
 
 
-def _tol(dtype: torch.dtype) -> float:
-    """Relative tolerance of an exact merge: 1e-5 in float32 (~84 eps), 2**20 eps (~2.3e-10)
-    in float64, far above the rounding of these small O(1) nets (~1e-15) and far below any
-    slip of a fold (of the order of the values)."""
-    return 1e-5 if dtype == torch.float32 else 2.0 ** 20 * torch.finfo(dtype).eps
+#: float32 tolerance of an exact merge, 1e-5 (~84 eps); in float64 :func:`helpers.dtype_tol`
+#: gives 2**20 eps (~2.3e-10): far above the rounding of these small O(1) nets (~1e-15) and far
+#: below any slip of a fold (of the order of the values).
+MERGE_F32_TOL = 1e-5
 
 
 def cbn(ci, co, k, stride=1, padding=None, groups=1):
@@ -77,7 +76,7 @@ def test_multi_branch_nets_fold_to_one_conv_per_block(build, blocks, dtype):
     torch.manual_seed(0)
     model = randomize_bn(build(), seed=1).to(dtype)
     x = torch.randn(2, 3, 16, 16, dtype=dtype)
-    deploy = asrfx.fold(model, example_inputs=(x,), tol=_tol(dtype))
+    deploy = asrfx.fold(model, example_inputs=(x,), tol=dtype_tol(dtype, MERGE_F32_TOL))
     assert _convs_and_norms(deploy) == (blocks, 0)
     n_merged = deploy.asrfx_report.count(action="merged", kind="branch merge")
     assert n_merged == (4 if build is repvgg_net else 2)
@@ -86,7 +85,7 @@ def test_multi_branch_nets_fold_to_one_conv_per_block(build, blocks, dtype):
         for xi in (x, torch.randn(3, 3, 16, 16, dtype=dtype)):
             out = deploy(xi)
             assert out.dtype == dtype
-            assert rel_err(model(xi), out) <= _tol(dtype)
+            assert rel_err(model(xi), out) <= dtype_tol(dtype, MERGE_F32_TOL)
 
 
 def test_asr_inserted_into_repvgg_folds_together_with_the_merge():
@@ -310,7 +309,7 @@ def test_branch_sums_merge_exactly_when_they_are_one_conv(case, seed, dtype):
             model(x)
     except RuntimeError:
         return  # branch outputs of different sizes cannot be summed at all
-    deploy = asrfx.fold(model, example_inputs=(x,), tol=_tol(dtype))
+    deploy = asrfx.fold(model, example_inputs=(x,), tol=dtype_tol(dtype, MERGE_F32_TOL))
     event(f"{dtype}, gate {model.gate}{', identity BN' if ('bn',) in specs else ''}")
     recs = [s for s in deploy.asrfx_report.sites if s.kind == "branch merge"]
     merged = [r for r in recs if r.action == "merged"]
@@ -322,4 +321,4 @@ def test_branch_sums_merge_exactly_when_they_are_one_conv(case, seed, dtype):
         assert _convs_and_norms(deploy)[0] >= 2
     with torch.no_grad():
         for xi in (x, torch.randn(3, c, 9, 9, dtype=dtype)):
-            assert rel_err(model(xi), deploy(xi)) <= _tol(dtype)
+            assert rel_err(model(xi), deploy(xi)) <= dtype_tol(dtype, MERGE_F32_TOL)

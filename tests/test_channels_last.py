@@ -13,7 +13,7 @@ from torch import nn
 import asrfx
 from asrfx.attention import SE, TokenSE
 from asrfx.zoo import convnext_tiny
-from helpers import randomize_psi, rel_err
+from helpers import check_fold, randomize_psi
 
 
 def _randomize_norms(model: nn.Module, seed: int) -> None:
@@ -23,13 +23,6 @@ def _randomize_norms(model: nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("gamma") or name.startswith("stem.1"):
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-
-
-def _check(prepared, x, deploy):
-    prepared.eval()
-    with torch.no_grad():
-        for xi in (x, torch.randn(3, *x.shape[1:])):
-            assert rel_err(prepared(xi), deploy(xi)) <= 1e-4
 
 
 def _scale_records(deploy):
@@ -56,7 +49,7 @@ def test_convnext_with_channels_last_se_folds_to_the_plain_graph():
                               ("stages.0.0", "stages.1.2", "stages.1.3")] +
                              [f"{b}.pwconv2 (output rows)" for b in
                               ("stages.0.0", "stages.1.2", "stages.1.3")])
-    _check(prepared, x, deploy)
+    check_fold(prepared, x, deploy)
     # the deploy graph is the plain ConvNeXt's, layer scale folded away as well
     plain = convnext_tiny(depths=(1, 2))
     plain_deploy = asrfx.fold(plain, example_inputs=(x,))
@@ -78,7 +71,7 @@ def test_insertion_after_channels_last_norms():
     randomize_psi(prepared, 4)
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     assert not [s for s in _scale_records(deploy) if s.action == "kept"]
-    _check(prepared, x, deploy)
+    check_fold(prepared, x, deploy)
 
 
 class SEAfterBlock(nn.Module):
@@ -125,7 +118,7 @@ def test_scale_crosses_a_permute(cls, target):
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     assert target in [s.target for s in _scale_records(deploy)]
     assert not [n for n in deploy.graph.nodes if "sigmoid" in str(n.target)]
-    _check(prepared, x, deploy)
+    check_fold(prepared, x, deploy)
 
 
 def test_permute_to_a_non_channel_dim_is_not_crossed():
@@ -145,7 +138,7 @@ def test_permute_to_a_non_channel_dim_is_not_crossed():
     deploy = asrfx.fold(model, example_inputs=(x,))
     (rec,) = _scale_records(deploy)
     assert rec.action == "kept"
-    _check(model, x, deploy)
+    check_fold(model, x, deploy)
 
 
 def test_width_gate_next_to_a_linear_over_width_is_a_last_dim_gate():
@@ -169,7 +162,7 @@ def test_width_gate_next_to_a_linear_over_width_is_a_last_dim_gate():
     randomize_psi(prepared, 6)
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     assert [s.target for s in _scale_records(deploy)] == ["mix (output rows)"]
-    _check(prepared, x, deploy)
+    check_fold(prepared, x, deploy)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -201,4 +194,4 @@ def test_channel_scale_into_a_layernorm_over_channels_and_positions(bias):
     assert deploy.get_submodule("ln").bias is not None
     assert not [n for n in deploy.graph.nodes if n.op != "get_attr" and
                 str(n.target) in ("<built-in function mul>", "<built-in function add>")]
-    _check(prepared, x, deploy)
+    check_fold(prepared, x, deploy)

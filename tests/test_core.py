@@ -15,14 +15,11 @@ from torch import nn
 import asrfx
 from asrfx.zoo import SEModule, cifar_resnet
 from helpers import (REL_TOL, assert_state_equal, bn_call_nodes, count_se, node_kinds,
-                     randomize_bn, rel_err, se_paths, sigmoid_nodes, state_snapshot, train_steps)
+                     rand_images, randomize_bn, rel_err, se_paths, sigmoid_nodes, state_snapshot,
+                     train_steps)
 
 NUM_CLASSES = 10
-SIZE = 32
-
-
-def _x(batch: int, seed: int) -> torch.Tensor:
-    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+SIZE = 32  # the input size: also helpers.rand_images' default
 
 
 def _psis(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -33,7 +30,7 @@ def _assert_equivalent(ref_model: nn.Module, folded: nn.Module, batches, seed: i
     """``folded`` matches ``ref_model`` (both in eval mode) on fresh inputs of each batch size."""
     assert not ref_model.training and not folded.training
     for i, b in enumerate(batches):
-        x = _x(b, seed + i)
+        x = rand_images(b, seed + i)
         with torch.no_grad():
             ref, out = ref_model(x), folded(x)
         assert out.shape == ref.shape == (b, NUM_CLASSES)
@@ -61,15 +58,15 @@ def _pipeline(name: str, fold_batch: int):
         torch.manual_seed(cfg["depth"])
         original = cifar_resnet(cfg["depth"], attention="se", block=cfg["block"],
                                 num_classes=NUM_CLASSES)
-        prepared = asrfx.prepare(original, example_inputs=(_x(fold_batch, 1),), mode="replace",
-                                 init=0.1)
+        prepared = asrfx.prepare(original, example_inputs=(rand_images(fold_batch, 1),),
+                                 mode="replace", init=0.1)
         psi0 = {n: p.detach().clone() for n, p in _psis(prepared).items()}
         losses = train_steps(prepared, num_classes=NUM_CLASSES, size=SIZE, **_TRAIN)
         assert all(torch.isfinite(torch.tensor(losses)))
         # training moved psi (otherwise the fold below would test the initial constant only)
         assert any(not torch.equal(psi0[n], p) for n, p in _psis(prepared).items())
         randomize_bn(prepared, seed=7)
-        folded = asrfx.fold(prepared, example_inputs=(_x(fold_batch, 2),), check=True,
+        folded = asrfx.fold(prepared, example_inputs=(rand_images(fold_batch, 2),), check=True,
                             fuse_bn=True)
         prepared.eval()
         _CACHE[key] = (original, prepared, folded)
@@ -138,7 +135,7 @@ def test_psi_shape_init_grad_and_step():
     torch.manual_seed(0)
     original = cifar_resnet(20, attention="se", block="basic", num_classes=NUM_CLASSES)
     n_se = count_se(original)
-    prepared = asrfx.prepare(original, example_inputs=(_x(4, 0),), init=0.1)
+    prepared = asrfx.prepare(original, example_inputs=(rand_images(4, 0),), init=0.1)
     psis = _psis(prepared)
     assert len(psis) == n_se == 9
     report = prepared.asrfx_report
@@ -194,7 +191,7 @@ def test_every_psi_gets_gradient_when_se_hidden_units_are_alive():
         for m in original.modules():
             if isinstance(m, SEModule):
                 m.fc1.bias.fill_(1.0)
-    prepared = asrfx.prepare(original, example_inputs=(_x(2, 0),))
+    prepared = asrfx.prepare(original, example_inputs=(rand_images(2, 0),))
     psis = _psis(prepared)
     assert len(psis) == count_se(original)
     prepared.train()
@@ -217,7 +214,7 @@ def test_psi_init_variants(init):
     paths = se_paths(original)
     arg = {"dict": {f"{p}.psi": float(i) for i, p in enumerate(paths)},
            "scalar-tensor": torch.tensor(0.3)}.get(init, init)
-    psis = _psis(asrfx.prepare(original, example_inputs=(_x(2, 0),), init=arg))
+    psis = _psis(asrfx.prepare(original, example_inputs=(rand_images(2, 0),), init=arg))
     assert sorted(psis) == sorted(f"{p}.psi" for p in paths)
     for i, p in enumerate(paths):
         v = psis[f"{p}.psi"].detach()
@@ -233,7 +230,7 @@ def test_psi_init_tensor_that_fits_some_sites_only():
     original = cifar_resnet(20, attention="se", block="basic", num_classes=NUM_CLASSES)
     # a (16,) tensor fits the 16-channel sites of stage 1, not the 32/64-channel ones
     with pytest.raises(ValueError, match="does not fit"):
-        asrfx.prepare(original, example_inputs=(_x(2, 0),), init=torch.arange(16.0))
+        asrfx.prepare(original, example_inputs=(rand_images(2, 0),), init=torch.arange(16.0))
 
 
 @pytest.mark.parametrize("bad", ["misfit-tensor", "incomplete-dict"])
@@ -242,7 +239,7 @@ def test_bad_psi_init_is_an_input_error(bad):
     original = cifar_resnet(20, attention="se", block="basic", num_classes=NUM_CLASSES)
     init = torch.arange(16.0) if bad == "misfit-tensor" else {"layer1.0.attention.psi": 0.2}
     with pytest.raises(asrfx.InputError):
-        asrfx.prepare(original, example_inputs=(_x(2, 0),), init=init)
+        asrfx.prepare(original, example_inputs=(rand_images(2, 0),), init=init)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +251,7 @@ def test_folded_se_graph_equals_folded_plain_graph_r164():
     torch.manual_seed(1640)
     plain = cifar_resnet(164, attention=None, block="bottleneck", num_classes=NUM_CLASSES)
     randomize_bn(plain, seed=8)
-    folded_plain = asrfx.fold(plain, example_inputs=(_x(2, 3),))
+    folded_plain = asrfx.fold(plain, example_inputs=(rand_images(2, 3),))
 
     kinds_se, kinds_plain = node_kinds(folded), node_kinds(folded_plain)
     assert kinds_se == kinds_plain, (kinds_se - kinds_plain, kinds_plain - kinds_se)
@@ -284,7 +281,7 @@ def _both_r20():
     if not _BOTH:
         torch.manual_seed(20)
         original = cifar_resnet(20, attention="se", block="basic", num_classes=NUM_CLASSES)
-        prepared = asrfx.prepare(original, example_inputs=(_x(4, 0),), mode="both")
+        prepared = asrfx.prepare(original, example_inputs=(rand_images(4, 0),), mode="both")
         _BOTH["r20"] = (original, prepared)
     return _BOTH["r20"]
 
@@ -303,7 +300,7 @@ class _ConvBnSE(nn.Module):
 def test_both_mode_single_se_block():
     torch.manual_seed(0)
     model = randomize_bn(_ConvBnSE(), seed=1)
-    x = _x(2, 0)[..., :8, :8]
+    x = rand_images(2, 0)[..., :8, :8]
     prepared = asrfx.prepare(model, example_inputs=(x,), mode="both")
     assert len(sigmoid_nodes(prepared)) == 2
     folded = asrfx.fold(prepared, example_inputs=(x,))
@@ -342,7 +339,7 @@ def test_both_mode_trains_and_folds_exactly():
     for n, p in _psis(prepared).items():
         assert p.grad is not None, n
     randomize_bn(prepared, seed=11)
-    folded = asrfx.fold(prepared, example_inputs=(_x(8, 5),))
+    folded = asrfx.fold(prepared, example_inputs=(rand_images(8, 5),))
     prepared.eval()
     _assert_equivalent(prepared, folded, [8, 1, 3])
 
@@ -363,14 +360,15 @@ def test_both_mode_folds_the_asr_scale_away():
     original, prepared = _both_r20()
     n_se = count_se(original)
     prepared = randomize_bn(copy.deepcopy(prepared), seed=12)
-    folded = asrfx.fold(prepared, example_inputs=(_x(4, 5),))
+    folded = asrfx.fold(prepared, example_inputs=(rand_images(4, 5),))
     report = folded.asrfx_report
     assert report.count(action="kept", kind="channel scale") == 0
     assert report.count(action="folded", kind="channel scale") == n_se
     torch.manual_seed(20)
     se_only = randomize_bn(cifar_resnet(20, attention="se", block="basic",
                                         num_classes=NUM_CLASSES), seed=12)
-    assert node_kinds(folded) == node_kinds(asrfx.fold(se_only, example_inputs=(_x(4, 5),)))
+    assert node_kinds(folded) == node_kinds(asrfx.fold(se_only,
+                                                       example_inputs=(rand_images(4, 5),)))
 
 
 def test_both_mode_fold_report_names_the_asr_scale_sites():
@@ -378,7 +376,7 @@ def test_both_mode_fold_report_names_the_asr_scale_sites():
     inserted multiply had no nn_module_stack meta)."""
     original, prepared = _both_r20()
     folded = asrfx.fold(randomize_bn(copy.deepcopy(prepared), seed=13),
-                        example_inputs=(_x(4, 5),))
+                        example_inputs=(rand_images(4, 5),))
     scale_paths = [s.path for s in folded.asrfx_report.sites if s.kind == "channel scale"]
     assert sorted(scale_paths) == sorted(se_paths(original))
 
@@ -390,7 +388,7 @@ def test_both_mode_fold_report_names_the_asr_scale_sites():
 def test_original_checkpoint_loads_into_prepared():
     torch.manual_seed(0)
     original = cifar_resnet(20, attention="se", block="basic", num_classes=NUM_CLASSES)
-    prepared = asrfx.prepare(original, example_inputs=(_x(2, 0),))
+    prepared = asrfx.prepare(original, example_inputs=(rand_images(2, 0),))
     # a different "trained" original: other weights, other BN statistics
     torch.manual_seed(1)
     trained = randomize_bn(cifar_resnet(20, attention="se", block="basic",
@@ -417,14 +415,14 @@ def test_prepare_and_fold_do_not_touch_the_callers_model(mode, training):
     randomize_bn(original, seed=1)
     original.train(training)
     snap = state_snapshot(original)
-    prepared = asrfx.prepare(original, example_inputs=(_x(4, 0),), mode=mode)
+    prepared = asrfx.prepare(original, example_inputs=(rand_images(4, 0),), mode=mode)
     assert_state_equal(snap, state_snapshot(original))
     assert original.training is training
     assert all(m.training is training for m in original.modules())
     assert prepared.training is training
 
     snap_p = state_snapshot(prepared)
-    folded = asrfx.fold(prepared, example_inputs=(_x(4, 1),))
+    folded = asrfx.fold(prepared, example_inputs=(rand_images(4, 1),))
     assert_state_equal(snap_p, state_snapshot(prepared))
     assert prepared.training is training
     assert all(m.training is training for m in prepared.modules())
@@ -432,7 +430,7 @@ def test_prepare_and_fold_do_not_touch_the_callers_model(mode, training):
     assert not any(m.training for m in folded.modules())
 
     # fold of a plain (unprepared) model: same guarantees
-    folded_orig = asrfx.fold(original, example_inputs=(_x(4, 1),))
+    folded_orig = asrfx.fold(original, example_inputs=(rand_images(4, 1),))
     assert_state_equal(snap, state_snapshot(original))
     assert original.training is training
     assert not folded_orig.training
@@ -444,7 +442,7 @@ def test_fold_of_plain_resnet_fuses_every_batchnorm():
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert n_bn == 21
     randomize_bn(plain, seed=2)
-    folded = asrfx.fold(plain, example_inputs=(_x(8, 0),))
+    folded = asrfx.fold(plain, example_inputs=(rand_images(8, 0),))
     assert bn_call_nodes(folded) == []
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     report = folded.asrfx_report
@@ -459,7 +457,7 @@ def test_fold_of_plain_bottleneck_resnet_fuses_every_batchnorm():
     plain = cifar_resnet(29, attention=None, block="bottleneck", num_classes=NUM_CLASSES)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     randomize_bn(plain, seed=3)
-    folded = asrfx.fold(plain, example_inputs=(_x(2, 0),))
+    folded = asrfx.fold(plain, example_inputs=(rand_images(2, 0),))
     assert bn_call_nodes(folded) == []
     assert folded.asrfx_report.count(action="fused", kind="conv+bn") == n_bn
     plain.eval()
@@ -473,7 +471,7 @@ def test_fold_of_plain_bottleneck_resnet_fuses_every_batchnorm():
 def test_report_prints_a_table_with_site_paths(capsys):
     torch.manual_seed(0)
     original = cifar_resnet(20, attention="se", block="basic", num_classes=NUM_CLASSES)
-    prepared = asrfx.prepare(original, example_inputs=(_x(2, 0),))
+    prepared = asrfx.prepare(original, example_inputs=(rand_images(2, 0),))
     text = str(prepared.asrfx_report)
     lines = text.splitlines()
     assert lines[0].startswith("asrfx prepare:")
@@ -489,7 +487,7 @@ def test_report_prints_a_table_with_site_paths(capsys):
     print(prepared.asrfx_report)
     assert capsys.readouterr().out.strip() == text.strip()
 
-    folded = asrfx.fold(randomize_bn(prepared, seed=4), example_inputs=(_x(2, 0),))
+    folded = asrfx.fold(randomize_bn(prepared, seed=4), example_inputs=(rand_images(2, 0),))
     ftext = str(folded.asrfx_report)
     assert ftext.startswith("asrfx fold:")
     for path in se_paths(original):

@@ -38,7 +38,8 @@ import asrfx
 from asrfx import runtimes
 from asrfx.passes import revert_sync_batchnorm
 from asrfx.zoo import SEModule, cifar_resnet
-from helpers import REL_TOL, bn_call_nodes, randomize_bn, randomize_psi, rel_err
+from helpers import (REL_TOL, bn_call_nodes, psi_names, rand_images, randomize_bn, randomize_psi,
+                     rel_err)
 
 WORLD = 2
 STEPS = 3
@@ -51,10 +52,6 @@ _MUL_OPS = {operator.mul, torch.mul, "mul", "mul_"}
 
 # ------------------------------------------------------------------------------------ helpers
 
-def _x(batch: int, seed: int, size: int = SIZE) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
 def _prepared(attention: str = "se", dims: int = 2, depth: int = 20) -> torch.fx.GraphModule:
     """The same prepared ResNet on every call (and in every process): weights from seed 0."""
     torch.manual_seed(0)
@@ -64,16 +61,12 @@ def _prepared(attention: str = "se", dims: int = 2, depth: int = 20) -> torch.fx
     return asrfx.prepare(model, example_inputs=(x,))
 
 
-def _psi_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if n.endswith("psi")]
-
-
 def _dead_psis(model: nn.Module) -> set[str]:
     """psi whose SE branch is dead at init: fc1(psi) <= 0 for every hidden unit, so the ReLU
     passes no gradient back and psi (and fc1) never train. With the default init (0.1 in every
     channel) and 2-4 hidden units this is 3 of the 9 sites of the seed-0 ResNet-20."""
     dead = set()
-    for name in _psi_names(model):
+    for name in psi_names(model):
         se = model.get_submodule(name.rsplit(".", 1)[0])
         with torch.no_grad():
             if bool((se.fc1(se.psi.flatten(1)) <= 0).all()):
@@ -100,7 +93,7 @@ def _fold(model: nn.Module) -> torch.fx.GraphModule:
     """``asrfx.fold`` of a copy of ``model``, SyncBatchNorms reverted to BatchNorm first."""
     work = copy.deepcopy(model).cpu()
     revert_sync_batchnorm(work)
-    return asrfx.fold(work, example_inputs=(_x(2, 0),))
+    return asrfx.fold(work, example_inputs=(rand_images(2, 0, SIZE),))
 
 
 # ---------------------------------------------------------------------------- the DDP workers
@@ -137,7 +130,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     result: dict = {"rank": rank}
     try:
-        probe = _x(4, 7)
+        probe = rand_images(4, 7, SIZE)
         # --- BatchNorm: parameters are all-reduced; each rank's last running-stat update is
         # its own (DDP broadcasts rank 0's buffers at the *start* of every forward)
         model = _prepared()
@@ -209,7 +202,7 @@ def test_ddp_psi_and_parameters_identical_across_ranks(ddp_runs):
     assert r0["bn_losses"] != r1["bn_losses"]
     fresh = _prepared()
     init = dict(fresh.named_parameters())
-    psis = _psi_names(fresh)
+    psis = psi_names(fresh)
     dead = _dead_psis(fresh)
     assert len(psis) == 9 and len(dead) <= 3
     for name in psis:
@@ -241,12 +234,12 @@ def test_ddp_ranks_fold_to_the_same_deploy_model(ddp_runs):
     assert torch.equal(r0["bn_deploy_out"], r1["bn_deploy_out"])
     assert r0["bn_deploy_muls"] == 0 and r0["bn_deploy_norms"] == 0
     # and here, from each rank's checkpoint loaded into a freshly prepared model
-    probe = _x(4, 7)
+    probe = rand_images(4, 7, SIZE)
     deployed = []
     for r in ddp_runs:
         model = _prepared()
         model.load_state_dict(r["bn_synced"])
-        deploy = asrfx.fold(model, example_inputs=(_x(2, 0),))
+        deploy = asrfx.fold(model, example_inputs=(rand_images(2, 0, SIZE),))
         assert not _mul_nodes(deploy) and not bn_call_nodes(deploy)
         assert deploy.asrfx_report.count(action="folded") == 9
         model.eval()
@@ -281,7 +274,7 @@ def test_ddp_syncbatchnorm_trains_and_folds(ddp_runs):
     for k in r0["sync_raw"]:
         assert torch.equal(r0["sync_raw"][k], r1["sync_raw"][k]), k
     dead = _dead_psis(fresh)
-    for name in _psi_names(fresh):
+    for name in psi_names(fresh):
         trained = not torch.equal(r0["sync_raw"][name], init[name].detach())
         assert trained == (name not in dead), name
     for k in r0["sync_deploy"]:
@@ -330,8 +323,8 @@ def test_revert_sync_batchnorm_restores_exact_batchnorms(dims):
     with torch.no_grad():
         ref = sync(x)
     records = revert_sync_batchnorm(sync)
-    assert records and all(r["action"] == "reverted" for r in records)
-    assert {r["path"] for r in records} == set(plain_types)
+    assert records and all(r.action == "reverted" for r in records)
+    assert {r.path for r in records} == set(plain_types)
     for k, m in sync.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             assert type(m) is plain_types[k], k
@@ -350,20 +343,22 @@ def test_syncbatchnorm_model_trains_and_folds_single_process():
     sync.train()
     for step in range(2):
         opt.zero_grad()
-        nn.functional.cross_entropy(sync(_x(BATCH, step)), torch.arange(BATCH) % 10).backward()
+        nn.functional.cross_entropy(sync(rand_images(BATCH, step, SIZE)),
+                                    torch.arange(BATCH) % 10).backward()
         opt.step()
     randomize_psi(sync, 3)
     records = revert_sync_batchnorm(sync)
-    assert sum(r["action"] == "reverted" for r in records) == 21
+    assert sum(r.action == "reverted" for r in records) == 21
     # the reverted model is still the training form: it trains on, and in the same optimizer
     assert sync.training
     opt.zero_grad()
-    nn.functional.cross_entropy(sync(_x(BATCH, 9)), torch.arange(BATCH) % 10).backward()
+    nn.functional.cross_entropy(sync(rand_images(BATCH, 9, SIZE)),
+                                torch.arange(BATCH) % 10).backward()
     opt.step()
-    deploy = asrfx.fold(sync, example_inputs=(_x(2, 0),))
+    deploy = asrfx.fold(sync, example_inputs=(rand_images(2, 0, SIZE),))
     assert not _mul_nodes(deploy) and not bn_call_nodes(deploy)
     assert deploy.asrfx_report.count(action="folded") == 9
-    x = _x(5, 11)
+    x = rand_images(5, 11, SIZE)
     sync.eval()
     with torch.no_grad():
         assert rel_err(sync(x), deploy(x)) <= REL_TOL
@@ -375,9 +370,9 @@ def test_syncbatchnorm_inside_the_asr_branch():
     prepared = randomize_psi(randomize_bn(_prepared(attention="srm", depth=8), 4), 5)
     sync = _sync(prepared)
     revert_sync_batchnorm(sync)
-    deploy = asrfx.fold(sync, example_inputs=(_x(2, 0),))
+    deploy = asrfx.fold(sync, example_inputs=(rand_images(2, 0, SIZE),))
     assert not _mul_nodes(deploy)
-    x = _x(3, 12)
+    x = rand_images(3, 12, SIZE)
     prepared.eval()
     with torch.no_grad():
         assert rel_err(prepared(x), deploy(x)) <= REL_TOL
@@ -385,11 +380,11 @@ def test_syncbatchnorm_inside_the_asr_branch():
 
 def test_fold_takes_a_syncbatchnorm_model_directly():
     prepared = randomize_psi(randomize_bn(_prepared(), 6), 7)
-    deploy = asrfx.fold(_sync(prepared), example_inputs=(_x(2, 0),))
+    deploy = asrfx.fold(_sync(prepared), example_inputs=(rand_images(2, 0, SIZE),))
     reverted = [s for s in deploy.asrfx_report.sites if s.kind == "SyncBatchNorm"]
     assert reverted and all(s.action == "reverted" and s.target.startswith("BatchNorm")
                             for s in reverted)
-    x = _x(3, 13)
+    x = rand_images(3, 13, SIZE)
     prepared.eval()
     with torch.no_grad():
         assert rel_err(prepared(x), deploy(x)) <= REL_TOL
@@ -422,17 +417,17 @@ def test_revert_sync_batchnorm_keeps_what_it_cannot_place():
     # ranks 4 and 3 at one module's call sites: BatchNorm2d takes one, BatchNorm1d the other
     gm = asrfx.trace(nn.SyncBatchNorm.convert_sync_batchnorm(_TwoRanksBoth()), (x,))
     (rec,) = revert_sync_batchnorm(gm)
-    assert rec["action"] == "kept" and "ranks [3, 4]" in rec["reason"]
+    assert (rec.action, rec.code) == ("kept", "ranks-differ") and "ranks [3, 4]" in rec.reason
     assert type(gm.bn) is nn.SyncBatchNorm
     # no shape metadata: kept, with the fix named; example_inputs supply it
     gm = asrfx.trace(nn.SyncBatchNorm.convert_sync_batchnorm(_TwoRanks()), (x,))
     for n in gm.graph.nodes:
         n.meta.pop("tensor_meta", None)
     records = revert_sync_batchnorm(gm)
-    assert [r["action"] for r in records] == ["kept", "kept"]
-    assert all("example_inputs" in r["reason"] for r in records)
+    assert [(r.action, r.code) for r in records] == [("kept", "rank-unknown")] * 2
+    assert all("example_inputs" in r.reason for r in records)
     records = revert_sync_batchnorm(gm, example_inputs=(x,))
-    assert {r["path"]: r["target"] for r in records} == {"bn": "BatchNorm1d",
+    assert {r.path: r.target for r in records} == {"bn": "BatchNorm1d",
                                                          "other": "BatchNorm2d"}
     assert type(gm.bn) is nn.BatchNorm1d and type(gm.other) is nn.BatchNorm2d
     # subclasses are not SyncBatchNorm: their forward may differ
@@ -466,7 +461,7 @@ class _TinySE(nn.Module):
 
 def _tiny_prepared() -> torch.fx.GraphModule:
     torch.manual_seed(0)
-    return asrfx.prepare(_TinySE(), example_inputs=(_x(2, 0, size=8),))
+    return asrfx.prepare(_TinySE(), example_inputs=(rand_images(2, 0, size=8),))
 
 
 def _need_inductor() -> None:
@@ -478,7 +473,7 @@ def _need_inductor() -> None:
 def test_prepared_model_trains_under_torch_compile():
     _need_inductor()
     eager, model = _tiny_prepared(), _tiny_prepared()
-    psis = _psi_names(model)
+    psis = psi_names(model)
     assert len(psis) == 2 and not _dead_psis(model)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     cmodel = torch.compile(model)
@@ -506,7 +501,7 @@ def test_prepared_model_trains_under_torch_compile():
     for n in params:
         assert rel_err(ref[n], params[n]) <= 1e-4, n
     # what torch.compile trained folds like anything else
-    deploy = asrfx.fold(model, example_inputs=(_x(2, 0, size=8),))
+    deploy = asrfx.fold(model, example_inputs=(rand_images(2, 0, size=8),))
     assert not _mul_nodes(deploy)
 
 
@@ -514,14 +509,14 @@ def test_prepared_model_trains_under_torch_compile():
 def test_folded_model_runs_under_torch_compile():
     _need_inductor()
     model = randomize_psi(randomize_bn(_tiny_prepared(), 8), 9)
-    deploy = asrfx.fold(model, example_inputs=(_x(2, 0, size=8),))
+    deploy = asrfx.fold(model, example_inputs=(rand_images(2, 0, size=8),))
     assert not _mul_nodes(deploy) and not bn_call_nodes(deploy)
     deploy.eval()
-    cmodel, reason = runtimes.compiled(deploy, (_x(2, 0, size=8),))
+    cmodel, reason = runtimes.compiled(deploy, (rand_images(2, 0, size=8),))
     assert reason == "" and cmodel is not None
     model.eval()
     for seed in (1, 2):
-        x = _x(2, seed, size=8)
+        x = rand_images(2, seed, size=8)
         with torch.no_grad():
             out = cmodel(x)
             assert rel_err(deploy(x), out) <= 1e-5

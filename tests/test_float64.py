@@ -5,7 +5,7 @@ The fold computes in float64 and converts with ``t.to(torch.float64)``, ``t.doub
 keeps its zero strides), so in a float64 model a value the fold "converted" may be a layer's own
 parameter or buffer: writing into it in place changes the layer, and a result that is such an
 alias ties the deploy model's parameters to each other. Every test here runs float32 and float64
-side by side; tolerances derive from the dtype (:func:`_tol`).
+side by side; tolerances derive from the dtype (:func:`helpers.dtype_tol`).
 """
 
 from __future__ import annotations
@@ -17,17 +17,10 @@ from torch import nn
 
 import asrfx
 from asrfx import foldmath
-from helpers import (REL_TOL, assert_state_equal, randomize_bn, randomize_psi, rel_err,
+from helpers import (SE, assert_state_equal, dtype_tol, randomize_bn, randomize_psi, rel_err,
                      state_snapshot)
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-
-
-def _tol(dtype: torch.dtype) -> float:
-    """Relative tolerance (max |ref - out| / max |ref|) of an exact fold: ``REL_TOL`` in float32
-    (~840 eps); 2**20 eps (~2.3e-10) in float64 -- the rounding of these small O(1) nets is
-    ~1e-15, a fold that loses a term errs by the order of the values (0.1 .. 6)."""
-    return REL_TOL if dtype == torch.float32 else 2.0 ** 20 * torch.finfo(dtype).eps
 
 
 def _check(model: nn.Module, deploy: nn.Module, x: torch.Tensor) -> None:
@@ -40,21 +33,12 @@ def _check(model: nn.Module, deploy: nn.Module, x: torch.Tensor) -> None:
             ref, out = model(xi), deploy(xi)
             assert out.dtype == x.dtype
             err = rel_err(ref, out)
-            assert err <= _tol(x.dtype), f"{x.dtype}: rel err {err:.2e}\n{deploy.asrfx_report}"
+            assert err <= dtype_tol(x.dtype), f"{x.dtype}: rel err {err:.2e}\n{deploy.asrfx_report}"
 
 
 def _targets(deploy, kind: str = "channel scale") -> list[str]:
     return [s.target for s in deploy.asrfx_report.sites if s.kind == kind and
             s.action == "folded"]
-
-
-class SE(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
 
 
 def _prepared(model: nn.Module, x: torch.Tensor, seed: int) -> nn.Module:
@@ -74,7 +58,8 @@ class GateThenNorm(nn.Module):
 
     def __init__(self, c: int = 6):
         super().__init__()
-        self.conv, self.se, self.bn = nn.Conv2d(3, c, 3, padding=1), SE(c), nn.BatchNorm2d(c)
+        self.conv, self.se, self.bn = (nn.Conv2d(3, c, 3, padding=1), SE(c, hidden=4),
+                                       nn.BatchNorm2d(c))
 
     def forward(self, x):
         return torch.tanh(self.bn(self.se(F.gelu(self.conv(x)))))
@@ -94,7 +79,7 @@ def test_gate_folded_into_batchnorm_input_keeps_the_running_mean_term(dtype):
     prepared = _prepared(model, x, seed=1)
     assert prepared.asrfx_report.count(action="converted") == 1
     before = state_snapshot(prepared)
-    deploy = asrfx.fold(prepared, example_inputs=(x,), tol=_tol(dtype))
+    deploy = asrfx.fold(prepared, example_inputs=(x,), tol=dtype_tol(dtype))
     assert _targets(deploy) == ["bn (norm input)"]
     _check(prepared, deploy, x)
     assert_state_equal(before, state_snapshot(prepared))  # fold leaves its argument alone
@@ -110,8 +95,8 @@ class RepBlock(nn.Module):
         self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
         self.k1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
         self.id = nn.BatchNorm2d(c)
-        self.se_in = SE(c) if gate_in else None
-        self.se_out = SE(c) if gate_out else None
+        self.se_in = SE(c, hidden=4) if gate_in else None
+        self.se_out = SE(c, hidden=4) if gate_out else None
 
     def forward(self, x):
         if self.se_in is not None:
@@ -141,7 +126,7 @@ def test_rep_block_with_gates_folds_and_merges_exactly(dtype, gate_in, gate_out)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8, dtype=dtype)
     prepared = _prepared(RepNet(gate_in, gate_out).to(dtype), x, seed=3)
-    deploy = asrfx.fold(prepared, example_inputs=(x,), tol=_tol(dtype))
+    deploy = asrfx.fold(prepared, example_inputs=(x,), tol=dtype_tol(dtype))
     targets = _targets(deploy)
     assert len(targets) == gate_in * 2 + gate_out * 2, deploy.asrfx_report
     if gate_in:
@@ -233,7 +218,7 @@ def test_sequential_merges_give_parameters_of_their_own(dtype):
     torch.manual_seed(0)
     model = DBBish().to(dtype)
     x = torch.randn(2, 4, 7, 7, dtype=dtype)
-    deploy = asrfx.fold(model, example_inputs=(x,), tol=_tol(dtype))
+    deploy = asrfx.fold(model, example_inputs=(x,), tol=dtype_tol(dtype))
     assert deploy.asrfx_report.count(action="merged", kind="sequential merge") == 2
     _check(model, deploy, x)
     params = list(deploy.parameters())
@@ -271,7 +256,7 @@ def test_non_affine_layernorm_takes_the_scale_in_the_models_dtype(dtype, tokens)
     the scale's float64: a float32 model then failed to run ('mixed dtype')."""
     model = ScaledLayerNorm(tokens).to(dtype)
     x = torch.randn(*((2, 7, 6) if tokens else (2, 6, 5, 5)), dtype=dtype)
-    deploy = asrfx.fold(model, example_inputs=(x,), tol=_tol(dtype))
+    deploy = asrfx.fold(model, example_inputs=(x,), tol=dtype_tol(dtype))
     assert _targets(deploy) == ["norm (norm affine)"]
     assert deploy.norm.weight.dtype == deploy.norm.bias.dtype == dtype
     _check(model, deploy, x)

@@ -7,8 +7,8 @@ A constant per-channel affine map ``x -> x * k + t`` (``k``, ``t`` registered bu
 
 * equivalence: the eval-mode outputs of the eager model and of the folded GraphModule agree to
   the tolerance of the example's dtype (max |ref - out| / max |ref|; ``helpers.REL_TOL`` in
-  float32, :func:`_tol` in float64) on the example input and on a fresh input of another batch
-  size, and ``asrfx.fold``'s own check runs at that tolerance;
+  float32, :func:`helpers.dtype_tol` in float64) on the example input and on a fresh input of
+  another batch size, and ``asrfx.fold``'s own check runs at that tolerance;
 * the report: exactly one "channel scale" site, its action ("folded" / "kept") and target as the
   rules below demand, and the graph agrees with it (a folded site leaves no multiply / add / sub /
   div; a kept one leaves it in the graph with a reason).
@@ -53,7 +53,7 @@ from hypothesis import event, given, settings, strategies as st
 from torch import nn
 
 import asrfx
-from helpers import REL_TOL, randomize_bn, rel_err
+from helpers import divisors, dtype_tol, randomize_bn, rel_err, uniform
 
 PROPS = settings(max_examples=150, deadline=None)
 
@@ -82,20 +82,16 @@ add_spellings = st.sampled_from(["add", "radd", "sub"])
 # tensors from a seed
 
 
-def _uniform(gen: torch.Generator, shape, lo: float, hi: float) -> torch.Tensor:
-    return torch.rand(*shape, generator=gen) * (hi - lo) + lo
-
-
 def _signed(gen: torch.Generator, c: int, lo: float, hi: float) -> torch.Tensor:
     """Magnitudes U(lo, hi), random signs."""
     sign = torch.where(torch.rand(c, generator=gen) < 0.5, -1.0, 1.0)
-    return _uniform(gen, (c,), lo, hi) * sign
+    return uniform(gen, (c,), lo, hi) * sign
 
 
 def _scale(gen: torch.Generator, c: int, sign: str) -> torch.Tensor:
     """A per-channel scale, magnitudes U(0.25, 2). ``sign``: "any" (random signs), "positive",
     "nonneg" (positive with one zero when c > 1), "negative" (random signs, at least one < 0)."""
-    s = _uniform(gen, (c,), 0.25, 2.0)
+    s = uniform(gen, (c,), 0.25, 2.0)
     if sign == "any":
         return s * torch.where(torch.rand(c, generator=gen) < 0.5, -1.0, 1.0)
     if sign == "nonneg" and c > 1:
@@ -118,16 +114,16 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
         for m in model.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 bound = 1.0 / math.sqrt(m.weight[0].numel())
-                m.weight.copy_(_uniform(gen, m.weight.shape, -bound, bound))
+                m.weight.copy_(uniform(gen, m.weight.shape, -bound, bound))
                 if m.bias is not None:
-                    m.bias.copy_(_uniform(gen, m.bias.shape, -0.5, 0.5))
+                    m.bias.copy_(uniform(gen, m.bias.shape, -0.5, 0.5))
             elif isinstance(m, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
                 if m.weight is not None:
-                    m.weight.copy_(_uniform(gen, m.weight.shape, 0.5, 1.5))
-                    m.bias.copy_(_uniform(gen, m.bias.shape, -0.5, 0.5))
+                    m.weight.copy_(uniform(gen, m.weight.shape, 0.5, 1.5))
+                    m.bias.copy_(uniform(gen, m.bias.shape, -0.5, 0.5))
                 if getattr(m, "running_mean", None) is not None:
-                    m.running_mean.copy_(_uniform(gen, m.running_mean.shape, -0.5, 0.5))
-                    m.running_var.copy_(_uniform(gen, m.running_var.shape, 0.5, 2.0))
+                    m.running_mean.copy_(uniform(gen, m.running_mean.shape, -0.5, 0.5))
+                    m.running_var.copy_(uniform(gen, m.running_var.shape, 0.5, 2.0))
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         randomize_bn(model, seed + 1)
     return model
@@ -213,10 +209,6 @@ class ConvSpec:
         return not self.zero_padding
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 @st.composite
 def conv_specs(draw, dim: int | None = None, cin: int | None = None, size: tuple | None = None,
                padding_modes: tuple = ("zeros",), strings: bool = False) -> ConvSpec:
@@ -230,7 +222,7 @@ def conv_specs(draw, dim: int | None = None, cin: int | None = None, size: tuple
     else:
         cin = draw(st.integers(1, 12)) if cin is None else cin
         cout = draw(st.integers(1, 12))
-        groups = draw(st.sampled_from(_divisors(math.gcd(cin, cout))))
+        groups = draw(st.sampled_from(divisors(math.gcd(cin, cout))))
 
     def axes(lo: int, hi: int):
         if draw(st.booleans()):
@@ -289,22 +281,13 @@ _SAME_EVEN = pytest.mark.filterwarnings("ignore:Using padding='same' with even k
 # checks
 
 
-def _tol(dtype: torch.dtype) -> float:
-    """The relative tolerance for a dtype: ``REL_TOL`` in float32 (about 840 eps); in float64
-    2**20 eps (~2.3e-10) -- rounding alone stays below ~1e-14 here (values O(1), at most a few
-    hundred terms per output), while any slip of a fold is of the order of the values."""
-    if dtype == torch.float32:
-        return REL_TOL
-    return 2.0 ** 20 * torch.finfo(dtype).eps
-
-
 def _fold(model: nn.Module, x: torch.Tensor, seed: int, fuse_bn: bool = True,
           dtype: torch.dtype = torch.float32):
     """Cast ``model`` and ``x`` to ``dtype``, fold (its check at the dtype's tolerance), then
     compare eval-mode outputs on ``x`` and on a fresh batch of 3."""
     model.to(dtype)
     x = x.to(dtype)
-    tol = _tol(dtype)
+    tol = dtype_tol(dtype)
     deploy = asrfx.fold(model, example_inputs=(x,), fuse_bn=fuse_bn, tol=tol)
     model.eval()
     gen = torch.Generator().manual_seed(seed + 2)
@@ -617,7 +600,7 @@ def test_group_and_instance_norm_take_scale_and_shift_in_their_affine(
     scale = _scale(gen, c, sign)
     shift = _shift(gen, c) if with_shift else None
     if kind == "group":
-        norm = nn.GroupNorm(data.draw(st.sampled_from(_divisors(c)), label="groups"), c)
+        norm = nn.GroupNorm(data.draw(st.sampled_from(divisors(c)), label="groups"), c)
     else:
         norm = IN[dim](c, affine=True, track_running_stats=track)
     first = CONV[dim](3, c, 3, padding=1) if pre else None

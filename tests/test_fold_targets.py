@@ -10,7 +10,7 @@ from torch import nn
 
 import asrfx
 from asrfx.attention import SE
-from helpers import randomize_bn, randomize_psi, rel_err
+from helpers import check_fold, randomize_bn, randomize_psi, rel_err
 
 
 class ConstGate(nn.Module):
@@ -46,10 +46,7 @@ class MBConv(nn.Module):
 def _fold(model, x, **kw):
     randomize_bn(model, seed=1)
     deploy = asrfx.fold(model, example_inputs=(x,), **kw)
-    model.eval()
-    with torch.no_grad():
-        for xi in (x, torch.randn(3, *x.shape[1:])):
-            assert rel_err(model(xi), deploy(xi)) <= 1e-4
+    check_fold(model, x, deploy)
     return deploy
 
 

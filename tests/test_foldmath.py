@@ -18,6 +18,7 @@ from torch import nn
 
 import asrfx
 from asrfx import foldmath
+from helpers import uniform
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -32,10 +33,6 @@ def _gen(seed: int) -> torch.Generator:
 
 def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=F64)
-
-
-def _uniform(gen: torch.Generator, shape, lo: float, hi: float) -> torch.Tensor:
-    return torch.rand(*shape, generator=gen, dtype=F64) * (hi - lo) + lo
 
 
 def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -172,13 +169,13 @@ def test_compose_affine_scale_only_and_shift_only():
 
 
 def _make_bn(dims: int, c: int, affine: bool, gen: torch.Generator) -> nn.Module:
-    bn = BN[dims](c, affine=affine, eps=float(_uniform(gen, (1,), 1e-5, 1e-2))).to(F64)
+    bn = BN[dims](c, affine=affine, eps=float(uniform(gen, (1,), 1e-5, 1e-2, F64))).to(F64)
     with torch.no_grad():
-        bn.running_mean.copy_(_uniform(gen, (c,), -0.5, 0.5))
-        bn.running_var.copy_(_uniform(gen, (c,), 0.5, 2.0))
+        bn.running_mean.copy_(uniform(gen, (c,), -0.5, 0.5, F64))
+        bn.running_var.copy_(uniform(gen, (c,), 0.5, 2.0, F64))
         if affine:
-            bn.weight.copy_(_uniform(gen, (c,), 0.5, 1.5))
-            bn.bias.copy_(_uniform(gen, (c,), -0.5, 0.5))
+            bn.weight.copy_(uniform(gen, (c,), 0.5, 1.5, F64))
+            bn.bias.copy_(uniform(gen, (c,), -0.5, 0.5, F64))
     return bn.eval()
 
 
@@ -386,8 +383,8 @@ def test_fold_scale_into_conv_in_shift_breaks_at_zero_padded_border(dims):
     g = _gen(cfg.seed)
     conv = _make_conv(cfg)
     x = _conv_input(cfg, g)
-    s = _uniform(g, (cfg.cin,), 0.5, 1.5)
-    t = _uniform(g, (cfg.cin,), 1.0, 2.0)  # clearly non-zero
+    s = uniform(g, (cfg.cin,), 0.5, 1.5, F64)
+    t = uniform(g, (cfg.cin,), 1.0, 2.0, F64)  # clearly non-zero
     w, b = foldmath.fold_scale_into_conv_in(conv.weight, conv.bias, s, t)
     with torch.no_grad():
         xin = x * _per_channel(s, x.dim()) + _per_channel(t, x.dim())
@@ -492,8 +489,8 @@ class _ShiftBeforeConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=padding)
         g = _gen(14)
-        self.register_buffer("s", _uniform(g, (1, 3, 1, 1), 0.5, 1.5).float())
-        self.register_buffer("t", _uniform(g, (1, 3, 1, 1), 0.5, 1.5).float())
+        self.register_buffer("s", uniform(g, (1, 3, 1, 1), 0.5, 1.5, F64).float())
+        self.register_buffer("t", uniform(g, (1, 3, 1, 1), 0.5, 1.5, F64).float())
 
     def forward(self, x):
         return self.conv(torch.relu(x) * self.s + self.t)

@@ -86,7 +86,8 @@ from torch import nn
 
 import asrfx
 from asrfx.attention import ATTENTIONS, make_attention
-from helpers import REL_TOL, node_kinds, randomize_bn, randomize_psi, rel_err
+from helpers import (REL_TOL, divisors, has_batchnorm, node_kinds, randomize_bn, randomize_psi,
+                     rel_err, roundtrip)
 
 
 def event(message: str) -> None:
@@ -740,10 +741,6 @@ def att_specs(dims: int):
                      hand_se_specs())
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 @st.composite
 def block_specs(draw, dims: int, cin: int, stride: int, size: int) -> BlockSpec:
     """One block reading ``cin`` channels of spatial size ``size``; ``stride`` 2 downsamples
@@ -790,7 +787,7 @@ def block_specs(draw, dims: int, cin: int, stride: int, size: int) -> BlockSpec:
     elif kind == "repvgg":
         identity = stride == 1 and draw(st.booleans())
         cout = cin if identity else draw(channels)
-        groups = draw(st.sampled_from([g for g in _divisors(cin) if cout % g == 0]))
+        groups = draw(st.sampled_from([g for g in divisors(cin) if cout % g == 0]))
         extra["identity"] = identity
         k, pad, dil = 3, "zeros", 1
     else:
@@ -799,10 +796,10 @@ def block_specs(draw, dims: int, cin: int, stride: int, size: int) -> BlockSpec:
             groups = cin
             mid = cin * draw(st.sampled_from([1, 2] if cin <= 8 else [1]))
         else:
-            groups = draw(st.sampled_from([g for g in _divisors(cin) if g > 1] or [1]))
+            groups = draw(st.sampled_from([g for g in divisors(cin) if g > 1] or [1]))
             mid = groups * draw(st.integers(max(1, 4 // groups), 16 // groups))
         cout = draw(channels)
-        pw = draw(st.sampled_from([g for g in _divisors(mid) if cout % g == 0]))
+        pw = draw(st.sampled_from([g for g in divisors(mid) if cout % g == 0]))
         extra.update(mid=mid, pw_groups=pw)
     spec = BlockSpec(kind, cin, cout, stride, k, norm, act, groups, pad, dil,
                      tuple(sorted(extra.items())))
@@ -893,10 +890,6 @@ def gate_nodes(gm) -> list:
         elif n.op == "call_method" and n.target in _GATE_METHODS:
             out.append(n)
     return out
-
-
-def _has_bn(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 _AFFINE_KINDS = {("call_function", str(op)) for op in (operator.mul, torch.mul, operator.add,
@@ -1080,7 +1073,7 @@ def _dead_units(prepared: fx.GraphModule, x: torch.Tensor) -> set[str]:
     """psi names whose branch holds a value with zero derivative everywhere: a
     ReLU whose every output is 0 (a dead hidden unit of a random SE), or a hard gate saturated
     at exactly 0 or 1. Those psi get a zero gradient in the original attention's form too."""
-    from asrfx.tracing import ShapeRecorder
+    from asrfx.passes.shapes import ShapeRecorder
 
     region = _psi_regions(prepared)
     psis = {n for n in region if n.op == "get_attr"}
@@ -1209,7 +1202,7 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
         event("a dead unit in a random excitation (psi gradient 0 in any form)")
 
     # (3) random BN statistics and psi
-    if _has_bn(prepared):
+    if has_batchnorm(prepared):
         randomize_bn(prepared, seed=seed % 1000)
     randomize_psi(prepared, seed=seed % 1000 + 1)
 
@@ -1235,7 +1228,7 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
     assert freport.count(action="kept", kind="channel-attention") == 0, freport
     torch.manual_seed(seed)
     backbone = FuzzNet(spec, attention=False).to(x.dtype)
-    if _has_bn(backbone):
+    if has_batchnorm(backbone):
         randomize_bn(backbone, seed=seed % 1000)
     plain = asrfx.fold(backbone, example_inputs=(x,), check=False)  # its graph is what counts
     want = node_kinds(plain)
@@ -1297,19 +1290,8 @@ def test_fuzz_2d_float64(case):
 # regressions: the failures the fuzzer found, minimised
 
 
-def _roundtrip(model: nn.Module, x: torch.Tensor, *others: torch.Tensor):
-    """prepare -> random psi and BN statistics -> fold; eval outputs checked on ``x`` and
-    ``others``. Returns (prepared, deploy)."""
-    prepared = asrfx.prepare(model, example_inputs=(x,))
-    if _has_bn(prepared):
-        randomize_bn(prepared, seed=1)
-    randomize_psi(prepared, seed=2)
-    deploy = asrfx.fold(prepared, example_inputs=(x,))
-    prepared.eval()
-    with torch.no_grad():
-        for xi in (x, *others):
-            assert rel_err(prepared(xi), deploy(xi)) <= REL_TOL
-    return prepared, deploy
+# helpers.roundtrip: prepare -> random BN statistics (seed 1) and psi (seed 2) -> fold; eval
+# outputs checked on ``x`` and the other inputs to REL_TOL. Returns (prepared, deploy).
 
 
 def test_regression_module_named_by_a_python_keyword():
@@ -1328,7 +1310,7 @@ def test_regression_module_named_by_a_python_keyword():
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6)
-    prepared, deploy = _roundtrip(Net(), x, torch.randn(3, 3, 6, 6))
+    prepared, deploy = roundtrip(Net(), x, torch.randn(3, 3, 6, 6))
     assert [s.path for s in prepared.asrfx_report.sites] == ["atts.in"]
     assert "atts.in.psi" in dict(prepared.named_parameters())
     assert gate_nodes(deploy) == []
@@ -1352,7 +1334,7 @@ def test_regression_1d_spatial_gate_is_not_a_token_channel_gate():
     length. The graph shows the layout (a Conv1d / BatchNorm1d produced y): refused, kept."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 12)
-    prepared, deploy = _roundtrip(_Conv1dSpatialGate(), x, torch.randn(3, 3, 12))
+    prepared, deploy = roundtrip(_Conv1dSpatialGate(), x, torch.randn(3, 3, 12))
     report = prepared.asrfx_report
     assert report.count(action="converted") == 0
     assert report.count(action="refused", kind="spatial attention") == 1
@@ -1384,7 +1366,7 @@ def test_regression_1d_cbam_spatial_half_is_reported(producer):
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8)
-    prepared, deploy = _roundtrip(Net(), x, torch.randn(3, 3, 8))
+    prepared, deploy = roundtrip(Net(), x, torch.randn(3, 3, 8))
     report = prepared.asrfx_report
     assert [(s.path, s.kind, s.action) for s in report.sites] == [
         ("cbam.channel", "channel-attention", "converted"),
@@ -1403,7 +1385,7 @@ def test_regression_gct_1d_has_the_psi_of_gct_2d():
         model = nn.Sequential(CONV[dims](3, 8, 3, padding=1), BN[dims](8),
                               make_attention("gct", 8, dims=dims))
         x = torch.randn(2, 3, *([8] * dims))
-        prepared, _ = _roundtrip(model, x)
+        prepared, _ = roundtrip(model, x)
         shapes[dims] = [tuple(p.shape) for n, p in prepared.named_parameters()
                         if n.endswith("psi")]
     assert shapes == {1: [(1, 8, 1)], 2: [(1, 8, 1, 1)]}
@@ -1417,7 +1399,7 @@ def test_eca_1d_whose_length_equals_its_channels(length):
     model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8),
                           make_attention("eca", 8, dims=1))
     x = torch.randn(2, 3, length)
-    prepared, deploy = _roundtrip(model, x, torch.randn(3, 3, length))
+    prepared, deploy = roundtrip(model, x, torch.randn(3, 3, length))
     assert prepared.asrfx_report.count(action="converted") == 1
     assert gate_nodes(deploy) == []
 
@@ -1443,7 +1425,7 @@ def test_regression_two_sites_in_a_row_are_both_reported():
     so the first site's multiply was folded (or kept) without a record of its own."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6)
-    _, deploy = _roundtrip(_TwoSitesAfterASum(), x, torch.randn(3, 3, 6, 6))
+    _, deploy = roundtrip(_TwoSitesAfterASum(), x, torch.randn(3, 3, 6, 6))
     scales = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
     assert [s.path for s in scales] == ["se1", "se2"]
     assert len({(s.action, s.target) for s in scales}) == 1
@@ -1455,7 +1437,7 @@ def test_scale_of_a_sum_folds_into_every_summand():
     identity branch, into each BatchNorm, through the ReLU."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6)
-    _, deploy = _roundtrip(_TwoSitesAfterASum(), x)
+    _, deploy = roundtrip(_TwoSitesAfterASum(), x)
     (rec,) = {(s.action, s.target) for s in deploy.asrfx_report.sites if s.kind == "channel scale"}
     assert rec == ("folded", "conv3 (output rows) + conv1 (output rows)")
 
@@ -1465,7 +1447,7 @@ def test_scale_of_a_sum_folds_into_every_summand():
     torch.manual_seed(0)
     block = RepVGG(spec, 2, attention=True)
     x = torch.randn(2, 6, 6, 6)
-    _, deploy = _roundtrip(block, x, torch.randn(3, 6, 6, 6))
+    _, deploy = roundtrip(block, x, torch.randn(3, 6, 6, 6))
     targets = {s.path: s.target for s in deploy.asrfx_report.sites if s.kind == "channel scale"}
     assert targets["atts.pre_act"] == "bn3 (norm affine) + bn1 (norm affine) + bn_id (norm affine)"
     assert targets["atts.out"] == targets["atts.pre_act"] + " through ReLU"
@@ -1483,7 +1465,7 @@ def test_scale_of_a_concat_folds_into_each_part():
     torch.manual_seed(0)
     block = Concat(spec, 2, attention=True)
     x = torch.randn(2, 5, 6, 6)
-    _, deploy = _roundtrip(block, x, torch.randn(3, 5, 6, 6))
+    _, deploy = roundtrip(block, x, torch.randn(3, 5, 6, 6))
     (site,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
     assert site.target == "cat(bn_b (norm affine) through ReLU, bn_a (norm affine) through ReLU)"
     assert not [n for n in deploy.graph.nodes if n.target in (operator.mul, torch.mul, "mul")]
@@ -1505,7 +1487,7 @@ def test_scale_of_a_sum_with_an_input_summand_is_kept():
             return torch.tanh(self.se(self.conv(x) + x))
 
     torch.manual_seed(0)
-    _, deploy = _roundtrip(Net(), torch.randn(2, 3, 6, 6))
+    _, deploy = roundtrip(Net(), torch.randn(2, 3, 6, 6))
     (site,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
     assert site.action == "kept"
 
@@ -1533,7 +1515,7 @@ def test_regression_expanded_gate_is_found_and_folded(how):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), _ExpandSE(8, how))
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6)
-    prepared, deploy = _roundtrip(model, x, torch.randn(3, 3, 7, 5))
+    prepared, deploy = roundtrip(model, x, torch.randn(3, 3, 7, 5))
     assert prepared.asrfx_report.count(action="converted") == 1
     (site,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
     assert (site.action, site.target) == ("folded", "1 (norm affine)")
@@ -1556,7 +1538,7 @@ def test_scale_moves_forward_through_pooling_to_the_head():
             return self.fc(self.pool(self.se(F.silu(self.conv(x)))).flatten(1))
 
     torch.manual_seed(0)
-    _, deploy = _roundtrip(Net(), torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7))
+    _, deploy = roundtrip(Net(), torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7))
     (site,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
     assert (site.action, site.target) == ("folded",
                                           "fc (input columns) after AdaptiveAvgPool2d, flatten")
@@ -1570,7 +1552,7 @@ def test_scale_into_the_input_side_of_a_batchnorm():
                      extra=(("identity", True),), atts=(("in", AttSpec("lib", "eca")),))
     torch.manual_seed(0)
     x = torch.randn(2, 6, 6, 6)
-    _, deploy = _roundtrip(RepVGG(spec, 2, attention=True), x, torch.randn(3, 6, 6, 6))
+    _, deploy = roundtrip(RepVGG(spec, 2, attention=True), x, torch.randn(3, 6, 6, 6))
     (site,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
     assert site.target == ("conv3 (input columns), conv1 (input columns), bn_id (norm input)")
     assert node_kinds(deploy) == node_kinds(asrfx.fold(RepVGG(spec, 2, attention=False).eval(),
@@ -1599,7 +1581,7 @@ def test_regression_two_calls_of_one_attention_in_a_row_have_two_records():
 
     torch.manual_seed(0)
     x = torch.randn(2, 1, 16)
-    prepared, deploy = _roundtrip(Net(), x, torch.randn(3, 1, 16))
+    prepared, deploy = roundtrip(Net(), x, torch.randn(3, 1, 16))
     assert [s.path for s in prepared.asrfx_report.sites] == ["block.atts.out"] * 2
     scales = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
     assert [(s.path, s.action) for s in scales] == [("block.atts.out", "kept")] * 2
@@ -1611,7 +1593,7 @@ def test_fold_of_an_ill_conditioned_model_is_exact_in_float64():
     nearly constant per channel (std ~5e-4 of its values), which amplifies float32 rounding
     ~1000-fold. Fusing its BatchNorms is exact -- 2e-13 in float64 -- yet ``asrfx.fold``'s own
     float32 check measured 1.4e-4 > 1e-4 and raised FoldMismatch (a false alarm; the fold check
-    lives in asrfx/api.py). The fuzzer folds backbones unchecked and rechecks such float32
+    lives in asrfx/pipeline.py). The fuzzer folds backbones unchecked and rechecks such float32
     mismatches of models with GroupNorm / batch-statistics BatchNorm in float64."""
     spec = ArchSpec(
         dims=2, cin=1, size=10,
@@ -1654,7 +1636,7 @@ def test_scale_does_not_move_forward_through_an_in_place_op():
             return self.c1(self.relu(self.se(x))) + x
 
     torch.manual_seed(0)
-    _, deploy = _roundtrip(Net(), torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6))
+    _, deploy = roundtrip(Net(), torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6))
     (site,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
     assert site.action == "kept"
 
@@ -1676,7 +1658,7 @@ def test_additive_attention_shift_before_a_padded_conv_is_exact_and_reported():
         head="adaptive", classes=2)
     torch.manual_seed(0)
     x = torch.randn(2, 1, 6, 6)
-    _, deploy = _roundtrip(FuzzNet(spec), x, torch.randn(3, 1, 6, 6))
+    _, deploy = roundtrip(FuzzNet(spec), x, torch.randn(3, 1, 6, 6))
     report = deploy.asrfx_report
     (site,) = [s for s in report.sites if s.kind == "channel scale"]
     assert (site.action, site.target) == (

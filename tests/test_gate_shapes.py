@@ -19,20 +19,12 @@ from torch import nn
 
 import asrfx
 from asrfx.attention import TokenSE, make_attention
-from helpers import REL_TOL, randomize_bn, randomize_psi, rel_err
+from helpers import (assert_outputs_close, has_batchnorm, randomize_bn, randomize_ln,
+                     randomize_psi)
 
 
 def _psis(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters() if n.endswith("psi")}
-
-
-def _randomize_ln(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm) and m.weight is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
 
 
 def _check_second_size(prepared: nn.Module, x: torch.Tensor, x2: torch.Tensor,
@@ -43,15 +35,12 @@ def _check_second_size(prepared: nn.Module, x: torch.Tensor, x2: torch.Tensor,
     prepared.train()
     prepared(x2).float().sum().backward()  # psi takes part in training at the other size too
     assert all(p.grad is not None for n, p in prepared.named_parameters() if n.endswith("psi"))
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in prepared.modules()):
+    if has_batchnorm(prepared):
         randomize_bn(prepared, seed)
-    _randomize_ln(prepared, seed + 1)
+    randomize_ln(prepared, seed + 1)
     randomize_psi(prepared, seed + 2)
     deploy = asrfx.fold(prepared, example_inputs=(x,))
-    prepared.eval()
-    with torch.no_grad():
-        for xi in (x, x2):
-            assert rel_err(prepared(xi), deploy(xi)) <= REL_TOL
+    assert_outputs_close(prepared, deploy, x, x2)
     return deploy
 
 

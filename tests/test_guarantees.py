@@ -32,9 +32,8 @@ from torch import nn
 
 import asrfx
 from asrfx.cli import fold_checkpoint, main
-from helpers import randomize_bn, randomize_psi, rel_err
+from helpers import REL_TOL, SE, DropPathNet, SENet, randomize_bn, randomize_psi, rel_err
 
-TOL = 1e-4
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
@@ -43,29 +42,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 # models
 
 
-class SE(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.fc1 = nn.Conv2d(c, max(c // 2, 1), 1)
-        self.fc2 = nn.Conv2d(max(c // 2, 1), c, 1)
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
-
-
-class SENet(nn.Module):
-    """conv -> BN -> SE -> ReLU -> conv -> BN: the SE folds into ``bn``, both BNs into convs."""
-
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-        self.se = SE(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return self.bn2(self.conv2(torch.relu(self.se(self.bn(self.conv(x))))))
+# SE, SENet (conv -> BN -> SE -> ReLU -> conv -> BN) and DropPathNet (two graphs): helpers
 
 
 class KeptConst(nn.Module):
@@ -79,23 +56,6 @@ class KeptConst(nn.Module):
 
     def forward(self, x):
         return self.se(nn.functional.relu6(self.bn(self.conv(x))))
-
-
-class DropPathNet(nn.Module):
-    """Forward differs between train and eval mode (stochastic depth): two graphs."""
-
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.conv = nn.Conv2d(3, c, 3, padding=1)
-        self.bn = nn.BatchNorm2d(c)
-        self.se = SE(c)
-
-    def forward(self, x):
-        y = self.conv(x)
-        z = self.se(self.bn(y))
-        if self.training:
-            z = z * (torch.rand_like(z[:, :1, :1, :1]) < 0.8).float() / 0.8
-        return torch.relu(y + z)
 
 
 class LinearOnly(nn.Module):
@@ -270,7 +230,7 @@ def test_nested_untraceable_module_becomes_a_leaf_with_a_warning(entry):
         for sign in (1.0, -1.0):  # both branches of the gate
             xi = sign * (torch.rand(3, 3, 8, 8) + 0.1)
             if entry == "fold":
-                assert rel_err(model(xi), out(xi)) <= TOL
+                assert rel_err(model(xi), out(xi)) <= REL_TOL
             else:
                 assert out(xi).shape == model(xi).shape
 
@@ -327,7 +287,7 @@ def test_integer_inputs_are_supported():
     assert folded.asrfx_report.count(action="fused") == 1
     model.eval()
     with torch.no_grad():
-        assert rel_err(model(ids), folded(ids)) <= TOL
+        assert rel_err(model(ids), folded(ids)) <= REL_TOL
 
 
 # --- the `asrfx fold` command line
@@ -581,7 +541,7 @@ def test_fold_of_a_training_model_folds_in_eval_mode_and_keeps_every_flag(what, 
     with torch.no_grad():
         for seed in (1, 2):
             xi = _x(3, 3, 8, 8, seed=seed)
-            assert rel_err(reference(xi), folded(xi)) <= TOL  # eval-mode semantics
+            assert rel_err(reference(xi), folded(xi)) <= REL_TOL  # eval-mode semantics
     assert _flags(model) == before_flags
 
 
@@ -656,7 +616,7 @@ def test_parameters_stay_on_their_device(device, no_tf32):
             assert t.device.type == device, (k, t.device)
     prepared.eval()
     with torch.no_grad():
-        assert rel_err(prepared(x), folded(x)) <= TOL
+        assert rel_err(prepared(x), folded(x)) <= REL_TOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,8 +745,8 @@ def _check_deploy_files(out, prepared: nn.Module) -> None:
         for b in (1, 3):
             xi = _x(b, 3, 8, 8, seed=b)
             ref = prepared(xi)
-            assert rel_err(ref, program(xi)) <= TOL
-            assert rel_err(ref, run_onnx(session, xi)[0]) <= TOL
+            assert rel_err(ref, program(xi)) <= REL_TOL
+            assert rel_err(ref, run_onnx(session, xi)[0]) <= REL_TOL
 
 
 def test_fold_cli_turns_a_prepared_checkpoint_into_deploy_files(tmp_path, factory, capsys):
@@ -823,7 +783,7 @@ def test_fold_cli_takes_the_original_models_checkpoint_and_says_so(tmp_path, fac
 
     with torch.no_grad():
         xi = _x(3, 3, 8, 8, seed=4)
-        assert rel_err(reference(xi), load_program(out / "deploy.pt2")(xi)) <= TOL
+        assert rel_err(reference(xi), load_program(out / "deploy.pt2")(xi)) <= REL_TOL
 
 
 def test_fold_cli_with_a_zoo_name(tmp_path, capsys):

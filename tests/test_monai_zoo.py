@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import asrfx
-from helpers import randomize_bn, rel_err
+from helpers import psi_names, roundtrip
 
 monai = pytest.importorskip("monai")
 import monai.networks.nets as mnets  # noqa: E402
@@ -29,24 +29,16 @@ def _roundtrip(model: nn.Module, x: torch.Tensor, x2: torch.Tensor):
     """Prepare at ``x``, run in train mode at ``x`` and at ``x2`` (another batch and spatial size:
     psi must not fix the input size), fold at ``x``, compare in eval mode at both."""
     assert x2.shape[0] != x.shape[0] and x2.shape[2:] != x.shape[2:]
-    prepared = asrfx.prepare(model, example_inputs=(x,))
-    prepared.train()
-    out = prepared(x)
-    out.float().sum().backward()
-    with torch.no_grad():
-        assert prepared(x2).shape[0] == x2.shape[0]
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in prepared.modules()):
-        randomize_bn(prepared, seed=3)
-    deploy = asrfx.fold(prepared, example_inputs=(x,))
-    prepared.eval()
-    with torch.no_grad():
-        for xi in (x, x2):
-            assert rel_err(prepared(xi), deploy(xi)) <= 1e-4
-    return prepared, deploy
 
+    def train_at_both_sizes(prepared: nn.Module) -> None:
+        prepared.train()
+        out = prepared(x)
+        out.float().sum().backward()
+        with torch.no_grad():
+            assert prepared(x2).shape[0] == x2.shape[0]
 
-def _psi(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if n.endswith("psi")]
+    # BatchNorm statistics randomized (seed 3), psi kept as trained
+    return roundtrip(model, x, x2, bn_seed=3, psi_seed=None, before_fold=train_at_both_sizes)
 
 
 def test_monai_efficientnet_bn_len_of_shape_is_answered():
@@ -59,7 +51,7 @@ def test_monai_efficientnet_bn_len_of_shape_is_answered():
         prepared, deploy = _roundtrip(model, torch.randn(2, 3, 64, 64), torch.randn(3, 3, 48, 80))
     assert isinstance(prepared, asrfx.DualModeGraphModule)  # drop-connect in train mode only
     assert prepared.asrfx_report.count(action="converted") == n_se
-    assert len(_psi(prepared)) == n_se
+    assert len(psi_names(prepared)) == n_se
     assert deploy.asrfx_report.count(action="folded", kind="channel scale") == n_se
     # tracing ran real layers for example values; BatchNorm statistics must be untouched
     fresh = mnets.EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2,

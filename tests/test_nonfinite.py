@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import asrfx
+from asrfx import foldmath
 from asrfx.zoo import SEModule
 from helpers import randomize_bn
 
@@ -135,15 +136,13 @@ def test_half_precision_fold_is_judged_against_float64(dtype):
 def test_half_precision_fold_worse_than_eager_is_refused(monkeypatch):
     """A fold that is wrong (weights tripled, injected) is not excused by half precision:
     FoldMismatch, with both float64 comparisons in the message."""
-    import asrfx.passes.bn_fusion as bn_fusion
-
-    real = bn_fusion.fuse_conv_bn_weights
+    real = foldmath.fold_scale_into_conv_out  # the identity Conv -> BatchNorm fusion uses
 
     def off(*args, **kwargs):
         w, b = real(*args, **kwargs)
-        return nn.Parameter(w.detach() * 3), nn.Parameter(b.detach())
+        return w * 3, b
 
-    monkeypatch.setattr(bn_fusion, "fuse_conv_bn_weights", off)
+    monkeypatch.setattr(foldmath, "fold_scale_into_conv_out", off)
     net, x = _near_dead_bn(torch.float16)
     with pytest.raises(asrfx.FoldMismatch, match="float64 the fold errs .* float16 eager model"):
         asrfx.fold(net, example_inputs=(x,))

@@ -16,17 +16,11 @@ import asrfx
 from asrfx import runtimes
 from asrfx.errors import ASRError, ExportError, InputError
 from asrfx.zoo import cifar_resnet
-from helpers import REL_TOL, randomize_bn, rel_err
+from helpers import REL_TOL, rand_images, randomize_bn, rel_err
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
-
-SIZE = 32
-
-
-def _x(batch: int, seed: int, size: int = SIZE) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def _modes(model: nn.Module) -> list[bool]:
@@ -83,7 +77,7 @@ def _tiny(seed: int = 0) -> Tiny:
 def folded() -> nn.Module:
     """A ResNet-20 with SE attention, prepared, BN-randomized and folded (eval mode)."""
     torch.manual_seed(0)
-    x = _x(2, 0)
+    x = rand_images(2, 0)
     prepared = asrfx.prepare(cifar_resnet(20, attention="se"), example_inputs=(x,))
     randomize_bn(prepared, seed=5)
     return asrfx.fold(prepared, example_inputs=(x,))
@@ -95,7 +89,7 @@ def folded_onnx(folded, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "r20.onnx"
     folded.train()
     try:
-        assert runtimes.export_onnx(folded, (_x(2, 1),), path) == path
+        assert runtimes.export_onnx(folded, (rand_images(2, 1),), path) == path
         assert folded.training  # the caller's mode is back
     finally:
         folded.eval()
@@ -107,7 +101,7 @@ def folded_onnx(folded, tmp_path_factory):
 def test_onnx_export_and_check_folded_resnet(folded, folded_onnx):
     assert folded_onnx.is_file()
     assert not folded_onnx.with_name(folded_onnx.name + ".data").exists()  # weights inside
-    err = runtimes.check_onnx(folded, (_x(2, 1),), folded_onnx, batches=(1, 3, 5))
+    err = runtimes.check_onnx(folded, (rand_images(2, 1),), folded_onnx, batches=(1, 3, 5))
     assert isinstance(err, float) and 0.0 <= err <= REL_TOL
 
 
@@ -118,7 +112,7 @@ def test_onnx_dynamic_batch(folded, folded_onnx):
     assert graph_input.type.tensor_type.shape.dim[0].dim_param  # symbolic, not a fixed size
     session = runtimes.onnx_session(folded_onnx, threads=1)
     for b in (1, 5):
-        x = _x(b, 10 + b)
+        x = rand_images(b, 10 + b)
         (out,) = runtimes.run_onnx(session, x)
         with torch.no_grad():
             ref = folded(x)
@@ -129,14 +123,14 @@ def test_onnx_dynamic_batch(folded, folded_onnx):
 def test_run_onnx_wrong_inputs(folded_onnx):
     session = runtimes.onnx_session(folded_onnx)
     with pytest.raises(InputError, match="takes 1 tensor input"):
-        runtimes.run_onnx(session, _x(1, 0), _x(1, 1))
+        runtimes.run_onnx(session, rand_images(1, 0), rand_images(1, 1))
 
 
 def test_export_uses_eval_mode_and_restores_mixed_modes(tmp_path):
     model = _tiny().train()
     model.bn.eval()  # a deliberately mixed state must survive too
     before = _modes(model)
-    x = _x(1, 3, size=8)  # batch 1 with a dynamic batch: the exporter must not fix it to 1
+    x = rand_images(1, 3, size=8)  # batch 1 with a dynamic batch: the exporter must not fix it to 1
     onnx_path = runtimes.export_onnx(model, (x,), tmp_path / "tiny.onnx")
     pt2_path = runtimes.export_program(model, x, tmp_path / "tiny.pt2")
     assert _modes(model) == before
@@ -148,7 +142,7 @@ def test_export_uses_eval_mode_and_restores_mixed_modes(tmp_path):
 
 def test_check_onnx_detects_stale_export(tmp_path):
     model = _tiny().eval()
-    x = _x(2, 0, size=8)
+    x = rand_images(2, 0, size=8)
     path = runtimes.export_onnx(model, (x,), tmp_path / "tiny.onnx")
     with torch.no_grad():
         model.conv2.bias.add_(1.0)  # the file no longer matches the model
@@ -164,7 +158,7 @@ def test_check_onnx_detects_stale_export(tmp_path):
 def test_export_error_names_model_and_line(export, tmp_path):
     path = tmp_path / "model.out"
     with pytest.raises(ExportError) as info:
-        export(DataDependent(), (_x(2, 0, size=8),), path)
+        export(DataDependent(), (rand_images(2, 0, size=8),), path)
     msg = str(info.value)
     assert isinstance(info.value, ASRError)
     assert "DataDependent" in msg
@@ -174,7 +168,7 @@ def test_export_error_names_model_and_line(export, tmp_path):
 
 
 def test_fixed_batch_is_refused_not_silently_exported(tmp_path):
-    x, model = _x(2, 0, size=8), FixedBatch().eval()
+    x, model = rand_images(2, 0, size=8), FixedBatch().eval()
     for export, name in ((runtimes.export_onnx, "m.onnx"), (runtimes.export_program, "m.pt2")):
         with pytest.raises(ExportError, match="(?s)FixedBatch.*dynamic_batch=False"):
             export(model, (x,), tmp_path / name)
@@ -188,7 +182,7 @@ def test_missing_packages_raise_export_error(monkeypatch, tmp_path):
     monkeypatch.setattr(runtimes, "_has", lambda m: False if m.startswith("onnx") else real(m))
     with pytest.raises(ExportError, match=r"(?s)Tiny to ONNX: onnx and onnxscript not installed"
                                           r".*asrfx\[deploy\]"):
-        runtimes.export_onnx(_tiny(), (_x(2, 0, size=8),), tmp_path / "t.onnx")
+        runtimes.export_onnx(_tiny(), (rand_images(2, 0, size=8),), tmp_path / "t.onnx")
     with pytest.raises(ExportError, match="onnxruntime not installed"):
         runtimes.onnx_session(tmp_path / "t.onnx")
     got = runtimes.available()
@@ -198,17 +192,17 @@ def test_missing_packages_raise_export_error(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------- torch.export
 
 def test_program_round_trip_is_bit_exact(folded, tmp_path):
-    path = runtimes.export_program(folded, (_x(2, 1),), tmp_path / "r20.pt2")
+    path = runtimes.export_program(folded, (rand_images(2, 1),), tmp_path / "r20.pt2")
     assert path.suffix == ".pt2"
     with zipfile.ZipFile(path) as z:
         assert not [n for n in z.namelist() if n.endswith(".pkl")]  # no pickled module
     for device in (None, "cpu"):
         loaded = runtimes.load_program(path, device=device)
         for b in (1, 2, 5):
-            x = _x(b, 20 + b)
+            x = rand_images(b, 20 + b)
             with torch.no_grad():
                 assert torch.equal(loaded(x), folded(x))
-    assert runtimes.check_program(folded, (_x(2, 1),), path, batches=(1, 3)) == 0.0
+    assert runtimes.check_program(folded, (rand_images(2, 1),), path, batches=(1, 3)) == 0.0
 
 
 def test_load_program_errors(tmp_path):
@@ -224,13 +218,14 @@ def test_load_program_errors(tmp_path):
 
 def test_compiled_without_compiler_gives_reason(monkeypatch):
     monkeypatch.setattr(runtimes, "_cxx_compiler", lambda: None)
-    model, reason = runtimes.compiled(_tiny().eval(), (_x(2, 0, size=8),))
+    model, reason = runtimes.compiled(_tiny().eval(), (rand_images(2, 0, size=8),))
     assert model is None and "C++ compiler" in reason
     assert runtimes.available()["torch.compile"] is False
 
 
 def test_compiled_failure_gives_reason():
-    model, reason = runtimes.compiled(_tiny().eval(), (_x(2, 0, size=8),), mode="no-such-mode")
+    model, reason = runtimes.compiled(_tiny().eval(), (rand_images(2, 0, size=8),),
+                                      mode="no-such-mode")
     assert model is None and reason.startswith("torch.compile failed") and "no-such-mode" in reason
 
 
@@ -239,9 +234,9 @@ def test_compiled_tiny_model_matches_eager():
     if not runtimes.available()["torch.compile"]:
         pytest.skip("no C++ compiler for inductor")
     model = _tiny().eval()
-    cmodel, reason = runtimes.compiled(model, (_x(2, 0, size=8),))
+    cmodel, reason = runtimes.compiled(model, (rand_images(2, 0, size=8),))
     assert reason == "" and cmodel is not None
-    x = _x(3, 1, size=8)
+    x = rand_images(3, 1, size=8)
     with torch.no_grad():
         assert rel_err(model(x), cmodel(x)) <= REL_TOL
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import asrfx
-from helpers import rel_err, randomize_bn as _randomize_bn, randomize_psi as _randomize_psi
+from helpers import REL_TOL, psi_names, randomize_bn, randomize_psi, rel_err
 
 monai = pytest.importorskip("monai")
 efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
@@ -31,18 +31,9 @@ from monai.networks.blocks import ChannelSELayer, ResidualSELayer  # noqa: E402
 from monai.networks.nets import SEResNet50  # noqa: E402
 from efficientnet_pytorch import EfficientNet  # noqa: E402
 
-TOL = 1e-4
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _psi_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if n.endswith("psi")]
-
-
-_rel = rel_err
 
 
 def _graphs(gm: fx.GraphModule) -> list[fx.Graph]:
@@ -100,8 +91,8 @@ def _check_fold_exact(prepared: nn.Module, x: torch.Tensor, x_other: torch.Tenso
     prepared.train()
     with torch.no_grad():
         assert prepared(x_other).shape[0] == x_other.shape[0]
-    _randomize_bn(prepared, seed)
-    _randomize_psi(prepared, seed + 1)
+    randomize_bn(prepared, seed)
+    randomize_psi(prepared, seed + 1)
     prepared.eval()
     state = {k: v.clone() for k, v in prepared.state_dict().items()}
     folded = asrfx.fold(prepared, example_inputs=(x,))
@@ -114,8 +105,8 @@ def _check_fold_exact(prepared: nn.Module, x: torch.Tensor, x_other: torch.Tenso
             ref = prepared(inp)
             out = folded(inp)
             assert ref.abs().max() > 0
-            err = _rel(ref, out)
-            assert err <= TOL, f"fold inexact at input {tuple(inp.shape)}: rel err {err:.3e}"
+            err = rel_err(ref, out)
+            assert err <= REL_TOL, f"fold inexact at input {tuple(inp.shape)}: rel err {err:.3e}"
     return folded
 
 
@@ -152,7 +143,7 @@ def test_monai_seresnet50_every_channel_se_layer_converted(monai_case):
     assert report.count(action="converted") == n_se
     assert report.count(action="converted", kind="channel-attention") == n_se
     assert report.count(action="refused") == 0
-    psis = _psi_names(prepared)
+    psis = psi_names(prepared)
     assert len(psis) == n_se
     se_paths = {n for n, m in model.named_modules() if isinstance(m, ChannelSELayer)}
     converted = {s.path for s in report.sites if s.action == "converted"}
@@ -219,7 +210,7 @@ def test_monai_se_and_residual_se_layers_fold_into_bn():
     prepared = asrfx.prepare(model, example_inputs=(x,))
     rep = prepared.asrfx_report
     assert {s.path for s in rep.sites if s.action == "converted"} == {"se", "rse"}
-    assert sorted(_psi_names(prepared)) == ["rse.psi", "se.psi"]
+    assert sorted(psi_names(prepared)) == ["rse.psi", "se.psi"]
     _train_step(copy.deepcopy(prepared), torch.randn(4, 3, 16, 16), num_classes=4)
 
     folded = _check_fold_exact(prepared, x, torch.randn(5, 3, 12, 20), seed=21)
@@ -239,8 +230,8 @@ def test_monai_residual_gate_becomes_one_plus_g_in_the_bn():
     model = _MonaiSENet()
     x = torch.randn(2, 3, 16, 16)
     prepared = asrfx.prepare(model, example_inputs=(x,))
-    _randomize_bn(prepared, 5)
-    _randomize_psi(prepared, 6)
+    randomize_bn(prepared, 5)
+    randomize_psi(prepared, 6)
     prepared.eval()
     folded = asrfx.fold(prepared, example_inputs=(x,), fuse_bn=False)
     c = 16
@@ -266,7 +257,7 @@ def test_monai_residual_gate_becomes_one_plus_g_in_the_bn():
                                rtol=1e-5, atol=1e-6)
     assert _per_channel_const_ops(folded) == []
     with torch.no_grad():
-        assert _rel(prepared(x), folded(x)) <= TOL
+        assert rel_err(prepared(x), folded(x)) <= REL_TOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +291,7 @@ def test_efficientnet_b0_prepare_is_dual_mode_and_converts_every_se(effnet):
     assert rep.count(action="refused") == 0
     assert {s.path for s in rep.sites if s.action == "converted"} == \
         {f"_blocks.{i}" for i in se}
-    psis = _psi_names(prepared)
+    psis = psi_names(prepared)
     assert len(psis) == 16
     # one psi per block, shared by the train and the eval graph (one state_dict)
     for g in _graphs(prepared):
@@ -377,8 +368,8 @@ def test_efficientnet_b0_modes_differ_only_by_drop_connect(effnet):
     # eval mode runs exactly the eval graph; train mode exactly the train graph
     with torch.no_grad():
         work = copy.deepcopy(prepared)
-        _randomize_bn(work, 41)
-        _randomize_psi(work, 42)
+        randomize_bn(work, 41)
+        randomize_psi(work, 42)
         work.eval()
         out = work(x)
         eval_gm = fx.GraphModule(work, copy.deepcopy(work.eval_graph))

@@ -9,23 +9,7 @@ from torch import nn
 
 import asrfx
 from asrfx.zoo import vit_tiny
-from helpers import randomize_psi, rel_err
-
-
-def _randomize_ln(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
-
-
-def _check(prepared, x, deploy):
-    prepared.eval()
-    with torch.no_grad():
-        for xi in (x, torch.randn(3, *x.shape[1:])):
-            assert rel_err(prepared(xi), deploy(xi)) <= 1e-4
+from helpers import check_fold, randomize_ln, randomize_psi
 
 
 def test_token_se_in_vit_is_converted_and_folded_into_layernorm():
@@ -41,7 +25,7 @@ def test_token_se_in_vit_is_converted_and_folded_into_layernorm():
     prepared.train()
     F.cross_entropy(prepared(x), torch.tensor([1, 2])).backward()
     assert all(prepared.get_parameter(n).grad is not None for n in psis)
-    _randomize_ln(prepared, 1)
+    randomize_ln(prepared, 1)
     randomize_psi(prepared, 2)
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     targets = sorted(s.target for s in deploy.asrfx_report.sites if s.kind == "channel scale")
@@ -49,7 +33,7 @@ def test_token_se_in_vit_is_converted_and_folded_into_layernorm():
     assert not [n for n in deploy.graph.nodes if "sigmoid" in str(n.target)]
     # self-attention is a leaf nn.MultiheadAttention, untouched
     assert sum(isinstance(m, nn.MultiheadAttention) for m in deploy.modules()) == 2
-    _check(prepared, x, deploy)
+    check_fold(prepared, x, deploy)
 
 
 def test_insertion_after_every_token_norm():
@@ -59,14 +43,14 @@ def test_insertion_after_every_token_norm():
     prepared = asrfx.prepare(model, example_inputs=(x,), insert="se", where="after_norm")
     # two norms per block and the final norm
     assert prepared.asrfx_report.count(action="inserted") == 5
-    _randomize_ln(prepared, 3)
+    randomize_ln(prepared, 3)
     randomize_psi(prepared, 4)
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     assert deploy.asrfx_report.count(action="folded", kind="channel scale") == 5
     assert deploy.asrfx_report.count(action="kept", kind="channel scale") == 0
     plain = asrfx.fold(model, example_inputs=(x,))
     assert len(deploy.graph.nodes) == len(plain.graph.nodes)
-    _check(prepared, x, deploy)
+    check_fold(prepared, x, deploy)
 
 
 class TokenGateAfterGelu(nn.Module):
@@ -93,7 +77,7 @@ def test_token_gate_after_gelu_folds_into_the_next_linear():
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     (site,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
     assert site.action == "folded" and site.target == "fc2 (input columns)"
-    _check(prepared, x, deploy)
+    check_fold(prepared, x, deploy)
 
 
 def test_a_width_gate_on_a_feature_map_is_not_taken_for_tokens():

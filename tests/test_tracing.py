@@ -13,51 +13,21 @@ import torch.fx as fx
 from torch import nn
 
 import asrfx
-from helpers import rel_err, randomize_bn as _randomize_bn, randomize_psi as _randomize_psi
+from helpers import (REL_TOL, SE, DropPathNet, SENet, psi_names, randomize_bn, randomize_psi,
+                     rel_err)
 import asrfx.foldmath
-
-TOL = 1e-4
 
 
 # --------------------------------------------------------------------------------------------
 # private helpers
 
 
-def _psi_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if n.endswith("psi")]
-
-
-_rel = rel_err
-
-
 def _call_module_targets(gm: fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
 
 
-class SE(nn.Module):
-    """Squeeze-and-excitation with 1x1 convs."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.fc1 = nn.Conv2d(c, max(c // 2, 1), 1)
-        self.fc2 = nn.Conv2d(max(c // 2, 1), c, 1)
-
-    def forward(self, x):
-        s = x.mean((2, 3), keepdim=True)
-        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
-
-
-class SENet(nn.Module):
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-        self.se = SE(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return self.bn2(self.conv2(torch.relu(self.se(self.bn(self.conv(x))))))
+# SE (1x1-conv squeeze-excitation), SENet (conv -> BN -> SE -> ReLU -> conv -> BN) and
+# DropPathNet (stochastic depth: two graphs) come from helpers.
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +95,7 @@ class NestedGate(nn.Module):
 
 def test_nested_untraceable_submodule_becomes_a_leaf_with_a_warning():
     model = NestedGate().eval()
-    _randomize_bn(model, 1)
+    randomize_bn(model, 1)
     with pytest.warns(UserWarning, match=r"'body\.1'") as rec:
         gm = asrfx.trace(model, torch.randn(2, 3, 8, 8))
     assert any("Gate" in str(w.message) for w in rec)
@@ -148,16 +118,16 @@ def test_untraceable_leaf_does_not_block_conversion_elsewhere():
     with pytest.warns(UserWarning, match=r"'body\.1'"):
         prepared = asrfx.prepare(model, example_inputs=(x,))
     assert prepared.asrfx_report.count(action="converted") == 1
-    assert _psi_names(prepared) == ["se.psi"]
-    _randomize_bn(prepared, 2)
-    _randomize_psi(prepared, 3)
+    assert psi_names(prepared) == ["se.psi"]
+    randomize_bn(prepared, 2)
+    randomize_psi(prepared, 3)
     prepared.eval()
     folded = asrfx.fold(prepared, example_inputs=(x,))  # a GraphModule: not traced again
     assert "body.1" in _call_module_targets(folded)
     with torch.no_grad():
         for sign in (1.0, -1.0):
             xi = sign * (torch.rand(3, 3, 8, 8) + 0.1)
-            assert _rel(prepared(xi), folded(xi)) <= TOL
+            assert rel_err(prepared(xi), folded(xi)) <= REL_TOL
 
 
 class Block(nn.Module):
@@ -191,7 +161,7 @@ def test_deeply_nested_untraceable_modules_become_leaves_innermost():
     targets = _call_module_targets(prepared)
     assert "body.0.gate" in targets and "body.1.gate" in targets
     assert "body.0" not in targets  # only the innermost offender is opaque
-    assert sorted(_psi_names(prepared)) == ["body.0.se.psi", "body.1.se.psi"]
+    assert sorted(psi_names(prepared)) == ["body.0.se.psi", "body.1.se.psi"]
 
 
 class TypeCheck(nn.Module):
@@ -268,7 +238,7 @@ def test_leaf_modules_by_name_keeps_that_module_opaque():
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
     prepared = asrfx.prepare(model, example_inputs=(x,), leaf_modules=["se"])
-    assert _psi_names(prepared) == ["se2.psi"]
+    assert psi_names(prepared) == ["se2.psi"]
     assert "se" in _call_module_targets(prepared)
 
 
@@ -282,30 +252,12 @@ def test_leaf_modules_by_type_keeps_every_instance_opaque():
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
     prepared = asrfx.prepare(model, example_inputs=(x,), leaf_modules=[SE])
-    assert _psi_names(prepared) == []
+    assert psi_names(prepared) == []
     assert prepared.asrfx_report.count(action="converted") == 0
 
 
 # --------------------------------------------------------------------------------------------
 # shape metadata
-
-
-class DropPathNet(nn.Module):
-    """Forward differs between train and eval (stochastic depth), without shape reads."""
-
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.conv = nn.Conv2d(3, c, 3, padding=1)
-        self.bn = nn.BatchNorm2d(c)
-        self.se = SE(c)
-
-    def forward(self, x):
-        y = self.conv(x)
-        z = self.se(self.bn(y))
-        if self.training:
-            keep = (torch.rand_like(z[:, :1, :1, :1]) < 0.8).float()
-            z = z * keep / 0.8
-        return torch.relu(y + z)
 
 
 @pytest.mark.parametrize("model_cls", [SENet, DropPathNet])
@@ -374,9 +326,9 @@ def test_batchnorm_subclass_is_a_leaf_and_is_never_folded():
     assert any(n.op == "call_method" and n.target == "mean" for n in bn_nodes[0].users)
 
     prepared = asrfx.prepare(model, example_inputs=(x,))
-    assert _psi_names(prepared) == ["se.psi"]
-    _randomize_bn(prepared, 4)
-    _randomize_psi(prepared, 5)
+    assert psi_names(prepared) == ["se.psi"]
+    randomize_bn(prepared, 4)
+    randomize_psi(prepared, 5)
     prepared.eval()
     folded = asrfx.fold(prepared, example_inputs=(x,))
     kept = [n for n in folded.graph.nodes if n.op == "call_module"
@@ -392,7 +344,7 @@ def test_batchnorm_subclass_is_a_leaf_and_is_never_folded():
     assert "bn2" not in _call_module_targets(folded)  # the plain BN after conv2 is fused
     with torch.no_grad():
         for xi in (x, torch.randn(3, 3, 8, 8)):
-            assert _rel(prepared(xi), folded(xi)) <= TOL
+            assert rel_err(prepared(xi), folded(xi)) <= REL_TOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,7 +364,7 @@ class Plain(nn.Module):
 
 def test_prepare_without_attention_returns_an_equivalent_model_and_says_so():
     model = Plain()
-    _randomize_bn(model, 6)
+    randomize_bn(model, 6)
     x = torch.randn(2, 3, 8, 8)
     prepared = asrfx.prepare(model, example_inputs=(x,))
     rep = prepared.asrfx_report
@@ -421,7 +373,7 @@ def test_prepare_without_attention_returns_an_equivalent_model_and_says_so():
     assert rep.params_before == rep.params_after
     assert any("no channel attention" in n for n in rep.notes)
     assert "nothing to do" in str(rep)
-    assert _psi_names(prepared) == []
+    assert psi_names(prepared) == []
     assert prepared.training == model.training
     model.eval()
     prepared.eval()
@@ -435,13 +387,13 @@ def test_prepare_twice_returns_the_prepared_model_unchanged(mode):
     model = SENet()
     x = torch.randn(2, 3, 8, 8)
     once = asrfx.prepare(model, example_inputs=(x,), mode=mode)
-    n_psi = len(_psi_names(once))
+    n_psi = len(psi_names(once))
     assert n_psi == 1
-    _randomize_bn(once, 7)
-    _randomize_psi(once, 8)
+    randomize_bn(once, 7)
+    randomize_psi(once, 8)
     twice = asrfx.prepare(once, example_inputs=(x,), mode=mode)
-    assert len(_psi_names(twice)) == n_psi
-    assert sorted(_psi_names(twice)) == sorted(_psi_names(once))
+    assert len(psi_names(twice)) == n_psi
+    assert sorted(psi_names(twice)) == sorted(psi_names(once))
     assert sum(p.numel() for p in twice.parameters()) == sum(p.numel() for p in once.parameters())
     once.eval()
     twice.eval()
@@ -453,8 +405,8 @@ def test_fold_twice_returns_the_same_graph():
     model = SENet()
     x = torch.randn(2, 3, 8, 8)
     prepared = asrfx.prepare(model, example_inputs=(x,))
-    _randomize_bn(prepared, 9)
-    _randomize_psi(prepared, 10)
+    randomize_bn(prepared, 9)
+    randomize_psi(prepared, 10)
     folded = asrfx.fold(prepared, example_inputs=(x,))
     again = asrfx.fold(folded, example_inputs=(x,))
     assert again.code == folded.code
@@ -541,22 +493,22 @@ class SharedConv(nn.Module):
 def test_module_called_twice_is_not_wrongly_fused(se_after):
     model = SharedConv(se_after=se_after)
     x = torch.randn(2, 6, 8, 8)
-    _randomize_bn(model, 11)
+    randomize_bn(model, 11)
     model.eval()
     deploy = asrfx.fold(model, example_inputs=(x,))
     with torch.no_grad():
         for xi in (x, torch.randn(3, 6, 8, 8)):
-            assert _rel(model(xi), deploy(xi)) <= TOL
+            assert rel_err(model(xi), deploy(xi)) <= REL_TOL
 
     prepared = asrfx.prepare(model, example_inputs=(x,))
-    assert _psi_names(prepared) == ["se.psi"]
-    _randomize_bn(prepared, 12)
-    _randomize_psi(prepared, 13)
+    assert psi_names(prepared) == ["se.psi"]
+    randomize_bn(prepared, 12)
+    randomize_psi(prepared, 13)
     prepared.eval()
     folded = asrfx.fold(prepared, example_inputs=(x,))
     with torch.no_grad():
         for xi in (x, torch.randn(3, 6, 8, 8)):
-            assert _rel(prepared(xi), folded(xi)) <= TOL
+            assert rel_err(prepared(xi), folded(xi)) <= REL_TOL
     # the shared conv is not altered in the model that was folded
     assert torch.equal(prepared.get_submodule("conv").weight, model.conv.weight)
 
@@ -580,8 +532,8 @@ def test_fold_check_raises_fold_mismatch_naming_the_site(monkeypatch):
     model = SENet()
     x = torch.randn(2, 3, 8, 8)
     prepared = asrfx.prepare(model, example_inputs=(x,))
-    _randomize_bn(prepared, 14)
-    _randomize_psi(prepared, 15)
+    randomize_bn(prepared, 14)
+    randomize_psi(prepared, 15)
     wrong = _Doubled(asrfx.foldmath.fold_scale_into_norm)
     # passes/scale_fold.py calls it as foldmath.fold_scale_into_norm (module attribute)
     monkeypatch.setattr(asrfx.foldmath, "fold_scale_into_norm", wrong)
@@ -590,7 +542,7 @@ def test_fold_check_raises_fold_mismatch_naming_the_site(monkeypatch):
     assert wrong.calls >= 1
     err = info.value
     assert isinstance(err, asrfx.ASRError)
-    assert err.rel_error > TOL
+    assert err.rel_error > REL_TOL
     assert err.site is not None and err.site.startswith("se ")
     assert "se -> bn" in str(err)
     # without the check the (wrong) result comes back, and the report still names the site
@@ -600,7 +552,7 @@ def test_fold_check_raises_fold_mismatch_naming_the_site(monkeypatch):
     good = asrfx.fold(prepared, example_inputs=(x,))
     prepared.eval()
     with torch.no_grad():
-        assert _rel(prepared(x), good(x)) <= TOL
+        assert rel_err(prepared(x), good(x)) <= REL_TOL
 
 
 def test_fold_check_names_a_consumer_side_site(monkeypatch):
@@ -608,8 +560,8 @@ def test_fold_check_names_a_consumer_side_site(monkeypatch):
     model = SubclassBNNet()
     x = torch.randn(2, 3, 8, 8)
     prepared = asrfx.prepare(model, example_inputs=(x,))
-    _randomize_bn(prepared, 16)
-    _randomize_psi(prepared, 17)
+    randomize_bn(prepared, 16)
+    randomize_psi(prepared, 17)
     orig = asrfx.foldmath.fold_scale_into_conv_in
 
     def wrong(weight, bias, scale, shift=None, groups=1):
@@ -654,7 +606,7 @@ def test_len_of_shape_is_answered_from_example_values():
     assert prepared.asrfx_report.count(action="converted") == 1
     # the graph does not bake the batch size: other batch sizes work
     prepared.eval()
-    _randomize_bn(prepared, 5)
+    randomize_bn(prepared, 5)
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     with torch.no_grad():
         for xi in (torch.randn(1, 3, 8, 8), torch.randn(5, 3, 8, 8)):

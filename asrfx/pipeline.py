@@ -1,0 +1,512 @@
+"""The compiler pipeline behind :func:`asrfx.prepare` and :func:`asrfx.fold`.
+
+``prepare``: capture (:mod:`asrfx.capture`) -> insert attention (optional) -> find attention
+sites -> refuse the unsafe ones -> the ASR rewrite, on each graph of the model (train and eval
+when they differ) -> one module with a report.
+
+``fold``: the eval graph -> evaluate constant branches -> revert SyncBatchNorm -> fold
+per-channel scales -> fuse Conv/BatchNorm -> merge branches -> clean up -> check against the
+unfolded graph (on a miss, re-run one site at a time to name the culprit).
+
+A :class:`Context` carries what the stages share: the caller's model, the inputs, the captured
+graphs, which graphs' shape metadata is current for the inputs, and the reference output. Each
+pass returns :class:`asrfx.report.Site` records; the report is their concatenation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+from torch.utils._pytree import tree_flatten
+
+from asrfx.passes import (apply_asr, cleanup, drop_identities, evaluate_constants,
+                          find_attention_sites, fold_scales, fuse_batchnorm,
+                          refuse_batch_statistic_sites, refuse_gates_before_batch_norm,
+                          revert_sync_batchnorm)
+from asrfx.passes.asr_rewrite import psi_names
+from asrfx.passes.branch_merge import merge_branches, merge_sequential
+from asrfx.passes.graph_utils import (clone_module, describe_hooks, module_device, module_path,
+                                      reads_shape_only, safe_dce, stable_toposort,
+                                      value_dependent)
+from asrfx.passes.hooks import (hook_fix, protect_hooked_calls, refuse_hooked_sites,
+                                restore_hooked_calls)
+from asrfx.passes.insertion import insert_modules, insertion_points
+from asrfx.passes.protocol import PassContext
+from asrfx.passes.shapes import ShapeRecorder, propagate_shapes
+
+from .capture import capture
+from .check import first_nonfinite, half_precision, nonfinite, relative_error, tolerance
+from .errors import FoldMismatch, InputError, NonFiniteError
+from .inputs import describe_inputs, forward_signature, inputs_failure
+from .report import Report, Site
+from .tracing import AsrTracer, DualModeGraphModule, TraceResult, preserve_modes, warn_own_hooks
+
+__all__ = ["Context", "PrepareOptions", "prepare_model", "fold_model", "eval_graph_module",
+           "count_params", "attach_report", "input_specs", "meta_of"]
+
+
+@dataclass
+class Context:
+    """What the stages of one ``prepare`` / ``fold`` call share.
+
+    Attributes:
+        model: the caller's model (never modified).
+        inputs: the example inputs, a tuple.
+        leaf_modules: module names or types kept opaque when capturing.
+        trace: the captured graphs (prepare), else None.
+        fresh: the graph modules whose shape metadata was recorded with ``inputs`` and is still
+            current (a pass that changes shapes must call :meth:`stale`).
+        reference: the unfolded eval graph's output on ``inputs`` (fold).
+    """
+
+    model: nn.Module
+    inputs: tuple
+    leaf_modules: Sequence[str | type] = ()
+    trace: TraceResult | None = None
+    fresh: set = field(default_factory=set)
+    reference: Any = None
+
+    def captured(self, tr: TraceResult) -> None:
+        """Take the capture's graphs; its eval graph carries shapes for ``inputs``."""
+        self.trace = tr
+        if tr.eval.meta.pop("asrfx_shapes_from", None) == id(self.inputs):
+            self.fresh.add(tr.eval)
+
+    def shapes(self, gm: fx.GraphModule) -> None:
+        """Make ``gm``'s shape metadata current for ``inputs``."""
+        if gm not in self.fresh:
+            propagate_shapes(gm, self.inputs)
+            self.fresh.add(gm)
+
+    def stale(self, gm: fx.GraphModule) -> None:
+        self.fresh.discard(gm)
+
+
+def count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def input_specs(inputs: tuple) -> list:
+    return [(tuple(t.shape), t.dtype) for t in inputs if isinstance(t, torch.Tensor)]
+
+
+def attach_report(gm: fx.GraphModule, report: Report, **info: Any) -> None:
+    """Attach ``report`` (``gm.asrfx_report``) and ``info`` (``gm.meta["asrfx"]``), kept by
+    ``copy.deepcopy`` and pickling."""
+    gm.meta["asrfx"] = dict(info, stage=report.stage)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["asrfx_report"] = report
+    gm.asrfx_report = report
+
+
+# ----------------------------------------------------------------------------- prepare
+
+@dataclass
+class PrepareOptions:
+    """``prepare``'s checked arguments (see :func:`asrfx.prepare`)."""
+
+    mode: str
+    init: Any
+    calibration_data: Any = None
+    factory: Callable | None = None
+    where: Any = "block_output"
+    every: int = 1
+
+
+def prepare_model(model: nn.Module, work: nn.Module, inputs: tuple, opts: PrepareOptions,
+                  leaf_modules: Sequence[str | type]) -> fx.GraphModule:
+    """The training form of ``work`` (a copy of ``model``), with its report attached."""
+    ctx = Context(model, inputs, leaf_modules)
+    ctx.captured(capture(work, inputs, leaf_modules))
+    tr = ctx.trace
+    report = Report("prepare", params_before=count_params(model))
+    report.extend(_hooked_leaf_records(tr.hooked))
+    created: dict[str, Any] = {}
+    inserted = _insert(ctx, opts, created, report) if opts.factory is not None else {}
+    init = opts.init
+    if init == "calibrate":
+        init = calibrated_init(ctx, tr.eval, opts.calibration_data)
+    counts = []
+    for i, gm in enumerate(tr.modules()):
+        ctx.shapes(gm)
+        records, notes, n = _convert(gm, work, opts, init, created, inserted.get(i, set()))
+        counts.append(n)
+        if i == 0:
+            report.extend(records)
+            report.notes += notes
+    if tr.dual:
+        report.notes.append("forward differs between train and eval mode (e.g. drop-path); "
+                            "both graphs were converted")
+        if counts[0] != counts[1]:
+            report.notes.append(f"train graph has {counts[0]} sites, eval graph {counts[1]}")
+    out = tr.build()
+    # the caller's per-module train/eval flags carry over (the layers are copies of theirs);
+    # only the containers the GraphModule made for itself take the top-level flag
+    out.training = model.training
+    for m in out.modules():
+        if type(m) is nn.Module:
+            m.training = model.training
+    report.params_after = count_params(out)
+    if not report.sites:
+        report.notes.append("no channel attention found; the model is returned unchanged "
+                            "(use fold() for BN fusion)")
+    attach_report(out, report, mode=opts.mode, input_specs=input_specs(inputs),
+                  psi=[n for n in created if n.endswith("psi")])
+    return out
+
+
+def _hooked_leaf_records(hooked: dict[str, list[str]]) -> list[Site]:
+    return [Site(path, "hooked module", 0, "kept", "",
+                 f"has {describe_hooks(kinds)}: kept as an opaque call so that it runs; nothing "
+                 f"inside it is converted (to convert it, {hook_fix(kinds)})",
+                 code="hooked-module") for path, kinds in hooked.items()]
+
+
+def _insert(ctx: Context, opts: PrepareOptions, created: dict, report: Report
+            ) -> dict[int, set[fx.Node]]:
+    """Insert new attention modules at ``opts.where`` in every graph; the inserted nodes per
+    graph (their sites are always converted)."""
+    inserted: dict[int, set] = {}
+    paths: list[str] = []
+    for i, gm in enumerate(ctx.trace.modules()):
+        ctx.shapes(gm)
+        points = insertion_points(gm, opts.where, opts.every)
+        done = insert_modules(gm, points, opts.factory, created, AsrTracer)
+        inserted[i] = set().union(*(nodes for _, nodes in done)) if done else set()
+        if i == 0:
+            paths = [p for p, _ in done]
+        stable_toposort(gm.graph)
+        ctx.stale(gm)
+        ctx.shapes(gm)
+    if not paths:
+        report.notes.append(f"no insertion point found for where={opts.where!r}")
+    return inserted
+
+
+def _refused(pairs: list, code: str) -> list[Site]:
+    return [Site(s.path, "channel-attention", s.channels, "refused", "", reason, code)
+            for s, reason in pairs]
+
+
+def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: Any,
+             created: dict, new: set[fx.Node]) -> tuple[list[Site], list[str], int]:
+    """Find, refuse and rewrite the attention sites of one graph: (records, notes, sites)."""
+    mode = opts.mode
+    sites, found_refused = find_attention_sites(gm)
+    sites, hooked = refuse_hooked_sites(gm, sites, new) if mode != "keep" else (sites, [])
+    _, batch_stats = refuse_batch_statistic_sites(
+        gm, [s for s in sites if mode != "keep" or s.mul in new])
+    _, before_bn = refuse_gates_before_batch_norm(
+        gm, [s for s in sites if mode == "replace" and s.mul not in new and
+             all(s is not r for r, _ in batch_stats)])
+    sites = [s for s in sites if all(s is not r for r, _ in batch_stats + before_bn)]
+    site_modes = ["replace" if s.mul in new else mode for s in sites]
+    try:
+        names = apply_asr(gm, sites, init=init, created=created, root=root,
+                          site_modes=site_modes)
+    except (ValueError, KeyError) as e:
+        raise InputError(f"bad psi init for {type(root).__name__}: "
+                         f"{e.args[0] if e.args else e}") from None
+    safe_dce(gm)
+    actions = {"replace": "converted", "both": "added", "keep": "kept"}
+    records = []
+    for site, psis, m in zip(sites, names, site_modes):
+        inserted = site.mul in new
+        records.append(Site(site.path, "channel-attention (inserted)" if inserted else
+                            "channel-attention", site.channels,
+                            "inserted" if inserted else actions[m],
+                            "" if m == "keep" else ", ".join(psis),
+                            "existing attention kept (mode='keep')" if m == "keep" else "",
+                            "mode-keep" if m == "keep" else ""))
+    records += [Site(path, "spatial attention" if code == "spatial-attention" else
+                     "channel-attention?", 0, "refused", "", reason, code)
+                for path, reason, code in found_refused]
+    records += _refused(hooked, "hooked-module-in-branch") + \
+        _refused(batch_stats, "batch-stats-norm-in-branch") + \
+        _refused(before_bn, "gate-before-batch-norm")
+    return records, _site_notes(sites), len(sites)
+
+
+def _site_notes(sites: list) -> list[str]:
+    notes = []
+    for site in sites:
+        if site.extra.get("rows"):
+            notes.append(f"{site.path}: the ASR branch runs on psi expanded to the batch "
+                         f"({site.extra['rows']}); it folds the same")
+        for norm in site.extra.get("frozen_norms", []):
+            notes.append(f"{norm}: a norm inside the ASR branch of {site.path} now always "
+                         f"normalises with its running statistics (psi is one value for the "
+                         f"whole batch)")
+    return notes
+
+
+def calibrated_init(ctx: Context, gm: fx.GraphModule, calibration_data: Any
+                    ) -> dict[str, torch.Tensor]:
+    """psi name -> the mean, over every calibration input, of the statistic psi replaces.
+
+    The original (input-dependent) graph runs in eval mode on each batch; each pooled statistic's
+    per-sample values are summed and averaged, so the converted attention starts at the average
+    output its branch saw (the Stripe Observation says that is nearly every output).
+
+    Raises:
+        InputError: a batch is not a tensor (or a tuple starting with one), the model fails on
+            it, or there is no batch.
+    """
+    ctx.shapes(gm)
+    sites, _ = find_attention_sites(gm)
+    keep = {stat: name for site, ns in zip(sites, psi_names(sites))
+            for stat, name in zip(site.stats, ns)}
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    device = module_device(gm)
+    modes = preserve_modes(gm)
+    gm.eval()
+    try:
+        with torch.no_grad():
+            for batch in calibration_data:
+                xb = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not isinstance(xb, torch.Tensor):
+                    raise InputError(f"calibration_data yields {type(xb).__name__}, expected "
+                                     f"tensors or (input, ...) tuples")
+                rec = ShapeRecorder(gm, keep=keep)
+                try:
+                    rec.run(xb.to(device))
+                except Exception as e:  # noqa: BLE001
+                    raise InputError(f"the model fails on a calibration batch of shape "
+                                     f"{tuple(xb.shape)}: {str(e).splitlines()[0]}") from None
+                for stat, name in keep.items():
+                    v = rec.values[stat].double().sum(0, keepdim=True)
+                    sums[name] = v if name not in sums else sums[name] + v
+                count += xb.shape[0]
+    finally:
+        modes.__exit__()
+    if count == 0:
+        raise InputError("calibration_data is empty")
+    ctx.stale(gm)  # calibration batches overwrote the recorded shapes
+    ctx.shapes(gm)
+    return {name: (total / count).float() for name, total in sums.items()}
+
+
+# ----------------------------------------------------------------------------- fold
+
+def fold_model(model: nn.Module, inputs: tuple, check: bool, fuse_bn: bool, tol: float,
+               leaf_modules: Sequence[str | type]) -> fx.GraphModule:
+    """The deploy form of ``model`` (see :func:`asrfx.fold`), checked when ``check``."""
+    ctx = Context(model, inputs, leaf_modules)
+    gm = eval_graph_module(ctx)
+    check_arity(gm, inputs)
+    recs = run_fold_passes(gm, ctx, fuse_bn)
+    report = Report("fold", params_before=count_params(model), params_after=count_params(gm))
+    report.extend(recs + _attention_left(gm))
+    audit_constants(gm, report)
+    if check:
+        _check(ctx, gm, report, recs, tol, fuse_bn)
+    if not any(s.action in ("folded", "fused", "merged") for s in report.sites):
+        report.notes.append("nothing was folded, fused or merged: the result computes what the "
+                            "model computes in eval mode")
+    info = {k: v for k, v in meta_of(model).items() if k != "stage"}
+    info["input_specs"] = input_specs(inputs)
+    attach_report(gm, report, **info)
+    return gm
+
+
+def meta_of(model: nn.Module) -> dict:
+    """What asrfx recorded on a model it made (``model.meta["asrfx"]``), else {}."""
+    meta = getattr(model, "meta", None)
+    return meta.get("asrfx", {}) if isinstance(meta, dict) else {}
+
+
+def eval_graph_module(ctx: Context) -> fx.GraphModule:
+    """An eval-mode GraphModule over a copy of ``ctx.model`` (the eval graph of a dual-mode
+    one); the model itself is not touched."""
+    model = ctx.model
+    if isinstance(model, fx.GraphModule):
+        graph = model.eval_graph if isinstance(model, DualModeGraphModule) else model.graph
+        gm = _clone_graph_module(model, graph)
+        warn_own_hooks(model)
+    else:
+        gm = capture(clone_module(model), ctx.inputs, ctx.leaf_modules).eval
+    gm.eval()
+    return gm
+
+
+def _clone_graph_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule over deep copies of ``gm``'s attributes and a copy of ``graph``.
+
+    Cheaper than ``copy.deepcopy(gm)``, which deep-copies every node's metadata and recompiles
+    twice; here node metadata is copied shallowly (it is only read).
+    """
+    memo: dict = {}
+    root = nn.Module()
+    for name, child in gm.named_children():
+        root.add_module(name, clone_module(child, memo))
+    for name, p in gm._parameters.items():
+        root.register_parameter(name, copy.deepcopy(p, memo))
+    for name, b in gm._buffers.items():
+        root.register_buffer(name, copy.deepcopy(b, memo))
+    g = fx.Graph()
+    g._codegen = copy.deepcopy(graph._codegen)
+    out = g.graph_copy(graph, {})
+    g.output(out)
+    new = fx.GraphModule(root, g, type(gm).__name__)  # errors name the caller's model
+    new.meta = {k: v for k, v in getattr(gm, "meta", {}).items()
+                if k != _USER_PRESERVED_ATTRIBUTES_KEY}
+    return new
+
+
+def run_fold_passes(gm: fx.GraphModule, ctx: Context, fuse_bn: bool,
+                    select: Callable[[str], bool] | None = None) -> list[Site]:
+    """The fold passes on ``gm`` in order; sets ``ctx.reference``; their records."""
+    pctx = PassContext(ctx.inputs, select) if select is not None else PassContext(ctx.inputs)
+    hooked = protect_hooked_calls(gm)  # no pass folds into, through or away a hooked module
+    try:
+        records = evaluate_constants(gm, pctx)
+    except Exception as e:  # noqa: BLE001 - a bad input must name itself, not fail deep in fx
+        raise InputError(inputs_failure(gm, ctx.inputs, e)) from None
+    ctx.reference = pctx.reference
+    records += revert_sync_batchnorm(gm)  # trained with SyncBatchNorm: the same map in eval
+    drop_identities(gm)
+    records += fold_scales(gm, pctx)
+    if fuse_bn:
+        records += fuse_batchnorm(gm, pctx) + merge_sequential(gm, pctx) + \
+            merge_branches(gm, pctx)
+    restore_hooked_calls(gm, hooked)
+    cleanup(gm)
+    return [Site(h["path"], "hooked module", 0, "kept", "", h["reason"], "hooked-module")
+            for h in hooked] + records
+
+
+def _attention_left(gm: fx.GraphModule) -> list[Site]:
+    """Input-dependent attention the deploy graph still computes (fold does not convert)."""
+    try:  # nodes kept from the unfolded graph still carry their shape metadata
+        left, refused = find_attention_sites(gm)
+    except Exception:  # noqa: BLE001 - the report must not fail the fold
+        left, refused = [], []
+    return [Site(s.path, "channel-attention", s.channels, "kept", "",
+                 "input-dependent attention (prepare() converts it)", "not-prepared")
+            for s in left] + \
+        [Site(path, "spatial attention", 0, "kept", "", reason, code)
+         for path, reason, code in refused if code == "spatial-attention"]
+
+
+def _check(ctx: Context, gm: fx.GraphModule, report: Report, recs: list[Site], tol: float,
+           fuse_bn: bool) -> None:
+    """Compare the folded graph with the unfolded one on the inputs; raise on a miss."""
+    ref, name = ctx.reference, type(ctx.model).__name__
+    if any(nonfinite(t) for t in tree_flatten(ref)[0]):
+        raise NonFiniteError(
+            f"asrfx.fold: {name} itself outputs NaN/Inf in eval mode on the example inputs, so "
+            f"no fold can be checked; the first non-finite value: "
+            f"{first_nonfinite(eval_graph_module(ctx), ctx.inputs)}. Fix the model (e.g. "
+            f"re-estimate BatchNorm statistics, or lower the learning rate that diverged) and "
+            f"fold again")
+    with torch.no_grad():
+        try:
+            out = gm(*ctx.inputs)
+        except Exception as e:  # noqa: BLE001 - the unfolded graph ran on these inputs
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise FoldMismatch(float("nan"), tol, None, f"The folded graph fails to run "
+                               f"({type(e).__name__}: {msg}). ") from None
+        err = relative_error(ref, out)
+    tol = tolerance(tol, out)
+    report.notes.append(f"checked against the unfolded model in eval mode: relative error "
+                        f"{err:.2e} (tolerance {tol:.0e})")
+    half = half_precision(out)
+    if not err <= tol and half is not None and not math.isnan(err):
+        # rounding of a half-precision eager run can exceed tol on its own: judge both
+        # against the truth (the unfolded model in float64)
+        eager64, fold64 = _against_float64(ctx, ref, out)
+        detail = (f"against the unfolded model run in float64 the fold errs {fold64:.2e} and "
+                  f"the {half} eager model {eager64:.2e}")
+        if fold64 > eager64:
+            raise FoldMismatch(err, tol, None, f"({detail}.) ")
+        report.notes.append(f"{half}: the fold differs from the eager model by more than the "
+                            f"tolerance, but {detail}: the fold is no worse")
+        return
+    if not err <= tol:
+        worst, worst_err = _isolate(ctx, fuse_bn, recs)
+        raise FoldMismatch(err, tol, worst,
+                           f"(that site alone gives {worst_err:.2e}) " if worst else "")
+
+
+def _against_float64(ctx: Context, eager: Any, folded: Any) -> tuple[float, float]:
+    """(relative error of the eager output, of the folded output) against the unfolded model
+    run in float64 on the same inputs (converted exactly: float16/bfloat16 values are float64
+    values)."""
+    gm = eval_graph_module(ctx).double()
+    inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                     for t in ctx.inputs)
+    with torch.no_grad():
+        truth = gm(*inputs64)
+    return relative_error(truth, eager), relative_error(truth, folded)
+
+
+def _isolate(ctx: Context, fuse_bn: bool, recs: list[Site]) -> tuple[str | None, float]:
+    """Fold one site at a time to find the one that breaks equivalence."""
+    worst, worst_err = None, -1.0
+    done: set[str] = set()
+    for rec in recs:
+        if rec.action not in ("folded", "fused", "merged") or not rec.key or rec.key in done:
+            continue
+        done.add(rec.key)
+        gm = eval_graph_module(ctx)
+        run_fold_passes(gm, ctx, fuse_bn, select=lambda k, key=rec.key: k == key)
+        with torch.no_grad():
+            e = relative_error(ctx.reference, gm(*ctx.inputs))
+        if e > worst_err:
+            worst, worst_err = f"{rec.path or '(top)'} -> {rec.target}", e
+    return worst, worst_err
+
+
+def audit_constants(gm: fx.GraphModule, report: Report) -> None:
+    """Part of fold's check: the deploy graph holds no psi and no computation from parameters
+    and buffers alone, unless the report already says why (a constant branch kept). Anything
+    else left (an in-place update of a buffer, an opaque call on constants) is reported here,
+    never left unmentioned."""
+    kept = {s.path for s in report.sites if s.action == "kept" and s.kind == "constant branch"}
+    dep = value_dependent(gm.graph)
+    left: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module") or n in dep or \
+                reads_shape_only(n):
+            continue
+        if n.op != "call_module" and not hasattr(n.meta.get("tensor_meta"), "shape"):
+            continue  # a shape computed from shapes (``b, c = x.shape[:2]``)
+        path = module_path(n)
+        if path not in kept:
+            left.setdefault(path, []).append(str(getattr(n.target, "__name__", n.target)))
+    for path, ops in left.items():
+        report.add(path, "constant branch", 0, "kept", "",
+                   f"computed from parameters and buffers alone at every call "
+                   f"({', '.join(ops[:4])}{', ...' if len(ops) > 4 else ''}): an in-place update "
+                   f"or a call asrfx cannot evaluate keeps it", code="constant-computation-left")
+        kept.add(path)
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        path, _, field_name = name.rpartition(".")
+        if field_name.endswith("psi") and path not in kept:
+            report.add(path, "constant branch", 0, "kept", "",
+                       f"{name} is still read by the deploy graph", code="psi-left")
+
+
+def check_arity(gm: fx.GraphModule, inputs: tuple) -> None:
+    """As many inputs as the graph takes: fx's Interpreter would silently drop extra ones.
+
+    Raises:
+        InputError: naming how many inputs the model takes and what was given.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(str(n.target).startswith("*") for n in placeholders):
+        return
+    required = [n for n in placeholders if not n.args]  # a default is the placeholder's arg
+    if not len(required) <= len(inputs) <= len(placeholders):
+        takes = f"{len(required)}" if len(required) == len(placeholders) else \
+            f"{len(required)} to {len(placeholders)}"
+        raise InputError(f"{type(gm).__name__} takes {takes} input(s), got {len(inputs)}; pass "
+                         f"example_inputs=(x,) with tensors {forward_signature(gm)} accepts "
+                         f"(given: {describe_inputs(inputs)})")

@@ -1,0 +1,83 @@
+"""Shape recording: every node's example shape and dtype in ``node.meta["tensor_meta"]``.
+
+The passes read shapes from that metadata (:func:`graph_utils.tensor_shape`), so a graph is run
+once on example inputs before them, and again after an edit that adds nodes.
+:func:`propagate_shapes` does that for a whole module; :class:`ShapeRecorder` is the interpreter
+underneath, for callers that also want some nodes' values or to know which node failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch.fx.graph_module import GraphModule
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from asrfx.errors import InputError
+from asrfx.inputs import inputs_failure
+
+__all__ = ["ShapeRecorder", "propagate_shapes"]
+
+
+def _light_meta(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return TensorMetadata(obj.shape, obj.dtype, obj.requires_grad, (), None, False, {})
+    if isinstance(obj, (list, tuple)):
+        metas = [_light_meta(o) for o in obj]
+        return type(obj)(metas) if any(m is not None for m in metas) and \
+            not hasattr(obj, "_fields") else None
+    return None
+
+
+class ShapeRecorder(fx.Interpreter):
+    """Runs a GraphModule once, recording each node's shape and dtype in ``meta["tensor_meta"]``.
+
+    Lighter than ``torch.fx.passes.shape_prop.ShapeProp`` (no strides or memory-format probes,
+    no traceback printing); remembers the node being run (``current``) so a failure can be
+    traced to its module, and keeps the values of the nodes in ``keep`` (in ``values``, tensors
+    detached and cloned). Runs in whatever mode ``gm`` is in, with gradients as the caller set
+    them; an exception of the graph propagates as raised.
+    """
+
+    def __init__(self, gm: GraphModule, keep: Iterable[fx.Node] = ()):
+        super().__init__(gm)
+        self.current: fx.Node | None = None
+        self.keep = set(keep)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        out = super().run_node(n)
+        meta = _light_meta(out)
+        if meta is not None:
+            n.meta["tensor_meta"] = meta
+        if n in self.keep:
+            self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+        return out
+
+    def propagate(self, *args: Any) -> Any:
+        return self.run(*args)
+
+
+def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
+    """Record ``tensor_meta`` (shape, dtype) on every node by running ``gm`` in eval mode.
+
+    Runs without gradients and in eval mode so BatchNorm running statistics are not touched;
+    every submodule's own train/eval flag is restored afterwards.
+
+    Raises:
+        InputError: ``gm`` fails on ``example_inputs`` (the message names its signature and the
+            inputs given).
+    """
+    modes = [(m, m.training) for m in gm.modules()]  # each submodule's own flag
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeRecorder(gm).propagate(*example_inputs)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(inputs_failure(gm, example_inputs, e)) from None
+    finally:
+        for m, flag in modes:
+            m.training = flag
