@@ -74,9 +74,10 @@ class Context:
     reference: Any = None
 
     def captured(self, tr: TraceResult) -> None:
-        """Take the capture's graphs; its eval graph carries shapes for ``inputs``."""
+        """Take the capture's graphs (a checked capture's eval graph carries shapes for
+        ``inputs``)."""
         self.trace = tr
-        if tr.eval.meta.pop("asrfx_shapes_from", None) == id(self.inputs):
+        if tr.shaped:
             self.fresh.add(tr.eval)
 
     def shapes(self, gm: fx.GraphModule) -> None:
@@ -236,10 +237,10 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
 def _site_notes(sites: list) -> list[str]:
     notes = []
     for site in sites:
-        if site.extra.get("rows"):
+        if site.rows:
             notes.append(f"{site.path}: the ASR branch runs on psi expanded to the batch "
-                         f"({site.extra['rows']}); it folds the same")
-        for norm in site.extra.get("frozen_norms", []):
+                         f"({site.rows}); it folds the same")
+        for norm in site.frozen_norms:
             notes.append(f"{norm}: a norm inside the ASR branch of {site.path} now always "
                          f"normalises with its running statistics (psi is one value for the "
                          f"whole batch)")

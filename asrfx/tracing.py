@@ -292,7 +292,8 @@ class TraceResult:
     """The graphs of a model: ``train`` and ``eval`` (the same graph object when they agree).
 
     ``hooked`` maps the path of each submodule kept a leaf only because it has hooks to what
-    hooks it has (see :func:`hooked_leaves`).
+    hooks it has (see :func:`hooked_leaves`). ``shaped`` is True when the eval graph's shape
+    metadata was recorded with the example inputs it was traced with (a checked trace).
     """
 
     def __init__(self, root: nn.Module, train: GraphModule, eval: GraphModule, leaves: set[str]):
@@ -301,6 +302,7 @@ class TraceResult:
         self.eval = eval
         self.leaves = leaves
         self.hooked: dict[str, list[str]] = {}
+        self.shaped = False
 
     @property
     def dual(self) -> bool:
@@ -337,6 +339,7 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
         tr = _trace_modes(model, leaf_modules, leaves, example_inputs)
         culprit = _validate(tr.eval, example_inputs, reference, leaves, leaf_modules)
         if culprit is None:
+            tr.shaped = True  # the check ran the eval graph on the inputs, recording shapes
             return _report_hooks(model, tr, leaf_modules)
         path, why = culprit
         if path == "" and why.startswith("computes different"):
@@ -459,7 +462,6 @@ def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
                                               and _close(x, y))
         for x, y in zip(a, b))
     if same:
-        gm.meta["asrfx_shapes_from"] = id(inputs)  # shape metadata is fresh for these inputs
         return None
     return "", "computes different outputs from the eager model"
 

@@ -180,18 +180,18 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
                 branch = set(site.branch)
                 # a gate that is the statistic itself (``x * x.mean((2, 3), keepdim=True)``):
                 # the multiplies read psi directly
-                appliers = {site.mul, *site.extra.get("more_muls", [])} \
+                appliers = {site.mul, *site.more_muls} \
                     if site.gate in site.stats else set()
                 for stat, e in psis.items():
                     for user in list(stat.users):
                         if user in branch or (stat is site.gate and user in appliers):
                             user.replace_input_with(stat, e)
-                site.extra["frozen_norms"] = _freeze_norms(gm, site.branch)
+                site.frozen_norms = _freeze_norms(gm, site.branch)
             elif mode == "both":
                 _add_copy(gm, site, psis, created, root)
             else:
                 raise ValueError(f"unknown mode {mode!r}")
-            site.extra["psi_nodes"] = list(psis.values())
+            site.psi_nodes = list(psis.values())
     stable_toposort(graph)
     if one_row:
         _one_row(gm, [s for s, m in zip(sites, modes) if m != "keep"])
@@ -200,19 +200,19 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
 
 def _site_nodes(site: AttentionSite) -> tuple[set[fx.Node], set[fx.Node]]:
     """(the constant branch of a rewritten site, the nodes that apply its gate to x)."""
-    psis = site.extra["psi_nodes"]
-    if "asr_mul" in site.extra:  # mode "both": the copy reads psi, one multiply applies it
+    psis = site.psi_nodes
+    if site.asr_mul is not None:  # mode "both": the copy reads psi, one multiply applies it
         nodes, frontier = set(), list(psis)
         while frontier:  # everything downstream of psi up to the ASR multiply
             n = frontier.pop()
-            if n in nodes or n is site.extra["asr_mul"]:
+            if n in nodes or n is site.asr_mul:
                 continue
             nodes.add(n)
             frontier.extend(n.users)
-        outs = {site.extra["asr_mul"]}
+        outs = {site.asr_mul}
     else:
         nodes = set(site.branch) | set(psis)
-        outs = {site.mul, *site.extra.get("more_muls", [])}
+        outs = {site.mul, *site.more_muls}
     nodes |= {a for e in psis for a in e.all_input_nodes if a.op == "get_attr"}
     for m in list(outs):  # x * g.expand_as(x): the expand broadcasts the gate too
         for a in m.all_input_nodes:
@@ -227,7 +227,7 @@ def _one_row(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
     N expanded copies of it; the multiply by x broadcasts the result over the batch. Sites that
     share a psi are rewritten together. Where the branch needs the batch size for more than its
     shapes (:func:`batch_rows.collapse_batch`), psi stays expanded and the reason is recorded in
-    ``site.extra["rows"]``."""
+    ``site.rows``."""
     groups: list[tuple[list[AttentionSite], set[fx.Node], set[fx.Node]]] = []
     for site in sites:
         nodes, outs = _site_nodes(site)
@@ -242,10 +242,10 @@ def _one_row(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
     for group_sites, nodes, outs in groups:
         _, reason = collapse_batch(gm, nodes, outs, dep)
         for site in group_sites:
-            site.extra["rows"] = reason
+            site.rows = reason
         if reason is not None:
             continue
-        for e in {e for s in group_sites for e in s.extra["psi_nodes"]}:
+        for e in {e for s in group_sites for e in s.psi_nodes}:
             # expand(psi, one_row(n), -1, ...) is psi itself now
             e.replace_all_uses_with(e.args[0])
             graph.erase_node(e)
@@ -293,8 +293,8 @@ def _add_copy(gm: fx.GraphModule, site: AttentionSite, psis: dict[fx.Node, fx.No
     # ASR copy itself may size its output from them (moving them would close a cycle).
     site.x.replace_all_uses_with(
         scaled, delete_user_cb=lambda u: u is not scaled and not reads_shape_only(u))
-    site.extra["asr_mul"] = scaled
-    site.extra["frozen_norms"] = _freeze_norms(
+    site.asr_mul = scaled
+    site.frozen_norms = _freeze_norms(
         gm, [mapping[n] for n in site.branch if n in mapping])
 
 
@@ -464,13 +464,13 @@ def refuse_gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite
         if n.users and all(u in dying for u in n.users):
             dying.add(n)
     products = {m: site for site in sites
-                for m in (site.mul, *site.extra.get("more_muls", []))}
+                for m in (site.mul, *site.more_muls)}
     keep, refused = [], []
     for site in sites:
         positive = site.fusion == "mul" and _positive(gm, site.gate)
         norms = [_norms_reading(gm, m, positive, dying=dying,
                                 products={k: v for k, v in products.items() if v is not site})
-                 for m in (site.mul, *site.extra.get("more_muls", []))]
+                 for m in (site.mul, *site.more_muls)]
         if all(norms):
             names = sorted({n for found in norms for n in found})
             refused.append((site, f"the gated map is read only by {', '.join(names)}, which "

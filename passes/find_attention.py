@@ -71,6 +71,14 @@ class AttentionSite:
         path: module path of the site (the module the multiply was traced in).
         channels: C.
         fusion: "mul" or "add".
+        more_muls: further nodes applying the same gate to other tensors (one site, one psi).
+
+    Written by the ASR rewrite (:func:`asrfx.passes.asr_rewrite.apply_asr`), read by the
+    pipeline's report:
+        psi_nodes: the psi get_attr nodes the branch now reads.
+        asr_mul: mode "both": the multiply applying the added ASR copy's gate.
+        frozen_norms: paths of norms in the branch switched to their running statistics.
+        rows: why the branch still runs on psi expanded to the batch, if it does.
     """
 
     mul: fx.Node
@@ -81,7 +89,11 @@ class AttentionSite:
     path: str
     channels: int
     fusion: str = "mul"
-    extra: dict = field(default_factory=dict)
+    more_muls: list[fx.Node] = field(default_factory=list)
+    psi_nodes: list[fx.Node] = field(default_factory=list)
+    asr_mul: fx.Node | None = None
+    frozen_norms: list[str] = field(default_factory=list)
+    rows: str | None = None
 
 
 _ADAPTIVE_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -838,7 +850,7 @@ def find_attention_sites(gm: fx.GraphModule
             elif isinstance(verdict, AttentionSite):
                 g = verdict.gate
                 if g in by_gate:  # one gate scaling several tensors: one site, one psi
-                    by_gate[g].extra.setdefault("more_muls", []).append(node)
+                    by_gate[g].more_muls.append(node)
                 else:
                     verdict.stats.sort(key=order.__getitem__)
                     verdict.branch = sorted(verdict.branch, key=order.__getitem__)

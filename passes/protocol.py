@@ -13,7 +13,7 @@ lazily, so each is planned against the graph as the steps before it left it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from asrfx.report import Site
@@ -40,7 +40,6 @@ class PassContext:
     inputs: tuple = ()
     select: Callable[[str], bool] = _every
     reference: Any = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -257,6 +257,13 @@ def _plan_through(gm: fx.GraphModule, chain: Chain, depth: int) -> Plan | Refusa
     x = chain.base
     through = _commutes(gm, x, chain.scale, chain.shift, chain.axis)
     src = x.args[0] if x.args else None
+    if through is None:
+        op = _commutes(gm, x, chain.scale.abs(), torch.zeros_like(chain.shift), chain.axis)
+        if op is not None and bool(torch.any(chain.shift != 0)):
+            return Refusal("shift-before-nonlinearity", f"a shift does not move through {op}")
+        if op is not None:
+            return Refusal("negative-scale-before-nonlinearity",
+                           f"a scale with negative entries does not move through {op}")
     if through is None or not isinstance(src, fx.Node) or tensor_shape(src) is None:
         return Refusal("no-producer-target", "")
     shape, sshape = tensor_shape(x), tensor_shape(src)

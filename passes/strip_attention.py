@@ -46,7 +46,7 @@ def strip_attention(graphs: fx.GraphModule | Sequence[fx.GraphModule]) -> list[S
     for gm in gms:
         sites, _ = find_attention_sites(gm)
         for site in sites:
-            for mul in [site.mul] + site.extra.get("more_muls", []):
+            for mul in [site.mul] + site.more_muls:
                 other = next(a for a in mul.args[:2] if a is not site.gate)
                 mul.replace_all_uses_with(other)
             records.append(record(site.mul.name, site.path, "channel-attention", site.channels,

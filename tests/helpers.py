@@ -11,7 +11,7 @@ from torch import nn
 
 from asrfx.zoo import SEModule
 
-__all__ = ["randomize_bn", "randomize_psi", "randomize_ln", "rel_err", "count_se", "se_paths",
+__all__ = ["assert_coded", "randomize_bn", "randomize_psi", "randomize_ln", "rel_err", "count_se", "se_paths",
            "node_kinds", "sigmoid_nodes", "bn_call_nodes", "train_steps", "state_snapshot",
            "assert_state_equal", "assert_prepare_changes_nothing", "REL_TOL", "rand_images",
            "uniform", "divisors", "dtype_tol", "SE", "SENet", "DropPathNet", "psi_names",
@@ -316,4 +316,49 @@ def roundtrip(model: nn.Module, x: torch.Tensor, *others: torch.Tensor, bn_seed:
         randomize_psi(prepared, seed=psi_seed)
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     assert_outputs_close(prepared, deploy, x, *others, tol=tol)
+    assert_coded(prepared.asrfx_report)
+    assert_coded(deploy.asrfx_report)
     return prepared, deploy
+
+
+def assert_coded(report) -> None:
+    """Every site a report keeps or refuses names its reason with a code, beside the prose."""
+    uncoded = [s for s in report.sites if s.action in ("kept", "refused") and not s.code]
+    assert not uncoded, f"kept/refused without a code: {uncoded}\n{report}"
+
+
+# ---------------------------------------------------------------------------------------------
+# pass-level tests: one pass on a small hand-built graph
+
+
+def traced(model: nn.Module, *inputs: torch.Tensor, leaves: tuple = ()) -> fx.GraphModule:
+    """``model`` as an eval-mode GraphModule with shape metadata for ``inputs`` (what the fold
+    passes read), ready to hand to a single pass.
+
+    ``leaves``: module types (matched exactly) kept as one call instead of being traced
+    through, e.g. a user layer with a registered fold target. The GraphModule shares
+    ``model``'s submodules, so reference outputs are taken from it before a pass runs.
+    """
+    from asrfx.passes.shapes import propagate_shapes
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return type(m) in leaves or super().is_leaf_module(m, qualname)
+
+    gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+    gm.eval()
+    propagate_shapes(gm, inputs)
+    return gm
+
+
+def run_graph(gm: fx.GraphModule, *inputs: torch.Tensor):
+    """``gm``'s output on ``inputs``, without gradients, after regenerating its code (passes
+    edit the graph and leave the recompile to their caller)."""
+    gm.recompile()
+    with torch.no_grad():
+        return gm(*inputs)
+
+
+def actions(records) -> collections.Counter:
+    """How many of a pass's records took each action ("folded", "fused", "kept", ...)."""
+    return collections.Counter(r.action for r in records)

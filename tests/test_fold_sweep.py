@@ -318,7 +318,7 @@ def _scale_site(deploy, channels: int):
         assert site.target and not site.reason, site
         assert left == [], f"folded, yet {left} remain\n{deploy.code}"
     else:
-        assert site.action == "kept" and site.reason and not site.target, site
+        assert site.action == "kept" and site.reason and site.code and not site.target, site
         assert left, f"kept, yet no multiply/add remains\n{deploy.code}"
     return site
 

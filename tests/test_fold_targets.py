@@ -82,7 +82,7 @@ def test_scale_of_unknown_sign_does_not_cross_a_nonlinearity(act):
                           ConstGate([0.5, -2.0, 1.0, 1.5]), nn.Tanh())
     deploy = _fold(model, torch.randn(2, 3, 8, 8))
     (site,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
-    assert site.action == "kept" and site.reason
+    assert (site.action, site.code) == ("kept", "negative-scale-before-nonlinearity")
 
 
 def test_relu6_is_not_crossed():

@@ -86,7 +86,7 @@ from torch import nn
 
 import asrfx
 from asrfx.attention import ATTENTIONS, make_attention
-from helpers import (REL_TOL, divisors, has_batchnorm, node_kinds, randomize_bn, randomize_psi,
+from helpers import (REL_TOL, assert_coded, divisors, has_batchnorm, node_kinds, randomize_bn, randomize_psi,
                      rel_err, roundtrip)
 
 
@@ -1212,6 +1212,8 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
         fresh = (fresh, torch.randn(3, spec.cin, *([spec.size + 2] * spec.dims),
                                     generator=gen).to(dtype))
     prepared, deploy = _fold_equivalent(prepared, x, fresh)
+    assert_coded(report)
+    assert_coded(deploy.asrfx_report)  # every site kept or refused says why with a code
     x = x.to(next(prepared.parameters()).dtype)
 
     # (5) nothing of a converted attention is left (attention refused before a BatchNorm stays,
@@ -1240,7 +1242,8 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
     if lost:
         # an additive attention's constant (GC) folded into a 1x1 conv's bias before a
         # zero-padded conv: README documents that such a pair is not one conv; the branches stay
-        assert any(s.kind == "sequential merge" and s.action == "kept" and "bias" in s.reason
+        assert any(s.kind == "sequential merge" and s.action == "kept" and
+                   s.code in ("bias-before-padded-conv", "bias-before-padded-pool")
                    for s in freport.sites), (dict(lost), freport)
         event("a folded shift left a merge of the backbone undone (documented)")
         extra = collections.Counter({k: v for k, v in extra.items() if k not in _MERGE_KINDS})
@@ -1665,7 +1668,7 @@ def test_additive_attention_shift_before_a_padded_conv_is_exact_and_reported():
         "folded", "blocks.1.conv1 (input columns) after cat, blocks.1.short (input columns) "
                   "after cat")
     (merge,) = [s for s in report.sites if s.kind == "sequential merge"]
-    assert merge.action == "kept" and "bias" in merge.reason
+    assert merge.action == "kept" and merge.code == "bias-before-padded-conv"
     assert gate_nodes(deploy) == []
 
 

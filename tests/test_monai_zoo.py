@@ -101,7 +101,7 @@ def test_monai_densenet_pre_activation_bn_is_reported_not_fused():
     assert prepared.asrfx_report.count(action="converted") == 0
     report = deploy.asrfx_report
     kept = [s for s in report.sites if s.kind == "conv+bn" and s.action == "kept"]
-    assert kept and all(s.reason for s in kept)
+    assert kept and all(s.reason and s.code for s in kept)
     n_bn_left = sum(1 for n in deploy.graph.nodes if n.op == "call_module"
                     and isinstance(deploy.get_submodule(str(n.target)), nn.BatchNorm2d))
     assert n_bn_left == len(kept)
