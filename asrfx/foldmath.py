@@ -22,6 +22,7 @@ __all__ = [
     "fold_scale_into_norm",
     "fold_scale_into_batchnorm_input",
     "fold_scale_into_conv_out",
+    "fold_scale_into_conv_transpose_out",
     "fold_scale_into_conv_in",
     "fold_scale_into_linear_in",
     "compose_affine",
@@ -146,6 +147,31 @@ def fold_scale_into_conv_out(weight: Tensor, bias: Tensor | None, scale: Tensor,
     t = torch.zeros_like(s) if shift is None else _f64(shift).reshape(-1).expand(out)
     b = torch.zeros_like(s) if bias is None else _f64(bias)
     return _out(w * _shape_for(s, w.dim()), dtype), _out(b * s + t, dtype)
+
+
+def fold_scale_into_conv_transpose_out(weight: Tensor, bias: Tensor | None, scale: Tensor,
+                                       shift: Tensor | None = None, groups: int = 1
+                                       ) -> tuple[Tensor, Tensor]:
+    """Fold ``y = conv_transpose(x) * s + t`` into the layer.
+
+    A transposed conv's weight is ``(C_in, C_out / groups, *k)``: output channel
+    ``o = g * Og + j`` (``Og = C_out / groups``) is written only through ``W[i, j]`` with input
+    channel ``i`` in group ``g`` (``i // Cg == g``, ``Cg = C_in / groups``), so
+    ``W'[i, j] = W[i, j] * s[(i // Cg) * Og + j]`` and ``b'[o] = s[o] * b[o] + t[o]``.
+
+    Returns:
+        (W', b'), new tensors; ``b'`` is always a tensor.
+    """
+    dtype = weight.dtype
+    w = _f64(weight)
+    cin, og = w.shape[0], w.shape[1]
+    out = og * groups
+    s = _f64(scale).reshape(-1).expand(out)
+    t = torch.zeros_like(s) if shift is None else _f64(shift).reshape(-1).expand(out)
+    b = torch.zeros_like(s) if bias is None else _f64(bias)
+    per_row = s.reshape(groups, 1, og).expand(groups, cin // groups, og).reshape(cin, og)
+    return _out(w * per_row.reshape(cin, og, *([1] * (w.dim() - 2))), dtype), \
+        _out(b * s + t, dtype)
 
 
 def fold_scale_into_conv_in(weight: Tensor, bias: Tensor | None, scale: Tensor,

@@ -50,7 +50,8 @@ from torch import nn
 
 from asrfx import foldmath
 from .graph_utils import get_attr_path, tensor_shape
-from .layers import (AFFINE_NORM_TYPES, BATCH_NORM_TYPES, CONV_TYPES, FUNCTIONAL_CONVS,
+from .layers import (AFFINE_NORM_TYPES, BATCH_NORM_TYPES, CONV_TRANSPOSE_TYPES, CONV_TYPES,
+                     FUNCTIONAL_CONVS,
                      conv_param_nodes, functional_conv_arg, module_for_call_site, reads_padding,
                      set_functional_conv_params)
 
@@ -173,6 +174,23 @@ class ConvOutput(FoldTarget):
         mod = module_for_call_site(gm, node)
         _set_params(mod, *foldmath.fold_scale_into_conv_out(mod.weight, mod.bias, scale, shift))
         return f"{node.target} (output rows)"
+
+
+class ConvTransposeOutput(FoldTarget):
+    """``conv_transpose(x) * s + t``: the output channels (weight dim 1, per group) and bias."""
+
+    fuses_batchnorm = True
+
+    def check(self, gm, node, scale, shift, axis):
+        if axis != 1:
+            return Refusal("channel-axis", "the scale is not over this layer's output channels")
+        return _channels(str(node.target), _module(gm, node).out_channels, scale)
+
+    def apply(self, gm, node, scale, shift):
+        mod = module_for_call_site(gm, node)
+        _set_params(mod, *foldmath.fold_scale_into_conv_transpose_out(
+            mod.weight, mod.bias, scale, shift, mod.groups))
+        return f"{node.target} (output channels)"
 
 
 class LinearOutput(ConvOutput):
@@ -361,6 +379,8 @@ class BatchNormInput(FoldTarget):
 for _t in CONV_TYPES:
     register_producer(_t, ConvOutput())
     register_consumer(_t, ConvInput())
+for _t in CONV_TRANSPOSE_TYPES:
+    register_producer(_t, ConvTransposeOutput())
 for _t in BATCH_NORM_TYPES:
     register_producer(_t, BatchNormAffine())
     register_consumer(_t, BatchNormInput())

@@ -177,3 +177,63 @@ def test_a_shift_folds_into_a_conv_that_never_reads_padding(padding, kernel, fol
     assert rec.action == ("folded" if folds else "kept")
     with torch.no_grad():
         assert rel_err(model(x), deploy(x)) <= 1e-5
+
+
+_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class UpBlock(nn.Module):
+    """Decoder-style upsampling: ConvTranspose -> BatchNorm -> ReLU, then an ASR-style SE."""
+
+    def __init__(self, dims, groups, stride, out_pad, bias, norm=True):
+        super().__init__()
+        self.up = _CONV_T[dims](4, 6, 3, stride=stride, padding=1, output_padding=out_pad,
+                                groups=groups, bias=bias)
+        self.bn = _BN[dims](6) if norm else nn.Identity()
+        self.se = SE(6, reduction=2, dims=dims)
+
+    def forward(self, x):
+        return self.se(torch.relu(self.bn(self.up(x))))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("groups,stride,out_pad,bias", [(1, 1, 0, True), (2, 2, 1, False),
+                                                        (2, 2, 0, True)])
+def test_transposed_conv_takes_its_batchnorm_and_the_attention_scale(dims, groups, stride,
+                                                                     out_pad, bias, norm):
+    """A transposed conv is a producer fold target: the BatchNorm after it fuses, and the
+    converted attention's constant crosses the ReLU into that BatchNorm, or into the
+    transposed conv's output channels when there is none."""
+    model = UpBlock(dims, groups, stride, out_pad, bias, norm)
+    x = torch.randn(2, 4, *([5] * dims))
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    if norm:
+        randomize_bn(prepared, seed=dims + groups)
+    randomize_psi(prepared, seed=stride)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    check_fold(prepared, x, deploy)
+    sites = {s.kind: s for s in deploy.asrfx_report.sites}
+    if norm:
+        assert (sites["conv+bn"].action, sites["conv+bn"].target) == ("fused", "up")
+    assert (sites["channel scale"].action, sites["channel scale"].target) == \
+        ("folded", "bn (norm affine) through relu" if norm else "up (output channels) through relu")
+    left = [type(m).__name__ for m in deploy.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    assert left == []
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_transposed_conv_output_fold_identity(groups):
+    """``fold_scale_into_conv_transpose_out`` against scaling the layer's output, in float64."""
+    from asrfx import foldmath
+
+    gen = torch.Generator().manual_seed(groups)
+    conv = nn.ConvTranspose2d(6, 12, 3, stride=2, groups=groups).double()
+    s = torch.randn(12, generator=gen, dtype=torch.float64)
+    t = torch.randn(12, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 6, 4, 4, generator=gen, dtype=torch.float64)
+    w, b = foldmath.fold_scale_into_conv_transpose_out(conv.weight, conv.bias, s, t, groups)
+    want = conv(x) * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1)
+    got = torch.nn.functional.conv_transpose2d(x, w, b, stride=2, groups=groups)
+    assert rel_err(want, got) <= 64 * torch.finfo(torch.float64).eps
