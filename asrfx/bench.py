@@ -58,7 +58,7 @@ class BenchConfig:
     warmup: int = 3
     train_batch: int = 32
     train_reps: int = 10
-    image_size: int | None = None
+    image_size: int | tuple[int, ...] | None = None
     num_classes: int = 100
     threads: int | None = None
     device: str = "cpu"
@@ -125,20 +125,27 @@ def build_models(cfg: BenchConfig, attention: str | None) -> tuple[nn.Module, nn
     """
     spec = parse_model_spec(cfg.model)
     torch.manual_seed(cfg.seed)
-    if spec.kind == "zoo":
-        size = cfg.image_size or 32
-        make = lambda att: build_model(spec, attention=att,  # noqa: E731
-                                       num_classes=cfg.num_classes)
-        return make(attention), make(None), (3, size, size)
-    model = build_model(spec, num_classes=cfg.num_classes)
-    if spec.kind == "third-party":
-        size = cfg.image_size or 64
-        return model, None, (3, size, size)
-    if cfg.image_size is None:
+    if cfg.image_size is None and spec.kind == "factory":
         raise InputError(f"--model {cfg.model!r}: give the input size with --size "
                          f"(e.g. --size 3 32 32)")
-    return model, None, tuple(cfg.image_size) if isinstance(cfg.image_size, (list, tuple)) \
-        else (3, cfg.image_size, cfg.image_size)
+    shape = _input_shape(cfg.image_size, 32 if spec.kind == "zoo" else 64)
+    if spec.kind == "zoo":
+        make = lambda att: build_model(spec, attention=att, num_classes=cfg.num_classes,  # noqa: E731
+                                       in_channels=shape[0], dims=len(shape) - 1)
+        return make(attention), make(None), shape
+    return build_model(spec, num_classes=cfg.num_classes), None, shape
+
+
+def _input_shape(size: Any, default: int) -> tuple[int, ...]:
+    """``(C, *spatial)`` of one example from ``--size``: a side (``32`` -> RGB 32x32), a list
+    ``[C, *spatial]`` (``[3, 32, 32]``), or None (RGB ``default`` x ``default``)."""
+    if size is None:
+        return (3, default, default)
+    if isinstance(size, (list, tuple)):
+        if len(size) == 1:
+            return (3, int(size[0]), int(size[0]))
+        return tuple(int(v) for v in size)
+    return (3, int(size), int(size))
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, warmup: int = 3,

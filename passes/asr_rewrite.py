@@ -22,7 +22,7 @@ from torch import nn
 
 from .find_attention import AttentionSite
 from .batch_rows import collapse_batch
-from .graph_utils import (get_attr_path, module_path, reads_shape_only, set_attr_path,
+from .graph_utils import (get_attr_path, module_device, module_path, reads_shape_only, set_attr_path,
                           stable_toposort, tensor_shape, value_dependent)
 
 __all__ = ["apply_asr", "make_psi", "fresh_module", "refuse_batch_statistic_sites",
@@ -94,7 +94,7 @@ def _psi_node(gm: fx.GraphModule, site: AttentionSite, stat: fx.Node, name: str,
     psi = created.get(name)
     if psi is None:
         tm = stat.meta["tensor_meta"]
-        device = _device_of(gm)
+        device = module_device(gm)
         if isinstance(init, dict) and name not in init:
             raise KeyError(f"init has no value for {name!r}; psi names of this model: see "
                            f"the prepare report, or pass a float")
@@ -107,14 +107,6 @@ def _psi_node(gm: fx.GraphModule, site: AttentionSite, stat: fx.Node, name: str,
     n = g.call_method("size", (stat.args[0], 0))
     e = g.call_method("expand", (p, n, *([-1] * (len(psi_shape) - 1))))
     return e
-
-
-def _device_of(gm: nn.Module) -> torch.device:
-    for t in gm.parameters():
-        return t.device
-    for t in gm.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def psi_names(sites: list[AttentionSite]) -> list[list[str]]:

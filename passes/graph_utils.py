@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["tensor_shape", "value_dependent", "module_path", "is_op", "to_networkx",
            "MUL_OPS", "ADD_OPS", "SUB_OPS", "SHAPE_ATTRS", "SHAPE_METHODS", "call_sites",
-           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "get_attr_path", "unique_name",
+           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "module_device", "get_attr_path", "unique_name",
            "module_hooks", "describe_hooks", "deepcopy_module"]
 
 MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.Tensor.mul}
@@ -406,5 +406,3 @@ def module_device(mod: nn.Module) -> torch.device:
         return t.device
     return torch.device("cpu")
 
-
-__all__ += ["module_device"]

@@ -20,7 +20,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from .graph_utils import (ADD_OPS, is_op, module_path, set_attr_path, tensor_shape,
+from .graph_utils import (ADD_OPS, is_op, module_device, module_path, set_attr_path, tensor_shape,
                           to_networkx, value_dependent)
 
 __all__ = ["insertion_points", "insert_modules", "WHERE"]
@@ -132,8 +132,7 @@ def insert_modules(gm: fx.GraphModule, points: list[fx.Node],
             # the new attention computes in the dtype of the map it gates, on the model's device
             # (a float64 or CUDA model: a float32 CPU module would fail on its first call)
             dtype = getattr(p.meta.get("tensor_meta"), "dtype", None)
-            device = next((t.device for t in gm.parameters()), None)
-            mod = mod.to(device=device, dtype=dtype if dtype is not None and
+            mod = mod.to(device=module_device(gm), dtype=dtype if dtype is not None and
                          dtype.is_floating_point else None)
             created[path] = mod
         set_attr_path(gm, path, mod)

@@ -148,6 +148,11 @@ def _channels(what: str, have: int, scale: torch.Tensor) -> Refusal | None:
     return None
 
 
+def _nonzero(shift: torch.Tensor) -> torch.Tensor | None:
+    """``shift``, or None where it is all zeros (the input-side identities then skip it)."""
+    return shift if bool(torch.any(shift != 0)) else None
+
+
 def _norm_dtype(mod: nn.Module, x: fx.Node) -> torch.dtype | None:
     """The dtype a norm's folded affine parameters take: its weight's, else the dtype of the
     values it computes (a LayerNorm without affine parameters has nothing else to go by; the
@@ -225,41 +230,32 @@ class FunctionalConvOutput(FoldTarget):
         return f"{set_functional_conv_params(gm, node, w_node, b_node, w, b)} (output rows)"
 
 
-class BatchNormAffine(FoldTarget):
-    """``bn(x) * s + t``: the norm's affine parameters (it gains them if it had none)."""
+class NormAffine(FoldTarget):
+    """``norm(x) * s + t``: a per-channel norm's affine parameters. A BatchNorm (which must
+    have running statistics: it is folded in eval mode) gains them if it had none; a GroupNorm /
+    InstanceNorm must have them."""
+
+    def __init__(self, batch_norm: bool):
+        self.batch_norm = batch_norm
 
     def check(self, gm, node, scale, shift, axis):
         mod = _module(gm, node)
         if axis != 1:
             return Refusal("channel-axis", "the scale is not over the norm's channels")
-        if mod.running_mean is None:
+        if self.batch_norm and mod.running_mean is None:
             return Refusal("no-running-stats", f"{node.target} has no running statistics")
-        return _channels(str(node.target), mod.num_features, scale)
+        if not self.batch_norm and (not getattr(mod, "affine", False) or mod.weight is None):
+            return Refusal("norm-without-affine", f"{node.target} has no affine parameters")
+        return _channels(str(node.target), mod.num_features if self.batch_norm else
+                         mod.weight.numel(), scale)
 
     def apply(self, gm, node, scale, shift):
         mod = module_for_call_site(gm, node)
-        w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, scale, shift,
-                                             mod.num_features, dtype=mod.running_var.dtype)
+        dtype = mod.running_var.dtype if self.batch_norm else None
+        w, b = foldmath.fold_scale_into_norm(mod.weight, mod.bias, scale, shift, scale.numel(),
+                                             dtype=dtype)
         mod.affine = True
         _set_params(mod, w, b)
-        return f"{node.target} (norm affine)"
-
-
-class NormAffine(FoldTarget):
-    """GroupNorm / InstanceNorm with per-channel affine parameters."""
-
-    def check(self, gm, node, scale, shift, axis):
-        mod = _module(gm, node)
-        if axis != 1:
-            return Refusal("channel-axis", "the scale is not over the norm's channels")
-        if not getattr(mod, "affine", False) or getattr(mod, "weight", None) is None:
-            return Refusal("norm-without-affine", f"{node.target} has no affine parameters")
-        return _channels(str(node.target), mod.weight.numel(), scale)
-
-    def apply(self, gm, node, scale, shift):
-        mod = module_for_call_site(gm, node)
-        _set_params(mod, *foldmath.fold_scale_into_norm(mod.weight, mod.bias, scale, shift,
-                                                        scale.numel()))
         return f"{node.target} (norm affine)"
 
 
@@ -299,7 +295,7 @@ class ConvInput(FoldTarget):
         if axis != 1:
             return Refusal("channel-axis", f"{node.target} does not read the scaled dim as "
                                            f"channels")
-        if bool(torch.any(shift != 0)) and reads_padding(mod.padding, mod.kernel_size):
+        if _nonzero(shift) is not None and reads_padding(mod.padding, mod.kernel_size):
             return Refusal("shift-before-padded-conv", f"a shift before {node.target}, whose "
                                                        f"kernel reads zero padding")
         return None
@@ -307,7 +303,7 @@ class ConvInput(FoldTarget):
     def apply(self, gm, node, scale, shift):
         mod = module_for_call_site(gm, node)
         _set_params(mod, *foldmath.fold_scale_into_conv_in(
-            mod.weight, mod.bias, scale, shift if bool(torch.any(shift != 0)) else None,
+            mod.weight, mod.bias, scale, _nonzero(shift),
             mod.groups))
         return f"{node.target} (input columns)"
 
@@ -324,7 +320,7 @@ class LinearInput(FoldTarget):
     def apply(self, gm, node, scale, shift):
         mod = module_for_call_site(gm, node)
         _set_params(mod, *foldmath.fold_scale_into_linear_in(
-            mod.weight, mod.bias, scale, shift if bool(torch.any(shift != 0)) else None))
+            mod.weight, mod.bias, scale, _nonzero(shift)))
         return f"{node.target} (input columns)"
 
 
@@ -339,7 +335,7 @@ class FunctionalConvInput(FoldTarget):
             return Refusal("channel-axis", "the conv does not read the scaled dim as channels")
         pad = functional_conv_arg(node, 4, "padding", 0)
         ksize = tuple(get_attr_path(gm, str(params[0].target)).shape[2:])
-        if bool(torch.any(shift != 0)) and reads_padding(pad, ksize):
+        if _nonzero(shift) is not None and reads_padding(pad, ksize):
             return Refusal("shift-before-padded-conv", "a shift before a conv whose kernel "
                                                        "reads zero padding")
         return None
@@ -349,7 +345,7 @@ class FunctionalConvInput(FoldTarget):
         weight = get_attr_path(gm, str(w_node.target))
         bias = None if b_node is None else get_attr_path(gm, str(b_node.target))
         w, b = foldmath.fold_scale_into_conv_in(
-            weight, bias, scale, shift if bool(torch.any(shift != 0)) else None,
+            weight, bias, scale, _nonzero(shift),
             functional_conv_arg(node, 6, "groups", 1))
         return f"{set_functional_conv_params(gm, node, w_node, b_node, w, b)} (input columns)"
 
@@ -382,10 +378,10 @@ for _t in CONV_TYPES:
 for _t in CONV_TRANSPOSE_TYPES:
     register_producer(_t, ConvTransposeOutput())
 for _t in BATCH_NORM_TYPES:
-    register_producer(_t, BatchNormAffine())
+    register_producer(_t, NormAffine(batch_norm=True))
     register_consumer(_t, BatchNormInput())
 for _t in AFFINE_NORM_TYPES:
-    register_producer(_t, NormAffine())
+    register_producer(_t, NormAffine(batch_norm=False))
 for _f in FUNCTIONAL_CONVS:
     register_producer(_f, FunctionalConvOutput())
     register_consumer(_f, FunctionalConvInput())

@@ -161,3 +161,17 @@ def test_cli_cost_only_writes_the_cost_report(tmp_path, capsys):
     assert md.startswith("# asrfx bench: compiler cost") and "prepare:" in md
     assert (tmp_path / "compiler_cost.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "bench.json").read_text())["compiler_cost"]["rows"]
+
+
+@pytest.mark.parametrize("size,shape", [(None, (3, 32, 32)), (16, (3, 16, 16)),
+                                        ((1, 24, 24), (1, 24, 24)), ((3, 20), (3, 20))])
+def test_bench_input_size_reaches_the_zoo_model(size, shape):
+    """``--size C H W`` builds a zoo model for that input (channels and dims), not a 3-channel
+    one fed a nested shape; one number is the side of an RGB image."""
+    from asrfx.bench import BenchConfig, build_models
+
+    model, plain, got = build_models(BenchConfig(model="resnet20", image_size=size), "se")
+    assert got == shape
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, *shape)).shape == (2, 100)
+        assert plain.eval()(torch.randn(2, *shape)).shape == (2, 100)
