@@ -141,6 +141,17 @@ def _eval(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+def _export_setup(model: nn.Module, example_inputs: Any, dynamic_batch: bool,
+                  path: str | os.PathLike) -> tuple[tuple, Any, Path]:
+    """(example args on the model's device, dynamic shapes, the output path with its folder
+    created) for an exporter."""
+    inputs = _to(_inputs(model, example_inputs), module_device(model))
+    args, shapes = _export_args(inputs, dynamic_batch)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return args, shapes, path
+
+
 def _export_args(inputs: tuple, dynamic_batch: bool) -> tuple[tuple, tuple | None]:
     """Export-time inputs and ``dynamic_shapes``: dim 0 of every tensor with the first tensor's
     batch size becomes one shared ``Dim("batch")``. A batch of 1 is repeated to 2 first, since
@@ -284,10 +295,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     missing = [m for m in ("onnx", "onnxscript") if not _has(m)]
     if missing:
         raise ExportError(name, "ONNX", f"{' and '.join(missing)} not installed", _DEPLOY_EXTRA)
-    inputs = _to(_inputs(model, example_inputs), module_device(model))
-    args, shapes = _export_args(inputs, dynamic_batch)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    args, shapes, path = _export_setup(model, example_inputs, dynamic_batch, path)
     try:
         with _eval(model), _quiet():
             program = torch.onnx.export(model, args, str(path), dynamo=True, verbose=False,
@@ -422,10 +430,7 @@ def export_program(model: nn.Module, example_inputs: tuple, path: str | os.PathL
         ExportError: torch.export rejects the model.
     """
     name = _model_name(model)
-    inputs = _to(_inputs(model, example_inputs), module_device(model))
-    args, shapes = _export_args(inputs, dynamic_batch)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    args, shapes, path = _export_setup(model, example_inputs, dynamic_batch, path)
     try:
         with _eval(model), _quiet():
             ep = torch.export.export(model, args, dynamic_shapes=shapes)
