@@ -190,11 +190,6 @@ def _insert(ctx: Context, opts: PrepareOptions, created: dict, report: Report
     return inserted
 
 
-def _refused(pairs: list, code: str) -> list[Site]:
-    return [Site(s.path, "channel-attention", s.channels, "refused", "", reason, code)
-            for s, reason in pairs]
-
-
 def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: Any,
              created: dict, new: set[fx.Node]) -> tuple[list[Site], list[str], int]:
     """Find, refuse and rewrite the attention sites of one graph: (records, notes, sites)."""
@@ -228,9 +223,7 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
     records += [Site(path, "spatial attention" if code == "spatial-attention" else
                      "channel-attention?", 0, "refused", "", reason, code)
                 for path, reason, code in found_refused]
-    records += _refused(hooked, "hooked-module-in-branch") + \
-        _refused(batch_stats, "batch-stats-norm-in-branch") + \
-        _refused(before_bn, "gate-before-batch-norm")
+    records += [rec for _, rec in hooked + batch_stats + before_bn]
     return records, _site_notes(sites), len(sites)
 
 

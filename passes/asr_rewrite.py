@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from asrfx.report import Site
 from .find_attention import AttentionSite
 from .batch_rows import collapse_batch
 from .graph_utils import (get_attr_path, module_device, module_path, reads_shape_only, set_attr_path,
@@ -317,9 +318,10 @@ def module_path_of(n: fx.Node) -> str:
 
 
 def refuse_batch_statistic_sites(gm: fx.GraphModule, sites: list[AttentionSite]
-                                 ) -> tuple[list[AttentionSite], list[tuple[AttentionSite, str]]]:
-    """Split ``sites`` into those whose branch can read psi and those with a norm inside the
-    branch that normalises with batch statistics and has no running ones.
+                                 ) -> tuple[list[AttentionSite], list[tuple[AttentionSite, Site]]]:
+    """Split ``sites`` into those whose branch can read psi and those (with their record, code
+    ``batch-stats-norm-in-branch``) with a norm inside the branch that normalises with batch
+    statistics and has no running ones.
 
     psi is one value for the whole batch: such a norm would see identical rows, output its bias
     whatever psi is, and give psi a zero gradient (psi would never train), and on one row it
@@ -329,11 +331,11 @@ def refuse_batch_statistic_sites(gm: fx.GraphModule, sites: list[AttentionSite]
     for site in sites:
         norms = [d for n in site.branch if (d := _batch_statistic_norm(gm, n)) is not None]
         if norms:
-            refused.append((site, f"the branch normalises with batch statistics ("
-                                  f"{', '.join(norms)}): fed psi, one value for the whole batch, "
-                                  f"it would output its bias and psi would never train; the "
-                                  f"input-dependent attention is kept (give the norm running "
-                                  f"statistics to convert it)"))
+            refused.append(site.refused(
+                f"the branch normalises with batch statistics ({', '.join(norms)}): fed psi, "
+                f"one value for the whole batch, it would output its bias and psi would never "
+                f"train; the input-dependent attention is kept (give the norm running "
+                f"statistics to convert it)", "batch-stats-norm-in-branch"))
         else:
             keep.append(site)
     return keep, refused
@@ -433,9 +435,10 @@ def _norms_reading(gm: fx.GraphModule, m: fx.Node, positive: bool, depth: int = 
 
 def refuse_gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite]
                                    ) -> tuple[list[AttentionSite],
-                                              list[tuple[AttentionSite, str]]]:
-    """Split ``sites`` into those whose gate can train as a constant and those whose gated map
-    is read only by BatchNorms that use batch statistics in training.
+                                              list[tuple[AttentionSite, Site]]]:
+    """Split ``sites`` into those whose gate can train as a constant and those (with their
+    record, code ``gate-before-batch-norm``) whose gated map is read only by BatchNorms that use
+    batch statistics in training.
 
     Such a norm subtracts each channel's batch mean and divides by its batch standard deviation:
     ``BN(x * g) = sign(g) BN(x)`` and ``BN(x + t) = BN(x)`` for per-channel constants, up to the
@@ -465,12 +468,12 @@ def refuse_gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite
                  for m in (site.mul, *site.more_muls)]
         if all(norms):
             names = sorted({n for found in norms for n in found})
-            refused.append((site, f"the gated map is read only by {', '.join(names)}, which "
-                                  f"normalises each channel by its batch statistics in "
-                                  f"training: a constant gate there cancels (up to the norm's "
-                                  f"eps) and psi would not learn; the input-dependent attention "
-                                  f"is kept (ASR belongs after the norm, e.g. insert=..., "
-                                  f"where='block_output')"))
+            refused.append(site.refused(
+                f"the gated map is read only by {', '.join(names)}, which normalises each "
+                f"channel by its batch statistics in training: a constant gate there cancels "
+                f"(up to the norm's eps) and psi would not learn; the input-dependent attention "
+                f"is kept (ASR belongs after the norm, e.g. insert=..., where='block_output')",
+                "gate-before-batch-norm"))
         else:
             keep.append(site)
     return keep, refused

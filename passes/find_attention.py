@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import operator
 from torch import nn
 
+from asrfx.report import Site
 from .graph_utils import ADD_OPS, MUL_OPS, is_op, module_path, prod, tensor_shape, value_dependent
 
 __all__ = ["AttentionSite", "find_attention_sites", "is_global_reduction", "is_statistic",
@@ -94,6 +95,11 @@ class AttentionSite:
     asr_mul: fx.Node | None = None
     frozen_norms: list[str] = field(default_factory=list)
     rows: str | None = None
+
+    def refused(self, reason: str, code: str) -> tuple["AttentionSite", Site]:
+        """This site with the record of a pass refusing it (``code``, ``reason``)."""
+        return self, Site(self.path, "channel-attention", self.channels, "refused", "", reason,
+                          code)
 
 
 _ADAPTIVE_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,

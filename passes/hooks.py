@@ -112,9 +112,9 @@ def restore_hooked_calls(gm: fx.GraphModule, records: list[dict[str, Any]]) -> N
 
 
 def refuse_hooked_sites(gm: fx.GraphModule, sites: list, skip: set = frozenset()
-                        ) -> tuple[list, list[tuple[Any, str]]]:
+                        ) -> tuple[list, list[tuple[Any, Any]]]:
     """Split attention ``sites`` into those that may be rewritten and those whose statistics or
-    branch call a hooked module, with the reason. Sites whose multiply is in ``skip`` (attention
+    branch call a hooked module, with their record (code ``hooked-module-in-branch``). Sites whose multiply is in ``skip`` (attention
     asrfx inserted itself) are never refused."""
     keep, refused = [], []
     for site in sites:
@@ -132,7 +132,8 @@ def refuse_hooked_sites(gm: fx.GraphModule, sites: list, skip: set = frozenset()
         n, kinds = hooked
         what = "no longer call (psi replaces its output)" if n in site.stats else \
             "call on psi instead of the pooled input"
-        refused.append((site, f"{n.target} has {describe_hooks(kinds)}, which the ASR form "
-                              f"would {what}, and fold would then evaluate away; kept as it "
-                              f"is: to convert it, {hook_fix(kinds)}"))
+        refused.append(site.refused(f"{n.target} has {describe_hooks(kinds)}, which the ASR form "
+                                    f"would {what}, and fold would then evaluate away; kept as "
+                                    f"it is: to convert it, {hook_fix(kinds)}",
+                                    "hooked-module-in-branch"))
     return keep, refused
