@@ -171,13 +171,15 @@ def collapse_batch(gm: fx.GraphModule, nodes: Iterable[fx.Node], outs: Iterable[
     for c in sorted(region, key=order.__getitem__):
         with graph.inserting_after(c):
             mapping[c] = graph.node_copy(c, lambda a: mapping.get(a, a))
+    changed = False
     for n in nodes:
         for old in [a for a in n.all_input_nodes if a in mapping]:
             n.replace_input_with(old, mapping[old])
+            changed = True
     for o in reversed(list(mapping.values())):
         if not o.users:
             graph.erase_node(o)
-    return True, None
+    return changed, None  # unchanged: the branch read only non-batch extents of the shape
 
 
 def _close_branch(nodes: set[fx.Node], outs: set[fx.Node], dep: set[fx.Node]) -> str | None:

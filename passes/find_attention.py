@@ -76,7 +76,8 @@ class AttentionSite:
 
     Written by the ASR rewrite (:func:`asrfx.passes.asr_rewrite.apply_asr`), read by the
     pipeline's report:
-        psi_nodes: the psi get_attr nodes the branch now reads.
+        psi_nodes: the nodes standing for psi where the statistics were (psi's get_attr,
+            expanded to the batch); the one-row rewrite that follows reads and removes them.
         asr_mul: mode "both": the multiply applying the added ASR copy's gate.
         frozen_norms: paths of norms in the branch switched to their running statistics.
         rows: why the branch still runs on psi expanded to the batch, if it does.
@@ -796,8 +797,6 @@ def _examine(gm: fx.GraphModule, node: fx.Node, x: fx.Node, g: fx.Node, dep: set
         return False  # x is itself pooled data (e.g. a swish inside an excitation branch)
     found = _trace_branch(gm, g, dep, xs, last, first, pooled)
     if isinstance(found, str):
-        if "spatial extent" in found:
-            return False
         code = ("gate-reads-input" if "input directly" in found else
                 "gate-scores-positions" if "scores positions" in found else "gate-not-pooled")
         return (path, f"per-channel multiply whose gate {found}", code)

@@ -17,11 +17,17 @@ import torch.fx as fx
 from asrfx.report import Site
 
 from .cleanup import cleanup
-from .find_attention import find_attention_sites
+from .find_attention import find_attention_sites, unexpand
 from .graph_utils import safe_dce
 from .protocol import record
 
 __all__ = ["strip_attention"]
+
+
+def _map_operand(mul: fx.Node, gate: fx.Node) -> fx.Node:
+    """The operand of ``mul`` that is not the gate (nor the gate expanded, ``g.expand_as(x)``)."""
+    a, b = mul.args[:2]
+    return b if a is gate or unexpand(a, b) is gate else a
 
 
 def strip_attention(graphs: fx.GraphModule | Sequence[fx.GraphModule]) -> list[Site]:
@@ -47,8 +53,10 @@ def strip_attention(graphs: fx.GraphModule | Sequence[fx.GraphModule]) -> list[S
         sites, _ = find_attention_sites(gm)
         for site in sites:
             for mul in [site.mul] + site.more_muls:
-                other = next(a for a in mul.args[:2] if a is not site.gate)
-                mul.replace_all_uses_with(other)
+                mul.replace_all_uses_with(_map_operand(mul, site.gate))
+                # an in-place ``y.mul_(g)`` would still scale y for its later readers: with the
+                # gate forced to 1 (0 for an add) it is a no-op, so it goes
+                gm.graph.erase_node(mul)
             records.append(record(site.mul.name, site.path, "channel-attention", site.channels,
                                   action="removed"))
         safe_dce(gm)
