@@ -217,8 +217,11 @@ def _sequential_pair(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
 
 def _then_conv(first: nn.Module, second: nn.Module, has_b1: bool) -> tuple:
     """(code, reason) or (weight, bias, new conv) of 1x1 conv -> kxk conv."""
-    if second.groups != 1 or second.padding_mode != "zeros" or isinstance(second.padding, str):
-        return "second-conv-grouped-or-padded", "the second conv is grouped or not zero-padded"
+    if second.groups != 1:
+        return "second-conv-grouped", "the second conv is grouped"
+    if second.padding_mode != "zeros" or isinstance(second.padding, str):
+        return "second-conv-padding", (f"the second conv pads with {second.padding_mode!r} / "
+                                       f"{second.padding!r}, not explicit zeros")
     if has_b1 and any(p != 0 for p in second.padding):
         return "bias-before-padded-conv", ("1x1 conv with bias -> zero-padded conv is not one "
                                            "conv: the padding would have to hold the bias")
@@ -235,7 +238,10 @@ def _then_pool(first: nn.Module, second: nn.Module, has_b1: bool) -> tuple:
     n = len(first.kernel_size)
     k, stride, pad = (v if isinstance(v, tuple) else (v,) * n
                       for v in (second.kernel_size, second.stride, second.padding))
-    if any(p != 0 for p in pad) and (not second.count_include_pad or has_b1):
+    if any(p != 0 for p in pad) and not second.count_include_pad:
+        return "pool-excludes-padding", ("average pool with padding that it leaves out of the "
+                                         "count: its divisor varies at the border, no kernel's does")
+    if any(p != 0 for p in pad) and has_b1:
         return "bias-before-padded-pool", ("average pool with padding: the padded positions "
                                            "would hold the 1x1 conv's bias, not 0")
     if getattr(second, "divisor_override", None):

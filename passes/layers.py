@@ -90,11 +90,17 @@ def conv_param_nodes(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Nod
         return None
     w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if not (isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) == 1):
-        return None
-    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr" and len(b.users) == 1):
+    if not _only_reader(gm, w) or (b is not None and not _only_reader(gm, b)):
         return None
     return w, b
+
+
+def _only_reader(gm: fx.GraphModule, a: Any) -> bool:
+    """``a`` is a get_attr node read once, and no other get_attr node reads the same
+    attribute (fx makes one node per read of a buffer)."""
+    if not (isinstance(a, fx.Node) and a.op == "get_attr" and len(a.users) == 1):
+        return False
+    return sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == a.target) == 1
 
 
 def functional_conv_arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
@@ -115,7 +121,7 @@ def set_functional_conv_params(gm: fx.GraphModule, node: fx.Node, w_node: fx.Nod
     set_attr_path(gm, str(w_node.target), nn.Parameter(w, requires_grad=old_w.requires_grad))
     if b_node is not None:
         set_attr_path(gm, str(b_node.target), nn.Parameter(b, requires_grad=old_w.requires_grad))
-        return str(w_node.target).rpartition(".")[0]
+        return str(w_node.target).rpartition(".")[0] or str(w_node.target)
     owner = str(w_node.target).rpartition(".")[0]
     name = unique_name(gm, f"{owner}.bias" if owner else "bias")
     set_attr_path(gm, name, nn.Parameter(b, requires_grad=old_w.requires_grad))
@@ -133,7 +139,7 @@ def set_functional_conv_params(gm: fx.GraphModule, node: fx.Node, w_node: fx.Nod
         else:
             kwargs["bias"] = b_node
         node.kwargs = kwargs
-    return owner
+    return owner or str(w_node.target)
 
 
 def reads_padding(padding: Any, kernel_size: tuple) -> bool:

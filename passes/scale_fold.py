@@ -191,9 +191,13 @@ def _commutes(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tenso
     A per-channel scale moves through a per-channel positively homogeneous op (ReLU,
     LeakyReLU, max pooling) when it is non-negative, and through a linear per-channel op
     (average pooling, eval-mode dropout, identity) whatever its sign. ReLU6 is not homogeneous
-    (it clips at 6), and a shift does not commute with any of them. With the channels last
-    (``axis=-1``) only the elementwise ones qualify: a pooling op would pool the channels.
+    (it clips at 6). A shift moves only through the identity and eval-mode dropout (pooling
+    averages it with zero padding; a nonlinearity does not commute with it). With the channels
+    last (``axis=-1``) only the elementwise ones qualify: a pooling op would pool the channels.
     """
+    if _identity(gm, node):
+        return getattr(node.target, "__name__", None) or \
+            type(gm.get_submodule(str(node.target))).__name__
     if bool(torch.any(t != 0)):
         return None
     nonneg = bool(torch.all(s >= 0))
@@ -217,6 +221,19 @@ def _commutes(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tenso
                 return None
             return name
     return None
+
+
+def _identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` returns its input unchanged in eval mode: ``nn.Identity``, an eval-mode dropout
+    module, ``F.dropout(..., training=False)``."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return exact(mod, PASS_THROUGH) and (type(mod) is nn.Identity or not mod.training)
+    if node.op == "call_function" and node.target is F.dropout:
+        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+        inplace = node.args[3] if len(node.args) > 3 else node.kwargs.get("inplace", False)
+        return training is False and not inplace
+    return False
 
 
 def plan_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> Plan | Refusal:
@@ -286,7 +303,9 @@ def _plan_parts(gm: fx.GraphModule, x: fx.Node,
     if _is_sum(x):
         shift = parts[0][2]
         n = len(parts) if bool(torch.any(shift != 0)) else 1
-        trials = [[(p, sc, shift if j == i else torch.zeros_like(shift))
+        # (a - b) * s + t = a * s - (b * s - t): a subtrahend takes the shift negated
+        signs = [1, -1] if is_op(x, SUB_OPS) else [1] * len(parts)
+        trials = [[(p, sc, signs[j] * shift if j == i else torch.zeros_like(shift))
                    for j, (p, sc, _) in enumerate(parts)] for i in range(n)]
     refusal = None
     for trial in trials:

@@ -11,7 +11,7 @@ from torch import nn
 
 from asrfx.zoo import SEModule
 
-__all__ = ["assert_coded", "randomize_bn", "randomize_psi", "randomize_ln", "rel_err", "count_se", "se_paths",
+__all__ = ["assert_coded", "SharedGate", "UnknownLayoutScores", "asr_traced", "traced", "run_graph", "actions", "randomize_bn", "randomize_psi", "randomize_ln", "rel_err", "count_se", "se_paths",
            "node_kinds", "sigmoid_nodes", "bn_call_nodes", "train_steps", "state_snapshot",
            "assert_state_equal", "assert_prepare_changes_nothing", "REL_TOL", "rand_images",
            "uniform", "divisors", "dtype_tol", "SE", "SENet", "DropPathNet", "psi_names",
@@ -362,3 +362,45 @@ def run_graph(gm: fx.GraphModule, *inputs: torch.Tensor):
 def actions(records) -> collections.Counter:
     """How many of a pass's records took each action ("folded", "fused", "kept", ...)."""
     return collections.Counter(r.action for r in records)
+
+
+def asr_traced(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
+    """``model`` traced as ``prepare`` traces it (:class:`asrfx.tracing.AsrTracer`, the model's
+    own train/eval mode), with shape metadata for ``inputs``: a graph to hand to one
+    prepare-side pass."""
+    from asrfx.passes.shapes import propagate_shapes
+    from asrfx.tracing import AsrTracer
+
+    gm = fx.GraphModule(model, AsrTracer().trace(model), type(model).__name__)
+    propagate_shapes(gm, inputs)
+    return gm
+
+
+class SharedGate(nn.Module):
+    """One gate scaling two maps: one site (one psi), two multiplies."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.a = nn.Conv2d(3, c, 3, padding=1)
+        self.b = nn.Conv2d(3, c, 1)
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        g = torch.sigmoid(self.fc(a.mean((2, 3), keepdim=True)))
+        return a * g + b * g
+
+
+class UnknownLayoutScores(nn.Module):
+    """Tokens scored against a learned vector (``(N, L, C) @ w(C, 1)``) straight from the
+    input: nothing in the graph says which dim holds the channels, so the gate is refused by
+    what feeds it."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.q = nn.Linear(c, c)
+        self.w = nn.Parameter(torch.randn(c, 1) * 0.3)
+
+    def forward(self, t):
+        t = t * 2.0
+        return t * torch.softmax(self.q(t) @ self.w, dim=1)

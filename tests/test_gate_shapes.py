@@ -19,7 +19,7 @@ from torch import nn
 
 import asrfx
 from asrfx.attention import TokenSE, make_attention
-from helpers import (assert_outputs_close, has_batchnorm, randomize_bn, randomize_ln,
+from helpers import (UnknownLayoutScores, assert_outputs_close, has_batchnorm, randomize_bn, randomize_ln,
                      randomize_psi)
 
 
@@ -112,20 +112,6 @@ def test_a_linear_scorer_gate_over_tokens_is_not_a_site():
     torch.manual_seed(0)
     report = _assert_not_converted(LinearScorer(), torch.randn(2, 10, 16), torch.randn(3, 7, 16))
     assert report.count(action="refused", kind="spatial attention") == 1, str(report)
-
-
-class UnknownLayoutScores(nn.Module):
-    """The scored tokens of :class:`TokenScores` straight from the input: nothing in the graph
-    says which dim holds the channels, so the gate is refused by what feeds it."""
-
-    def __init__(self, c: int = 16):
-        super().__init__()
-        self.q = nn.Linear(c, c)
-        self.w = nn.Parameter(torch.randn(c, 1) * 0.3)
-
-    def forward(self, t):
-        t = t * 2.0
-        return t * torch.softmax(self.q(t) @ self.w, dim=1)
 
 
 def test_scores_against_a_learned_vector_are_refused_with_a_reason():

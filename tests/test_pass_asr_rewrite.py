@@ -20,20 +20,13 @@ from asrfx.passes import (apply_asr, find_attention_sites, refuse_batch_statisti
                           refuse_gates_before_batch_norm, value_dependent)
 from asrfx.passes.graph_utils import reads_shape_only, tensor_shape
 from asrfx.passes.shapes import propagate_shapes
-from asrfx.tracing import AsrTracer
-from helpers import SE, SENet, dtype_tol, randomize_bn, rel_err
+from helpers import asr_traced, SE, SENet, dtype_tol, randomize_bn, rel_err
 
 TOL = dtype_tol(torch.float32)
 
 
-def _graph(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
-    gm = fx.GraphModule(model, AsrTracer().trace(model), type(model).__name__)
-    propagate_shapes(gm, inputs)
-    return gm
-
-
 def _sites(model: nn.Module, *inputs: torch.Tensor):
-    gm = _graph(model, *inputs)
+    gm = asr_traced(model, *inputs)
     sites, refusals = find_attention_sites(gm)
     assert refusals == []
     return gm, sites

@@ -14,19 +14,11 @@ from torch import nn
 
 from asrfx.passes import find_attention_sites
 from asrfx.passes.graph_utils import tensor_shape
-from asrfx.passes.shapes import propagate_shapes
-from asrfx.tracing import AsrTracer
-from helpers import SE, SENet
-
-
-def _graph(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
-    gm = fx.GraphModule(model, AsrTracer().trace(model), type(model).__name__)
-    propagate_shapes(gm, inputs)
-    return gm
+from helpers import SE, SENet, SharedGate, UnknownLayoutScores, asr_traced
 
 
 def _find(model: nn.Module, *inputs: torch.Tensor):
-    gm = _graph(model, *inputs)
+    gm = asr_traced(model, *inputs)
     sites, refusals = find_attention_sites(gm)
     return gm, sites, refusals
 
@@ -209,21 +201,6 @@ def test_channels_last_gate_without_a_layout_signal_is_no_site():
     assert sites == [] and refusals == []
 
 
-class SharedGate(nn.Module):
-    """One gate scaling two maps: one site (one psi), two multiplies."""
-
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.a = nn.Conv2d(3, c, 3, padding=1)
-        self.b = nn.Conv2d(3, c, 1)
-        self.fc = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        a, b = self.a(x), self.b(x)
-        g = torch.sigmoid(self.fc(a.mean((2, 3), keepdim=True)))
-        return a * g + b * g
-
-
 def test_one_gate_scaling_two_maps_is_one_site_with_more_muls():
     gm, sites, refusals = _find(SharedGate(), torch.randn(*IMAGES))
     assert refusals == []
@@ -298,19 +275,6 @@ class SpatialGate(nn.Module):
         return x * torch.sigmoid(self.conv(x.mean(1, keepdim=True)))
 
 
-class PositionScores(nn.Module):
-    """Tokens of unknown layout scored against a learned vector: ``(N, L, C) @ w(C, 1)``."""
-
-    def __init__(self, c: int = 16):
-        super().__init__()
-        self.q = nn.Linear(c, c)
-        self.w = nn.Parameter(torch.randn(c, 1) * 0.3)
-
-    def forward(self, t):
-        t = t * 2.0
-        return t * torch.softmax(self.q(t) @ self.w, dim=1)
-
-
 class PooledMapGate(nn.Module):
     """The gated map is itself pooled data spread over the positions, and the gate reads it
     (not a statistic of it)."""
@@ -340,7 +304,7 @@ class ChannelMixingPool(nn.Module):
 #: code -> (model, input shape, module path of the refused multiply)
 REFUSALS = {
     "spatial-attention": (lambda: Wrap(SpatialGate()), IMAGES, "att"),
-    "gate-scores-positions": (lambda: nn.Sequential(PositionScores()), (2, 10, 16), "0"),
+    "gate-scores-positions": (lambda: nn.Sequential(UnknownLayoutScores()), (2, 10, 16), "0"),
     "gate-reads-map": (lambda: Wrap(PooledMapGate()), IMAGES, "att"),
     "statistic-extent": (lambda: Wrap(ChannelMixingPool(), c=2, conv=nn.Conv1d), (2, 3, 10),
                          "att"),
@@ -440,7 +404,7 @@ def test_look_alikes_are_neither_sites_nor_refusals(model):
 
 
 def test_finding_sites_leaves_the_graph_as_it_is():
-    gm = _graph(SENet(8), torch.randn(*IMAGES))
+    gm = asr_traced(SENet(8), torch.randn(*IMAGES))
     before = gm.graph.python_code("self").src
     find_attention_sites(gm)
     assert gm.graph.python_code("self").src == before

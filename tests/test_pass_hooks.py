@@ -17,17 +17,9 @@ from asrfx.passes import find_attention_sites
 from asrfx.passes.graph_utils import safe_dce
 from asrfx.passes.hooks import (call_hooked, protect_hooked_calls, refuse_hooked_sites,
                                 restore_hooked_calls)
-from asrfx.passes.shapes import propagate_shapes
-from asrfx.tracing import AsrTracer
-from helpers import SENet, dtype_tol, randomize_bn, rel_err
+from helpers import asr_traced, SENet, dtype_tol, randomize_bn, rel_err
 
 TOL = dtype_tol(torch.float32)
-
-
-def _graph(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
-    gm = fx.GraphModule(model, AsrTracer().trace(model), type(model).__name__)
-    propagate_shapes(gm, inputs)
-    return gm
 
 
 def _signature(graph: fx.Graph) -> list[tuple]:
@@ -60,7 +52,7 @@ def test_protect_and_restore_round_trip_keeps_the_hook_firing():
     with torch.no_grad():
         ref = m(x)
     fired.clear()
-    gm = _graph(m, x)
+    gm = asr_traced(m, x)
     before = _signature(gm.graph)
     fired.clear()
 
@@ -87,7 +79,7 @@ def test_protect_and_restore_round_trip_keeps_the_hook_firing():
 
 
 def test_nothing_hooked_changes_nothing():
-    gm = _graph(_senet(), torch.randn(2, 3, 8, 8))
+    gm = asr_traced(_senet(), torch.randn(2, 3, 8, 8))
     before = gm.code
     assert protect_hooked_calls(gm) == []
     assert gm.code == before
@@ -108,7 +100,7 @@ def test_module_called_twice_is_one_record_with_two_calls():
     fired = []
     model.conv.register_forward_pre_hook(lambda mod, inp: fired.append(1))
     x = torch.randn(2, 3, 8, 8)
-    gm = _graph(model, x)
+    gm = asr_traced(model, x)
     before = _signature(gm.graph)
     (rec,) = protect_hooked_calls(gm)
     assert rec["path"] == "conv" and rec["kinds"] == ["forward pre-hook"]
@@ -140,7 +132,7 @@ def test_protected_call_survives_dead_code_elimination(dce):
     fired = []
     model.probe.register_forward_hook(lambda mod, inp, out: fired.append(1))
     x = torch.randn(2, 3, 8, 8)
-    gm = _graph(model, x)
+    gm = asr_traced(model, x)
     records = protect_hooked_calls(gm)
     if dce == "fx":
         gm.graph.eliminate_dead_code()
@@ -168,7 +160,7 @@ def test_every_kind_of_call_hook_is_protected(kind, hook):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         ref = m(x)
-    gm = _graph(m, x)
+    gm = asr_traced(m, x)
     (rec,) = protect_hooked_calls(gm)
     assert rec["path"] == "conv2" and rec["kinds"] == [kind]
     assert isinstance(rec["reason"], str) and rec["reason"]
@@ -201,7 +193,7 @@ class PooledSE(nn.Module):
 def test_site_whose_branch_or_statistic_calls_a_hooked_module_is_refused(hooked):
     model = PooledSE()
     getattr(model, hooked).register_forward_hook(lambda *a: None)
-    gm = _graph(model, torch.randn(2, 3, 8, 8))
+    gm = asr_traced(model, torch.randn(2, 3, 8, 8))
     sites, _ = find_attention_sites(gm)
     assert len(sites) == 1
     keep, refused = refuse_hooked_sites(gm, sites)
@@ -214,7 +206,7 @@ def test_site_whose_branch_or_statistic_calls_a_hooked_module_is_refused(hooked)
 def test_hook_outside_the_branch_does_not_refuse():
     model = PooledSE()
     model.conv.register_forward_hook(lambda *a: None)  # produces the gated map
-    gm = _graph(model, torch.randn(2, 3, 8, 8))
+    gm = asr_traced(model, torch.randn(2, 3, 8, 8))
     sites, _ = find_attention_sites(gm)
     assert refuse_hooked_sites(gm, sites) == (sites, [])
 
@@ -223,7 +215,7 @@ def test_skipped_site_is_never_refused():
     """Attention asrfx inserted itself (``skip``) is converted even with a hooked module."""
     model = PooledSE()
     model.fc1.register_forward_hook(lambda *a: None)
-    gm = _graph(model, torch.randn(2, 3, 8, 8))
+    gm = asr_traced(model, torch.randn(2, 3, 8, 8))
     sites, _ = find_attention_sites(gm)
     assert refuse_hooked_sites(gm, sites, skip={sites[0].mul}) == (sites, [])
 
@@ -231,7 +223,7 @@ def test_skipped_site_is_never_refused():
 def test_refusing_leaves_the_graph_as_it_is():
     model = PooledSE()
     model.fc1.register_forward_hook(lambda *a: None)
-    gm = _graph(model, torch.randn(2, 3, 8, 8))
+    gm = asr_traced(model, torch.randn(2, 3, 8, 8))
     before = _signature(gm.graph)
     sites, _ = find_attention_sites(gm)
     refuse_hooked_sites(gm, sites)

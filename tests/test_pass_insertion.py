@@ -18,13 +18,7 @@ from asrfx.passes import find_attention_sites, insert_modules, insertion_points
 from asrfx.passes.graph_utils import module_path, stable_toposort
 from asrfx.passes.shapes import propagate_shapes
 from asrfx.tracing import AsrTracer
-from helpers import SE, dtype_tol, randomize_bn, rel_err
-
-
-def _graph(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
-    gm = fx.GraphModule(model, AsrTracer().trace(model), type(model).__name__)
-    propagate_shapes(gm, inputs)
-    return gm
+from helpers import asr_traced, SE, dtype_tol, randomize_bn, rel_err
 
 
 def _targets(points: list[fx.Node]) -> list[str]:
@@ -72,19 +66,19 @@ X = (2, 3, 8, 8)
 
 
 def test_block_output_is_the_main_branch_before_the_residual_add():
-    gm = _graph(Net(), torch.randn(*X))
+    gm = asr_traced(Net(), torch.randn(*X))
     assert _targets(insertion_points(gm, "block_output")) == ["b0.bn2", "b1.bn2"]
     assert insertion_points(gm) == insertion_points(gm, "block_output")
 
 
 def test_every_bn_is_every_batch_norm_with_spatial_extent():
-    gm = _graph(Net(), torch.randn(*X))
+    gm = asr_traced(Net(), torch.randn(*X))
     assert _targets(insertion_points(gm, "every_bn")) == [
         "b0.bn1", "b0.bn2", "b1.bn1", "b1.bn2", "b1.short.1"]   # not hbn: (N, 5)
 
 
 def test_predicate_sees_paths_and_nodes_of_feature_maps():
-    gm = _graph(Net(), torch.randn(*X))
+    gm = asr_traced(Net(), torch.randn(*X))
     seen = []
 
     def where(path: str, node: fx.Node) -> bool:
@@ -100,7 +94,7 @@ def test_predicate_sees_paths_and_nodes_of_feature_maps():
 
 @pytest.mark.parametrize("where", ["block_output", "every_bn"])
 def test_every_k_keeps_every_kth_point_from_the_first(where):
-    gm = _graph(Net(), torch.randn(*X))
+    gm = asr_traced(Net(), torch.randn(*X))
     points = insertion_points(gm, where)
     assert insertion_points(gm, where, every=2) == points[::2]
     assert insertion_points(gm, where, every=len(points)) == points[:1]
@@ -108,7 +102,7 @@ def test_every_k_keeps_every_kth_point_from_the_first(where):
 
 @pytest.mark.parametrize("where, every", [("everywhere", 1), ("block_output", 0)])
 def test_bad_where_or_every_raises(where, every):
-    gm = _graph(Net(), torch.randn(*X))
+    gm = asr_traced(Net(), torch.randn(*X))
     with pytest.raises(ValueError):
         insertion_points(gm, where, every)
 
@@ -130,13 +124,13 @@ class Tokens(nn.Module):
 
 
 def test_after_norm_is_every_token_layer_norm():
-    gm = _graph(Tokens(), torch.randn(2, 6, 5))
+    gm = asr_traced(Tokens(), torch.randn(2, 6, 5))
     assert _targets(insertion_points(gm, "after_norm")) == ["norm"]
 
 
 def test_backbone_without_points_gives_none():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
-    gm = _graph(model, torch.randn(*X))
+    gm = asr_traced(model, torch.randn(*X))
     assert insertion_points(gm, "block_output") == []
     assert insertion_points(gm, "every_bn") == []
 
@@ -162,7 +156,7 @@ def _insert(gm, points, x, factory=None, created=None):
 def test_inserted_modules_are_registered_and_inlined_after_each_point():
     torch.manual_seed(0)
     x = torch.randn(*X)
-    gm = _graph(Net(), x)
+    gm = asr_traced(Net(), x)
     points = insertion_points(gm)
     done, calls, created = _insert(gm, points, x)
     assert [p for p, _ in done] == ["b0.bn2_asr", "b1.bn2_asr"]
@@ -188,7 +182,7 @@ def test_inserted_graph_computes_the_module_after_the_point():
     x = torch.randn(*X)
     model = randomize_bn(Net(), 1).eval()
     ref_model = copy.deepcopy(model)
-    gm = _graph(model, x)
+    gm = asr_traced(model, x)
     _, _, created = _insert(gm, insertion_points(gm), x)
     for block in ("b0", "b1"):
         blk = getattr(ref_model, block)
@@ -200,7 +194,7 @@ def test_inserted_graph_computes_the_module_after_the_point():
 
 def test_every_point_gets_a_module_and_count_matches():
     x = torch.randn(*X)
-    gm = _graph(Net(), x)
+    gm = asr_traced(Net(), x)
     points = insertion_points(gm, "every_bn", every=2)
     done, calls, created = _insert(gm, points, x)
     assert len(done) == len(calls) == len(created) == len(points) == 3
@@ -210,9 +204,9 @@ def test_every_point_gets_a_module_and_count_matches():
 def test_created_modules_are_reused_for_the_other_graph():
     x = torch.randn(*X)
     created: dict = {}
-    gm1 = _graph(Net(), x)
+    gm1 = asr_traced(Net(), x)
     _, calls1, _ = _insert(gm1, insertion_points(gm1), x, created=created)
-    gm2 = _graph(Net(), x)
+    gm2 = asr_traced(Net(), x)
     _, calls2, _ = _insert(gm2, insertion_points(gm2), x, created=created)
     assert len(calls1) == 2 and calls2 == []
     assert gm2.get_submodule("b0.bn2_asr") is gm1.get_submodule("b0.bn2_asr")
@@ -220,7 +214,7 @@ def test_created_modules_are_reused_for_the_other_graph():
 
 def test_inserted_module_takes_the_map_dtype():
     x = torch.randn(*X, dtype=torch.float64)
-    gm = _graph(Net().double(), x)
+    gm = asr_traced(Net().double(), x)
     _, _, created = _insert(gm, insertion_points(gm), x)
     assert all(p.dtype == torch.float64 for m in created.values() for p in m.parameters())
     with torch.no_grad():
@@ -231,7 +225,7 @@ def test_token_norm_point_passes_the_last_dim_as_channels():
     from asrfx.attention import TokenSE
 
     x = torch.randn(2, 6, 5)
-    gm = _graph(Tokens(), x)
+    gm = asr_traced(Tokens(), x)
     done, calls, _ = _insert(gm, insertion_points(gm, "after_norm"), x,
                              factory=lambda c, d, t: TokenSE(c))
     assert calls == [(8, 1, True)]
@@ -243,7 +237,7 @@ def test_token_norm_point_passes_the_last_dim_as_channels():
 def test_function_point_is_named_after_its_node():
     """A point that is not a module call (``torch.relu``) names its module after the node."""
     x = torch.randn(*X)
-    gm = _graph(Net(), x)
+    gm = asr_traced(Net(), x)
     points = insertion_points(gm, lambda path, n: n.op == "call_function" and
                               n.target is torch.relu and path == "b0")
     assert len(points) == 2

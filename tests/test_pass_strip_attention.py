@@ -8,7 +8,6 @@ through ``asrfx.prepare`` or the benchmarks.
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.fx as fx
 from torch import nn
@@ -16,17 +15,11 @@ from torch import nn
 from asrfx.passes import find_attention_sites
 from asrfx.passes.shapes import propagate_shapes
 from asrfx.passes.strip_attention import strip_attention
-from asrfx.tracing import AsrTracer, trace_modes
-from helpers import SE, DropPathNet, SENet, dtype_tol, randomize_bn, rel_err, sigmoid_nodes
+from asrfx.tracing import trace_modes
+from helpers import asr_traced, SE, SharedGate, DropPathNet, SENet, dtype_tol, randomize_bn, rel_err, sigmoid_nodes
 
 TOL = dtype_tol(torch.float32)
 X = (2, 3, 8, 8)
-
-
-def _graph(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
-    gm = fx.GraphModule(model, AsrTracer().trace(model), type(model).__name__)
-    propagate_shapes(gm, inputs)
-    return gm
 
 
 def _assert_backbone(gm: fx.GraphModule, backbone, *inputs: torch.Tensor) -> None:
@@ -39,7 +32,7 @@ def test_se_is_bypassed_and_its_branch_removed():
     torch.manual_seed(0)
     m = randomize_bn(SENet(8), 0).eval()
     x = torch.randn(*X)
-    gm = _graph(m, x)
+    gm = asr_traced(m, x)
     (site,), _ = find_attention_sites(gm)
     mul_name = site.mul.name
     records = strip_attention(gm)
@@ -63,33 +56,18 @@ def test_one_record_per_site():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SE(8), nn.ReLU(), SE(8),
                           nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(*X)
-    gm = _graph(model, x)
+    gm = asr_traced(model, x)
     records = strip_attention(gm)
     assert [r.path for r in records] == ["1", "3"]
     assert all(r.action == "removed" for r in records)
     _assert_backbone(gm, lambda xi: model[4](torch.relu(model[0](xi))), x)
 
 
-class SharedGate(nn.Module):
-    """One gate scaling two maps (one site, two multiplies)."""
-
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.a = nn.Conv2d(3, c, 3, padding=1)
-        self.b = nn.Conv2d(3, c, 1)
-        self.fc = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        a, b = self.a(x), self.b(x)
-        g = torch.sigmoid(self.fc(a.mean((2, 3), keepdim=True)))
-        return a * g + b * g
-
-
 def test_every_multiply_by_a_shared_gate_is_bypassed():
     torch.manual_seed(2)
     model = SharedGate().eval()
     x = torch.randn(*X)
-    gm = _graph(model, x)
+    gm = asr_traced(model, x)
     assert len(strip_attention(gm)) == 1
     assert sigmoid_nodes(gm) == [] and not hasattr(gm, "fc")
     _assert_backbone(gm, lambda xi: model.a(xi) + model.b(xi), x)
@@ -115,7 +93,7 @@ def test_additive_context_is_bypassed():
     torch.manual_seed(3)
     model = GlobalContext().eval()
     x = torch.randn(*X)
-    gm = _graph(model, x)
+    gm = asr_traced(model, x)
     (rec,) = strip_attention(gm)
     assert rec.action == "removed" and rec.channels == 8
     assert not any(hasattr(gm, name) for name in ("mask", "t1", "t2"))
@@ -140,7 +118,7 @@ def test_spatial_attention_is_left_as_it_is():
     torch.manual_seed(4)
     model = SpatialThenSE().eval()
     x = torch.randn(*X)
-    gm = _graph(model, x)
+    gm = asr_traced(model, x)
     (rec,) = strip_attention(gm)
     assert rec.path == "se"
     assert any(n.op == "call_module" and n.target == "sp" for n in gm.graph.nodes)
@@ -156,7 +134,7 @@ def test_spatial_attention_is_left_as_it_is():
 def test_model_without_attention_is_unchanged():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
     x = torch.randn(*X)
-    gm = _graph(model, x)
+    gm = asr_traced(model, x)
     with torch.no_grad():
         ref = model(x)
     assert strip_attention(gm) == []
@@ -205,7 +183,7 @@ def test_gate_expanded_in_front_is_bypassed_to_the_map():
     torch.manual_seed(6)
     model = GateFirst().eval()
     x = torch.randn(*X)
-    gm = _graph(model, x)
+    gm = asr_traced(model, x)
     assert len(strip_attention(gm)) == 1
     _assert_backbone(gm, lambda xi: model.out(model.conv(xi)), x)
 
@@ -230,7 +208,7 @@ def test_in_place_gate_is_bypassed():
     torch.manual_seed(7)
     model = InPlaceSE().eval()
     x = torch.randn(*X)
-    gm = _graph(model, x)
+    gm = asr_traced(model, x)
     assert len(strip_attention(gm)) == 1
     assert sigmoid_nodes(gm) == []
     _assert_backbone(gm, lambda xi: model.out(model.conv(xi)), x)

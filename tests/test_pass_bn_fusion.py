@@ -1,0 +1,210 @@
+"""BatchNorm fusion (passes/bn_fusion.py) on hand-built graphs: what fuses (conv of any rank,
+Linear -> BatchNorm1d on (N, C), functional convs), the codes of what stays, a conv called twice
+(cloned for the fused call site), fire counts and ``ctx.select``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asrfx.passes.bn_fusion import fuse_batchnorm
+from asrfx.passes.protocol import PassContext
+from helpers import (REL_TOL, actions, bn_call_nodes, randomize_bn, rel_err, run_graph,
+                     state_snapshot, traced)
+
+C = 4
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _fuse(model, x, ctx=None):
+    """(graph, records, reference output, fused output)."""
+    gm = traced(randomize_bn(model, seed=1), x)
+    ref = run_graph(gm, x)
+    records = fuse_batchnorm(gm, ctx)
+    return gm, records, ref, run_graph(gm, x)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("bias, affine", [(True, True), (False, False)])
+def test_conv_then_batchnorm_fuses(dims, bias, affine):
+    model = nn.Sequential(CONVS[dims](3, C, 3, padding=1, bias=bias),
+                          NORMS[dims](C, affine=affine), nn.ReLU())
+    x = torch.randn(2, 3, *([5] * dims))
+    gm, records, ref, out = _fuse(model, x)
+    assert [(r.kind, r.action, r.target, r.channels) for r in records] == \
+        [("conv+bn", "fused", "0", C)]
+    assert records[0].key.startswith("bn:")
+    assert bn_call_nodes(gm) == []
+    assert gm.get_submodule("0").bias is not None  # the norm's shift lives in the conv now
+    assert rel_err(ref, out) <= REL_TOL
+
+
+def test_linear_then_batchnorm1d_on_n_c_fuses():
+    x = torch.randn(5, 6)
+    gm, records, ref, out = _fuse(nn.Sequential(nn.Linear(6, C), nn.BatchNorm1d(C),
+                                                nn.Linear(C, 2)), x)
+    assert [(r.action, r.target) for r in records] == [("fused", "0")]
+    assert bn_call_nodes(gm) == []
+    assert rel_err(ref, out) <= REL_TOL
+
+
+def test_a_batchnorm1d_over_the_tokens_of_a_linear_is_not_fused():
+    # Linear on (N, L, C) -> BatchNorm1d(L): the norm's channels are not the Linear's rows
+    x = torch.randn(2, 5, 6)
+    gm, records, ref, out = _fuse(nn.Sequential(nn.Linear(6, C), nn.BatchNorm1d(5)), x)
+    assert [(r.action, r.code) for r in records] == [("kept", "no-conv-producer")]
+    assert len(bn_call_nodes(gm)) == 1
+    assert rel_err(ref, out) <= REL_TOL
+
+
+class FunctionalConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(C, 3, 3, 3) * 0.3)
+        self.bn = nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.weight, padding=1))
+
+
+def test_a_functional_conv_takes_the_norm_and_gains_a_bias():
+    x = torch.randn(2, 3, 5, 5)
+    gm, records, ref, out = _fuse(FunctionalConvBN(), x)
+    assert [r.action for r in records] == ["fused"]
+    assert bn_call_nodes(gm) == []
+    conv = next(n for n in gm.graph.nodes if n.target in (F.conv2d, torch.conv2d))
+    assert len(conv.args) > 2 and conv.args[2] is not None
+    assert rel_err(ref, out) <= REL_TOL
+
+
+class Stays(nn.Module):
+    """One BatchNorm per reason to keep it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn_read_twice = nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C)
+        self.conv2 = nn.Conv2d(3, C, 1)
+        self.bn_batch_stats = nn.BatchNorm2d(C, track_running_stats=False)
+        self.bn_after_relu = nn.BatchNorm2d(C)
+        self.bn_of_input = nn.BatchNorm2d(3)
+
+    def forward(self, x, z):
+        y = self.conv1(x)
+        a = self.bn_read_twice(y) + y
+        b = self.bn_batch_stats(self.conv2(x))
+        c = self.bn_after_relu(torch.relu(y))
+        return a + b + c, self.bn_of_input(z)
+
+
+def test_norms_that_must_stay_say_why():
+    x, z = torch.randn(3, 3, 5, 5), torch.randn(3, 3, 4, 4)
+    gm = traced(randomize_bn(Stays(), seed=2), x, z)
+    state = state_snapshot(gm)
+    ref = run_graph(gm, x, z)
+    records = fuse_batchnorm(gm)
+    assert {r.path: (r.action, r.code) for r in records} == {
+        "bn_read_twice": ("kept", "producer-read-elsewhere"),
+        "bn_batch_stats": ("kept", "no-running-stats"),
+        "bn_after_relu": ("kept", "no-conv-producer"),
+        "bn_of_input": ("kept", "no-conv-producer"),
+    }
+    assert all(r.reason for r in records)
+    assert len(bn_call_nodes(gm)) == 4
+    assert state_snapshot(gm).keys() == state.keys()
+    out = run_graph(gm, x, z)
+    assert all(rel_err(a, b) <= REL_TOL for a, b in zip(ref, out))
+
+
+class ConvTwice(nn.Module):
+    """One conv called twice; only the first call is followed by a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(torch.tanh(x))
+
+
+def test_a_conv_called_twice_is_cloned_for_the_fused_call_site():
+    x = torch.randn(2, C, 5, 5)
+    model = ConvTwice()
+    weight = model.conv.weight.detach().clone()
+    gm, records, ref, out = _fuse(model, x)
+    (rec,) = records
+    assert rec.action == "fused" and rec.target != "conv"
+    calls = sorted(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+    assert calls == sorted(["conv", rec.target])
+    assert torch.equal(gm.get_submodule("conv").weight, weight)  # the other call is unchanged
+    assert rel_err(ref, out) <= REL_TOL
+
+
+class ThreePairs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C)
+        self.c2, self.b2 = nn.Conv2d(C, C, 1), nn.BatchNorm2d(C)
+        self.b3 = nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        return self.b3(torch.relu(self.b2(self.c2(y))))
+
+
+def test_fire_counts():
+    x = torch.randn(2, 3, 5, 5)
+    gm, records, ref, out = _fuse(ThreePairs(), x)
+    assert actions(records) == {"fused": 2, "kept": 1}
+    assert [r.path for r in records if r.action == "kept"] == ["b3"]
+    assert len(bn_call_nodes(gm)) == 1
+    assert rel_err(ref, out) <= REL_TOL
+
+
+def test_select_fuses_only_the_chosen_norm():
+    x = torch.randn(2, 3, 5, 5)
+    gm = traced(randomize_bn(ThreePairs(), seed=3), x)
+    ref = run_graph(gm, x)
+    key = next(f"bn:{n.name}" for n in bn_call_nodes(gm) if n.target == "b2")
+    records = fuse_batchnorm(gm, PassContext((x,), select=lambda k: k == key))
+    assert [(r.key, r.action, r.target) for r in records] == [(key, "fused", "c2")]
+    assert sorted(str(n.target) for n in bn_call_nodes(gm)) == ["b1", "b3"]
+    assert rel_err(ref, run_graph(gm, x)) <= REL_TOL
+
+
+class MyBN(nn.BatchNorm2d):
+    """A subclass: never fused (its forward may differ)."""
+
+
+def test_only_exact_batchnorms_are_looked_at():
+    x = torch.randn(2, 3, 5, 5)
+    model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), MyBN(C), nn.Conv2d(C, C, 1),
+                          nn.GroupNorm(2, C))
+    gm = traced(randomize_bn(model, seed=4), x, leaves=(MyBN,))
+    state = state_snapshot(gm)
+    assert fuse_batchnorm(gm) == []
+    after = state_snapshot(gm)
+    assert all(torch.equal(state[k], after[k]) for k in state)
+
+
+class SharedBufferConvBN(nn.Module):
+    """A fixed (buffer) kernel that two functional calls read, the first one followed by a
+    BatchNorm: fx gives each read its own get_attr node of the same buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(C, C, 3, 3) * 0.3)
+        self.bn = nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        return torch.tanh(self.bn(F.conv2d(x, self.w, padding=1))) + \
+            F.conv2d(x, self.w, padding=1)
+
+
+def test_a_weight_buffer_read_by_another_call_is_not_changed_under_it():
+    x = torch.randn(2, C, 5, 5)
+    gm, records, ref, out = _fuse(SharedBufferConvBN(), x)
+    assert [r.action for r in records] in (["fused"], ["kept"])
+    assert rel_err(ref, out) <= REL_TOL
