@@ -99,8 +99,8 @@ def node_kinds(gm: fx.GraphModule) -> collections.Counter:
 
 def _graphs(gm: fx.GraphModule) -> Iterable[fx.Graph]:
     yield gm.graph
-    eg = gm.__dict__.get("_asrfx_eval_graph")
-    if eg is not None and eg is not gm.graph:
+    eg = getattr(gm, "eval_graph", None)  # a DualModeGraphModule's second graph
+    if isinstance(eg, fx.Graph) and eg is not gm.graph:
         yield eg
 
 
