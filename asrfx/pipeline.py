@@ -134,9 +134,16 @@ def prepare_model(model: nn.Module, work: nn.Module, inputs: tuple, opts: Prepar
     if init == "calibrate":
         init = calibrated_init(ctx, tr.eval, opts.calibration_data)
     counts = []
+    found = []
     for i, gm in enumerate(tr.modules()):
         ctx.shapes(gm)
-        records, notes, n = _convert(gm, work, opts, init, created, inserted.get(i, set()))
+        found.append(_analyse(gm, opts.mode, inserted.get(i, set())))
+    for i, gm in enumerate(tr.modules()):
+        # a site refused in one mode's graph is refused in the other's too, with its record
+        elsewhere = {(s.path, s.channels): rec for j, a in enumerate(found) if j != i
+                     for s, rec in a.refused}
+        records, notes, n = _convert(gm, work, opts, init, created, inserted.get(i, set()),
+                                     found[i], elsewhere)
         counts.append(n)
         if i == 0:
             report.extend(records)
@@ -190,10 +197,20 @@ def _insert(ctx: Context, opts: PrepareOptions, created: dict, report: Report
     return inserted
 
 
-def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: Any,
-             created: dict, new: set[fx.Node]) -> tuple[list[Site], list[str], int]:
-    """Find, refuse and rewrite the attention sites of one graph: (records, notes, sites)."""
-    mode = opts.mode
+@dataclass
+class _Analysis:
+    """One graph's attention sites before the rewrite: those to convert and the refusals."""
+
+    sites: list
+    found_refused: list
+    refused: list  # (AttentionSite, Site record)
+
+    def refused_keys(self) -> set[tuple[str, int]]:
+        return {(s.path, s.channels) for s, _ in self.refused}
+
+
+def _analyse(gm: fx.GraphModule, mode: str, new: set[fx.Node]) -> _Analysis:
+    """Find the sites of one graph and refuse the unsafe ones (nothing is changed)."""
     sites, found_refused = find_attention_sites(gm)
     sites, hooked = refuse_hooked_sites(gm, sites, new) if mode != "keep" else (sites, [])
     _, batch_stats = refuse_batch_statistic_sites(
@@ -201,7 +218,20 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
     _, before_bn = refuse_gates_before_batch_norm(
         gm, [s for s in sites if mode == "replace" and s.mul not in new and
              all(s is not r for r, _ in batch_stats)])
-    sites = [s for s in sites if all(s is not r for r, _ in batch_stats + before_bn)]
+    refused = hooked + batch_stats + before_bn
+    return _Analysis([s for s in sites if all(s is not r for r, _ in refused)], found_refused,
+                     refused)
+
+
+def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: Any,
+             created: dict, new: set[fx.Node], found: _Analysis,
+             elsewhere: dict[tuple[str, int], Site]) -> tuple[list[Site], list[str], int]:
+    """Rewrite the analysed sites of one graph, except those refused in the model's other
+    graph (``elsewhere``: the two modes must agree on what is converted); (records, notes,
+    sites)."""
+    mode = opts.mode
+    sites = [s for s in found.sites if (s.path, s.channels) not in elsewhere]
+    also = [elsewhere[(s.path, s.channels)] for s in found.sites if s not in sites]
     site_modes = ["replace" if s.mul in new else mode for s in sites]
     try:
         names = apply_asr(gm, sites, init=init, created=created, root=root,
@@ -222,8 +252,8 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
                             "mode-keep" if m == "keep" else ""))
     records += [Site(path, "spatial attention" if code == "spatial-attention" else
                      "channel-attention?", 0, "refused", "", reason, code)
-                for path, reason, code in found_refused]
-    records += [rec for _, rec in hooked + batch_stats + before_bn]
+                for path, reason, code in found.found_refused]
+    records += [rec for _, rec in found.refused] + also
     return records, _site_notes(sites), len(sites)
 
 

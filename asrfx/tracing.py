@@ -16,6 +16,8 @@ result is a :class:`DualModeGraphModule` whose ``forward`` runs the train-mode g
 
 from __future__ import annotations
 
+import builtins
+import operator
 import warnings
 from typing import Any, Iterable, Sequence
 
@@ -27,7 +29,7 @@ from torch.fx.graph_module import GraphModule, _copy_attr, _forward_from_src
 from .errors import InputError, TraceError
 from .inputs import check_example_inputs, inputs_failure, normalize_inputs, short_error, \
     top_level_hint
-from .passes.graph_utils import describe_hooks, module_hooks
+from .passes.graph_utils import describe_hooks, module_hooks, reads_shape_only
 from .passes.shapes import ShapeRecorder, propagate_shapes
 
 __all__ = ["trace", "AsrTracer", "preserve_modes", "DualModeGraphModule", "TraceResult",
@@ -39,6 +41,46 @@ _MODE_DEPENDENT_BASES: tuple[type, ...] = (
     nn.modules.batchnorm._NormBase,
     nn.modules.dropout._DropoutNd,
 )
+
+
+def traced_norm(m: nn.Module) -> bool:
+    """A BatchNorm subclass from outside torch (timm's ``BatchNormAct2d``, a user's norm with a
+    built-in activation) is traced through, in train and in eval mode: its ``F.batch_norm``
+    call on its own parameters and buffers is then a fold and fusion target like a BatchNorm,
+    and what it adds (an activation, a drop) is ordinary graph. torch's own norms stay leaves;
+    a subclass whose forward does not trace stays one too (with a warning). SyncBatchNorm
+    subclasses stay leaves: their forward decides at run time whether to synchronise across
+    processes, which a trace would freeze. So do norms with ``momentum=None`` (a cumulative
+    average): their update factor is ``1 / num_batches_tracked``, a Python number at trace time.
+    ``num_batches_tracked`` itself is a counter that fx does not see being incremented: a
+    traced-through norm's is not carried into the training form (only its statistics are)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and \
+        not isinstance(m, nn.SyncBatchNorm) and not type(m).__module__.startswith("torch.") \
+        and m.momentum is not None  # a cumulative average reads num_batches_tracked as a number
+
+
+_SHAPE_FUNCTIONS = {operator.getitem, operator.eq, operator.ne, operator.lt, operator.le,
+                    operator.gt, operator.ge, operator.add, operator.sub, operator.mul,
+                    operator.floordiv, operator.mod, operator.not_, operator.and_, operator.or_,
+                    operator.truediv, builtins.len, builtins.getattr}
+
+
+def _shape_only(node: fx.Node, depth: int = 16) -> bool:
+    """``node`` is computed from shapes (``x.shape``, ``x.size()``, ``x.dim()``, ``x.ndim``)
+    and constants alone: Python arithmetic, comparisons and indexing on them."""
+    if reads_shape_only(node):
+        return True
+    if depth == 0 or node.op != "call_function" or node.target not in _SHAPE_FUNCTIONS:
+        return False
+    return all(_shape_only(a, depth - 1) for a in node.all_input_nodes)
+
+
+def _describe_condition(node: fx.Node) -> str:
+    names = {operator.eq: "==", operator.ne: "!=", operator.lt: "<", operator.le: "<=",
+             operator.gt: ">", operator.ge: ">="}
+    if node.target in names and len(node.args) == 2:
+        return f"({node.args[0]} {names[node.target]} {node.args[1]})"
+    return node.name
 
 
 class _SubmoduleTraceFailure(Exception):
@@ -107,6 +149,24 @@ class AsrTracer(fx.Tracer):
         except Exception:  # noqa: BLE001 - values are a best-effort aid; no value, no answer
             return
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A Python ``if`` on a traced value: answered from the example when the value is
+        computed from shapes alone (``if g.shape[-1] != 1:``, ``if x.dim() != 4: raise``), with
+        a guard in the graph -- ``torch._assert`` -- that fails, naming the condition, on an
+        input for which the answer would differ. Any other condition fails as in fx."""
+        value = self.values.get(obj.node) if self.values is not None else None
+        if not (isinstance(value, (bool, torch.SymBool)) or type(value) is bool) or \
+                not _shape_only(obj.node):
+            return super().to_bool(obj)
+        answer = bool(value)
+        cond = obj if answer else self.create_proxy("call_function", operator.not_, (obj,), {})
+        self.create_proxy("call_function", torch._assert,
+                          (cond, f"asrfx: the traced graph assumed {_describe_condition(obj.node)}"
+                                 f" is {answer} (as for the example inputs); this input's shapes "
+                                 f"make it {not answer}: trace/prepare with inputs of this shape"),
+                          {})
+        return answer
+
     def rank_of(self, proxy: fx.Proxy) -> int | None:
         """len() of a traced shape, when its example value is known."""
         if self.values is None:
@@ -125,7 +185,7 @@ class AsrTracer(fx.Tracer):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if isinstance(m, _MODE_DEPENDENT_BASES):
+        if isinstance(m, _MODE_DEPENDENT_BASES) and not traced_norm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -245,6 +305,12 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
                     state[k].copy_(v)
 
 
+def _needs_values(e: BaseException) -> bool:
+    """A trace failed on what example values can answer: ``len()`` of a shape, or a Python
+    condition on a traced value (answered when it is computed from shapes alone)."""
+    return "'len'" in str(e) or "control flow" in str(e)
+
+
 def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
                          leaves: set[str], example_inputs: tuple | None = None) -> fx.Graph:
     name = type(model).__name__
@@ -254,9 +320,9 @@ def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
             return _trace_once(model, leaves, user_leaves,
                                example_inputs if with_values else None)
         except _SubmoduleTraceFailure as f:
-            if example_inputs is not None and not with_values and "'len'" in str(f.error):
-                with_values = True  # retry, answering len(x.shape) from example values
-                continue
+            if example_inputs is not None and not with_values and _needs_values(f.error):
+                with_values = True  # retry, answering len(x.shape) and shape-only conditions
+                continue  # from example values
             if f.path in leaves:  # cannot happen unless the tracer misbehaves; avoid a loop
                 raise TraceError(f.path, str(f.error), "pass leaf_modules=[...] naming it") from None
             warnings.warn(
@@ -265,7 +331,7 @@ def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
                 f"and nothing inside it will be converted.", stacklevel=3)
             leaves.add(f.path)
         except Exception as e:  # noqa: BLE001 - the top level itself failed
-            if example_inputs is not None and not with_values and "'len'" in str(e):
+            if example_inputs is not None and not with_values and _needs_values(e):
                 with_values = True
                 continue
             hint = top_level_hint(model, example_inputs)
@@ -522,7 +588,7 @@ def _may_depend_on_mode(model: nn.Module, leaf_modules: Sequence[str | type],
         if name and tracer.is_leaf_module(m, name) and not isinstance(m, _CONTAINERS):
             skip.add(name)
             continue
-        if _class_reads_training(type(m)):
+        if _class_reads_training(type(m)) or traced_norm(m):
             return True
     return False
 

@@ -303,13 +303,14 @@ def _batch_statistic_norm(gm: fx.GraphModule, n: fx.Node) -> str | None:
                 and mod.running_mean is None:
             return f"{n.target} ({type(mod).__name__})"
         return None
-    if n.op == "call_function" and n.target in (torch.nn.functional.batch_norm,
-                                                torch.batch_norm):
-        args = list(n.args) + [None] * 6
-        mean = args[1] if len(n.args) > 1 else n.kwargs.get("running_mean")
-        training = n.kwargs.get("training", args[5] if len(n.args) > 5 else False)
-        if mean is None or training is True:
+    if n.op == "call_function" and n.target is torch.nn.functional.batch_norm:
+        # batch statistics in training are fine where running ones exist: the branch's norm
+        # is frozen to them (_freeze_batch_norm_call)
+        mean = n.args[1] if len(n.args) > 1 else n.kwargs.get("running_mean")
+        if not (isinstance(mean, fx.Node) and mean.op == "get_attr"):
             return f"{module_path_of(n)} (batch_norm with batch statistics)"
+    elif n.op == "call_function" and n.target is torch.batch_norm:
+        return f"{module_path_of(n)} (batch_norm with batch statistics)"
     return None
 
 
@@ -490,6 +491,11 @@ def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[str]:
     frozen = []
     graph = gm.graph
     for n in list(nodes):
+        if n.op == "call_function" and n.target is torch.nn.functional.batch_norm:
+            name = _freeze_batch_norm_call(n)
+            if name is not None:
+                frozen.append(name)
+            continue
         if n.op != "call_module":
             continue
         mod = gm.get_submodule(str(n.target))
@@ -508,3 +514,19 @@ def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[str]:
         nodes[nodes.index(n)] = new  # the site's branch lists the norm's call from now on
         frozen.append(t)
     return frozen
+
+
+def _freeze_batch_norm_call(n: fx.Node) -> str | None:
+    """``F.batch_norm(x, mean, var, ..., training=True)`` with running statistics (a traced
+    BatchNorm subclass in the train graph) normalises with them instead (training False,
+    momentum 0: they are not updated from psi either); the norm's path, or None."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+    args = dict(zip(names, n.args), **n.kwargs)
+    mean = args.get("running_mean")
+    if not (isinstance(mean, fx.Node) and mean.op == "get_attr") or \
+            args.get("training") is not True:
+        return None
+    positional = [args.get(k) for k in names[:5]] + [False, 0.0, args.get("eps", 1e-5)]
+    n.args, n.kwargs = tuple(positional), {}
+    return str(mean.target).rpartition(".")[0] or n.name

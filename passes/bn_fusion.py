@@ -17,7 +17,7 @@ import torch.fx as fx
 from asrfx import foldmath
 from asrfx.report import Site
 from .graph_utils import module_path, reads_shape_only
-from .layers import BATCH_NORM_TYPES
+from .layers import BATCH_NORM_TYPES, batch_norm_call
 from .protocol import PassContext, Step, record, run_steps
 from .targets import producer_target
 
@@ -51,12 +51,37 @@ def _fuse(gm: fx.GraphModule, bn_node: fx.Node) -> list[Site]:
     return [rec]
 
 
+def _fuse_call(gm: fx.GraphModule, node: fx.Node) -> list[Site]:
+    """An eval-mode ``F.batch_norm`` on get_attr statistics (a traced-through BatchNorm
+    subclass) fused like a module."""
+    bn = batch_norm_call(gm, node)
+    rec = record(f"bn:{node.name}", module_path(node) or bn.owner, "conv+bn", bn.num_features)
+    src = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(src, fx.Node) or sum(1 for u in src.users if not reads_shape_only(u)) != 1:
+        rec.reason, rec.code = "its input is read elsewhere too", "producer-read-elsewhere"
+        return [rec]
+    target = producer_target(gm, src)
+    s, t = foldmath.batchnorm_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                     bn.bias)
+    if target is None or not target.fuses_batchnorm or target.check(gm, src, s, t, 1):
+        rec.reason, rec.code = "not preceded by an exact Conv/Linear", "no-conv-producer"
+        return [rec]
+    rec.target = target.apply(gm, src, s, t).rpartition(" (")[0]
+    node.replace_all_uses_with(src)
+    gm.graph.erase_node(node)
+    rec.action = "fused"
+    return [rec]
+
+
 def batchnorm_steps(gm: fx.GraphModule) -> Iterator[Step]:
-    """One step per call of an exact BatchNorm (key ``"bn:<node name>"``)."""
+    """One step per call of an exact BatchNorm, or eval-mode ``F.batch_norm`` on get_attr
+    statistics (key ``"bn:<node name>"``)."""
     for bn_node in list(gm.graph.nodes):
         if bn_node.op == "call_module" and \
                 type(gm.get_submodule(str(bn_node.target))) in BATCH_NORM_TYPES:
             yield Step(f"bn:{bn_node.name}", lambda n=bn_node: _fuse(gm, n))
+        elif batch_norm_call(gm, bn_node) is not None:
+            yield Step(f"bn:{bn_node.name}", lambda n=bn_node: _fuse_call(gm, n))
 
 
 def fuse_batchnorm(gm: fx.GraphModule, ctx: PassContext | None = None) -> list[Site]:

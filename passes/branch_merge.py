@@ -21,7 +21,7 @@ from asrfx import foldmath
 from asrfx.report import Site
 from .graph_utils import (ADD_OPS, is_op, module_path, reads_shape_only, safe_dce,
                           set_attr_path, tensor_shape, unique_name)
-from .layers import AVG_POOLS, BATCH_NORM_TYPES as NORM_TYPES, CONV_TYPES
+from .layers import AVG_POOLS, BATCH_NORM_TYPES as NORM_TYPES, CONV_TYPES, batch_norm_call
 from .protocol import PassContext, Step, record, run_steps
 
 __all__ = ["merge_branches", "merge_sequential", "branch_merge_steps", "sequential_merge_steps"]
@@ -44,13 +44,17 @@ def _operands(add: fx.Node) -> list[fx.Node] | None:
 
 
 def _branch(gm: fx.GraphModule, node: fx.Node) -> tuple[str, Any, fx.Node] | None:
-    """("conv", module, input) / ("bn", module, input) / ("id", None, node) for a summand."""
+    """("conv", module, input) / ("bn", module or batch_norm call, input) / ("id", None, node)
+    for a summand."""
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         if type(mod) in CONV_TYPES:
             return "conv", mod, node.args[0]
         if type(mod) in NORM_TYPES and not mod.training and mod.running_mean is not None:
             return "bn", mod, node.args[0]
+    bn = batch_norm_call(gm, node)
+    if bn is not None:
+        return "bn", bn, node.args[0] if node.args else node.kwargs.get("input")
     return "id", None, node
 
 
@@ -123,8 +127,9 @@ def _merge(gm: fx.GraphModule, add: fx.Node, ops: list, branches: list, x: fx.No
     rec.action, rec.target = "merged", f"{name} ({len(ops)} branches, kernel {size})"
     # an identity BatchNorm branch is absorbed here: its own record says so (a later record of
     # a site supersedes the "kept" one BatchNorm fusion gave it)
-    absorbed = [record(f"merge:{add.name}", str(o.target), "conv+bn", br[1].num_features,
-                       "merged", rec.target) for o, br in zip(ops, branches) if br[0] == "bn"]
+    absorbed = [record(f"merge:{add.name}", str(o.target) if o.op == "call_module" else
+                       module_path(o) or br[1].owner, "conv+bn", br[1].num_features, "merged",
+                       rec.target) for o, br in zip(ops, branches) if br[0] == "bn"]
     safe_dce(gm)  # the old branches, before the next sum is looked at
     return [rec] + absorbed
 

@@ -145,6 +145,8 @@ def evaluate_constants(gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         rec = ShapeRecorder(gm, keep=frontier)
         with torch.no_grad():
             ctx.reference = rec.propagate(*ctx.inputs)
+    if _drop_constant_guards(graph, dep, shape_dep):
+        dep, shape_dep, frontier = _frontier(graph)
     rows: str | None = None
     targets = [n for n in frontier if n in shape_dep and _broadcast_only(n)]
     if targets:
@@ -180,6 +182,17 @@ def _frontier(graph: fx.Graph) -> tuple[set, set, list]:
                 if n not in dep and n.op in ("call_function", "call_method", "call_module")
                 and not reads_shape_only(n) and any(u in dep for u in n.users)]
     return dep, shape_dep, frontier
+
+
+def _drop_constant_guards(graph: fx.Graph, dep: set, shape_dep: set) -> bool:
+    """Remove ``torch._assert`` guards on values computed from parameters alone (a traced
+    shape condition inside an ASR branch): they held when the graph ran on the example, and
+    always will; left in, they would keep the branch computing at every call."""
+    found = [n for n in graph.nodes if n.op == "call_function" and n.target is torch._assert
+             and not any(a in dep or a in shape_dep for a in n.all_input_nodes)]
+    for n in found:
+        graph.erase_node(n)
+    return bool(found)
 
 
 def _broadcast_only(n: fx.Node) -> bool:

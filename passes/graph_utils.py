@@ -310,6 +310,8 @@ def _mutates(node: fx.Node, gm: nn.Module | None) -> bool:
         return node.target.endswith("_") and not node.target.endswith("__")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
+        if node.target in (operator.not_, operator.and_, operator.or_):
+            return False  # Python's logical operators, not in-place tensor ops
         if node.kwargs.get("inplace") or (name.endswith("_") and not name.endswith("__")):
             return True
         return node.target in (operator.iadd, operator.isub, operator.imul,

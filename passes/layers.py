@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ __all__ = ["CONV_TYPES", "CONV_TRANSPOSE_TYPES", "BATCH_NORM_TYPES", "AFFINE_NOR
            "GLOBAL_AVG_MODULES", "GLOBAL_AVG_FUNCTIONS", "FLATTENS", "CATS", "DIV_OPS",
            "AVG_POOLS", "exact", "module_for_call_site", "conv_param_nodes",
            "functional_conv_arg", "set_functional_conv_params", "reads_padding", "in_place",
-           "mutates_its_input", "as_tuple"]
+           "mutates_its_input", "as_tuple", "FUNCTIONAL_BATCH_NORMS", "BatchNormCall",
+           "batch_norm_call"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -35,6 +37,7 @@ BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # norms whose affine parameters are per channel (when ``affine=True``)
 AFFINE_NORM_TYPES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+FUNCTIONAL_BATCH_NORMS = {F.batch_norm}
 DIV_OPS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
@@ -172,3 +175,61 @@ def mutates_its_input(gm: fx.GraphModule, u: fx.Node) -> bool:
         return u.target in POSITIVE_HOMOGENEOUS_FUNCTIONS | LINEAR_FUNCTIONS and \
             any(a is True for a in u.args[1:])  # a positional inplace=True
     return False
+
+
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training",
+                    "momentum", "eps")
+_BATCH_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1,
+                        "eps": 1e-5}
+
+
+@dataclass
+class BatchNormCall:
+    """An eval-mode ``F.batch_norm`` call on get_attr statistics (what a traced-through
+    BatchNorm subclass, e.g. timm's ``BatchNormAct2d``, leaves in the graph): its argument nodes
+    and values. The attribute names mirror a BatchNorm module's, so code written for the
+    module reads it alike."""
+
+    node: fx.Node
+    nodes: dict  # argument name -> get_attr node (running_mean, running_var, weight, bias)
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+    @property
+    def num_features(self) -> int:
+        return self.running_mean.numel()
+
+    @property
+    def owner(self) -> str:
+        """The path of the module holding the statistics (the norm's name in reports)."""
+        return str(self.nodes["running_mean"].target).rpartition(".")[0]
+
+    def sole_reader(self, gm: fx.GraphModule, *names: str) -> bool:
+        """The call is the only reader of each of those attributes (present ones)."""
+        return all(self.nodes.get(k) is None or _only_reader(gm, self.nodes[k]) for k in names)
+
+
+def batch_norm_call(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
+    """``node`` as an eval-mode ``F.batch_norm`` whose statistics (and weight and bias, when
+    given) are get_attr tensors, else None."""
+    if node.op != "call_function" or node.target not in FUNCTIONAL_BATCH_NORMS:
+        return None
+    args = dict(_BATCH_NORM_DEFAULTS, **dict(zip(_BATCH_NORM_ARGS, node.args)), **node.kwargs)
+    if args["training"] is not False or not isinstance(args["eps"], (int, float)):
+        return None
+    nodes = {k: args[k] for k in ("running_mean", "running_var", "weight", "bias")}
+    values = {}
+    for k, a in nodes.items():
+        if a is None and k in ("weight", "bias"):
+            values[k] = None
+            continue
+        if not (isinstance(a, fx.Node) and a.op == "get_attr"):
+            return None
+        values[k] = get_attr_path(gm, str(a.target))
+        if not isinstance(values[k], torch.Tensor):
+            return None
+    return BatchNormCall(node, nodes, values["running_mean"], values["running_var"],
+                         values["weight"], values["bias"], float(args["eps"]))

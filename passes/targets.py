@@ -49,9 +49,9 @@ import torch.fx as fx
 from torch import nn
 
 from asrfx import foldmath
-from .graph_utils import get_attr_path, tensor_shape
+from .graph_utils import get_attr_path, set_attr_path, tensor_shape
 from .layers import (AFFINE_NORM_TYPES, BATCH_NORM_TYPES, CONV_TRANSPOSE_TYPES, CONV_TYPES,
-                     FUNCTIONAL_CONVS,
+                     FUNCTIONAL_BATCH_NORMS, FUNCTIONAL_CONVS, batch_norm_call,
                      conv_param_nodes, functional_conv_arg, module_for_call_site, reads_padding,
                      set_functional_conv_params)
 
@@ -259,6 +259,66 @@ class NormAffine(FoldTarget):
         return f"{node.target} (norm affine)"
 
 
+class FunctionalBatchNormAffine(FoldTarget):
+    """``F.batch_norm(x, mean, var, w, b) * s + t`` in eval mode, on attributes only this call
+    reads (a traced-through BatchNorm subclass): ``w`` and ``b`` take the map."""
+
+    def check(self, gm, node, scale, shift, axis):
+        bn = batch_norm_call(gm, node)
+        if bn is None:
+            return Refusal("computed-weight", "a batch_norm call on computed statistics")
+        if axis != 1:
+            return Refusal("channel-axis", "the scale is not over the norm's channels")
+        if bn.weight is None or bn.bias is None:
+            return Refusal("norm-without-affine", f"{bn.owner} has no affine parameters")
+        if not bn.sole_reader(gm, "weight", "bias"):
+            return Refusal("computed-weight", f"{bn.owner}'s weight or bias is read elsewhere")
+        return _channels(bn.owner, bn.num_features, scale)
+
+    def apply(self, gm, node, scale, shift):
+        bn = batch_norm_call(gm, node)
+        w, b = foldmath.fold_scale_into_norm(bn.weight, bn.bias, scale, shift, bn.num_features,
+                                             dtype=bn.running_var.dtype)
+        _set_attr_tensor(gm, bn.nodes["weight"], w)
+        _set_attr_tensor(gm, bn.nodes["bias"], b)
+        return f"{bn.owner or bn.nodes['weight'].target} (norm affine)"
+
+
+class FunctionalBatchNormInput(FoldTarget):
+    """``F.batch_norm(x * s + t, mean, var, w, b)`` in eval mode: running mean 0 and a new
+    affine, on attributes only this call reads."""
+
+    def check(self, gm, node, scale, shift, axis):
+        bn = batch_norm_call(gm, node)
+        if bn is None:
+            return Refusal("no-running-stats", "a batch_norm call on batch statistics")
+        if axis != 1:
+            return Refusal("channel-axis", "the scale is not over the norm's channels")
+        if bn.weight is None or bn.bias is None:
+            return Refusal("norm-without-affine", f"{bn.owner} has no affine parameters")
+        if not bn.sole_reader(gm, "running_mean", "weight", "bias"):
+            return Refusal("computed-weight", f"{bn.owner}'s statistics are read elsewhere")
+        return _channels(bn.owner, bn.num_features, scale)
+
+    def apply(self, gm, node, scale, shift):
+        bn = batch_norm_call(gm, node)
+        w, b, mean = foldmath.fold_scale_into_batchnorm_input(
+            bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, scale, shift)
+        _set_attr_tensor(gm, bn.nodes["weight"], w)
+        _set_attr_tensor(gm, bn.nodes["bias"], b)
+        _set_attr_tensor(gm, bn.nodes["running_mean"], mean)
+        return f"{bn.owner or bn.nodes['weight'].target} (norm input)"
+
+
+def _set_attr_tensor(gm: fx.GraphModule, attr: fx.Node, value: torch.Tensor) -> None:
+    """Give the attribute ``attr`` reads a new tensor: a Parameter (keeping requires_grad)
+    where it was one, else a buffer."""
+    old = get_attr_path(gm, str(attr.target))
+    new = nn.Parameter(value, requires_grad=old.requires_grad) \
+        if isinstance(old, nn.Parameter) else value
+    set_attr_path(gm, str(attr.target), new)
+
+
 class LayerNormAffine(FoldTarget):
     """LayerNorm over ``(C,)`` of tokens, or over ``(C, *S)`` of a channels-first map (its
     affine is per element: the channel scale repeats over each channel's positions)."""
@@ -385,6 +445,9 @@ for _t in AFFINE_NORM_TYPES:
 for _f in FUNCTIONAL_CONVS:
     register_producer(_f, FunctionalConvOutput())
     register_consumer(_f, FunctionalConvInput())
+for _f in FUNCTIONAL_BATCH_NORMS:
+    register_producer(_f, FunctionalBatchNormAffine())
+    register_consumer(_f, FunctionalBatchNormInput())
 register_producer(nn.Linear, LinearOutput())
 register_consumer(nn.Linear, LinearInput())
 register_producer(nn.LayerNorm, LayerNormAffine())

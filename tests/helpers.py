@@ -38,17 +38,16 @@ def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
     n = 0
     with torch.no_grad():
         for m in model.modules():
-            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            # a traced-through BatchNorm subclass leaves a plain module holding its tensors
+            if not (isinstance(m, nn.modules.batchnorm._BatchNorm) or
+                    isinstance(m._buffers.get("running_var"), torch.Tensor)):
                 continue
             n += 1
-            if m.running_mean is not None:
-                uniform(m.running_mean, -0.5, 0.5)
-            if m.running_var is not None:
-                uniform(m.running_var, 0.5, 2.0)
-            if m.weight is not None:
-                uniform(m.weight, 0.5, 1.5)
-            if m.bias is not None:
-                uniform(m.bias, -0.5, 0.5)
+            for name, lo, hi in (("running_mean", -0.5, 0.5), ("running_var", 0.5, 2.0),
+                                 ("weight", 0.5, 1.5), ("bias", -0.5, 0.5)):
+                t = getattr(m, name, None)
+                if isinstance(t, torch.Tensor):
+                    uniform(t, lo, hi)
     assert n > 0, "model has no BatchNorm to randomize"
     return model
 

@@ -441,14 +441,25 @@ def test_gate_before_an_eval_mode_batch_norm_is_kept():
     assert refuse_gates_before_batch_norm(gm, sites) == (sites, [])
 
 
-def test_gate_of_a_batch_norm_subclass_is_kept():
+def test_gate_before_a_batch_norm_subclass_is_refused_once_traced_through():
+    """A BatchNorm subclass is traced through (with example inputs, which answer its
+    ``input.dim() != 4`` check): its training-mode batch_norm call cancels a constant gate
+    like the module would."""
+    from asrfx.capture import capture
+
     class MyNorm(nn.BatchNorm2d):
         pass
 
     model = GateThenNorm().train()
     model.bn = MyNorm(8)
-    gm, sites = _sites(model, torch.randn(4, 3, 8, 8))
-    assert refuse_gates_before_batch_norm(gm, sites) == (sites, [])
+    x = torch.randn(4, 3, 8, 8)
+    gm = capture(model, (x,)).train
+    propagate_shapes(gm, (x,))
+    sites, _ = find_attention_sites(gm)
+    assert not any(n.op == "call_module" and n.target == "bn" for n in gm.graph.nodes)
+    keep, refused = refuse_gates_before_batch_norm(gm, sites)
+    assert keep == []
+    _assert_refused(refused, "gate-before-batch-norm")
 
 
 def test_two_gates_in_a_row_before_a_norm_are_both_refused():
