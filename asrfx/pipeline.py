@@ -40,6 +40,7 @@ from asrfx.passes.hooks import (hook_fix, protect_hooked_calls, refuse_hooked_si
 from asrfx.passes.insertion import insert_modules, insertion_points
 from asrfx.passes.protocol import PassContext
 from asrfx.passes.shapes import ShapeRecorder, propagate_shapes
+from asrfx.passes.stacked import flatten_stacked_gates
 
 from .capture import capture
 from .check import first_nonfinite, half_precision, nonfinite, relative_error, tolerance
@@ -128,6 +129,10 @@ def prepare_model(model: nn.Module, work: nn.Module, inputs: tuple, opts: Prepar
     tr = ctx.trace
     report = Report("prepare", params_before=count_params(model))
     report.extend(_hooked_leaf_records(tr.hooked))
+    for gm in tr.modules():  # SK / split attention: a gate over stacked branches, flattened
+        ctx.shapes(gm)
+        if flatten_stacked_gates(gm):
+            ctx.stale(gm)
     created: dict[str, Any] = {}
     inserted = _insert(ctx, opts, created, report) if opts.factory is not None else {}
     init = opts.init

@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["tensor_shape", "value_dependent", "module_path", "is_op", "to_networkx",
            "MUL_OPS", "ADD_OPS", "SUB_OPS", "SHAPE_ATTRS", "SHAPE_METHODS", "call_sites",
-           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "module_device", "get_attr_path", "unique_name",
+           "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "module_device", "shapes_only", "get_attr_path", "unique_name",
            "module_hooks", "describe_hooks", "deepcopy_module"]
 
 MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.Tensor.mul}
@@ -51,6 +51,13 @@ def reads_shape_only(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is builtins.len:
         return True
     return False
+
+
+def shapes_only(node: fx.Node) -> bool:
+    """Every reader of ``node`` reads only its shape (``torch.stack(parts).shape`` in an
+    assertion): a fold that keeps shapes cannot change what they see."""
+    return bool(node.users) and all(reads_shape_only(u) for u in node.users) and \
+        not node.is_impure()
 
 
 def value_dependent(graph: fx.Graph) -> set[fx.Node]:

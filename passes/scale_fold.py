@@ -28,7 +28,7 @@ from torch import nn
 from asrfx.report import Site
 from .find_attention import permute_dims
 from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, get_attr_path, is_op, module_path,
-                          reads_shape_only, tensor_shape, value_dependent)
+                          reads_shape_only, shapes_only, tensor_shape, value_dependent)
 from .layers import (CATS, DIV_OPS, ELEMENTWISE, FLATTENS, GLOBAL_AVG_FUNCTIONS,
                      GLOBAL_AVG_MODULES, LINEAR_FUNCTIONS, LINEAR_MODULES, PASS_THROUGH,
                      POSITIVE_HOMOGENEOUS_FUNCTIONS, POSITIVE_HOMOGENEOUS_MODULES, exact,
@@ -240,8 +240,10 @@ def plan_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> Plan | Re
     """Where the chain's map folds on the producer side, or why it does not. Pure."""
     x = chain.base
     members = set(chain.members)
-    # shape reads (x.shape, x.size()) see the same shape after the fold
-    if any(u not in members and not reads_shape_only(u) for u in x.users):
+    # shape reads (x.shape, x.size(), or a stack read only for its shape) see the same shape
+    # after the fold
+    if any(u not in members and not reads_shape_only(u) and not shapes_only(u)
+           for u in x.users):
         return Refusal("producer-read-elsewhere", f"{x.name} is read elsewhere too")
     deeper = depth < _MAX_DEPTH
     dims = permute_dims(x)

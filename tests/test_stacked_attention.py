@@ -1,0 +1,115 @@
+"""Selective-kernel (SKNet) and split attention (ResNeSt) over stacked branches: a softmax gate
+per (branch, channel) is a channel gate; it is converted and folds into each branch's last
+layer, leaving convs, the branch sum and no attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import asrfx
+from helpers import REL_TOL, assert_coded, randomize_bn, randomize_psi, rel_err, sigmoid_nodes
+
+
+class SelectiveKernel(nn.Module):
+    """P branches with different receptive fields (3x3, dilated 3x3), stacked; the gate reads
+    their sum, pooled; a softmax across the branches weighs each branch per channel."""
+
+    def __init__(self, c: int = 8, paths: int = 2, hidden: int = 4):
+        super().__init__()
+        self.paths = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1 + i, dilation=1 + i, bias=False), nn.BatchNorm2d(c),
+            nn.ReLU()) for i in range(paths))
+        self.reduce = nn.Conv2d(c, hidden, 1)
+        self.select = nn.Conv2d(hidden, c * paths, 1)
+        self.p = paths
+
+    def forward(self, x):
+        stacked = torch.stack([path(x) for path in self.paths], dim=1)  # (N, P, C, H, W)
+        z = self.reduce(stacked.sum(1).mean((2, 3), keepdim=True))
+        a = self.select(F.relu(z))
+        n, pc, h, w = a.shape
+        a = torch.softmax(a.view(n, self.p, pc // self.p, h, w), dim=1)
+        return (stacked * a).sum(1)
+
+
+class SplitAttention(nn.Module):
+    """One grouped conv computes the P splits as one ``(N, P*C, H, W)`` map, reshaped to
+    ``(N, P, C, H, W)``; the gate is a softmax over the splits, per channel."""
+
+    def __init__(self, c: int = 8, radix: int = 2, hidden: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c * radix, 3, padding=1, groups=radix, bias=False)
+        self.bn = nn.BatchNorm2d(c * radix)
+        self.fc1 = nn.Conv2d(c, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, c * radix, 1)
+        self.radix = radix
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        n, rc, h, w = y.shape
+        y = y.reshape(n, self.radix, rc // self.radix, h, w)
+        gap = y.sum(1).mean((2, 3), keepdim=True)
+        a = self.fc2(F.relu(self.fc1(gap)))
+        a = torch.softmax(a.view(n, self.radix, -1), dim=1).reshape(n, self.radix, -1, 1, 1)
+        return (y * a).sum(1)
+
+
+class Net(nn.Module):
+    def __init__(self, block: type, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.block = block(c)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("block", [SelectiveKernel, SplitAttention])
+def test_stacked_branch_attention_converts_and_folds_away(block):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = Net(block)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    report = prepared.asrfx_report
+    (site,) = [s for s in report.sites if s.kind == "channel-attention"]
+    assert (site.action, site.channels) == ("converted", 16), report
+    psi = [p for n, p in prepared.named_parameters() if n.endswith("psi")]
+    assert [tuple(p.shape) for p in psi] == [(1, 8, 1, 1)]  # psi replaces the pooled branch sum
+    prepared.train()
+    loss = prepared(torch.randn(4, 3, 8, 8)).square().mean()
+    loss.backward()
+    assert bool((psi[0].grad != 0).any())
+    randomize_bn(prepared, 1)
+    randomize_psi(prepared, 2)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert_coded(deploy.asrfx_report)
+    (scale,) = [s for s in deploy.asrfx_report.sites if s.kind == "channel scale"]
+    assert scale.action == "folded", deploy.asrfx_report
+    assert not any(n.target in (torch.softmax, F.softmax) for n in deploy.graph.nodes)
+    assert not sigmoid_nodes(deploy)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+    prepared.eval()
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 3, 10, 6)):
+            assert rel_err(prepared(xi), deploy(xi)) <= REL_TOL
+
+
+def test_a_gate_per_branch_only_is_not_flattened():
+    """A gate ``(N, P, 1, 1, 1)`` (one weight per branch, no channel) is not this form: the
+    rewrite leaves it."""
+    from asrfx.passes.stacked import flatten_stacked_gates
+    from helpers import asr_traced
+
+    class PerBranch(nn.Module):
+        def forward(self, a, b):
+            s = torch.stack([a, b], 1)
+            g = torch.softmax(s.mean((2, 3, 4), keepdim=True), dim=1)
+            return (s * g).sum(1)
+
+    a, b = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    gm = asr_traced(PerBranch(), a, b)
+    assert flatten_stacked_gates(gm) == 0
