@@ -403,12 +403,26 @@ def run_fold_passes(gm: fx.GraphModule, ctx: Context, fuse_bn: bool,
     drop_identities(gm)
     records += fold_scales(gm, pctx)
     if fuse_bn:
-        records += fuse_batchnorm(gm, pctx) + merge_sequential(gm, pctx) + \
-            merge_branches(gm, pctx)
+        records += _fuse_and_merge(gm, pctx)
     restore_hooked_calls(gm, hooked)
     cleanup(gm)
     return [Site(h["path"], "hooked module", 0, "kept", "", h["reason"], "hooked-module")
             for h in hooked] + records
+
+
+def _fuse_and_merge(gm: fx.GraphModule, pctx: PassContext, rounds: int = 8) -> list[Site]:
+    """BatchNorm fusion and branch merging to a fixed point: a merge can give a BatchNorm after
+    a summed block the conv it fuses into (and a fusion a merge its conv). What was done in
+    every round, then what the last round kept."""
+    done: list[Site] = []
+    kept: list[Site] = []
+    for _ in range(rounds):
+        recs = fuse_batchnorm(gm, pctx) + merge_sequential(gm, pctx) + merge_branches(gm, pctx)
+        done += [r for r in recs if r.action != "kept"]
+        kept = [r for r in recs if r.action == "kept"]
+        if len(kept) == len(recs):
+            break
+    return done + kept
 
 
 def _attention_left(gm: fx.GraphModule) -> list[Site]:

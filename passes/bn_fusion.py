@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
 import torch.fx as fx
 
 from asrfx import foldmath
@@ -19,7 +20,8 @@ from asrfx.report import Site
 from .graph_utils import module_path, reads_shape_only
 from .layers import BATCH_NORM_TYPES, batch_norm_call
 from .protocol import PassContext, Step, record, run_steps
-from .targets import producer_target
+from .scale_fold import forward_folds, apply_plan
+from .targets import Refusal, producer_target
 
 __all__ = ["fuse_batchnorm", "batchnorm_steps"]
 
@@ -38,16 +40,28 @@ def _fuse(gm: fx.GraphModule, bn_node: fx.Node) -> list[Site]:
     if sum(1 for u in src.users if not reads_shape_only(u)) != 1:
         rec.reason, rec.code = "its input is read elsewhere too", "producer-read-elsewhere"
         return [rec]
-    target = producer_target(gm, src)
     s, t = foldmath.batchnorm_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight,
                                      bn.bias)
-    if target is None or not target.fuses_batchnorm or target.check(gm, src, s, t, 1):
-        rec.reason, rec.code = "not preceded by an exact Conv/Linear", "no-conv-producer"
-        return [rec]
-    rec.target = target.apply(gm, src, s, t).rpartition(" (")[0]
+    return _fuse_affine(gm, bn_node, src, s, t, rec, module_path(bn_node) or rec.path)
+
+
+def _fuse_affine(gm: fx.GraphModule, bn_node: fx.Node, src: fx.Node, s: torch.Tensor,
+                 t: torch.Tensor, rec: Site, path: str) -> list[Site]:
+    """Fold the norm's affine map ``x * s + t`` into the layer producing ``src`` (Conv ->
+    BatchNorm fusion), else forward into every layer reading the norm (a BatchNorm1d before a
+    Linear head: its input columns), and drop the norm; or say why not."""
+    target = producer_target(gm, src)
+    if target is not None and target.fuses_batchnorm and not target.check(gm, src, s, t, 1):
+        rec.target = target.apply(gm, src, s, t).rpartition(" (")[0]
+    else:
+        sinks = forward_folds(gm, bn_node, s, t, 0, set())
+        if isinstance(sinks, Refusal):
+            rec.reason, rec.code = "not preceded by an exact Conv/Linear", "no-conv-producer"
+            return [rec]
+        rec.target = apply_plan(gm, sinks)
     bn_node.replace_all_uses_with(src)
     gm.graph.erase_node(bn_node)
-    rec.action, rec.path = "fused", module_path(bn_node) or rec.path
+    rec.action, rec.path = "fused", path
     return [rec]
 
 
@@ -60,17 +74,9 @@ def _fuse_call(gm: fx.GraphModule, node: fx.Node) -> list[Site]:
     if not isinstance(src, fx.Node) or sum(1 for u in src.users if not reads_shape_only(u)) != 1:
         rec.reason, rec.code = "its input is read elsewhere too", "producer-read-elsewhere"
         return [rec]
-    target = producer_target(gm, src)
     s, t = foldmath.batchnorm_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight,
                                      bn.bias)
-    if target is None or not target.fuses_batchnorm or target.check(gm, src, s, t, 1):
-        rec.reason, rec.code = "not preceded by an exact Conv/Linear", "no-conv-producer"
-        return [rec]
-    rec.target = target.apply(gm, src, s, t).rpartition(" (")[0]
-    node.replace_all_uses_with(src)
-    gm.graph.erase_node(node)
-    rec.action = "fused"
-    return [rec]
+    return _fuse_affine(gm, node, src, s, t, rec, rec.path)
 
 
 def batchnorm_steps(gm: fx.GraphModule) -> Iterator[Step]:

@@ -37,7 +37,7 @@ from .protocol import PassContext, Step, record, run_steps
 from .targets import Fold, Refusal, consumer_target, producer_target
 
 __all__ = ["fold_scales", "scale_steps", "Chain", "plan_producer", "plan_consumers",
-           "apply_plan"]
+           "apply_plan", "forward_folds"]
 
 _DIV_OPS = DIV_OPS
 _MAX_DEPTH = 8
@@ -409,7 +409,7 @@ def plan_consumers(gm: fx.GraphModule, chain: Chain) -> Plan | Refusal:
     """
     if chain.axis == -1:
         return _token_sinks(gm, chain)
-    return _forward_sinks(gm, chain.root, chain.scale, chain.shift, 0, set())
+    return forward_folds(gm, chain.root, chain.scale, chain.shift, 0, set())
 
 
 def _sink(gm: fx.GraphModule, u: fx.Node, node: fx.Node, s: torch.Tensor, t: torch.Tensor,
@@ -423,10 +423,11 @@ def _sink(gm: fx.GraphModule, u: fx.Node, node: fx.Node, s: torch.Tensor, t: tor
     return target.check(gm, u, s, t, axis) or Fold(target, u, s, t)
 
 
-def _forward_sinks(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tensor,
+def forward_folds(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tensor,
                    depth: int, seen: set) -> list[Fold] | Refusal:
-    """The consumer folds of ``node``'s per-channel map (channels first), when every value
-    reader of ``node`` leads to one."""
+    """The consumer folds of the per-channel map ``node * s + t`` (channels first), when every
+    value reader of ``node`` leads to one, else why not. Pure: plans only (apply with
+    :func:`apply_plan`)."""
     shape = tensor_shape(node)
     if shape is None or len(shape) < 2 or depth > _MAX_DEPTH:
         return Refusal("no-consumer-target", "no fold target within reach")
@@ -442,7 +443,7 @@ def _forward_sinks(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.
                 return Refusal("no-consumer-target", f"{u.name} reads it other than as input")
             mod = gm.get_submodule(str(u.target))
             if exact(mod, PASS_THROUGH) and (type(mod) is nn.Identity or not mod.training):
-                more = _forward_sinks(gm, u, s, t, depth + 1, seen)
+                more = forward_folds(gm, u, s, t, depth + 1, seen)
                 if isinstance(more, Refusal):
                     return more
                 out += more
@@ -455,7 +456,7 @@ def _forward_sinks(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.
         if step is None:
             return sink or Refusal("no-consumer-target", f"{_describe(gm, u)} does not take it")
         s2, t2, what = step
-        more = _forward_sinks(gm, u, s2, t2, depth + 1, seen)
+        more = forward_folds(gm, u, s2, t2, depth + 1, seen)
         if isinstance(more, Refusal):
             return more
         out += [Fold(f.target, f.node, f.scale, f.shift, (what,) + f.via) for f in more]

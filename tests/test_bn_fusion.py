@@ -83,3 +83,47 @@ def test_half_precision_fusion_is_computed_in_float64():
         err = rel_err(ref, half(x.bfloat16()).double())
     # the only error left is bf16 rounding of the inputs, weights and arithmetic
     assert err <= 3e-2
+
+
+class NormedHead(nn.Module):
+    """conv -> ReLU -> global pool -> flatten -> BatchNorm1d -> Linear: no conv produces the
+    norm's input, so the norm folds forward into the Linear's input columns."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.pool(torch.relu(self.conv(x))).flatten(1)))
+
+
+class NormAfterSum(nn.Module):
+    """A BatchNorm after a summed two-branch block: fused once the branches are one conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.k3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.k1 = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.k3(x) + self.k1(x)))
+
+
+@pytest.mark.parametrize("model,x,target", [
+    (NormedHead, (2, 3, 8, 8), "fc (input columns)"),
+    (NormAfterSum, (2, 4, 6, 6), "merged_conv"),
+])
+def test_batchnorms_without_a_conv_producer_still_go(model, x, target):
+    m = randomize_bn(model(), seed=5).eval()
+    x = torch.randn(*x)
+    deploy = asrfx.fold(m, example_inputs=(x,))
+    (rec,) = [s for s in deploy.asrfx_report.sites if s.kind == "conv+bn"]
+    assert (rec.action, rec.target) == ("fused", target), deploy.asrfx_report
+    assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in deploy.modules())
+    with torch.no_grad():
+        for xi in (x, torch.randn(5, *x.shape[1:])):
+            assert rel_err(m(xi), deploy(xi)) <= 1e-5
