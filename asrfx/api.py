@@ -6,6 +6,7 @@ They check their arguments and hand the work to :mod:`asrfx.pipeline`, which run
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Callable, Sequence
 
 import torch
@@ -104,9 +105,28 @@ def _attention_factory(insert: Any) -> Callable[[int, int, bool], nn.Module]:
     return attention_factory(insert)
 
 
+def _site_selector(sites: Any) -> Callable[[str, str], bool] | None:
+    """``prepare(sites=...)`` as a predicate ``(module path, gate form) -> bool``.
+
+    Raises:
+        InputError: neither None, a pattern, a list of patterns nor a callable.
+    """
+    if sites is None:
+        return None
+    if isinstance(sites, str):
+        sites = [sites]
+    if isinstance(sites, (list, tuple)) and all(isinstance(p, str) for p in sites):
+        patterns = list(sites)
+        return lambda path, form: any(fnmatch.fnmatchcase(path, p) for p in patterns)
+    if callable(sites):
+        return lambda path, form: bool(sites(path, form))
+    raise InputError(f"sites must be None, a module-path pattern, a list of patterns or a "
+                     f"predicate (module path, gate form) -> bool, got {sites!r}")
+
+
 def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = None,
             init: Any = 0.1, calibration_data: Any = None, insert: Any = None,
-            where: Any = "block_output", every: int = 1,
+            where: Any = "block_output", every: int = 1, sites: Any = None,
             leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
     """Turn every channel attention of ``model`` into its ASR training form.
 
@@ -132,6 +152,12 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
             ``calibration_data`` — training-free conversion of a trained attention model.
         calibration_data: for ``init="calibrate"``: an iterable of input batches (tensors, or
             tuples whose first element is the input, e.g. a DataLoader).
+        sites: which of the model's attention sites to convert: None (all), module-path
+            patterns (``"layers.*.se"``, a string or a list; ``fnmatch`` rules), or a
+            predicate ``(module path, gate form) -> bool`` with the form as the report names
+            it (``"sigmoid gate"``, ``"softmax gate"``, ``"additive context"``,
+            ``"unbounded gate"``, ...). Sites left out stay as they are and are reported
+            (code ``not-selected``). Inserted attention is always converted.
         leaf_modules: module names or types to keep opaque while tracing.
 
     Returns:
@@ -155,6 +181,7 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
         raise InputError(f"where must be 'block_output', 'every_bn', 'after_norm' or a predicate "
                          f"(module path, node) -> bool, got {where!r}")
     _check_init(init, calibration_data)
+    select = _site_selector(sites)
     _check_model(model, "prepare")
     stage = meta_of(model).get("stage")
     if stage in ("prepare", "fold"):
@@ -168,7 +195,7 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
         out.meta["asrfx"]["stage"] = stage
         return out
     work = clone_module(model)
-    opts = PrepareOptions(mode, init, calibration_data, factory, where, every)
+    opts = PrepareOptions(mode, init, calibration_data, factory, where, every, select)
     return prepare_model(model, work, _inputs_for(work, example_inputs), opts, leaf_modules)
 
 

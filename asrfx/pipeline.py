@@ -31,6 +31,7 @@ from asrfx.passes import (apply_asr, cleanup, drop_identities, evaluate_constant
                           refuse_batch_statistic_sites, refuse_gates_before_batch_norm,
                           revert_sync_batchnorm)
 from asrfx.passes.asr_rewrite import psi_names
+from asrfx.passes.find_attention import gate_form
 from asrfx.passes.branch_merge import merge_branches, merge_sequential
 from asrfx.passes.graph_utils import (clone_module, describe_hooks, module_device, module_path,
                                       reads_shape_only, safe_dce, stable_toposort,
@@ -119,6 +120,7 @@ class PrepareOptions:
     factory: Callable | None = None
     where: Any = "block_output"
     every: int = 1
+    select: Callable[[str, str], bool] | None = None  # (module path, gate form) -> convert?
 
 
 def prepare_model(model: nn.Module, work: nn.Module, inputs: tuple, opts: PrepareOptions,
@@ -236,7 +238,16 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
     sites)."""
     mode = opts.mode
     sites = [s for s in found.sites if (s.path, s.channels) not in elsewhere]
-    also = [elsewhere[(s.path, s.channels)] for s in found.sites if s not in sites]
+    also = [elsewhere[(s.path, s.channels)] for s in found.sites
+            if all(s is not k for k in sites)]
+    forms = {id(s): gate_form(gm, s) for s in sites}
+    if opts.select is not None:
+        chosen = [s for s in sites if s.mul in new or opts.select(s.path, forms[id(s)])]
+        also += [Site(s.path, "channel-attention", s.channels, "kept", "",
+                      "not chosen by prepare(sites=...): the attention stays as it is",
+                      "not-selected", form=forms[id(s)]) for s in sites
+                 if all(s is not c for c in chosen)]
+        sites = chosen
     site_modes = ["replace" if s.mul in new else mode for s in sites]
     try:
         names = apply_asr(gm, sites, init=init, created=created, root=root,
@@ -254,7 +265,7 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
                             "inserted" if inserted else actions[m],
                             "" if m == "keep" else ", ".join(psis),
                             "existing attention kept (mode='keep')" if m == "keep" else "",
-                            "mode-keep" if m == "keep" else ""))
+                            "mode-keep" if m == "keep" else "", form=forms[id(site)]))
     records += [Site(path, "spatial attention" if code == "spatial-attention" else
                      "channel-attention?", 0, "refused", "", reason, code)
                 for path, reason, code in found.found_refused]

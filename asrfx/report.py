@@ -26,6 +26,11 @@ class Site:
             tools match it rather than the prose.
         key: the pass's name for this place in the graph (e.g. ``"bn:<node>"``), with which
             the pipeline re-runs a pass on this site alone; empty where there is none.
+        form: for attention sites, what the gate is (``"sigmoid gate"``, ``"softmax gate"``,
+            ``"additive context"``, ``"unbounded gate"``, ...): a user choosing which sites
+            to convert (``prepare(sites=...)``) reads it.
+        group: records of one group (e.g. constant scales that are not attention) are printed
+            as one summary line; each is still in ``sites``.
     """
 
     path: str
@@ -36,6 +41,8 @@ class Site:
     reason: str = ""
     code: str = ""
     key: str = field(default="", repr=False)
+    form: str = ""
+    group: str = field(default="", repr=False)
 
 
 @dataclass
@@ -82,8 +89,18 @@ class Report:
                 "notes": list(self.notes)}
 
     def __str__(self) -> str:
-        rows = [[s.path or "(top)", s.kind, s.channels or "", s.action, s.target, s.reason]
-                for s in self.sites]
+        rows, groups = [], {}
+        for s in self.sites:
+            if s.group:
+                if s.group not in groups:
+                    groups[s.group] = []
+                    rows.append(s.group)  # placeholder: the group's line goes here
+                groups[s.group].append(s)
+            else:
+                kind = f"{s.kind} ({s.form})" if s.form else s.kind
+                rows.append([s.path or "(top)", kind, s.channels or "", s.action, s.target,
+                             s.reason])
+        rows = [_group_row(r, groups[r]) if isinstance(r, str) else r for r in rows]
         table = tabulate(rows, headers=["site", "kind", "C", "action", "into", "reason"]) if rows \
             else "(no sites)"
         counts: dict[str, int] = {}
@@ -96,3 +113,18 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _group_row(name: str, sites: list[Site]) -> list:
+    """One table row for a group of records: counts by action and by code, a few paths."""
+    actions: dict[str, int] = {}
+    codes: dict[str, int] = {}
+    for s in sites:
+        actions[s.action] = actions.get(s.action, 0) + 1
+        if s.code:
+            codes[s.code] = codes.get(s.code, 0) + 1
+    paths = sorted({s.path or "(top)" for s in sites})
+    where = ", ".join(paths[:3]) + (f", ... ({len(paths)} places)" if len(paths) > 3 else "")
+    why = "; ".join(f"{v} {k}" for k, v in sorted(codes.items()))
+    return [where, name, "", ", ".join(f"{v} {k}" for k, v in sorted(actions.items())), "",
+            why]

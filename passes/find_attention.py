@@ -867,3 +867,42 @@ def find_attention_sites(gm: fx.GraphModule
     pooled_by_sites = {st for site in sites for st in site.stats}
     drop = {i for n, i in spatial.items() if n.users and set(n.users) <= pooled_by_sites}
     return sites, [r for i, r in enumerate(refusals) if i not in drop]
+
+
+_SHAPE_OPS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "expand", "expand_as",
+              "permute", "transpose", "contiguous", torch.reshape, torch.unsqueeze,
+              torch.flatten, torch.permute, torch.transpose}
+_FORMS = {torch.sigmoid: "sigmoid gate", F.sigmoid: "sigmoid gate", "sigmoid": "sigmoid gate",
+          F.hardsigmoid: "hard-sigmoid gate", torch.softmax: "softmax gate",
+          F.softmax: "softmax gate", "softmax": "softmax gate", torch.tanh: "tanh gate",
+          "tanh": "tanh gate", F.relu6: "hard-sigmoid gate"}
+_MODULE_FORMS = {nn.Sigmoid: "sigmoid gate", nn.Hardsigmoid: "hard-sigmoid gate",
+                 nn.Softmax: "softmax gate", nn.Tanh: "tanh gate", nn.ReLU6: "hard-sigmoid gate"}
+
+
+def gate_form(gm: fx.GraphModule, site: AttentionSite) -> str:
+    """What ``site``'s gate is, read from the op that makes it (through reshapes and a
+    constant ``/ 6`` of a hard sigmoid): ``"sigmoid gate"``, ``"hard-sigmoid gate"``,
+    ``"softmax gate"``, ``"tanh gate"``, ``"additive context"`` (``x + g``), or
+    ``"unbounded gate"`` (anything else, e.g. a response normalisation ``x * (g(x) + 1)``,
+    whose conversion changes what a norm computes)."""
+    if site.fusion == "add":
+        return "additive context"
+    g = site.gate
+    for _ in range(8):
+        if g.op == "call_module":
+            return _MODULE_FORMS.get(type(gm.get_submodule(str(g.target))), "unbounded gate")
+        if g.op not in ("call_function", "call_method"):
+            break
+        try:
+            form = _FORMS.get(g.target)
+        except TypeError:
+            form = None
+        if form is not None:
+            return form
+        hard = g.target in (operator.truediv, "div") and len(g.args) == 2 and g.args[1] == 6
+        if (g.target in _SHAPE_OPS or hard) and g.args and isinstance(g.args[0], fx.Node):
+            g = g.args[0]
+            continue
+        break
+    return "unbounded gate"

@@ -547,10 +547,19 @@ def _chain_paths(chain: Chain) -> list[str]:
     joins the constants of several evaluated attention branches (two attention sites, or two
     calls of one attention module, scaling one tensor in a row) -- one per site, in graph order,
     so that no site's multiply is folded or kept unreported under another site's record."""
-    paths = [module_path(m) for m in chain.members
-             if any(isinstance(a, fx.Node) and a.op == "get_attr" and
-                    str(a.target).rpartition(".")[2].startswith("asrfx_const") for a in m.args)]
+    paths = [module_path(m) for m in chain.members if _from_attention(m)]
     return paths if len(paths) > 1 else [module_path(chain.root)]
+
+
+def _from_attention(m: fx.Node) -> bool:
+    """``m`` applies a constant that constant evaluation made of an attention branch."""
+    return any(isinstance(a, fx.Node) and a.op == "get_attr" and
+               str(a.target).rpartition(".")[2].startswith("asrfx_const") for a in m.args)
+
+
+#: the report group of per-channel constants that are not attention (layer scale, residual
+#: gains, a learned per-channel scale): printed as one line
+NOT_ATTENTION = "constant scales that are not attention"
 
 
 def _kept(producer: Refusal, consumers: Refusal) -> tuple[str, str]:
@@ -569,6 +578,9 @@ def _fold_chain(gm: fx.GraphModule, chain: Chain, replaced: dict[fx.Node, fx.Nod
     root = chain.root
     recs = [record(f"scale:{root.name}", path, "channel scale", chain.scale.numel())
             for path in _chain_paths(chain)]
+    if not any(_from_attention(m) for m in chain.members):
+        for rec in recs:
+            rec.group = NOT_ATTENTION
     plan = plan_producer(gm, chain)
     if isinstance(plan, Refusal):
         producer_refusal, plan = plan, plan_consumers(gm, chain)
@@ -612,6 +624,8 @@ def _leftovers(gm: fx.GraphModule, covered: set[str]) -> list[Site]:
             code = "no-fold-target"
         out.append(record(f"scale:{n.name}", module_path(n), "channel scale", shape[found[1]],
                           reason=reason, code=code))
+        if not _from_attention(n):
+            out[-1].group = NOT_ATTENTION
     return out
 
 
