@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.asrfx-installed
 
-.PHONY: venv test test-all demo bench zoo clean
+.PHONY: venv test test-all demo bench zoo zoo-sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,9 @@ demo: $(STAMP)
 	$(VENV)/bin/asrfx demo --out out/demo
 
 # timm and torchvision need the CUDA build of torch (it runs on the CPU): a separate environment
-# outside the clone, made once and reused (about 5 GB). `make zoo` then runs the zoo checks.
+# outside the clone, made once and reused (about 5 GB). `make zoo` then runs the zoo checks;
+# `make zoo-sweep` runs bench/zoo_sweep.py (one small model per timm family with channel
+# attention, and torchvision's SE models) and writes bench/results/zoo-timm.{md,json,png}.
 ZOO_VENV ?= ../.zoo-venv
 ZOO_PY := $(ZOO_VENV)/bin/python
 ZOO_STAMP := $(ZOO_VENV)/.asrfx-zoo-installed
@@ -35,12 +37,17 @@ ZOO_STAMP := $(ZOO_VENV)/.asrfx-zoo-installed
 $(ZOO_STAMP):
 	test -x $(ZOO_PY) || $(PYTHON) -m venv $(ZOO_VENV)
 	$(ZOO_PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(ZOO_PY) -m pip install -q timm networkx tabulate tqdm pytest hypothesis
+	$(ZOO_PY) -m pip install -q timm networkx tabulate tqdm pytest hypothesis matplotlib
 	touch $(ZOO_STAMP)
 
 zoo: $(ZOO_STAMP)
 	$(ZOO_PY) -m pip install -q --no-deps -e .
 	$(ZOO_PY) -m pytest -q -m "zoo" tests/test_zoo_models.py
+
+zoo-sweep: $(ZOO_STAMP)
+	$(ZOO_PY) -m pip install -q --no-deps -e .
+	$(ZOO_PY) -c "import matplotlib" 2>/dev/null || $(ZOO_PY) -m pip install -q matplotlib
+	$(ZOO_PY) bench/zoo_sweep.py --out bench/results
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q
