@@ -734,7 +734,8 @@ def _trace_branch(gm: fx.GraphModule, gate: fx.Node, dep: set[fx.Node],
             stats.append(n)
             continue
         if n.op == "placeholder":
-            return "reads the model input directly"
+            return ("reaches the model input with no global statistic on the way (it is not "
+                    "computed from pooled values)")
         if _scores_positions(n, dep):
             return ("reads a product with an input-independent weight: it scores positions, "
                     "it does not pool them (psi would carry the input's spatial/token extent)")
@@ -797,7 +798,7 @@ def _examine(gm: fx.GraphModule, node: fx.Node, x: fx.Node, g: fx.Node, dep: set
         return False  # x is itself pooled data (e.g. a swish inside an excitation branch)
     found = _trace_branch(gm, g, dep, xs, last, first, pooled)
     if isinstance(found, str):
-        code = ("gate-reads-input" if "input directly" in found else
+        code = ("gate-reads-input" if "reaches the model input" in found else
                 "gate-scores-positions" if "scores positions" in found else "gate-not-pooled")
         return (path, f"per-channel multiply whose gate {found}", code)
     stats, branch = found
