@@ -17,6 +17,7 @@ result is a :class:`DualModeGraphModule` whose ``forward`` runs the train-mode g
 from __future__ import annotations
 
 import builtins
+import math
 import operator
 import warnings
 from typing import Any, Iterable, Sequence
@@ -62,7 +63,8 @@ def traced_norm(m: nn.Module) -> bool:
 _SHAPE_FUNCTIONS = {operator.getitem, operator.eq, operator.ne, operator.lt, operator.le,
                     operator.gt, operator.ge, operator.add, operator.sub, operator.mul,
                     operator.floordiv, operator.mod, operator.not_, operator.and_, operator.or_,
-                    operator.truediv, builtins.len, builtins.getattr}
+                    operator.truediv, operator.neg, builtins.len, builtins.getattr, math.ceil,
+                    math.floor}
 
 
 def _shape_only(node: fx.Node, depth: int = 16) -> bool:
@@ -250,6 +252,14 @@ def _proxy_len(self: fx.Proxy) -> int:
     return _fx_len(self)
 
 
+def _proxy_ceil(self: fx.Proxy) -> fx.Proxy:
+    return self.tracer.create_proxy("call_function", math.ceil, (self,), {})
+
+
+def _proxy_floor(self: fx.Proxy) -> fx.Proxy:
+    return self.tracer.create_proxy("call_function", math.floor, (self,), {})
+
+
 # Tensor factories take sizes, not tensors, so a size read from a traced shape
 # (``torch.rand(x.shape[0], 1, 1, 1)`` in drop-path code) reaches them as a Proxy that torch's
 # argument parser rejects. While tracing, these names are wrapped to record a call instead.
@@ -283,6 +293,8 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
         saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()
                  if not isinstance(v, nn.Parameter)}
         fx.Proxy.__len__ = _proxy_len
+        fx.Proxy.__ceil__ = _proxy_ceil  # math.ceil of a size (timm's "same" padding)
+        fx.Proxy.__floor__ = _proxy_floor
     for name, fn in originals.items():
         setattr(torch, name, _wrap_factory(fn))
     try:
@@ -298,6 +310,9 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
         for name, fn in originals.items():
             setattr(torch, name, fn)
         fx.Proxy.__len__ = _fx_len
+        for name in ("__ceil__", "__floor__"):
+            if name in vars(fx.Proxy):
+                delattr(fx.Proxy, name)
         if saved is not None:
             state = model.state_dict(keep_vars=True)
             with torch.no_grad():
@@ -308,7 +323,9 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
 def _needs_values(e: BaseException) -> bool:
     """A trace failed on what example values can answer: ``len()`` of a shape, or a Python
     condition on a traced value (answered when it is computed from shapes alone)."""
-    return "'len'" in str(e) or "control flow" in str(e)
+    text = str(e)
+    return "'len'" in text or "control flow" in text or "__ceil__" in text or \
+        "__floor__" in text
 
 
 def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],

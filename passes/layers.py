@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph_utils import call_sites, get_attr_path, set_attr_path, unique_name
+from .graph_utils import call_sites, get_attr_path, reads_shape_only, set_attr_path, unique_name
 
 __all__ = ["CONV_TYPES", "CONV_TRANSPOSE_TYPES", "BATCH_NORM_TYPES", "AFFINE_NORM_TYPES",
            "FUNCTIONAL_CONVS", "PASS_THROUGH", "POSITIVE_HOMOGENEOUS_MODULES", "LINEAR_MODULES",
@@ -99,11 +99,14 @@ def conv_param_nodes(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Nod
 
 
 def _only_reader(gm: fx.GraphModule, a: Any) -> bool:
-    """``a`` is a get_attr node read once, and no other get_attr node reads the same
-    attribute (fx makes one node per read of a buffer)."""
-    if not (isinstance(a, fx.Node) and a.op == "get_attr" and len(a.users) == 1):
+    """``a`` is a get_attr node whose value one node reads, and no other get_attr node's
+    value is read from the same attribute (fx makes one node per read of a buffer); reads of
+    the shape alone (``weight.shape[-2:]`` in timm's "same" padding) do not count."""
+    if not (isinstance(a, fx.Node) and a.op == "get_attr"):
         return False
-    return sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == a.target) == 1
+    readers = [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == a.target
+               for u in n.users if not reads_shape_only(u)]
+    return len(readers) == 1
 
 
 def functional_conv_arg(node: fx.Node, index: int, name: str, default: Any) -> Any:

@@ -112,3 +112,51 @@ def test_a_condition_on_values_is_not_answered():
     with pytest.warns(UserWarning, match="'block'.*opaque leaf"):
         gm = asrfx.trace(WithValueCondition(), x)
     assert any(n.op == "call_module" and n.target == "block" for n in gm.graph.nodes)
+
+
+class SamePadConv(nn.Conv2d):
+    """TensorFlow-style "same" padding worked out from the input size at every call (the form
+    timm's ``Conv2dSame`` takes): ``math.ceil`` and ``max`` on sizes, then ``F.pad`` and a
+    functional conv on the module's own weight."""
+
+    def forward(self, x):
+        import math
+
+        ih, iw = x.size()[-2:]
+        kh, kw = self.weight.shape[-2:]
+
+        def pad(i, k, s):
+            return max((math.ceil(i / s) - 1) * s + k - i, 0)
+
+        ph, pw = pad(ih, kh, self.stride[0]), pad(iw, kw, self.stride[1])
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameNet(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = SamePadConv(3, c, 3, stride=2)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+
+
+def test_same_padding_from_the_input_size_is_traced_and_its_norm_fused():
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = asrfx.prepare(SameNet(), example_inputs=(x,))
+    assert prepared.asrfx_report.count(action="converted") == 1
+    randomize_bn(prepared, 3)
+    randomize_psi(prepared, 4)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    fused = [s for s in deploy.asrfx_report.sites if s.kind == "conv+bn"]
+    assert [(s.action, s.target) for s in fused] == [("fused", "conv")], deploy.asrfx_report
+    prepared.eval()
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 3, 21, 14)):  # other sizes, odd ones too: other padding
+            assert rel_err(prepared(xi), deploy(xi)) <= REL_TOL
