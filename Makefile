@@ -27,9 +27,10 @@ demo: $(STAMP)
 	$(VENV)/bin/asrfx demo --out out/demo
 
 # timm and torchvision need the CUDA build of torch (it runs on the CPU): a separate environment
-# outside the clone, made once and reused (about 5 GB). `make zoo` then runs the zoo checks;
-# `make zoo-sweep` runs bench/zoo_sweep.py (one small model per timm family with channel
-# attention, and torchvision's SE models) and writes bench/results/zoo-timm.{md,json,png}.
+# outside the clone, made once and reused (about 5 GB). `make zoo` runs the zoo checks
+# (tests/test_zoo_models.py), then the sweep: bench/zoo_sweep.py (one small model per timm family
+# with channel attention, and torchvision's SE models; about 16 min on one thread) writes
+# bench/results/zoo-timm.{md,json,png}. `make zoo-sweep` runs the sweep alone.
 ZOO_VENV ?= ../.zoo-venv
 ZOO_PY := $(ZOO_VENV)/bin/python
 ZOO_STAMP := $(ZOO_VENV)/.asrfx-zoo-installed
@@ -43,6 +44,7 @@ $(ZOO_STAMP):
 zoo: $(ZOO_STAMP)
 	$(ZOO_PY) -m pip install -q --no-deps -e .
 	$(ZOO_PY) -m pytest -q -m "zoo" tests/test_zoo_models.py
+	$(MAKE) zoo-sweep
 
 zoo-sweep: $(ZOO_STAMP)
 	$(ZOO_PY) -m pip install -q --no-deps -e .
