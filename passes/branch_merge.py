@@ -258,9 +258,15 @@ def _then_pool(first: nn.Module, second: nn.Module, has_b1: bool) -> tuple:
     return w, b, type(first)(first.in_channels, first.out_channels, k, stride, pad, bias=True)
 
 
+#: the report group of 1x1 conv -> conv / pool pairs that stay two layers (printed as one line:
+#: every pointwise -> depthwise pair of a MobileNet is one)
+PAIRS_KEPT = "1x1 -> kxk pairs left as two layers"
+
+
 def _merge_pair(gm: fx.GraphModule, node: fx.Node, src: fx.Node, first: nn.Module,
                 second: nn.Module) -> list[Site]:
     rec = record(f"seq:{node.name}", str(node.target), "sequential merge", first.out_channels)
+    rec.group = PAIRS_KEPT  # cleared below when the pair merges
     if sum(1 for u in src.users if not reads_shape_only(u)) != 1:
         rec.code, rec.reason = "pointwise-read-elsewhere", \
             "the 1x1 conv's output is read elsewhere too"
@@ -281,6 +287,7 @@ def _merge_pair(gm: fx.GraphModule, node: fx.Node, src: fx.Node, first: nn.Modul
     node.replace_all_uses_with(merged)
     safe_dce(gm)
     rec.action, rec.target = "merged", f"{name} (1x1 -> {type(second).__name__})"
+    rec.group = ""
     return [rec]
 
 
