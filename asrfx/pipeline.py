@@ -471,22 +471,36 @@ def _check(ctx: Context, gm: fx.GraphModule, report: Report, recs: list[Site], t
     tol = tolerance(tol, out)
     report.notes.append(f"checked against the unfolded model in eval mode: relative error "
                         f"{err:.2e} (tolerance {tol:.0e})")
-    half = half_precision(out)
-    if not err <= tol and half is not None and not math.isnan(err):
-        # rounding of a half-precision eager run can exceed tol on its own: judge both
-        # against the truth (the unfolded model in float64)
+    if err <= tol:
+        return
+    dtype = half_precision(out) or _float32(out)
+    detail = ""
+    if dtype is not None and not math.isnan(err):
+        # the eager run's own rounding can exceed tol (half precision; an ill-conditioned
+        # float32 model, e.g. large norm gains): judge both against the truth, the unfolded
+        # model run in float64, and accept a fold within tol of it or whose error is of the
+        # eager run's own order (a wrong fold errs by the size of what it got wrong)
         eager64, fold64 = _against_float64(ctx, ref, out)
         detail = (f"against the unfolded model run in float64 the fold errs {fold64:.2e} and "
-                  f"the {half} eager model {eager64:.2e}")
-        if fold64 > eager64:
+                  f"the {dtype} eager model {eager64:.2e}")
+        if fold64 <= max(2 * eager64 if dtype == "float32" else eager64, tol):
+            verdict = "the fold is no worse" if fold64 <= max(eager64, tol) else \
+                "the fold errs within twice the eager run's own rounding"
+            report.notes.append(f"{dtype}: the fold differs from the eager model by more than "
+                                f"the tolerance, but {detail}: {verdict}")
+            return
+        if half_precision(out):
             raise FoldMismatch(err, tol, None, f"({detail}.) ")
-        report.notes.append(f"{half}: the fold differs from the eager model by more than the "
-                            f"tolerance, but {detail}: the fold is no worse")
-        return
-    if not err <= tol:
-        worst, worst_err = _isolate(ctx, fuse_bn, recs)
-        raise FoldMismatch(err, tol, worst,
-                           f"(that site alone gives {worst_err:.2e}) " if worst else "")
+    worst, worst_err = _isolate(ctx, fuse_bn, recs)
+    raise FoldMismatch(err, tol, worst,
+                       (f"(that site alone gives {worst_err:.2e}) " if worst else "") +
+                       (f"({detail}.) " if detail else ""))
+
+
+def _float32(out: Any) -> str | None:
+    """"float32" when an output tensor is float32 (its rounding can be judged in float64)."""
+    return "float32" if any(isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                            for t in tree_flatten(out)[0]) else None
 
 
 def _against_float64(ctx: Context, eager: Any, folded: Any) -> tuple[float, float]:
