@@ -33,7 +33,8 @@ from asrfx.passes import (apply_asr, cleanup, drop_identities, evaluate_constant
 from asrfx.passes.asr_rewrite import psi_names
 from asrfx.passes.find_attention import gate_form
 from asrfx.passes.branch_merge import merge_branches, merge_sequential
-from asrfx.passes.graph_utils import (clone_module, describe_hooks, module_device, module_path,
+from asrfx.passes.graph_utils import (clone_module, deepcopy_module, describe_hooks, module_device,
+                                      module_path,
                                       reads_shape_only, safe_dce, stable_toposort,
                                       value_dependent)
 from asrfx.passes.hooks import (hook_fix, protect_hooked_calls, refuse_hooked_sites,
@@ -483,6 +484,13 @@ def _check(ctx: Context, gm: fx.GraphModule, report: Report, recs: list[Site], t
         eager64, fold64 = _against_float64(ctx, ref, out)
         detail = (f"against the unfolded model run in float64 the fold errs {fold64:.2e} and "
                   f"the {dtype} eager model {eager64:.2e}")
+        same64 = _fold_in_float64(ctx, fuse_bn) if dtype == "float32" else math.inf
+        if same64 <= 1e-9:
+            report.notes.append(f"float32: the fold differs from the eager model by more than "
+                                f"the tolerance, but {detail}, and the same fold computed in "
+                                f"float64 errs {same64:.1e}: the difference is float32 "
+                                f"rounding in an ill-conditioned model, not the fold")
+            return
         if fold64 <= max(2 * eager64 if dtype == "float32" else eager64, tol):
             verdict = "the fold is no worse" if fold64 <= max(eager64, tol) else \
                 "the fold errs within twice the eager run's own rounding"
@@ -495,6 +503,20 @@ def _check(ctx: Context, gm: fx.GraphModule, report: Report, recs: list[Site], t
     raise FoldMismatch(err, tol, worst,
                        (f"(that site alone gives {worst_err:.2e}) " if worst else "") +
                        (f"({detail}.) " if detail else ""))
+
+
+def _fold_in_float64(ctx: Context, fuse_bn: bool) -> float:
+    """The relative error of the same fold done on a float64 copy of the model, against that
+    copy unfolded: about 1e-15 when every fold identity holds (then a float32 miss is rounding),
+    the size of the mistake otherwise."""
+    model64 = deepcopy_module(ctx.model).double()
+    inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                     for t in ctx.inputs)
+    ctx64 = Context(model64, inputs64, ctx.leaf_modules)
+    gm = eval_graph_module(ctx64)
+    run_fold_passes(gm, ctx64, fuse_bn)
+    with torch.no_grad():
+        return relative_error(ctx64.reference, gm(*inputs64))
 
 
 def _float32(out: Any) -> str | None:
