@@ -3,13 +3,15 @@ converted, trained and folded away exactly. Plus look-alikes that must not fire.
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import asrfx
-from helpers import assert_prepare_changes_nothing, randomize_bn, rel_err
+from helpers import assert_prepare_changes_nothing, randomize_bn, randomize_psi, rel_err
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -254,3 +256,39 @@ def test_one_gate_on_two_tensors_is_one_site():
     prepared.eval()
     with torch.no_grad():
         assert rel_err(prepared(x), deploy(x)) <= 1e-4
+
+
+class GlobalContextRank4(nn.Module):
+    """Global-context pooling written with unit dims on both factors (timm's spelling):
+    ``x.reshape(n, c, h*w).unsqueeze(1) @ softmax(logits).unsqueeze(3)`` gives ``(N, 1, C, 1)``,
+    the same weighted sum over every position per channel as the rank-3 product."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.attn = nn.Conv2d(c, 1, 1)
+        self.mlp = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        n, c, h, w = y.shape
+        logits = self.attn(y).reshape(n, 1, h * w)
+        weights = torch.softmax(logits, dim=-1).unsqueeze(3)          # (N, 1, HW, 1)
+        context = y.reshape(n, c, h * w).unsqueeze(1) @ weights       # (N, 1, C, 1)
+        return y * torch.sigmoid(self.mlp(context.view(n, c, 1, 1)))
+
+
+def test_rank4_global_context_pooling_is_found_and_folds():
+    x = torch.randn(2, 3, 8, 8)
+    prepared = asrfx.prepare(GlobalContextRank4(), example_inputs=(x,))
+    (site,) = [s for s in prepared.asrfx_report.sites if s.kind == "channel-attention"]
+    assert (site.action, site.channels, site.form) == ("converted", 8, "sigmoid gate")
+    randomize_bn(prepared, 1)
+    randomize_psi(prepared, 2)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert not any(n.target in (torch.softmax, operator.matmul) for n in deploy.graph.nodes)
+    prepared.eval()
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 3, 6, 10)):
+            assert rel_err(prepared(xi), deploy(xi)) <= 1e-4
