@@ -264,16 +264,7 @@ class FunctionalBatchNormAffine(FoldTarget):
     reads (a traced-through BatchNorm subclass): ``w`` and ``b`` take the map."""
 
     def check(self, gm, node, scale, shift, axis):
-        bn = batch_norm_call(gm, node)
-        if bn is None:
-            return Refusal("computed-weight", "a batch_norm call on computed statistics")
-        if axis != 1:
-            return Refusal("channel-axis", "the scale is not over the norm's channels")
-        if bn.weight is None or bn.bias is None:
-            return Refusal("norm-without-affine", f"{bn.owner} has no affine parameters")
-        if not bn.sole_reader(gm, "weight", "bias"):
-            return Refusal("computed-weight", f"{bn.owner}'s weight or bias is read elsewhere")
-        return _channels(bn.owner, bn.num_features, scale)
+        return _check_batch_norm_call(gm, node, scale, axis, ("weight", "bias"))
 
     def apply(self, gm, node, scale, shift):
         bn = batch_norm_call(gm, node)
@@ -289,16 +280,7 @@ class FunctionalBatchNormInput(FoldTarget):
     affine, on attributes only this call reads."""
 
     def check(self, gm, node, scale, shift, axis):
-        bn = batch_norm_call(gm, node)
-        if bn is None:
-            return Refusal("no-running-stats", "a batch_norm call on batch statistics")
-        if axis != 1:
-            return Refusal("channel-axis", "the scale is not over the norm's channels")
-        if bn.weight is None or bn.bias is None:
-            return Refusal("norm-without-affine", f"{bn.owner} has no affine parameters")
-        if not bn.sole_reader(gm, "running_mean", "weight", "bias"):
-            return Refusal("computed-weight", f"{bn.owner}'s statistics are read elsewhere")
-        return _channels(bn.owner, bn.num_features, scale)
+        return _check_batch_norm_call(gm, node, scale, axis, ("running_mean", "weight", "bias"))
 
     def apply(self, gm, node, scale, shift):
         bn = batch_norm_call(gm, node)
@@ -308,6 +290,23 @@ class FunctionalBatchNormInput(FoldTarget):
         _set_attr_tensor(gm, bn.nodes["bias"], b)
         _set_attr_tensor(gm, bn.nodes["running_mean"], mean)
         return f"{bn.owner or bn.nodes['weight'].target} (norm input)"
+
+
+def _check_batch_norm_call(gm: fx.GraphModule, node: fx.Node, scale: torch.Tensor, axis: int,
+                           written: tuple[str, ...]) -> Refusal | None:
+    """Whether an ``F.batch_norm`` call takes a per-channel map: eval mode on get_attr
+    statistics, channels first, affine, the one reader of the attributes a fold rewrites."""
+    bn = batch_norm_call(gm, node)
+    if bn is None:
+        return Refusal("no-running-stats", "a batch_norm call on batch or computed statistics")
+    if axis != 1:
+        return Refusal("channel-axis", "the scale is not over the norm's channels")
+    if bn.weight is None or bn.bias is None:
+        return Refusal("norm-without-affine", f"{bn.owner} has no affine parameters")
+    if not bn.sole_reader(gm, *written):
+        return Refusal("computed-weight", f"{bn.owner}'s {', '.join(written)} are read "
+                                          f"elsewhere too")
+    return _channels(bn.owner, bn.num_features, scale)
 
 
 def _set_attr_tensor(gm: fx.GraphModule, attr: fx.Node, value: torch.Tensor) -> None:
