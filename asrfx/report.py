@@ -64,13 +64,20 @@ class Report:
         return site
 
     def extend(self, records: list[Site]) -> None:
-        """Append a pass's records. A site one pass kept and a later pass handled (e.g. an
-        identity-BatchNorm branch that fusion keeps and branch merging absorbs) is reported
-        once, by its final outcome: the later record replaces the earlier "kept" one."""
+        """Append passes' records. A site one pass kept and another pass handled (e.g. an
+        identity-BatchNorm branch that fusion keeps and branch merging absorbs: the same path
+        and kind, keys of different passes, ``bn:`` and ``merge:``) is reported once, by its
+        final outcome: the later record replaces the earlier "kept" one. Records of one pass
+        never replace each other (two scales of one module, one kept and one folded, are two
+        rows)."""
+        def pass_of(site: Site) -> str:
+            return site.key.partition(":")[0]
+
         for rec in records:
-            if rec.action != "kept":
+            if rec.action != "kept" and rec.key:
                 for i, old in enumerate(self.sites):
-                    if old.action == "kept" and (old.path, old.kind) == (rec.path, rec.kind):
+                    if old.action == "kept" and (old.path, old.kind) == (rec.path, rec.kind) \
+                            and old.key and pass_of(old) != pass_of(rec):
                         self.sites[i] = rec
                         break
                 else:

@@ -119,3 +119,21 @@ def test_planning_every_step_up_front_would_see_both_sums():
     x = torch.randn(2, 4, 6, 6)
     gm = traced(randomize_bn(RepVGGLike(), seed=1), x)
     assert len(list(branch_merge_steps(gm))) == 2
+
+
+def test_report_extend_replaces_a_kept_site_only_by_another_pass():
+    """An identity-BatchNorm branch kept by fusion (``bn:``) and absorbed by merging
+    (``merge:``) is one row; two records of one pass at one path (two scales of one module,
+    one kept, one folded) stay two rows."""
+    from asrfx.report import Report, Site
+
+    report = Report("fold")
+    report.extend([Site("blk.bn", "conv+bn", 4, "kept", "", "no conv", "no-conv-producer",
+                        key="bn:n1"),
+                   Site("blk", "channel scale", 4, "kept", "", "why", "no-fold-target",
+                        key="scale:a"),
+                   Site("blk", "channel scale", 4, "folded", "conv", key="scale:b")])
+    report.extend([Site("blk.bn", "conv+bn", 4, "merged", "blk.merged_conv", key="merge:add")])
+    rows = [(s.path, s.kind, s.action) for s in report.sites]
+    assert rows == [("blk.bn", "conv+bn", "merged"), ("blk", "channel scale", "kept"),
+                    ("blk", "channel scale", "folded")]
