@@ -505,13 +505,19 @@ def _check(ctx: Context, gm: fx.GraphModule, report: Report, recs: list[Site], t
                        (f"({detail}.) " if detail else ""))
 
 
+def _double(inputs: tuple) -> tuple:
+    """The inputs with floating-point tensors in float64 (exactly: float16/bfloat16/float32
+    values are float64 values)."""
+    return tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in inputs)
+
+
 def _fold_in_float64(ctx: Context, fuse_bn: bool) -> float:
     """The relative error of the same fold done on a float64 copy of the model, against that
     copy unfolded: about 1e-15 when every fold identity holds (then a float32 miss is rounding),
     the size of the mistake otherwise."""
     model64 = deepcopy_module(ctx.model).double()
-    inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                     for t in ctx.inputs)
+    inputs64 = _double(ctx.inputs)
     ctx64 = Context(model64, inputs64, ctx.leaf_modules)
     gm = eval_graph_module(ctx64)
     run_fold_passes(gm, ctx64, fuse_bn)
@@ -530,8 +536,7 @@ def _against_float64(ctx: Context, eager: Any, folded: Any) -> tuple[float, floa
     run in float64 on the same inputs (converted exactly: float16/bfloat16 values are float64
     values)."""
     gm = eval_graph_module(ctx).double()
-    inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                     for t in ctx.inputs)
+    inputs64 = _double(ctx.inputs)
     with torch.no_grad():
         truth = gm(*inputs64)
     return relative_error(truth, eager), relative_error(truth, folded)

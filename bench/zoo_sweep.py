@@ -771,6 +771,16 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         res["warnings"] = caught[:5]
         res["warning_count"] = len(caught)
 
+    def timed(key: str, step):
+        """``step()``, its wall time in ``res[key]`` (s), its warnings noted."""
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter("always")
+            t0 = time.perf_counter()
+            out = step()
+            res[key] = round(time.perf_counter() - t0, 3)
+        note_warnings(ws)
+        return out
+
     try:
         model = _build(spec["source"], spec["model"])
         res["params"] = int(sum(p.numel() for p in model.parameters()))
@@ -786,12 +796,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         res["input_note"] = note
 
         res["stage"] = "prepare"
-        with warnings.catch_warnings(record=True) as ws:
-            warnings.simplefilter("always")
-            t0 = time.perf_counter()
-            prepared = asrfx.prepare(model, example_inputs=(x,))
-            res["prepare_s"] = round(time.perf_counter() - t0, 3)
-        note_warnings(ws)
+        prepared = timed("prepare_s", lambda: asrfx.prepare(model, example_inputs=(x,)))
         rep = prepared.asrfx_report
         res["converted"] = rep.count(action="converted")
         res["prepare_sites"] = _sites(rep, ("refused", "kept"))
@@ -819,12 +824,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         res["stage"] = "fold"
         randomize_norms(prepared, 1)
         randomize_psi(prepared, 2)
-        with warnings.catch_warnings(record=True) as ws:
-            warnings.simplefilter("always")
-            t0 = time.perf_counter()
-            deploy = asrfx.fold(prepared, example_inputs=(x,))
-            res["fold_s"] = round(time.perf_counter() - t0, 3)
-        note_warnings(ws)
+        deploy = timed("fold_s", lambda: asrfx.fold(prepared, example_inputs=(x,)))
         frep = deploy.asrfx_report
         res["fold_sites"] = _sites(frep, ("refused", "kept"))
 

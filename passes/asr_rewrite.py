@@ -25,6 +25,7 @@ from .find_attention import AttentionSite
 from .batch_rows import collapse_batch
 from .graph_utils import (get_attr_path, module_device, module_path, reads_shape_only, set_attr_path,
                           stable_toposort, tensor_shape, value_dependent)
+from .layers import batch_norm_args
 
 __all__ = ["apply_asr", "make_psi", "fresh_module", "refuse_batch_statistic_sites",
            "refuse_gates_before_batch_norm"]
@@ -491,7 +492,7 @@ def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[str]:
     frozen = []
     graph = gm.graph
     for n in list(nodes):
-        if n.op == "call_function" and n.target is torch.nn.functional.batch_norm:
+        if batch_norm_args(n) is not None:
             name = _freeze_batch_norm_call(n)
             if name is not None:
                 frozen.append(name)
@@ -520,13 +521,11 @@ def _freeze_batch_norm_call(n: fx.Node) -> str | None:
     """``F.batch_norm(x, mean, var, ..., training=True)`` with running statistics (a traced
     BatchNorm subclass in the train graph) normalises with them instead (training False,
     momentum 0: they are not updated from psi either); the norm's path, or None."""
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
-             "eps")
-    args = dict(zip(names, n.args), **n.kwargs)
-    mean = args.get("running_mean")
-    if not (isinstance(mean, fx.Node) and mean.op == "get_attr") or \
-            args.get("training") is not True:
+    args = batch_norm_args(n)
+    mean = args["running_mean"]
+    if not (isinstance(mean, fx.Node) and mean.op == "get_attr") or args["training"] is not True:
         return None
-    positional = [args.get(k) for k in names[:5]] + [False, 0.0, args.get("eps", 1e-5)]
-    n.args, n.kwargs = tuple(positional), {}
+    n.args = (args["input"], mean, args["running_var"], args["weight"], args["bias"], False,
+              0.0, args["eps"])
+    n.kwargs = {}
     return str(mean.target).rpartition(".")[0] or n.name

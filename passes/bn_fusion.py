@@ -10,7 +10,7 @@ layer called at several places is cloned for the fused call site.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -26,14 +26,16 @@ from .targets import Refusal, producer_target
 __all__ = ["fuse_batchnorm", "batchnorm_steps"]
 
 
-def _fuse(gm: fx.GraphModule, bn_node: fx.Node) -> list[Site]:
-    bn = gm.get_submodule(str(bn_node.target))
-    rec = record(f"bn:{bn_node.name}", str(bn_node.target), "conv+bn", bn.num_features)
+def _fuse(gm: fx.GraphModule, bn_node: fx.Node, bn: Any, path: str) -> list[Site]:
+    """Fuse one norm: ``bn`` is the BatchNorm module called, or the eval-mode
+    ``F.batch_norm`` call of a traced-through subclass (:class:`~.layers.BatchNormCall`, same
+    attribute names); ``path`` names it while it is kept."""
+    rec = record(f"bn:{bn_node.name}", path, "conv+bn", bn.num_features)
     if bn.running_mean is None:
         rec.reason, rec.code = ("no running statistics (uses batch statistics in eval)",
                                 "no-running-stats")
         return [rec]
-    src = bn_node.args[0] if bn_node.args else None
+    src = bn_node.args[0] if bn_node.args else bn_node.kwargs.get("input")
     if not isinstance(src, fx.Node):
         rec.reason, rec.code = "no input node", "no-input-node"
         return [rec]
@@ -42,7 +44,7 @@ def _fuse(gm: fx.GraphModule, bn_node: fx.Node) -> list[Site]:
         return [rec]
     s, t = foldmath.batchnorm_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight,
                                      bn.bias)
-    return _fuse_affine(gm, bn_node, src, s, t, rec, module_path(bn_node) or rec.path)
+    return _fuse_affine(gm, bn_node, src, s, t, rec, module_path(bn_node) or path)
 
 
 def _fuse_affine(gm: fx.GraphModule, bn_node: fx.Node, src: fx.Node, s: torch.Tensor,
@@ -65,29 +67,22 @@ def _fuse_affine(gm: fx.GraphModule, bn_node: fx.Node, src: fx.Node, s: torch.Te
     return [rec]
 
 
-def _fuse_call(gm: fx.GraphModule, node: fx.Node) -> list[Site]:
-    """An eval-mode ``F.batch_norm`` on get_attr statistics (a traced-through BatchNorm
-    subclass) fused like a module."""
+def _norm(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, str] | None:
+    """(norm, its name) when ``node`` calls an exact BatchNorm module, or is an eval-mode
+    ``F.batch_norm`` on get_attr statistics; else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return (mod, str(node.target)) if type(mod) in BATCH_NORM_TYPES else None
     bn = batch_norm_call(gm, node)
-    rec = record(f"bn:{node.name}", module_path(node) or bn.owner, "conv+bn", bn.num_features)
-    src = node.args[0] if node.args else node.kwargs.get("input")
-    if not isinstance(src, fx.Node) or sum(1 for u in src.users if not reads_shape_only(u)) != 1:
-        rec.reason, rec.code = "its input is read elsewhere too", "producer-read-elsewhere"
-        return [rec]
-    s, t = foldmath.batchnorm_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight,
-                                     bn.bias)
-    return _fuse_affine(gm, node, src, s, t, rec, rec.path)
+    return None if bn is None else (bn, module_path(node) or bn.owner)
 
 
 def batchnorm_steps(gm: fx.GraphModule) -> Iterator[Step]:
     """One step per call of an exact BatchNorm, or eval-mode ``F.batch_norm`` on get_attr
-    statistics (key ``"bn:<node name>"``)."""
+    statistics (key ``"bn:<node name>"``); each reads the norm when it runs."""
     for bn_node in list(gm.graph.nodes):
-        if bn_node.op == "call_module" and \
-                type(gm.get_submodule(str(bn_node.target))) in BATCH_NORM_TYPES:
-            yield Step(f"bn:{bn_node.name}", lambda n=bn_node: _fuse(gm, n))
-        elif batch_norm_call(gm, bn_node) is not None:
-            yield Step(f"bn:{bn_node.name}", lambda n=bn_node: _fuse_call(gm, n))
+        if _norm(gm, bn_node) is not None:
+            yield Step(f"bn:{bn_node.name}", lambda n=bn_node: _fuse(gm, n, *_norm(gm, n)))
 
 
 def fuse_batchnorm(gm: fx.GraphModule, ctx: PassContext | None = None) -> list[Site]:

@@ -29,7 +29,7 @@ __all__ = ["CONV_TYPES", "CONV_TRANSPOSE_TYPES", "BATCH_NORM_TYPES", "AFFINE_NOR
            "AVG_POOLS", "exact", "module_for_call_site", "conv_param_nodes",
            "functional_conv_arg", "set_functional_conv_params", "reads_padding", "in_place",
            "mutates_its_input", "as_tuple", "FUNCTIONAL_BATCH_NORMS", "BatchNormCall",
-           "batch_norm_call"]
+           "batch_norm_call", "batch_norm_args"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -215,13 +215,21 @@ class BatchNormCall:
         return all(self.nodes.get(k) is None or _only_reader(gm, self.nodes[k]) for k in names)
 
 
+def batch_norm_args(node: fx.Node) -> dict[str, Any] | None:
+    """The arguments of an ``F.batch_norm`` call by name (``input``, ``running_mean``,
+    ``running_var``, ``weight``, ``bias``, ``training``, ``momentum``, ``eps``), defaults
+    filled in; None for any other node."""
+    if node.op != "call_function" or node.target not in FUNCTIONAL_BATCH_NORMS:
+        return None
+    return dict(_BATCH_NORM_DEFAULTS, **dict(zip(_BATCH_NORM_ARGS, node.args)), **node.kwargs)
+
+
 def batch_norm_call(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
     """``node`` as an eval-mode ``F.batch_norm`` whose statistics (and weight and bias, when
     given) are get_attr tensors, else None."""
-    if node.op != "call_function" or node.target not in FUNCTIONAL_BATCH_NORMS:
-        return None
-    args = dict(_BATCH_NORM_DEFAULTS, **dict(zip(_BATCH_NORM_ARGS, node.args)), **node.kwargs)
-    if args["training"] is not False or not isinstance(args["eps"], (int, float)):
+    args = batch_norm_args(node)
+    if args is None or args["training"] is not False or \
+            not isinstance(args["eps"], (int, float)):
         return None
     nodes = {k: args[k] for k in ("running_mean", "running_var", "weight", "bias")}
     values = {}

@@ -39,7 +39,6 @@ from .targets import Fold, Refusal, consumer_target, producer_target
 __all__ = ["fold_scales", "scale_steps", "Chain", "plan_producer", "plan_consumers",
            "apply_plan", "forward_folds"]
 
-_DIV_OPS = DIV_OPS
 _MAX_DEPTH = 8
 # refusals that say only that no target was reached; a more specific one names the reason
 _GENERIC = {"no-fold-target", "producer-read-elsewhere", "no-producer-target",
@@ -159,7 +158,7 @@ def _collect_chains(gm: fx.GraphModule) -> list[Chain]:
                 const, axis = found
                 kind = ("mul" if is_op(n, MUL_OPS) else "add" if is_op(n, ADD_OPS) else
                         "sub" if is_op(n, SUB_OPS) and x is a else
-                        "div" if is_op(n, _DIV_OPS) and x is a else None)
+                        "div" if is_op(n, DIV_OPS) and x is a else None)
                 chain = start(x, axis, const.device) if kind else None
                 if chain is None:
                     break
@@ -441,8 +440,7 @@ def forward_folds(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.T
         if u.op == "call_module":
             if not _only_first_arg(u, node):
                 return Refusal("no-consumer-target", f"{u.name} reads it other than as input")
-            mod = gm.get_submodule(str(u.target))
-            if exact(mod, PASS_THROUGH) and (type(mod) is nn.Identity or not mod.training):
+            if _identity(gm, u):
                 more = forward_folds(gm, u, s, t, depth + 1, seen)
                 if isinstance(more, Refusal):
                     return more
@@ -609,7 +607,7 @@ def _leftovers(gm: fx.GraphModule, covered: set[str]) -> list[Site]:
         if n.name in covered or n.op not in ("call_function", "call_method") \
                 or len(n.args) != 2 or n not in dep:
             continue
-        if not (is_op(n, MUL_OPS) or is_op(n, ADD_OPS) or is_op(n, SUB_OPS) or is_op(n, _DIV_OPS)):
+        if not (is_op(n, MUL_OPS) or is_op(n, ADD_OPS) or is_op(n, SUB_OPS) or is_op(n, DIV_OPS)):
             continue
         shape = tensor_shape(n)
         if shape is None or len(shape) < 2:
