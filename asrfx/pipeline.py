@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from asrfx.passes import (apply_asr, cleanup, drop_identities, evaluate_constants,
                           find_attention_sites, fold_scales, fuse_batchnorm,
-                          refuse_batch_statistic_sites, refuse_gates_before_batch_norm,
+                          refuse_batch_statistic_sites, gates_before_batch_norm,
                           revert_sync_batchnorm)
 from asrfx.passes.asr_rewrite import psi_names
 from asrfx.passes.find_attention import gate_form
@@ -145,7 +145,8 @@ def prepare_model(model: nn.Module, work: nn.Module, inputs: tuple, opts: Prepar
     found = []
     for i, gm in enumerate(tr.modules()):
         ctx.shapes(gm)
-        found.append(_analyse(gm, opts.mode, inserted.get(i, set())))
+        found.append(_analyse(gm, opts.mode, inserted.get(i, set()),
+                              found[0].moved if i else None))
     for i, gm in enumerate(tr.modules()):
         # a site refused in one mode's graph is refused in the other's too, with its record
         elsewhere = {(s.path, s.channels): rec for j, a in enumerate(found) if j != i
@@ -207,28 +208,29 @@ def _insert(ctx: Context, opts: PrepareOptions, created: dict, report: Report
 
 @dataclass
 class _Analysis:
-    """One graph's attention sites before the rewrite: those to convert and the refusals."""
+    """One graph's attention sites before the rewrite: those to convert, the refusals, and the
+    sites whose gate moves behind the BatchNorms reading its map (key -> norm names)."""
 
     sites: list
     found_refused: list
     refused: list  # (AttentionSite, Site record)
-
-    def refused_keys(self) -> set[tuple[str, int]]:
-        return {(s.path, s.channels) for s, _ in self.refused}
+    moved: dict = field(default_factory=dict)
 
 
-def _analyse(gm: fx.GraphModule, mode: str, new: set[fx.Node]) -> _Analysis:
-    """Find the sites of one graph and refuse the unsafe ones (nothing is changed)."""
+def _analyse(gm: fx.GraphModule, mode: str, new: set[fx.Node],
+             expected: dict | None = None) -> _Analysis:
+    """Find the sites of one graph and refuse the unsafe ones (nothing is changed but the
+    sites' marks). ``expected``: the train graph's moved gates, for the eval graph."""
     sites, found_refused = find_attention_sites(gm)
     sites, hooked = refuse_hooked_sites(gm, sites, new) if mode != "keep" else (sites, [])
     _, batch_stats = refuse_batch_statistic_sites(
         gm, [s for s in sites if mode != "keep" or s.mul in new])
-    _, before_bn = refuse_gates_before_batch_norm(
+    moved, before_bn = gates_before_batch_norm(
         gm, [s for s in sites if mode == "replace" and s.mul not in new and
-             all(s is not r for r, _ in batch_stats)])
+             all(s is not r for r, _ in batch_stats)], expected)
     refused = hooked + batch_stats + before_bn
     return _Analysis([s for s in sites if all(s is not r for r, _ in refused)], found_refused,
-                     refused)
+                     refused, moved)
 
 
 def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: Any,
@@ -261,12 +263,19 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
     records = []
     for site, psis, m in zip(sites, names, site_modes):
         inserted = site.mul in new
+        reason, code = ("existing attention kept (mode='keep')", "mode-keep") if m == "keep" \
+            else ("", "")
+        if site.after_norms and m == "replace" and not inserted:
+            norms = sorted({name for name, _ in site.after_norms})
+            reason, code = (f"the constant gate {'shifts' if site.fusion == 'add' else 'scales'} "
+                            f"the output of {', '.join(norms)} instead of its input, where the "
+                            f"norm's batch statistics would cancel it in training",
+                            "gate-after-batch-norm")
         records.append(Site(site.path, "channel-attention (inserted)" if inserted else
                             "channel-attention", site.channels,
                             "inserted" if inserted else actions[m],
-                            "" if m == "keep" else ", ".join(psis),
-                            "existing attention kept (mode='keep')" if m == "keep" else "",
-                            "mode-keep" if m == "keep" else "", form=forms[id(site)]))
+                            "" if m == "keep" else ", ".join(psis), reason, code,
+                            form=forms[id(site)]))
     records += [Site(path, "spatial attention" if code == "spatial-attention" else
                      "channel-attention?", 0, "refused", "", reason, code)
                 for path, reason, code in found.found_refused]

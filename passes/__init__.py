@@ -11,7 +11,7 @@ kept or refused one with a stable ``code`` (:mod:`.protocol`). Fold targets live
 from .graph_utils import value_dependent, module_path, tensor_shape  # noqa: F401
 from .find_attention import AttentionSite, find_attention_sites  # noqa: F401
 from .asr_rewrite import (apply_asr, refuse_batch_statistic_sites,  # noqa: F401
-                          refuse_gates_before_batch_norm)
+                          gates_before_batch_norm)
 from .const_eval import evaluate_constants  # noqa: F401
 from .scale_fold import fold_scales  # noqa: F401
 from .bn_fusion import fuse_batchnorm  # noqa: F401
@@ -25,7 +25,7 @@ from .targets import (FoldTarget, Refusal, register_consumer,  # noqa: F401
 
 __all__ = ["value_dependent", "module_path", "tensor_shape", "AttentionSite",
            "find_attention_sites", "apply_asr", "refuse_batch_statistic_sites",
-           "refuse_gates_before_batch_norm", "evaluate_constants", "fold_scales",
+           "gates_before_batch_norm", "evaluate_constants", "fold_scales",
            "fuse_batchnorm", "cleanup", "drop_identities", "insert_modules", "insertion_points",
            "merge_branches", "merge_sequential", "revert_sync_batchnorm", "PassContext", "Step",
            "run_steps", "FoldTarget", "Refusal", "register_producer", "register_consumer"]

@@ -28,7 +28,7 @@ from .graph_utils import (get_attr_path, module_device, module_path, reads_shape
 from .layers import batch_norm_args
 
 __all__ = ["apply_asr", "make_psi", "fresh_module", "refuse_batch_statistic_sites",
-           "refuse_gates_before_batch_norm"]
+           "gates_before_batch_norm"]
 
 
 def make_psi(shape: tuple[int, ...], init: Any, dtype: torch.dtype, device: torch.device
@@ -189,6 +189,7 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
     stable_toposort(graph)
     if one_row:
         _one_row(gm, [s for s, m in zip(sites, modes) if m != "keep"])
+    _move_gates_past_norms(gm, [s for s, m in zip(sites, modes) if m == "replace"])
     return all_names
 
 
@@ -343,20 +344,25 @@ def refuse_batch_statistic_sites(gm: fx.GraphModule, sites: list[AttentionSite]
     return keep, refused
 
 
-def _train_mode_batch_norm(gm: fx.GraphModule, n: fx.Node) -> str | None:
-    """The name of ``n`` when it is a BatchNorm that normalises with batch statistics while
-    training (a ``_BatchNorm`` module in train mode, or ``batch_norm(..., training=True)``)."""
+def _batch_norm_reading(gm: fx.GraphModule, n: fx.Node, m: fx.Node, any_mode: bool
+                        ) -> str | None:
+    """The name of ``n`` when it is a BatchNorm normalising ``m`` that uses batch statistics
+    while training (a ``_BatchNorm`` module in train mode, or ``batch_norm(..., training=True)``);
+    ``any_mode``: any BatchNorm of ``m`` (in another mode's graph, where the same norm runs on its
+    running statistics)."""
+    if not n.args or n.args[0] is not m:
+        return None
     if n.op == "call_module":
         mod = gm.get_submodule(str(n.target))
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and \
-                (mod.training or mod.running_mean is None) and \
+                (any_mode or mod.training or mod.running_mean is None) and \
                 type(mod).__module__.startswith("torch.nn"):
             return f"{n.target} ({type(mod).__name__})"
         return None
     if n.op == "call_function" and n.target in (torch.nn.functional.batch_norm,
                                                 torch.batch_norm):
         training = n.kwargs.get("training", n.args[5] if len(n.args) > 5 else False)
-        if training is True:
+        if training is True or any_mode:
             return f"{module_path_of(n)} (batch_norm)"
     return None
 
@@ -390,67 +396,71 @@ def _positive(gm: fx.GraphModule, g: fx.Node) -> bool:
 
 
 def _norms_reading(gm: fx.GraphModule, m: fx.Node, positive: bool, depth: int = 6,
-                   dying: set = frozenset(), products: dict | None = None) -> list[str] | None:
-    """The training-mode BatchNorms that are all the readers of ``m`` (through ops that commute
-    with the gate: ReLU / pooling for a positive scale, depthwise convs, other converted sites'
-    constant gates), or None if anything else reads it. ``dying`` readers (feeding only
-    statistics that psi replaces) do not count."""
+                   dying: set = frozenset(), products: dict | None = None,
+                   any_mode: bool = False) -> list[tuple[str, fx.Node]] | None:
+    """The training-mode BatchNorms (name, node) that are all the readers of ``m`` (through ops
+    that commute with the gate: ReLU / pooling for a positive scale, depthwise convs, other
+    converted sites' constant gates), or None if anything else reads it. ``dying`` readers
+    (feeding only statistics that psi replaces) do not count."""
     products = products or {}
     readers = [u for u in m.users if not reads_shape_only(u) and u not in dying]
     if not readers:
         return None
-    found: list[str] = []
+    found: list[tuple[str, fx.Node]] = []
     for u in readers:
-        if u in products and depth > 0 and products[u].x is m:
-            deeper = _norms_reading(gm, u, positive, depth - 1, dying, products)
-            if deeper is None:
-                return None
-            found += deeper
-            continue
-        name = _train_mode_batch_norm(gm, u)
+        name = _batch_norm_reading(gm, u, m, any_mode)
         if name is not None:
-            found.append(name)
+            found.append((name, u))
             continue
         mod = gm.get_submodule(str(u.target)) if u.op == "call_module" else None
-        if type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and \
-                mod.groups == mod.in_channels == mod.out_channels and u.args[0] is m:
-            # depthwise: channel c of the output reads channel c alone, linearly (a scale of
-            # either sign crosses; its bias is a per-channel shift the norm removes too)
-            deeper = _norms_reading(gm, u, positive, depth - 1, dying, products) \
-                if depth > 0 else None
-            if deeper is None:
-                return None
-            found += deeper
-            continue
-        homogeneous = (u.op == "call_module" and isinstance(
-            gm.get_submodule(str(u.target)), _HOMOGENEOUS_MODULES) and
-            type(gm.get_submodule(str(u.target))).__module__.startswith("torch.nn")) or \
+        crosses = u in products and products[u].x is m
+        # depthwise: channel c of the output reads channel c alone, linearly (a scale of either
+        # sign crosses; its bias is a per-channel shift the norm removes too)
+        crosses = crosses or (type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and
+                              mod.groups == mod.in_channels == mod.out_channels and
+                              bool(u.args) and u.args[0] is m)
+        homogeneous = (mod is not None and isinstance(mod, _HOMOGENEOUS_MODULES) and
+                       type(mod).__module__.startswith("torch.nn")) or \
             (u.op in ("call_function", "call_method") and u.target in _HOMOGENEOUS_FUNCTIONS)
-        if not (positive and homogeneous and depth > 0 and u.args and u.args[0] is m):
-            return None
-        deeper = _norms_reading(gm, u, positive, depth - 1, dying, products)
+        crosses = crosses or (positive and homogeneous and bool(u.args) and u.args[0] is m)
+        deeper = _norms_reading(gm, u, positive, depth - 1, dying, products, any_mode) \
+            if crosses and depth > 0 else None
         if deeper is None:
             return None
         found += deeper
     return found
 
 
-def refuse_gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite]
-                                   ) -> tuple[list[AttentionSite],
-                                              list[tuple[AttentionSite, Site]]]:
-    """Split ``sites`` into those whose gate can train as a constant and those (with their
-    record, code ``gate-before-batch-norm``) whose gated map is read only by BatchNorms that use
-    batch statistics in training.
+def gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite],
+                            expected: dict[tuple[str, int, int], tuple[str, ...]] | None = None
+                            ) -> tuple[dict[tuple[str, int, int], tuple[str, ...]],
+                                       list[tuple[AttentionSite, Site]]]:
+    """Find the sites whose gated map is read only by BatchNorms that use batch statistics in
+    training, and mark each to apply its constant gate to those norms' outputs instead
+    (``site.after_norms``, done by :func:`apply_asr`).
 
     Such a norm subtracts each channel's batch mean and divides by its batch standard deviation:
     ``BN(x * g) = sign(g) BN(x)`` and ``BN(x + t) = BN(x)`` for per-channel constants, up to the
-    norm's eps. The ASR gate would cancel while training (psi's gradient measured 1e-6..1e-8 of
-    its excitation weights' in random networks), and the deployed gate would be whatever psi
-    started as. A positive gate (sigmoid, hard-sigmoid, softmax) also crosses ReLU, LeakyReLU and
-    pooling on its way to the norm (they commute with a positive per-channel scale), and any
-    gate crosses a depthwise conv (channel c reads channel c alone). The
-    input-dependent attention (which varies per sample, so the norm does not cancel it) is kept
-    instead.
+    norm's eps. An ASR gate left before it would cancel while training (psi's gradient measured
+    1e-6..1e-8 of its excitation weights' in random networks) and deploy whatever psi started
+    as. Behind the norm it scales (or shifts) the normalised channels like the paper's ASR after
+    a block's last norm, trains, and folds into the norm's affine. A positive gate (sigmoid,
+    hard-sigmoid, softmax) also crosses ReLU, LeakyReLU and pooling on its way to the norm (they
+    commute with a positive per-channel scale), and any gate crosses a depthwise conv (channel
+    c reads channel c alone): those stay in front of the moved gate.
+
+    Args:
+        gm: one mode's graph, with shapes.
+        sites: the sites to be converted in mode "replace".
+        expected: for the eval graph of a model whose modes trace differently: the train
+            graph's answer (site key -> norm names). A site is moved here when it is moved
+            there and the same norms read its map (they run on running statistics here).
+
+    Returns:
+        (site key ``(path, channels, k)`` (the k-th site of that path in graph order) -> names
+        of the norms the gate moves behind, records of
+        the sites that cannot move: code ``gate-before-batch-norm``; their input-dependent
+        attention stays).
     """
     # what the conversion of the other sites changes about the readers of a gated map: the
     # nodes that only feed statistics stop reading it (psi replaces the statistics), and another
@@ -462,23 +472,78 @@ def refuse_gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite
             dying.add(n)
     products = {m: site for site in sites
                 for m in (site.mul, *site.more_muls)}
-    keep, refused = [], []
+    moved: dict[tuple[str, int, int], tuple[str, ...]] = {}
+    refused = []
+    seen: dict[tuple[str, int], int] = {}
     for site in sites:
+        # a module called twice makes two sites of one path: told apart by their order
+        calls = seen[site.path, site.channels] = seen.get((site.path, site.channels), -1) + 1
+        key = (site.path, site.channels, calls)
+        if expected is not None and key not in expected:
+            continue
         positive = site.fusion == "mul" and _positive(gm, site.gate)
-        norms = [_norms_reading(gm, m, positive, dying=dying,
+        found = [_norms_reading(gm, m, positive, dying=dying, any_mode=expected is not None,
                                 products={k: v for k, v in products.items() if v is not site})
                  for m in (site.mul, *site.more_muls)]
-        if all(norms):
-            names = sorted({n for found in norms for n in found})
+        if not all(found):
+            if expected is not None:
+                refused.append(site.refused(
+                    "the gated map is read only by BatchNorms in the training graph but not in "
+                    "the eval graph: the gate cannot move behind them in both; the "
+                    "input-dependent attention is kept", "gate-before-batch-norm"))
+            continue
+        names = tuple(sorted({name for f in found for name, _ in f}))
+        why = _unmovable(site, expected, key, names)
+        if why is not None:
             refused.append(site.refused(
                 f"the gated map is read only by {', '.join(names)}, which normalises each "
-                f"channel by its batch statistics in training: a constant gate there cancels "
-                f"(up to the norm's eps) and psi would not learn; the input-dependent attention "
-                f"is kept (ASR belongs after the norm, e.g. insert=..., where='block_output')",
+                f"channel by its batch statistics in training (a constant gate there cancels), "
+                f"and the gate cannot move behind it: {why}; the input-dependent attention is "
+                f"kept (ASR belongs after the norm, e.g. insert=..., where='block_output')",
                 "gate-before-batch-norm"))
-        else:
-            keep.append(site)
-    return keep, refused
+            continue
+        site.after_norms = list(dict.fromkeys(pair for f in found for pair in f))
+        moved[key] = names
+    return moved, refused
+
+
+def _unmovable(site: AttentionSite, expected: dict | None, key: tuple[str, int, int],
+               names: tuple[str, ...]) -> str | None:
+    """Why ``site``'s gate cannot be applied to the outputs of the norms ``names``, or None."""
+    if site.more_muls:
+        return "the gate scales more than one map"
+    if expected is not None and expected[key] != names:
+        return "the train and eval graphs read the map with different norms"
+    xs, gs = tensor_shape(site.x), tensor_shape(site.gate)
+    if xs is None or gs is None or len(gs) != len(xs) or len(xs) < 2 or \
+            gs[1] != site.channels or any(d != 1 for d in gs[2:]) or gs[0] not in (1, xs[0]):
+        return f"its gate (shape {gs}) is not one value per channel in the map's layout {xs}"
+    return None
+
+
+def _move_gates_past_norms(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
+    """Apply each marked site's gate to its norms' outputs, and drop its multiply (or add)."""
+    graph = gm.graph
+    combine = {"mul": operator.mul, "add": operator.add}
+    replaced: dict[fx.Node, fx.Node] = {}
+    for site in sites:
+        if not site.after_norms:
+            continue
+        x = site.x
+        while x in replaced:
+            x = replaced[x]
+        site.mul.replace_all_uses_with(x)
+        replaced[site.mul] = x
+        graph.erase_node(site.mul)
+        applied = []
+        for _, norm in site.after_norms:
+            with graph.inserting_after(norm):
+                out = graph.call_function(combine[site.fusion], (norm, site.gate))
+            out.meta["nn_module_stack"] = dict(norm.meta.get("nn_module_stack") or {})
+            norm.replace_all_uses_with(out, delete_user_cb=lambda u, out=out: u is not out)
+            applied.append(out)
+        site.mul, site.more_muls = applied[0], applied[1:]
+    stable_toposort(graph)
 
 
 def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[str]:

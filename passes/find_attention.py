@@ -81,6 +81,11 @@ class AttentionSite:
         asr_mul: mode "both": the multiply applying the added ASR copy's gate.
         frozen_norms: paths of norms in the branch switched to their running statistics.
         rows: why the branch still runs on psi expanded to the batch, if it does.
+
+    Written by :func:`asrfx.passes.asr_rewrite.gates_before_batch_norm`:
+        after_norms: (name, node) of the BatchNorm calls whose outputs the constant gate
+            scales (or shifts) instead of ``x``: a training-mode norm reading ``x * g`` would
+            cancel it.
     """
 
     mul: fx.Node
@@ -96,6 +101,7 @@ class AttentionSite:
     asr_mul: fx.Node | None = None
     frozen_norms: list[str] = field(default_factory=list)
     rows: str | None = None
+    after_norms: list[tuple[str, fx.Node]] = field(default_factory=list)
 
     def refused(self, reason: str, code: str) -> tuple["AttentionSite", Site]:
         """This site with the record of a pass refusing it (``code``, ``reason``)."""
@@ -797,6 +803,10 @@ def _examine(gm: fx.GraphModule, node: fx.Node, x: fx.Node, g: fx.Node, dep: set
     if _spatial_size(xs, last) == 1 and not isinstance(_trace_branch(gm, x, dep), str):
         return False  # x is itself pooled data (e.g. a swish inside an excitation branch)
     found = _trace_branch(gm, g, dep, xs, last, first, pooled)
+    if isinstance(found, str) and _spatial_size(xs, last) == 1 and tuple(gs) == tuple(xs):
+        # two maps of one position each, multiplied: only the example's size makes the product
+        # look per channel, and nothing pooled the gate: not attention at all
+        return False
     if isinstance(found, str):
         code = ("gate-reads-input" if "reaches the model input" in found else
                 "gate-scores-positions" if "scores positions" in found else "gate-not-pooled")
@@ -902,7 +912,12 @@ def gate_form(gm: fx.GraphModule, site: AttentionSite) -> str:
         if form is not None:
             return form
         hard = g.target in (operator.truediv, "div") and len(g.args) == 2 and g.args[1] == 6
-        if (g.target in _SHAPE_OPS or hard) and g.args and isinstance(g.args[0], fx.Node):
+        # g[:, :, None, None]: an index of full slices and new axes only reshapes
+        unsqueeze = g.target is operator.getitem and len(g.args) == 2 and \
+            isinstance(g.args[1], tuple) and all(
+                i is None or i == slice(None) or i is Ellipsis for i in g.args[1])
+        if (g.target in _SHAPE_OPS or hard or unsqueeze) and g.args and \
+                isinstance(g.args[0], fx.Node):
             g = g.args[0]
             continue
         break

@@ -339,15 +339,41 @@ class GateThenBN(nn.Module):
         return self.bn(y) + y if self.shortcut else self.bn(y)
 
 
-def test_gate_read_only_by_a_training_batch_norm_is_refused():
+def _train_step_and_fold(model: nn.Module, x: torch.Tensor, seed: int = 0):
+    """prepare, one SGD step (psi's gradient measured against the excitation's), norms
+    randomised, fold (its own check), and the eval outputs compared once more."""
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    prepared.train()
+    loss = (prepared(x) * torch.randn(prepared(x).shape)).sum()
+    loss.backward()
+    grads = {n: p.grad.abs().max().item() for n, p in prepared.named_parameters()
+             if p.grad is not None}
+    with torch.no_grad():
+        for p in prepared.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    randomize_bn(prepared, seed)
+    prepared.eval()
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    with torch.no_grad():
+        assert rel_err(prepared(x), deploy(x)) <= REL_TOL
+    return prepared, deploy, grads
+
+
+def test_gate_read_only_by_a_training_batch_norm_moves_behind_it():
+    """The constant gate scales the norm's output instead: it trains (psi's gradient is of the
+    order of its excitation's, not rounding noise) and folds into the norm's affine."""
+    torch.manual_seed(0)
     model = GateThenBN()
     x = torch.randn(4, 3, 8, 8)
-    prepared = asrfx.prepare(model, example_inputs=(x,))
+    prepared, deploy, grads = _train_step_and_fold(model, x)
     (site,) = prepared.asrfx_report.sites
-    assert (site.action, site.code) == ("refused", "gate-before-batch-norm")
+    assert (site.action, site.code) == ("converted", "gate-after-batch-norm")
     assert "bn (BatchNorm2d)" in site.reason
-    deploy = asrfx.fold(prepared, example_inputs=(x,))
-    assert deploy.asrfx_report.count(action="kept", kind="channel-attention") == 1
+    assert grads["psi"] > 1e-3 * grads["fc2.weight"] > 0
+    assert deploy.asrfx_report.count(action="kept", kind="channel-attention") == 0
+    assert not any(n.target is torch.sigmoid for n in deploy.graph.nodes)
+    assert [n.target for n in deploy.graph.nodes if n.op == "call_module"] == ["conv"]
 
 
 def test_constant_gate_before_a_training_batch_norm_would_not_train():
@@ -382,13 +408,19 @@ def test_gate_also_read_elsewhere_or_before_a_frozen_norm_converts():
     assert prepared.asrfx_report.count(action="converted") == 1
 
 
-def test_additive_gate_before_a_training_batch_norm_is_refused():
+def test_additive_gate_before_a_training_batch_norm_moves_behind_it():
     """Global-context attention adds a per-channel constant; a training-mode BN subtracts the
-    batch mean and cancels it just the same."""
+    batch mean and would cancel it just the same: the context shifts the norm's output."""
     from asrfx.attention import make_attention
 
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), make_attention("gc", 16),
                           nn.BatchNorm2d(16))
-    prepared = asrfx.prepare(model, example_inputs=(torch.randn(2, 3, 8, 8),))
+    prepared, deploy, grads = _train_step_and_fold(model, torch.randn(2, 3, 8, 8))
     (site,) = prepared.asrfx_report.sites
-    assert site.code == "gate-before-batch-norm"
+    assert (site.code, site.form) == ("gate-after-batch-norm", "additive context")
+    assert "shifts the output of 2 (BatchNorm2d)" in site.reason
+    # the context's last layer starts at zero (GCNet's init): its bias shows the gradient that
+    # a norm behind the context would cancel
+    assert grads["1.transform.3.bias"] > 1e-3 * grads["2.bias"] > 0
+    assert [n.target for n in deploy.graph.nodes if n.op == "call_module"] == ["0"]

@@ -174,28 +174,67 @@ def test_norm_subclass_identity_branch_merges_into_one_conv():
         assert rel_err(model(x), deploy(x)) <= REL_TOL
 
 
-def test_both_modes_agree_on_what_is_converted():
-    """A site refused in the train graph (a gate a training-mode BatchNorm would cancel) is
-    refused in the eval graph too, with the same record: a model never trains one form and
-    deploys another."""
+class GateBeforeNormAct(nn.Module):
+    """conv -> SE gate -> a BatchNorm subclass with a ReLU; ``eval_reader``: in eval mode the
+    gated map is also added to the output (the two modes' graphs read it differently)."""
 
-    class GateBeforeNormAct(nn.Module):
-        def __init__(self, c: int = 8):
-            super().__init__()
-            self.conv = nn.Conv2d(3, c, 3, padding=1)
-            self.fc = nn.Conv2d(c, c, 1)
-            self.bn = NormAct(c)
+    def __init__(self, c: int = 8, eval_reader: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.fc = nn.Conv2d(c, c, 1)
+        self.bn = NormAct(c)
+        self.eval_reader = eval_reader
 
-        def forward(self, x):
-            y = self.conv(x)
-            return self.bn(y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True))))
+    def forward(self, x):
+        y = self.conv(x)
+        g = y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+        out = self.bn(g)
+        return out + g if self.eval_reader and not self.training else out
 
+
+def _graphs(prepared) -> list:
+    return [prepared.graph] + ([prepared.eval_graph] if hasattr(prepared, "eval_graph") else [])
+
+
+def test_both_modes_move_the_gate_behind_the_norm():
+    """The subclass traces to a different batch_norm call per mode (training flag baked in):
+    the train graph finds the gate cancelled by the norm, and both graphs apply it to the
+    norm's output, so the model trains and deploys one function: ``relu(g * BN(x))``."""
+    torch.manual_seed(0)
+    model = GateBeforeNormAct()
+    randomize_bn(model, 3)
     x = torch.randn(4, 3, 8, 8)
-    prepared = asrfx.prepare(GateBeforeNormAct(), example_inputs=(x,))
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    report = prepared.asrfx_report
+    assert [(s.action, s.code) for s in report.sites if s.kind == "channel-attention"] == \
+        [("converted", "gate-after-batch-norm")], report
+    assert len(_graphs(prepared)) == 2
+    psi = prepared.get_parameter("psi")
+    g = torch.sigmoid(model.fc(psi))
+    bn = model.bn
+    for training in (True, False):
+        prepared.train(training)
+        # (the training step updates the prepared copy's running statistics: read those)
+        mean, var = (prepared.get_buffer(f"bn.running_{k}").clone() for k in ("mean", "var"))
+        with torch.no_grad():
+            ref = torch.relu(g * F.batch_norm(model.conv(x), mean, var, bn.weight, bn.bias,
+                                              training, 0.0, bn.eps))
+            assert rel_err(ref, prepared(x)) <= REL_TOL
+    prepared.eval()
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert not any(n.target is torch.sigmoid for n in deploy.graph.nodes), deploy.code
+
+
+def test_both_modes_agree_on_what_is_refused():
+    """When the eval graph reads the gated map with something else too, the gate cannot move
+    behind the norm in both graphs: it is refused in both, with the same record, so a model
+    never trains one form and deploys another."""
+    x = torch.randn(4, 3, 8, 8)
+    prepared = asrfx.prepare(GateBeforeNormAct(eval_reader=True), example_inputs=(x,))
     report = prepared.asrfx_report
     assert [(s.action, s.code) for s in report.sites if s.kind == "channel-attention"] == \
         [("refused", "gate-before-batch-norm")], report
+    assert "eval graph" in report.sites[0].reason
     assert not [n for n, _ in prepared.named_parameters() if n.endswith("psi")]
-    graphs = [prepared.graph] + ([prepared.eval_graph] if hasattr(prepared, "eval_graph") else [])
-    for g in graphs:
+    for g in _graphs(prepared):
         assert any(n.target is torch.sigmoid for n in g.nodes)

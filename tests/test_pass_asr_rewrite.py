@@ -1,6 +1,6 @@
 """The ASR rewrite pass on small hand-built graphs: ``apply_asr`` (psi, modes, one row, init)
 and the two refusal passes that run before it, ``refuse_batch_statistic_sites`` and
-``refuse_gates_before_batch_norm``.
+``gates_before_batch_norm``.
 
 Graphs come from :class:`asrfx.tracing.AsrTracer` with recorded shapes and the sites from
 ``find_attention_sites``; nothing here goes through ``asrfx.prepare``.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asrfx.passes import (apply_asr, find_attention_sites, refuse_batch_statistic_sites,
-                          refuse_gates_before_batch_norm, value_dependent)
+                          gates_before_batch_norm, value_dependent)
 from asrfx.passes.graph_utils import reads_shape_only, tensor_shape
 from asrfx.passes.shapes import propagate_shapes
 from helpers import asr_traced, SE, SENet, dtype_tol, randomize_bn, rel_err
@@ -361,11 +361,13 @@ def test_branch_norm_with_running_statistics_is_not_refused():
     assert refuse_batch_statistic_sites(gm, sites) == (sites, [])
 
 
-def test_refused_sites_are_left_as_they_are():
-    gm, sites = _sites(_normed("batch-only"), torch.randn(4, 3, 8, 8))
+@pytest.mark.parametrize("which", ["refused", "moved"])
+def test_the_analyses_leave_the_graph_as_it_is(which):
+    model = _normed("batch-only") if which == "refused" else GateThenNorm().train()
+    gm, sites = _sites(model, torch.randn(4, 3, 8, 8))
     before = _signature(gm.graph)
     refuse_batch_statistic_sites(gm, sites)
-    refuse_gates_before_batch_norm(gm, sites)
+    gates_before_batch_norm(gm, sites)
     assert _signature(gm.graph) == before
 
 
@@ -407,6 +409,10 @@ class GateThenNorm(nn.Module):
         return out + g if self.residual else out
 
 
+def _norm_names(site) -> list[str]:
+    return [name for name, _ in site.after_norms]
+
+
 @pytest.mark.parametrize("kw", [
     dict(),                                  # SE right before the block's norm
     dict(gate="tanh"),                       # any gate, directly
@@ -414,13 +420,14 @@ class GateThenNorm(nn.Module):
     dict(between="relu"),                    # a positive gate crosses ReLU
     dict(between="dw"),                      # any gate crosses a depthwise conv
 ], ids=lambda kw: "-".join(f"{v}" for v in kw.values()) or "sigmoid")
-def test_gate_read_only_by_a_training_batch_norm_is_refused(kw):
+def test_gate_read_only_by_a_training_batch_norm_moves_behind_it(kw):
     model = GateThenNorm(**kw).train()
     gm, sites = _sites(model, torch.randn(4, 3, 8, 8))
-    keep, refused = refuse_gates_before_batch_norm(gm, sites)
-    assert keep == [] and [s for s, _ in refused] == sites
-    _assert_refused(refused, "gate-before-batch-norm")
-    assert "bn (BatchNorm2d)" in refused[0][1].reason  # the norm is named
+    moved, refused = gates_before_batch_norm(gm, sites)
+    assert refused == []
+    assert moved == {("", 8, 0): ("bn (BatchNorm2d)",)}  # the norm is named
+    assert _norm_names(sites[0]) == ["bn (BatchNorm2d)"]
+    assert sites[0].after_norms[0][1].target == "bn"
 
 
 @pytest.mark.parametrize("kw", [
@@ -428,23 +435,24 @@ def test_gate_read_only_by_a_training_batch_norm_is_refused(kw):
     dict(between="conv"),                    # a full conv mixes channels
     dict(residual=True),                     # the gated map is also read by the sum
 ], ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
-def test_gate_read_by_anything_else_is_kept(kw):
+def test_gate_read_by_anything_else_stays_in_front(kw):
     model = GateThenNorm(**kw).train()
     gm, sites = _sites(model, torch.randn(4, 3, 8, 8))
-    assert refuse_gates_before_batch_norm(gm, sites) == (sites, [])
+    assert gates_before_batch_norm(gm, sites) == ({}, [])
+    assert sites[0].after_norms == []
 
 
-def test_gate_before_an_eval_mode_batch_norm_is_kept():
+def test_gate_before_an_eval_mode_batch_norm_stays_in_front():
     model = GateThenNorm().train()
     model.bn.eval()  # frozen statistics: the norm does not cancel a constant scale
     gm, sites = _sites(model, torch.randn(4, 3, 8, 8))
-    assert refuse_gates_before_batch_norm(gm, sites) == (sites, [])
+    assert gates_before_batch_norm(gm, sites) == ({}, [])
 
 
-def test_gate_before_a_batch_norm_subclass_is_refused_once_traced_through():
+def test_gate_before_a_batch_norm_subclass_moves_once_traced_through():
     """A BatchNorm subclass is traced through (with example inputs, which answer its
     ``input.dim() != 4`` check): its training-mode batch_norm call cancels a constant gate
-    like the module would."""
+    like the module would, so the gate moves behind the call."""
     from asrfx.capture import capture
 
     class MyNorm(nn.BatchNorm2d):
@@ -457,37 +465,98 @@ def test_gate_before_a_batch_norm_subclass_is_refused_once_traced_through():
     propagate_shapes(gm, (x,))
     sites, _ = find_attention_sites(gm)
     assert not any(n.op == "call_module" and n.target == "bn" for n in gm.graph.nodes)
-    keep, refused = refuse_gates_before_batch_norm(gm, sites)
-    assert keep == []
-    _assert_refused(refused, "gate-before-batch-norm")
+    moved, refused = gates_before_batch_norm(gm, sites)
+    assert refused == [] and list(moved.values()) == [("bn (batch_norm)",)]
+    assert sites[0].after_norms[0][1].target is F.batch_norm
 
 
-def test_two_gates_in_a_row_before_a_norm_are_both_refused():
+class TwoThenNorm(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.se1, self.se2 = SE(c), SE(c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.se2(self.se1(self.conv(x))))
+
+
+def test_two_gates_in_a_row_before_a_norm_both_move():
     """The second site's product is a constant scale once converted: the first gate crosses
     it on its way to the norm."""
-
-    class TwoThenNorm(nn.Module):
-        def __init__(self, c: int = 8):
-            super().__init__()
-            self.conv = nn.Conv2d(3, c, 3, padding=1)
-            self.se1, self.se2 = SE(c), SE(c)
-            self.bn = nn.BatchNorm2d(c)
-
-        def forward(self, x):
-            return self.bn(self.se2(self.se1(self.conv(x))))
-
     gm, sites = _sites(TwoThenNorm().train(), torch.randn(4, 3, 8, 8))
     assert [s.path for s in sites] == ["se1", "se2"]
-    keep, refused = refuse_gates_before_batch_norm(gm, sites)
-    assert keep == [] and [s for s, _ in refused] == sites
+    moved, refused = gates_before_batch_norm(gm, sites)
+    assert refused == []
+    assert moved == {("se1", 8, 0): ("bn (BatchNorm2d)",), ("se2", 8, 0): ("bn (BatchNorm2d)",)}
+
+
+class SharedGateThenNorms(nn.Module):
+    """One gate scales two maps, each read only by a training-mode BatchNorm."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(3, c, 1)
+        self.fc = nn.Conv2d(c, c, 1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.a(x)
+        g = torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+        return self.bn1(y * g) + self.bn2(self.b(x) * g)
+
+
+def test_a_gate_of_two_maps_before_norms_is_refused():
+    gm, sites = _sites(SharedGateThenNorms().train(), torch.randn(4, 3, 8, 8))
+    assert len(sites) == 1 and sites[0].more_muls
+    moved, refused = gates_before_batch_norm(gm, sites)
+    assert moved == {}
+    _assert_refused(refused, "gate-before-batch-norm")
+    assert "more than one map" in refused[0][1].reason
+
+
+def test_eval_graph_moves_what_the_train_graph_moves():
+    """In a model whose modes trace differently, the eval graph's norms run on running
+    statistics: a gate moves there when it moves in the train graph and the same norms read it,
+    and is refused when they differ (both graphs must compute the same function)."""
+    gm, sites = _sites(GateThenNorm().eval(), torch.randn(4, 3, 8, 8))
+    assert gates_before_batch_norm(gm, sites) == ({}, [])  # eval mode alone: nothing to do
+    moved, refused = gates_before_batch_norm(gm, sites, {("", 8, 0): ("bn (BatchNorm2d)",)})
+    assert refused == [] and moved == {("", 8, 0): ("bn (BatchNorm2d)",)}
+    gm, sites = _sites(GateThenNorm().eval(), torch.randn(4, 3, 8, 8))
+    moved, refused = gates_before_batch_norm(gm, sites, {("", 8, 0): ("other (BatchNorm2d)",)})
+    assert moved == {} and sites[0].after_norms == []
     _assert_refused(refused, "gate-before-batch-norm")
 
 
-def test_senet_is_refused_by_neither_pass():
+def test_moved_gate_scales_the_norm_output_in_training():
+    """After the rewrite the norm reads the map itself and its output is scaled by the
+    constant gate: ``g(psi) * BN(x)`` in train mode, equal to a hand-written form, and psi gets
+    a real gradient (before the norm it would be cancelled)."""
+    torch.manual_seed(0)
+    model = GateThenNorm().train()
+    x = torch.randn(4, 3, 8, 8)
+    gm, sites = _sites(model, x)
+    gates_before_batch_norm(gm, sites)
+    created: dict = {}
+    apply_asr(gm, sites, init=0.5, created=created)
+    gm.recompile()
+    psi = created["psi"]
+    ref_bn = nn.BatchNorm2d(8).train()
+    ref_bn.load_state_dict(model.bn.state_dict())
+    want = ref_bn(model.conv(x)) * torch.sigmoid(model.fc(psi))
+    got = gm(x)
+    assert rel_err(want, got) <= dtype_tol(torch.float32)
+    (got * torch.randn(got.shape)).sum().backward()
+    assert psi.grad.abs().max() > 1e-3 * model.fc.weight.grad.abs().max()
+    assert sites[0].mul.args[0] is sites[0].after_norms[0][1]  # the site's multiply is behind
+
+
+def test_senet_moves_nothing():
     model = SENet(8).train()
     gm, sites = _sites(model, torch.randn(4, 3, 8, 8))
     assert refuse_batch_statistic_sites(gm, sites) == (sites, [])
-    assert refuse_gates_before_batch_norm(gm, sites) == (sites, [])
+    assert gates_before_batch_norm(gm, sites) == ({}, [])
 
 
 # --- psi init ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from asrfx.passes import find_attention_sites
@@ -336,6 +337,34 @@ def test_gate_from_another_input_is_refused_with_its_code():
     _, sites, refusals = _find(InputGate(), torch.randn(*IMAGES), torch.randn(2, 4))
     assert sites == []
     assert _codes(refusals) == ["gate-reads-input"]
+
+
+class OnePositionProduct(nn.Module):
+    """Two maps computed from the input, multiplied element by element (a state-space layer's
+    ``h * act(z)``); at a small example size the maps have one position each, so only their
+    shapes, ``(N, C, 1)``, look per channel."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2 * c, 3, padding=1, stride=8)
+
+    def forward(self, x):
+        h, z = self.conv(x).flatten(2).chunk(2, dim=1)
+        return h * F.silu(z)
+
+
+@pytest.mark.parametrize("size", [8, 32], ids=["one-position", "many-positions"])
+def test_product_of_unpooled_maps_is_not_attention_at_any_size(size):
+    """Nothing pooled the 'gate': not a refused attention at one position, just as it is not
+    one at 16 positions."""
+    _, sites, refusals = _find(OnePositionProduct(), torch.randn(2, 3, size, size))
+    assert sites == [] and refusals == []
+
+
+def test_pooled_gate_on_a_one_position_map_is_still_attention():
+    """A real SE gate on a map that happens to have one position is still found."""
+    _, sites, refusals = _find(Wrap(SE(8)), torch.randn(2, 3, 1, 1))
+    assert [s.path for s in sites] == ["att"] and refusals == []
 
 
 class CornerGate(nn.Module):
