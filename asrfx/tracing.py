@@ -101,7 +101,13 @@ class AsrTracer(fx.Tracer):
     With ``example_inputs`` it also computes every node's example value while tracing, so
     ``len(x.shape)`` (the rank, which does not depend on the batch or image size) can be
     answered; any other use of a traced value in Python control flow still fails.
+
+    Buffers read as attributes are traced as ``get_attr`` (``proxy_buffer_attributes``): fx's
+    default bakes ``f(self.running_var)`` into a constant at trace time, which goes stale as
+    training updates the buffer (a diverse-branch block's pad value is computed so).
     """
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaf_modules: Iterable[str | type] = (), example_inputs: tuple | None = None):
         super().__init__()
@@ -260,6 +266,39 @@ def _proxy_floor(self: fx.Proxy) -> fx.Proxy:
     return self.tracer.create_proxy("call_function", math.floor, (self,), {})
 
 
+def set_items(t: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    """``t`` with ``t[index] = value`` applied, as a new tensor (``t`` is unchanged).
+
+    The traced form of an item assignment (``out[:, :, :1, :] = v``, e.g. the border fill of a
+    diverse-branch block's pad-with-the-norm's-shift): graph passes reason about values, and a
+    new tensor keeps every node's value fixed once computed.
+    """
+    out = t.clone()
+    out[index] = value
+    return out
+
+
+#: ops whose result is a new tensor no other value shares memory with (an item assignment to it
+#: changes nothing else): the only targets an assignment is traced for
+_FRESH = {torch.nn.functional.pad, torch.zeros, torch.ones, torch.full, torch.empty, torch.cat,
+          torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.clone,
+          "clone", set_items}
+
+
+def _proxy_setitem(self: fx.Proxy, index: Any, value: Any) -> None:
+    node = self.node
+    target = getattr(torch, node.target.__name__, node.target) \
+        if node.op == "call_function" and hasattr(node.target, "__name__") and \
+        node.target.__name__ in _FACTORIES else node.target
+    if node.op not in ("call_function", "call_method") or target not in _FRESH:
+        raise TypeError(f"item assignment to {node.name}: only a tensor that F.pad, a factory, "
+                        f"cat or clone just made is traced (anything else may share memory "
+                        f"with another value)")
+    # every later use of this proxy reads the assigned tensor
+    self.node = self.tracer.create_proxy("call_function", set_items, (self, index, value),
+                                         {}).node
+
+
 # Tensor factories take sizes, not tensors, so a size read from a traced shape
 # (``torch.rand(x.shape[0], 1, 1, 1)`` in drop-path code) reaches them as a Proxy that torch's
 # argument parser rejects. While tracing, these names are wrapped to record a call instead.
@@ -297,6 +336,7 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
         fx.Proxy.__floor__ = _proxy_floor
     for name, fn in originals.items():
         setattr(torch, name, _wrap_factory(fn))
+    fx.Proxy.__setitem__ = _proxy_setitem
     try:
         graph = tracer.trace(model)
         for node in graph.nodes:
@@ -310,7 +350,7 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
         for name, fn in originals.items():
             setattr(torch, name, fn)
         fx.Proxy.__len__ = _fx_len
-        for name in ("__ceil__", "__floor__"):
+        for name in ("__ceil__", "__floor__", "__setitem__"):
             if name in vars(fx.Proxy):
                 delattr(fx.Proxy, name)
         if saved is not None:

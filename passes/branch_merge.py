@@ -19,12 +19,13 @@ from torch import nn
 
 from asrfx import foldmath
 from asrfx.report import Site
-from .graph_utils import (ADD_OPS, is_op, module_path, reads_shape_only, safe_dce,
-                          set_attr_path, tensor_shape, unique_name)
+from .graph_utils import (ADD_OPS, get_attr_path, is_op, module_path, reads_shape_only,
+                          safe_dce, set_attr_path, tensor_shape, unique_name)
 from .layers import AVG_POOLS, BATCH_NORM_TYPES as NORM_TYPES, CONV_TYPES, batch_norm_call
 from .protocol import PassContext, Step, record, run_steps
 
-__all__ = ["merge_branches", "merge_sequential", "branch_merge_steps", "sequential_merge_steps"]
+__all__ = ["merge_branches", "merge_sequential", "branch_merge_steps", "sequential_merge_steps",
+           "padding_steps"]
 
 
 def _operands(add: fx.Node) -> list[fx.Node] | None:
@@ -192,11 +193,129 @@ def _mergeable(gm: fx.GraphModule, ops: list[fx.Node], branches: list, x: fx.Nod
     return None
 
 
-def _pointwise(mod: Any) -> bool:
+def _pointwise(mod: Any, groups: bool = False) -> bool:
+    """A 1x1 conv of stride 1 with explicit zero padding (of any width: its border outputs are
+    its bias); ungrouped unless ``groups``."""
     return (type(mod) in CONV_TYPES and all(k == 1 for k in mod.kernel_size)
             and all(s == 1 for s in mod.stride) and not isinstance(mod.padding, str)
-            and all(p == 0 for p in mod.padding) and mod.groups == 1
+            and mod.padding_mode == "zeros" and (groups or mod.groups == 1)
             and all(d == 1 for d in mod.dilation))
+
+
+def _padding_of(node: fx.Node, rank: int) -> tuple[int, ...] | None:
+    """The per-dimension widths of ``F.pad(y, pads)`` (constant zeros, the same on both sides
+    of each of the ``rank`` spatial dims), in conv order, else None."""
+    if node.op != "call_function" or node.target is not torch.nn.functional.pad:
+        return None
+    pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+    if not (isinstance(pads, (list, tuple)) and len(pads) == 2 * rank and
+            all(isinstance(p, int) and p >= 0 for p in pads) and mode == "constant" and
+            value in (None, 0, 0.0)):
+        return None
+    if any(pads[2 * i] != pads[2 * i + 1] for i in range(rank)):
+        return None
+    return tuple(pads[2 * (rank - 1 - i)] for i in range(rank))
+
+
+def _fill_chain(node: fx.Node) -> tuple[list[tuple[Any, Any]], fx.Node]:
+    """The item assignments (index, value) applied in turn to ``node``'s result (each step
+    read by nothing else), and the last result."""
+    from asrfx.tracing import set_items
+
+    fills, end = [], node
+    while len(end.users) == 1:
+        (u,) = end.users
+        if not (u.op == "call_function" and u.target is set_items and u.args[0] is end):
+            break
+        fills.append((u.args[1], u.args[2]))
+        end = u
+    return fills, end
+
+
+def _border_fill(gm: fx.GraphModule, shape: tuple[int, ...], pad: tuple[int, ...],
+                 fills: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """What the fills write into a padded map of ``shape`` (one sample, float64): (the values,
+    where they write, the border of widths ``pad``); None when a value is not a constant."""
+    values = torch.zeros((1, *shape[1:]), dtype=torch.float64)
+    mask = torch.zeros((1, *shape[1:]), dtype=torch.bool)
+    for index, v in fills:
+        if isinstance(v, fx.Node):
+            if v.op != "get_attr":
+                return None
+            v = get_attr_path(gm, str(v.target))
+        if not isinstance(v, (int, float, torch.Tensor)):
+            return None
+        try:
+            values[index] = torch.as_tensor(v).detach().to(torch.float64)
+            mask[index] = True
+        except (IndexError, RuntimeError, TypeError):
+            return None
+    border = torch.ones_like(mask)
+    border[(slice(None), slice(None), *(slice(p, n - p) for p, n in zip(pad, shape[2:])))] = False
+    return values, mask, border
+
+
+def _absorb_padding(gm: fx.GraphModule, node: fx.Node, src: fx.Node, conv: nn.Module,
+                    pad: tuple[int, ...]) -> list[Site]:
+    """``F.pad`` of a 1x1 conv's output whose border is then filled with the conv's bias (or
+    left zero for a conv without one) is that conv with padding ``pad``: its border outputs are
+    its bias. The pad-with-the-norm's-shift of diverse-branch blocks (Ding et al., CVPR 2021,
+    ``BNAndPad``) is this once its BatchNorm is fused into the 1x1 conv."""
+    rec = record(f"pad:{node.name}", module_path(node) or str(src.target), "padding absorbed",
+                 conv.out_channels)
+    fills, end = _fill_chain(node)
+    shape = tensor_shape(node)
+    found = _border_fill(gm, shape, pad, fills) if shape is not None else None
+    bias = conv.bias.detach().to(torch.float64) if conv.bias is not None else \
+        torch.zeros(conv.out_channels, dtype=torch.float64)
+    if found is None or not (torch.equal(found[1], found[2]) or
+                             (not fills and not bool(torch.any(bias != 0)))):
+        rec.code, rec.reason = "padding-not-bias", (
+            "the padded border is not filled exactly, with constants: no conv's padding holds it")
+        return [rec]
+    values, _, border = found
+    want = bias.view(1, -1, *([1] * len(pad))).expand_as(values)
+    # the fill is computed from the norm's parameters as the fused bias is, in another order
+    tol = 64 * torch.finfo(conv.weight.dtype).eps * max(1.0, float(bias.abs().max()))
+    if fills and bool(torch.any((values - want).abs()[border] > tol)):
+        rec.code, rec.reason = "padding-not-bias", (
+            "the padded border holds values other than the 1x1 conv's bias: it is not that "
+            "conv's padding")
+        return [rec]
+    new = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, pad,
+                     conv.dilation, conv.groups, bias=conv.bias is not None)
+    new = new.to(device=conv.weight.device, dtype=conv.weight.dtype).train(False)
+    new.weight = nn.Parameter(conv.weight.detach().clone())
+    if conv.bias is not None:
+        new.bias = nn.Parameter(conv.bias.detach().clone())
+    name = unique_name(gm, f"{src.target}_padded")
+    set_attr_path(gm, name, new)
+    with gm.graph.inserting_before(node):
+        padded = gm.graph.call_module(name, (src.args[0],))
+    padded.meta = dict(end.meta)
+    end.replace_all_uses_with(padded)
+    safe_dce(gm)
+    rec.action, rec.target = "merged", f"{name} (padding {pad})"
+    return [rec]
+
+
+def padding_steps(gm: fx.GraphModule) -> Iterator[Step]:
+    """One step per ``F.pad`` of a 1x1 conv's output that nothing else reads (key
+    ``"pad:<pad node>"``)."""
+    for node in list(gm.graph.nodes):
+        src = node.args[0] if node.op == "call_function" and node.args else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module"):
+            continue
+        conv = gm.get_submodule(str(src.target))
+        if not _pointwise(conv, groups=True) or any(p != 0 for p in conv.padding):
+            continue
+        pad = _padding_of(node, len(conv.kernel_size))
+        if pad is None or sum(1 for u in src.users if not reads_shape_only(u)) != 1:
+            continue
+        yield Step(f"pad:{node.name}", lambda node=node, src=src, conv=conv, pad=pad:
+                   _absorb_padding(gm, node, src, conv, pad))
 
 
 def _sequential_pair(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
@@ -234,8 +353,11 @@ def _then_conv(first: nn.Module, second: nn.Module, has_b1: bool) -> tuple:
     w, b = foldmath.merge_sequential_convs(first.weight.detach(), None if b1 is None
                                            else b1.detach(), second.weight.detach(),
                                            None if second.bias is None else second.bias.detach())
+    # the 1x1 conv's own padding (its border outputs are its bias, which the merged bias holds
+    # too) and the second conv's zeros both become zeros around the input
+    pad = tuple(p1 + p2 for p1, p2 in zip(first.padding, second.padding))
     return w, b, type(second)(first.in_channels, second.out_channels, second.kernel_size,
-                              second.stride, second.padding, second.dilation, bias=True)
+                              second.stride, pad, second.dilation, bias=True)
 
 
 def _then_pool(first: nn.Module, second: nn.Module, has_b1: bool) -> tuple:
@@ -255,6 +377,7 @@ def _then_pool(first: nn.Module, second: nn.Module, has_b1: bool) -> tuple:
     # a copy: the merged conv must not share its bias with the 1x1 conv it replaces
     b = first.bias.detach().clone() if first.bias is not None else \
         torch.zeros(first.out_channels, dtype=w.dtype, device=w.device)
+    pad = tuple(p1 + p2 for p1, p2 in zip(first.padding, pad))  # as in _then_conv
     return w, b, type(first)(first.in_channels, first.out_channels, k, stride, pad, bias=True)
 
 
@@ -303,5 +426,6 @@ def sequential_merge_steps(gm: fx.GraphModule) -> Iterator[Step]:
 def merge_sequential(gm: fx.GraphModule, ctx: PassContext | None = None) -> list[Site]:
     """Merge a 1x1 conv followed directly by a kxk conv, or by an average pool, into one conv
     (DBB's sequential branches, Ding et al., CVPR 2021), where that is exact; a "sequential
-    merge" record per pair, kept ones with a code."""
-    return run_steps(sequential_merge_steps(gm), ctx)
+    merge" record per pair, kept ones with a code. First, a 1x1 conv's output padded and filled
+    with its bias becomes the conv with that padding (a "padding absorbed" record each)."""
+    return run_steps(padding_steps(gm), ctx) + run_steps(sequential_merge_steps(gm), ctx)

@@ -17,7 +17,6 @@ import torch.fx as fx
 from torch import nn
 
 import asrfx
-from asrfx.passes.asr_rewrite import apply_asr
 from asrfx.passes.batch_rows import collapse_batch, one_row
 from helpers import REL_TOL, randomize_bn, rel_err
 

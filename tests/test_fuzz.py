@@ -996,7 +996,7 @@ def gated_by(model: fx.GraphModule, psi: str) -> set[fx.Node]:
 def _gates_before_batch_norm(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """Per attention path: how many of its per-channel multiplies (or additions) feed nothing
     but BatchNorm modules (all in training mode here). Read off the traced original model."""
-    from asrfx.passes.graph_utils import module_path, reads_shape_only
+    from asrfx.passes.graph_utils import module_path
 
     gm = asrfx.trace(model, (x,))  # the model is in train mode: its training graph
     out: dict[str, int] = {}
