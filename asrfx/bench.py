@@ -219,10 +219,13 @@ def _variants(cfg: BenchConfig, x1: torch.Tensor, device: torch.device
         from .attention import ATTENTIONS
 
         atts = sorted(ATTENTIONS)
+    zoo = parse_model_spec(cfg.model).kind == "zoo"
+    if not zoo:
+        atts = atts[:1]  # the model brings its own attention; --attention is for the zoo
     for i, att in enumerate(atts):
         model, backbone, _ = build_models(cfg, att)
         model = model.to(device)
-        label = att if parse_model_spec(cfg.model).kind == "zoo" else type(model).__name__
+        label = att if zoo else "attention"
         if i == 0:
             if backbone is None:
                 backbone = strip_attention(model, (x1,))
@@ -245,9 +248,13 @@ def _variants(cfg: BenchConfig, x1: torch.Tensor, device: torch.device
         rep = deploy.asrfx_report
         with torch.no_grad(), full_fp32_precision():
             err = relative_error(prepared(x1), deploy(x1))
-        notes[label] = {"converted": prepared.asrfx_report.count(action="converted"),
-                        "folded": rep.count(action="folded"),
+        converted = prepared.asrfx_report.count(action="converted")
+        notes[label] = {"converted": converted, "folded": rep.count(action="folded"),
                         "kept": rep.count(action="kept"), "fold_rel_err": err}
+        if not converted:
+            notes["no attention"] = (f"{cfg.model} has no channel attention asrfx converts: "
+                                     f"its ASR rows are the model itself (prepare's report: "
+                                     f"{str(prepared.asrfx_report).splitlines()[0]})")
     return evals, trains, notes
 
 
@@ -301,7 +308,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     "images_per_s": b / med, "samples": len(samples)}
         if cfg.train_reps:
             xt = torch.randn(cfg.train_batch, *shape, generator=gen).to(device)
-            yt = torch.randint(0, cfg.num_classes, (cfg.train_batch,), generator=gen).to(device)
+            # targets for the classes the model outputs (a factory's model has its own count)
+            with torch.no_grad():
+                classes = next(iter(trains.values()))(xt[:2]).shape[-1] if trains else \
+                    cfg.num_classes
+            yt = torch.randint(0, classes, (cfg.train_batch,), generator=gen).to(device)
             steps = {name: _train_step(m, xt, yt) for name, m in trains.items()}
             times = time_interleaved(steps, cfg.train_reps, 1, sync, bar)
             for name, samples in times.items():
@@ -318,7 +329,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                        for k, v in asdict(cfg).items()},
             "machine": machine_description(device), "rows": rows, "notes": notes,
             "runtimes": {k: v["status"] for k, v in runtimes.items()},
-            "targets": _targets(rows, cfg)}
+            # the project's own targets are about its benchmark models, not a user's
+            "targets": _targets(rows, cfg) if parse_model_spec(cfg.model).kind == "zoo" else []}
 
 
 def _runtime_calls(cfg: BenchConfig, evals: dict[str, nn.Module], x1: torch.Tensor
@@ -413,7 +425,9 @@ def format_results(res: dict[str, Any]) -> str:
         row += [f"{tr['median_ms']:.1f}", f"{tr['ratio']:.2f}x"] if tr else ["", ""]
         table.append(row)
     cfg = res["config"]
-    lines = [f"asrfx bench: {cfg['model']} (attention {', '.join(cfg['attention'])}), "
+    own = parse_model_spec(cfg["model"]).kind != "zoo"
+    lines = [f"asrfx bench: {cfg['model']} ("
+             f"{'its own attention' if own else 'attention ' + ', '.join(cfg['attention'])}), "
              f"{cfg['reps']} interleaved reps per batch, train step at batch "
              f"{cfg['train_batch']} x {cfg['train_reps']}",
              f"machine: {res['machine']}", ""]
@@ -421,6 +435,9 @@ def format_results(res: dict[str, Any]) -> str:
     for rt, status in res.get("runtimes", {}).items():
         if status != "ok":
             lines.append(f"{rt}: {status}")
+    for key in ("backbone", "no attention"):
+        if isinstance(res.get("notes", {}).get(key), str):
+            lines.append(f"note: {res['notes'][key]}")
     if res.get("targets"):
         lines += ["", "targets:"]
         lines += [f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']}"

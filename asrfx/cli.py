@@ -7,20 +7,23 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import ASRError, InputError
-from .zoo import build_model, parse_model_spec
 
-__all__ = ["main", "load_model", "read_checkpoint", "fold_checkpoint"]
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help
+    import torch
+    from torch import nn
+
+__all__ = ["main", "load_model", "read_checkpoint", "fold_checkpoint", "check_fits",
+           "write_deploy"]
 
 
 def read_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A state_dict from ``path``, read with ``torch.load(weights_only=True)`` only (no arbitrary
     unpickling); ``{"state_dict": ...}`` wrappers are unwrapped."""
+    import torch
+
     save = "save it with torch.save(model.state_dict(), path)"
     if isinstance(path, (str, os.PathLike)):
         if not Path(path).exists():
@@ -79,23 +82,79 @@ def load_model(spec: str, checkpoint: str | None = None, *, num_classes: int = 1
     Raises:
         InputError: unknown spec, factory failure, unreadable or mismatching checkpoint.
     """
+    from .zoo import build_model, parse_model_spec
+
     model = build_model(parse_model_spec(spec), num_classes=num_classes,
                         in_channels=in_channels, dims=dims)
     if checkpoint:
         state = read_checkpoint(checkpoint, device)
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes differ: say which, and how to build the model
+            raise InputError(f"checkpoint {checkpoint!r} does not fit {spec}: "
+                             f"{'; '.join(_shape_mismatches(model.state_dict(), state, e)[:3])}; "
+                             f"build the model as it was trained (zoo: --num-classes and the "
+                             f"data; a factory: its arguments, e.g. module:factory(cin=1, "
+                             f"classes=10))") from None
         if result.missing_keys or result.unexpected_keys:
             raise InputError(f"checkpoint {checkpoint!r} does not fit {spec}: missing "
                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     return model.to(device)
 
 
+def check_fits(model: nn.Module, split: Any, spec: str, data: str) -> int:
+    """The model's class count, after checking that it takes the data's inputs and has an
+    output for every label the data holds.
+
+    Raises:
+        InputError: the model fails on two of the data's inputs, or its output has fewer
+            classes than the data's labels need; the message says how to build it instead.
+    """
+    import torch
+
+    model_was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(split.x_test[:2].to(next(model.parameters(), torch.empty(0)).device))
+    except Exception as e:  # noqa: BLE001 - the user's model and data: say which do not fit
+        raise InputError(f"--model {spec} does not take --data {data}'s inputs of shape "
+                         f"{tuple(split.input_shape)} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); build "
+                         f"it for {split.in_channels} input channel(s), e.g. "
+                         f"module:factory(cin={split.in_channels})") from None
+    finally:
+        model.train(model_was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise InputError(f"--model {spec} returns {getattr(out, 'shape', type(out).__name__)} "
+                         f"for a batch of 2; a classifier returning (N, classes) is expected")
+    if out.shape[1] < split.num_classes:
+        raise InputError(f"--model {spec} outputs {out.shape[1]} classes but --data {data} has "
+                         f"labels 0..{split.num_classes - 1}: build it for "
+                         f"{split.num_classes} classes (e.g. module:factory(classes="
+                         f"{split.num_classes}))")
+    return int(out.shape[1])
+
+
+def _shape_mismatches(expected: dict, state: dict, error: BaseException) -> list[str]:
+    """The entries whose shapes differ between a model's state_dict and a checkpoint's (the
+    first lines of load_state_dict's ``error`` when none is found)."""
+    import torch
+
+    return [f"{k}: {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+            for k, v in expected.items() if k in state and isinstance(state[k], torch.Tensor)
+            and state[k].shape != v.shape] or \
+        [" ".join(ln.strip() for ln in str(error).strip().splitlines()[:3])]
+
+
 def _demo(args: argparse.Namespace) -> None:
+    import torch
+
     from .demo import DemoConfig, run_demo
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_demo(DemoConfig(dataset=args.dataset, depth=args.depth, block=args.block,
+    run_demo(DemoConfig(dataset=args.data, depth=args.depth, block=args.block,
                         epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
                         lr=args.lr, device=args.device, out=args.out))
 
@@ -106,9 +165,10 @@ def _stripes(args: argparse.Namespace) -> None:
     from .data import batches, load_dataset
     from .stripes import AttentionRecorder, plot_stripes, stripe_report
 
-    split = load_dataset(args.dataset)
+    split = load_dataset(args.data)
     model = load_model(args.model, args.checkpoint, num_classes=split.num_classes,
                        in_channels=split.in_channels, dims=split.dims, device=args.device)
+    check_fits(model, split, args.model, args.data)
     x = split.x_test[: args.limit].to(args.device)
     y = split.y_test[: args.limit]
     recorder = AttentionRecorder(model, (x[:2],))
@@ -124,27 +184,50 @@ def _stripes(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    import torch
+
+    import asrfx
+
     from .data import load_dataset
-    from .demo import convert_trained, evaluate
+    from .demo import evaluate
+    from .stripes import AttentionRecorder, stripe_report
 
     split = load_dataset(args.data)
     device = torch.device(args.device)
     model = load_model(args.model, args.checkpoint, num_classes=split.num_classes,
                        in_channels=split.in_channels, dims=split.dims, device=args.device)
+    check_fits(model, split, args.model, args.data)
     before = evaluate(model, split, device)
-    deploy = convert_trained(model, split, device)
+    x = split.x_test[:2].to(device)
+    sample = split.x_test[:256].to(device)
+    rows = stripe_report(AttentionRecorder(model, (x,)).record([sample]))
+    stripe = sum(r["statistic"] for r in rows) / len(rows) if rows else float("nan")
+    prepared = _calibrated(model, split, x)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
     after = evaluate(deploy, split, device)
-    print(deploy.asrfx_report)
-    print(f"test accuracy on {split.name}: original {before:.2f}%, converted and folded "
-          f"{after:.2f}% ({after - before:+.2f} points), without retraining")
+    lines = [str(deploy.asrfx_report),
+             f"stripe statistic (mean over {len(rows)} sites, {len(sample)} test inputs; "
+             f"0 = every input gets the same attention): {stripe:.4f}",
+             f"test accuracy on {split.name}: original {before:.2f}%, converted and folded "
+             f"{after:.2f}% ({after - before:+.2f} points), without retraining"]
+    print("\n".join(lines))
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        torch.save(deploy.state_dict(), Path(args.out) / "deploy_state_dict.pt")
-        (Path(args.out) / "convert.txt").write_text(
-            f"{deploy.asrfx_report}\noriginal {before:.2f}% -> converted {after:.2f}%\n")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(prepared.state_dict(), out / "prepared.pt")
+        files = write_deploy(deploy, prepared, x, out, args.formats, args.tol,
+                             lines + [f"prepared.pt: the calibrated ASR form (asrfx fold "
+                                      f"--model {args.model} --checkpoint prepared.pt "
+                                      f"folds it again)"], "convert.txt")
+        print(f"prepared.pt: {out / 'prepared.pt'} (the calibrated ASR form: fine-tune it, "
+              f"then `asrfx fold --model {args.model} --checkpoint prepared.pt`)")
+        for k, v in files.items():
+            print(f"{k}: {v['path']} (loaded back, relative error {v['rel_err']:.1e})")
 
 
 def _bench(args: argparse.Namespace) -> None:
+    import torch
+
     from .bench import BenchConfig, compiler_cost, format_cost, format_results, run_bench, \
         write_outputs
 
@@ -152,9 +235,22 @@ def _bench(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     size = args.size[0] if args.size and len(args.size) == 1 else (tuple(args.size) if args.size
                                                                   else None)
+    from .zoo import parse_model_spec
+
+    if args.attention and parse_model_spec(args.model).kind != "zoo":
+        raise InputError(f"--attention {' '.join(args.attention)}: it chooses the attention of "
+                         f"the zoo ResNets (e.g. --model resnet56 --attention eca); "
+                         f"{args.model} brings its own attention, which is what is measured: "
+                         f"drop --attention")
+    if args.data is not None:  # the data's input shape and classes, unless --size says
+        from .data import load_dataset
+
+        split = load_dataset(args.data)
+        size = size or tuple(split.input_shape)
+        args.num_classes = split.num_classes
     res: dict = {}
     if not args.cost_only:
-        cfg = BenchConfig(model=args.model, attention=tuple(args.attention),
+        cfg = BenchConfig(model=args.model, attention=tuple(args.attention or ["se"]),
                           batches=tuple(args.batch), reps=args.reps, warmup=args.warmup,
                           train_batch=args.train_batch, train_reps=args.train_reps,
                           image_size=size, num_classes=args.num_classes, device=args.device,
@@ -175,91 +271,134 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def fold_checkpoint(spec: str, checkpoint: str | Path, out: str | Path, *,
-                    size: tuple[int, ...] = (3, 32, 32), num_classes: int = 10,
+                    size: tuple[int, ...] | None = None, num_classes: int = 10,
                     mode: str | None = None, insert: str | None = None,
                     where: str = "block_output", formats: tuple[str, ...] = ("pt2", "onnx"),
-                    tol: float = 1e-4, device: str = "cpu") -> dict[str, Any]:
+                    tol: float = 1e-4, device: str = "cpu", data: str | None = None
+                    ) -> dict[str, Any]:
     """Turn a checkpoint of a prepared model into the deploy model, saved without pickle.
 
     The model is rebuilt from ``spec``, prepared as it was for training (``mode``, ``insert``,
-    ``where``), the checkpoint loaded into it (a prepared model's, or the original model's --
-    then every psi keeps its initial value and the result says so), folded, and written as
-    ``deploy.pt2`` (torch.export) and ``deploy.onnx``; each file is loaded back and checked
-    against the prepared model. Returns what was written and measured.
-    """
-    import asrfx
+    ``where``), the checkpoint loaded into it, folded, and written as ``deploy.pt2``
+    (torch.export) and ``deploy.onnx``; each file is loaded back and checked against the
+    prepared model. A checkpoint of the original attention model (no psi) needs psi calibrated
+    on data first: with ``data`` that is done here (``init="calibrate"`` on its training
+    inputs), without it an error says how. ``size`` (the input shape without batch) defaults
+    to the data's, else ``(3, 32, 32)``. Returns what was written and measured.
 
-    from . import runtimes
+    Raises:
+        InputError: unknown format, a model that cannot be built, a checkpoint that does not
+            fit it, an original model's checkpoint without ``data``.
+    """
+    import torch
+
+    import asrfx
 
     bad = [f for f in formats if f not in ("pt2", "onnx")]
     if bad:
         raise InputError(f"--formats: unknown {bad}; choose pt2 and/or onnx")
-    try:
-        model = load_model(spec, None, num_classes=num_classes, in_channels=size[0],
-                           dims=len(size) - 1, device=device)
-    except ASRError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a failing factory is the user's input
-        raise InputError(f"--model {spec}: building the model failed ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); the "
-                         f"factory must build the model with no arguments") from None
+    split = None
+    if data is not None:
+        from .data import load_dataset
+
+        split = load_dataset(data)
+        size = size or tuple(split.input_shape)
+        num_classes = split.num_classes
+    size = tuple(size or (3, 32, 32))
+    model = load_model(spec, None, num_classes=num_classes, in_channels=size[0],
+                       dims=len(size) - 1, device=device)
     x = torch.randn(2, *size, device=device)
     prepared = asrfx.prepare(model, example_inputs=(x,), mode=mode, insert=insert, where=where)
     state = read_checkpoint(checkpoint, device)
-    expected = prepared.state_dict()
+    missing = _load_into(prepared, state, checkpoint, spec, f"prepared with mode={mode!r}, "
+                                                             f"insert={insert!r}")
+    notes = []
+    if missing:  # every key but psi: the original attention model's checkpoint
+        if split is None:
+            raise InputError(
+                f"checkpoint {str(checkpoint)!r} has no psi ({len(missing)} missing): it is the "
+                f"original attention model's, whose attention depends on the input. Calibrate "
+                f"psi on your data first: `asrfx convert --model {spec} --checkpoint "
+                f"{checkpoint} --data DATA --out DIR` (it reports the accuracy before and after "
+                f"and writes these files too), or give --data DATA here")
+        _load_into(model, state, checkpoint, spec, "(the original model)")
+        prepared = _calibrated(model, split, x, mode=mode, insert=insert, where=where)
+        notes.append(f"the checkpoint is the original model's: psi calibrated on {data} "
+                     f"({len(split.y_train)} training inputs; init='calibrate')")
+    deploy = asrfx.fold(prepared, example_inputs=(x,), tol=tol)
+    files = write_deploy(deploy, prepared, x, out, formats, tol,
+                         [str(deploy.asrfx_report), *notes], "fold.txt")
+    return {"report": str(deploy.asrfx_report), "notes": notes, "files": files}
+
+
+def _load_into(model: nn.Module, state: dict, checkpoint: str | Path, spec: str,
+               how: str) -> list[str]:
+    """Load ``state`` into ``model``; the psi it lacks (a prepared model given the original's
+    checkpoint). Anything else missing, unexpected or of another shape is an InputError."""
+    expected = model.state_dict()
     try:
-        res = prepared.load_state_dict(state, strict=False)
+        res = model.load_state_dict(state, strict=False)
         missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
-        shapes: list[str] = []
     except RuntimeError as e:  # shapes differ: say which, as an InputError
-        failure = str(e).strip().splitlines()
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        shapes = [f"{k}: {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the "
-                  f"model" for k, v in expected.items() if k in state
-                  and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape] or \
-            [" ".join(ln.strip() for ln in failure[:3])]
-    psi_missing = [k for k in missing if k.endswith("psi")]
+        raise InputError(f"checkpoint {str(checkpoint)!r} does not fit {spec}: "
+                         f"{'; '.join(_shape_mismatches(expected, state, e)[:3])}; build the "
+                         f"model as it was trained (--num-classes, --size or --data, the "
+                         f"factory's arguments)") from None
     other = [k for k in missing if not k.endswith("psi")]
     if other or unexpected:
-        raise InputError(f"checkpoint {str(checkpoint)!r} does not fit {spec} prepared with "
-                         f"mode={mode!r}, insert={insert!r}: {len(other)} of the model's "
-                         f"{len(expected)} keys missing {other[:5]}, {len(unexpected)} unexpected "
-                         f"{unexpected[:5]}; check --model (is it this model's checkpoint?), "
-                         f"and give the options the model was prepared with")
-    if shapes:
-        raise InputError(f"checkpoint {str(checkpoint)!r} does not fit {spec}: "
-                         f"{'; '.join(shapes[:3])}; build the model as it was trained "
-                         f"(--num-classes, --size, the factory's arguments)")
-    notes = []
-    if psi_missing:
-        notes.append(f"the checkpoint has no psi ({len(psi_missing)} missing): it is the "
-                     f"original model's; psi keep their initial value")
-    deploy = asrfx.fold(prepared, example_inputs=(x,), tol=tol)
+        raise InputError(f"checkpoint {str(checkpoint)!r} does not fit {spec} {how}: "
+                         f"{len(other)} of the model's {len(expected)} keys missing "
+                         f"{other[:5]}, {len(unexpected)} unexpected {unexpected[:5]}; check "
+                         f"--model (is it this model's checkpoint?), and give the options the "
+                         f"model was prepared with")
+    return [k for k in missing if k.endswith("psi")]
+
+
+def _calibrated(model: nn.Module, split: Any, x: Any, batch_size: int = 256,
+                **options: Any) -> nn.Module:
+    """``model``'s ASR form with each psi at the mean of its statistic over the training
+    inputs (``prepare(init="calibrate")``)."""
+    import asrfx
+
+    from .data import batches
+
+    calib = [xb.to(x.device) for xb, _ in batches(split.x_train, split.y_train, batch_size)]
+    return asrfx.prepare(model, example_inputs=(x,), init="calibrate", calibration_data=calib,
+                         **options)
+
+
+def write_deploy(deploy: nn.Module, prepared: nn.Module, x: Any, out: str | Path,
+                 formats: Sequence[str], tol: float, lines: list[str], note: str
+                 ) -> dict[str, dict[str, Any]]:
+    """Write ``deploy`` as ``deploy.pt2`` / ``deploy.onnx`` in ``out``, load each back and
+    check it against ``prepared`` in eval mode; ``lines`` and one line per file go to the text
+    file ``note``. Returns format -> {"path", "rel_err"}."""
+    from . import runtimes
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"report": str(deploy.asrfx_report), "notes": notes, "files": {}}
     prepared.eval()
+    files: dict[str, dict[str, Any]] = {}
     if "pt2" in formats:
         path = runtimes.export_program(deploy, (x,), out / "deploy.pt2")
-        err = runtimes.check_program(prepared, (x,), path, tol=tol)
-        result["files"]["pt2"] = {"path": str(path), "rel_err": err}
+        files["pt2"] = {"path": str(path),
+                        "rel_err": runtimes.check_program(prepared, (x,), path, tol=tol)}
     if "onnx" in formats:
         path = runtimes.export_onnx(deploy, (x,), out / "deploy.onnx")
-        err = runtimes.check_onnx(prepared, (x,), path, tol=tol)
-        result["files"]["onnx"] = {"path": str(path), "rel_err": err}
-    lines = [result["report"], *notes] + [f"{k}: {v['path']} (loaded back: relative error "
-                                          f"{v['rel_err']:.1e} against the prepared model)"
-                                          for k, v in result["files"].items()]
-    (out / "fold.txt").write_text("\n".join(lines) + "\n")
-    return result
+        files["onnx"] = {"path": str(path),
+                         "rel_err": runtimes.check_onnx(prepared, (x,), path, tol=tol)}
+    lines = lines + [f"{k}: {v['path']} (loaded back: relative error {v['rel_err']:.1e} "
+                     f"against the prepared model)" for k, v in files.items()]
+    (out / note).write_text("\n".join(lines) + "\n")
+    return files
 
 
 def _fold(args: argparse.Namespace) -> None:
-    res = fold_checkpoint(args.model, args.checkpoint, args.out, size=tuple(args.size),
+    res = fold_checkpoint(args.model, args.checkpoint, args.out,
+                          size=tuple(args.size) if args.size else None,
                           num_classes=args.num_classes, mode=args.mode, insert=args.insert,
                           where=args.where, formats=tuple(args.formats), tol=args.tol,
-                          device=args.device)
+                          device=args.device, data=args.data)
     print(res["report"])
     for n in res["notes"]:
         print(f"note: {n}")
@@ -267,88 +406,120 @@ def _fold(args: argparse.Namespace) -> None:
         print(f"{k}: {v['path']} (loaded back, relative error {v['rel_err']:.1e})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``asrfx`` console script."""
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="asrfx", description="ASR on torch.fx: train with "
-                                     "channel attention, deploy without it.")
+                                     "channel attention, deploy without it.", formatter_class=fmt)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    data_help = "digits (default, bundled with scikit-learn), mnist1d, cifar10:DIR, cifar100:DIR"
+    data_help = ("digits (bundled with scikit-learn), mnist1d, cifar10:DIR, cifar100:DIR, or "
+                 "your own: FILE.npz (arrays x: inputs N x C x ..., y: labels), a DIR of class "
+                 "folders of images, or module:function returning (inputs, labels) batches")
+    model_help = ("resnet20-se, resnet164 ... (CIFAR ResNets), monai-seresnet50, "
+                  "efficientnet-b0, or module:factory / module:factory(cin=1) from the working "
+                  "directory")
+    device_help = "torch device (cpu, cuda, cuda:1, ...)"
 
-    demo = sub.add_parser("demo", help="train backbone/+SE/+ASR(SE)/+ASR(SE)+SE on real data, "
-                                       "fold, report accuracy, cost and stripes")
-    demo.add_argument("--dataset", default="digits", help=data_help)
-    demo.add_argument("--depth", type=int, default=20)
-    demo.add_argument("--block", default="basic", choices=["basic", "bottleneck"])
-    demo.add_argument("--epochs", type=int, default=12)
-    demo.add_argument("--seeds", type=int, default=5)
-    demo.add_argument("--batch-size", type=int, default=64)
-    demo.add_argument("--lr", type=float, default=0.1)
-    demo.add_argument("--device", default="cpu")
+    demo = sub.add_parser("demo", formatter_class=fmt,
+                          help="train backbone/+SE/+ASR(SE)/+ASR(SE)+SE on real data, fold, "
+                               "report accuracy, cost and stripes")
+    demo.add_argument("--data", "--dataset", dest="data", default="digits", help=data_help)
+    demo.add_argument("--depth", type=int, default=20, help="CIFAR ResNet depth")
+    demo.add_argument("--block", default="basic", choices=["basic", "bottleneck"],
+                      help="ResNet block")
+    demo.add_argument("--epochs", type=int, default=12, help="training epochs per run")
+    demo.add_argument("--seeds", type=int, default=5, help="runs per variant")
+    demo.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    demo.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    demo.add_argument("--device", default="cpu", help=device_help)
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo.add_argument("--out", default=None, help="write results.md/.json and PNGs here")
 
-    st = sub.add_parser("stripes", help="attention vectors of every site over data: the stripe "
-                                        "statistic per site and heatmaps")
-    st.add_argument("--model", required=True, help="package.module:factory or resnet20-se ...")
-    st.add_argument("--checkpoint", default=None)
-    st.add_argument("--dataset", default="digits", help=data_help)
+    st = sub.add_parser("stripes", formatter_class=fmt,
+                        help="attention vectors of every site over data: the stripe statistic "
+                             "per site and heatmaps")
+    st.add_argument("--model", required=True, help=model_help)
+    st.add_argument("--checkpoint", default=None, help="state_dict of the model (weights only)")
+    st.add_argument("--data", "--dataset", dest="data", default="digits", help=data_help)
     st.add_argument("--limit", type=int, default=500, help="number of test inputs")
-    st.add_argument("--device", default="cpu")
-    st.add_argument("--out", default=None)
+    st.add_argument("--device", default="cpu", help=device_help)
+    st.add_argument("--out", default=None, help="write stripes.png here")
 
-    cv = sub.add_parser("convert", help="training-free conversion of a trained attention model: "
-                                        "psi calibrated on data, folded, accuracy before/after")
-    cv.add_argument("--model", required=True)
-    cv.add_argument("--checkpoint", required=True)
-    cv.add_argument("--data", default="digits", help=data_help)
-    cv.add_argument("--device", default="cpu")
-    cv.add_argument("--out", default=None)
+    cv = sub.add_parser("convert", formatter_class=fmt,
+                        help="training-free conversion of a trained attention model: psi "
+                             "calibrated on data, folded, accuracy before/after")
+    cv.add_argument("--model", required=True, help=model_help)
+    cv.add_argument("--checkpoint", required=True, help="state_dict of the trained model")
+    cv.add_argument("--data", "--dataset", dest="data", default="digits", help=data_help)
+    cv.add_argument("--device", default="cpu", help=device_help)
+    cv.add_argument("--out", default=None,
+                    help="write deploy.pt2 / deploy.onnx (loaded back and checked), the "
+                         "calibrated prepared.pt and convert.txt here")
+    cv.add_argument("--formats", nargs="+", default=["pt2", "onnx"], choices=["pt2", "onnx"],
+                    help="deploy files to write with --out")
+    cv.add_argument("--tol", type=float, default=1e-4,
+                    help="largest relative error accepted for the fold and each file")
 
-    bn = sub.add_parser("bench", help="latency, FLOPs and training-step cost of the backbone, "
-                                      "the attention model and its ASR forms, side by side")
-    bn.add_argument("--model", default="resnet164",
-                    help="resnet20/56/110/164/1001..., monai-seresnet50, efficientnet-b0, or "
-                         "package.module:factory (a model with attention)")
-    bn.add_argument("--attention", nargs="+", default=["se"],
-                    help="library attention(s) of the zoo ResNets, or 'all'")
-    bn.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    bn = sub.add_parser("bench", formatter_class=fmt,
+                        help="latency, FLOPs and training-step cost of the backbone, the "
+                             "attention model and its ASR forms, side by side")
+    bn.add_argument("--model", default="resnet164", help=model_help)
+    bn.add_argument("--attention", nargs="+", default=None,
+                    help="library attention(s) in every block of a zoo ResNet, or 'all' "
+                         "(default: se); other models bring their own")
+    bn.add_argument("--data", "--dataset", dest="data", default=None,
+                    help="take the input shape and class count from this data: " + data_help)
+    bn.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes timed")
     bn.add_argument("--reps", type=int, default=30, help="timed rounds per batch size")
-    bn.add_argument("--warmup", type=int, default=3)
-    bn.add_argument("--train-batch", type=int, default=32)
+    bn.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    bn.add_argument("--train-batch", type=int, default=32, help="batch of the training step")
     bn.add_argument("--train-reps", type=int, default=10, help="0 skips the training step")
     bn.add_argument("--size", type=int, nargs="+", default=None,
                     help="input size: one int (square RGB image) or the full shape without "
-                         "batch, e.g. 3 32 32")
-    bn.add_argument("--num-classes", type=int, default=100)
+                         "batch, e.g. 3 32 32 (default: the data's, else 32 for the zoo, 64 "
+                         "otherwise)")
+    bn.add_argument("--num-classes", type=int, default=100,
+                    help="classes of zoo and third-party models (the data's with --data)")
     bn.add_argument("--runtimes", nargs="*", default=["onnx"],
-                    help="also time the backbone and the folded model in: onnx, compile")
-    bn.add_argument("--device", default="cpu")
+                    help="also time the backbone and the folded model in these runtimes: "
+                         "onnx, compile (none: no value)")
+    bn.add_argument("--device", default="cpu", help=device_help)
     bn.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     bn.add_argument("--cost", action="store_true",
                     help="also measure prepare/fold time against graph size")
     bn.add_argument("--cost-only", action="store_true", help="only the compiler cost")
     bn.add_argument("--cost-depths", type=int, nargs="+",
-                    default=[20, 56, 110, 164, 326, 650, 1001])
-    bn.add_argument("--cost-reps", type=int, default=3)
+                    default=[20, 56, 110, 164, 326, 650, 1001], help="ResNet depths of --cost")
+    bn.add_argument("--cost-reps", type=int, default=3, help="runs per depth of --cost")
     bn.add_argument("--quiet", action="store_true", help="no progress bar")
     bn.add_argument("--out", default=None, help="write bench.json, bench.md and PNGs here")
 
-    fd = sub.add_parser("fold", help="checkpoint of a prepared model -> deploy model saved as "
-                                     "torch.export (.pt2) and ONNX, each loaded back and checked")
-    fd.add_argument("--model", required=True, help="package.module:factory or resnet20-se ...")
+    fd = sub.add_parser("fold", formatter_class=fmt,
+                        help="checkpoint of a prepared model -> deploy model saved as "
+                             "torch.export (.pt2) and ONNX, each loaded back and checked")
+    fd.add_argument("--model", required=True, help=model_help)
     fd.add_argument("--checkpoint", required=True, help="state_dict of the prepared model")
-    fd.add_argument("--out", required=True)
-    fd.add_argument("--size", type=int, nargs="+", default=[3, 32, 32],
-                    help="input shape without batch (default 3 32 32)")
-    fd.add_argument("--num-classes", type=int, default=10, help="for zoo models")
+    fd.add_argument("--out", required=True, help="folder for deploy.pt2, deploy.onnx, fold.txt")
+    fd.add_argument("--size", type=int, nargs="+", default=None,
+                    help="input shape without batch (default: the data's, else 3 32 32)")
+    fd.add_argument("--data", "--dataset", dest="data", default=None,
+                    help="calibrate psi on this data when the checkpoint is the original "
+                         "attention model's: " + data_help)
+    fd.add_argument("--num-classes", type=int, default=10, help="classes of zoo models")
     fd.add_argument("--mode", default=None, choices=["replace", "both", "keep"],
-                    help="as given to prepare for training")
+                    help="as given to prepare for training (None: prepare's default)")
     fd.add_argument("--insert", default=None, help="as given to prepare for training")
     fd.add_argument("--where", default="block_output", help="as given to prepare for training")
-    fd.add_argument("--formats", nargs="+", default=["pt2", "onnx"])
-    fd.add_argument("--tol", type=float, default=1e-4)
-    fd.add_argument("--device", default="cpu")
+    fd.add_argument("--formats", nargs="+", default=["pt2", "onnx"], choices=["pt2", "onnx"],
+                    help="files to write")
+    fd.add_argument("--tol", type=float, default=1e-4,
+                    help="largest relative error accepted for the fold and each file")
+    fd.add_argument("--device", default="cpu", help=device_help)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``asrfx`` console script."""
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         {"demo": _demo, "stripes": _stripes, "convert": _convert, "bench": _bench,

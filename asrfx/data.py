@@ -14,6 +14,8 @@ one of these specs; nothing is ever downloaded:
   ``cifar-10-batches-bin`` / ``cifar-100-binary`` subfolder). The files are parsed from raw bytes
   with :func:`numpy.frombuffer`; the python (pickle) version is never read, so loading a dataset
   cannot run code.
+* the user's own data (:mod:`asrfx.userdata`): a ``.npz`` file, a folder of class folders of
+  images, or ``module:function`` returning ``(inputs, labels)`` batches.
 
 Every dataset is normalised per channel with its *train* set's mean and standard deviation, and
 the test set gets the same affine map. :func:`batches` iterates over tensors in mini-batches.
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .userdata import USER_FORMS, is_user_data, load_user_data
 
 __all__ = ["Split", "load_dataset", "batches", "SPECS"]
 
@@ -85,17 +88,19 @@ class Split:
 def load_dataset(spec: str, *, seed: int = 0) -> Split:
     """Load a dataset by spec, normalised per channel with its train statistics.
 
-    Every split is fixed: digits uses ``train_test_split(test_size=0.3, random_state=0,
-    stratify=y)``, MNIST-1D uses the benchmark's own generator seed (42) and split, and CIFAR
-    uses the files' train/test division. ``seed`` therefore does not change any of the
-    datasets supported today; it is accepted so that callers can pass one through, and is
-    reserved for datasets that need a random split. Nothing is downloaded.
+    The built-in splits are fixed: digits uses ``train_test_split(test_size=0.3,
+    random_state=0, stratify=y)``, MNIST-1D uses the benchmark's own generator seed (42) and
+    split, and CIFAR uses the files' train/test division; ``seed`` only draws the split of
+    user data that has none of its own. Nothing is downloaded.
 
     Args:
         spec: ``"digits"``, ``"mnist1d"``, ``"cifar10:DIR"`` or ``"cifar100:DIR"``, where
             ``DIR`` holds the CIFAR binary-version files (directly or in the archive's
-            ``cifar-10-batches-bin`` / ``cifar-100-binary`` subfolder; ``~`` is expanded).
-        seed: reserved; see above. Must be an int.
+            ``cifar-10-batches-bin`` / ``cifar-100-binary`` subfolder; ``~`` is expanded);
+            or the user's own data (:mod:`asrfx.userdata`): a ``.npz`` file with ``x`` and
+            ``y``, a folder of class folders of images, or ``module:function`` returning
+            ``(inputs, labels)`` batches.
+        seed: the seed of the train/test split of user data without a split of its own.
 
     Returns:
         A :class:`Split` with float32 inputs and int64 labels.
@@ -120,8 +125,11 @@ def load_dataset(spec: str, *, seed: int = 0) -> Split:
             raise InputError(f"dataset spec {spec!r}: {name} needs the directory of the CIFAR "
                              f"binary version, e.g. '{name}:~/data'")
         return _load_cifar(name, arg.strip(), spec)
-    raise InputError(f"unknown dataset spec {spec!r}; accepted specs: {', '.join(SPECS)} "
-                     f"(DIR is a directory holding the CIFAR binary version)")
+    if is_user_data(spec):
+        user, x_train, y_train, x_test, y_test, classes = load_user_data(spec, seed=seed)
+        return _normalise(user, x_train, y_train, x_test, y_test, classes, x_train.dim() - 2)
+    raise InputError(f"unknown dataset {spec!r}: give one of {', '.join(SPECS)} (DIR holds the "
+                     f"CIFAR binary version) or your own data: {', '.join(USER_FORMS)}")
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,

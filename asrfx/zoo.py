@@ -33,9 +33,12 @@ the command line and the benchmarks (``resnet20-se``, ``resnet164``,
 
 from __future__ import annotations
 
+import ast
 import importlib
 import operator
+import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -63,6 +66,10 @@ __all__ = [
     "ConvNeXtBlock",
     "ConvNeXt",
     "convnext_tiny",
+    "ModelSpec",
+    "parse_model_spec",
+    "build_model",
+    "import_callable",
 ]
 
 AttentionSpec = Union[None, str, AttentionFactory]
@@ -292,8 +299,8 @@ def _blocks_per_stage(depth: int, block: str) -> int:
 def cifar_resnet(
     depth: int,
     attention: AttentionSpec = None,
-    num_classes: int = 100,
-    block: str = "bottleneck",
+    num_classes: int = 10,
+    block: Optional[str] = None,
     width: int = 16,
     in_channels: int = 3,
     dims: int = 2,
@@ -321,8 +328,11 @@ def cifar_resnet(
             ``"cbam_channel"``, ``"spa"``, ``"gc"``; built by
             :func:`asrfx.attention.get_attention` with its defaults), or a
             callable ``channels -> nn.Module`` called once per block.
-        num_classes: output size of the classifier.
-        block: ``"basic"`` or ``"bottleneck"``.
+        num_classes: output size of the classifier (10: CIFAR-10).
+        block: ``"basic"`` or ``"bottleneck"``; by default the CIFAR naming the command line
+            and benchmarks use too: ResNet-20/32/44/56/110 are basic-block nets (ResNet-20:
+            0.27M parameters), ResNet-164/1001 bottleneck ones (ResNet-164: 1.7M); a depth
+            only one rule fits (29, 47, ...) takes that rule.
         width: channels of the stem and of the first stage.
         in_channels: channels of the input.
         dims: 1, 2 or 3 -- selects Conv1d/2d/3d, BatchNorm1d/2d/3d and the
@@ -348,11 +358,13 @@ def cifar_resnet(
     Example:
         >>> import torch
         >>> from asrfx.zoo import cifar_resnet
-        >>> model = cifar_resnet(20, attention="se", num_classes=10, block="basic")
+        >>> model = cifar_resnet(20, attention="se")  # basic blocks, 10 classes
         >>> model(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
         >>> gm = torch.fx.symbolic_trace(model.eval())
     """
+    if isinstance(depth, int) and not isinstance(depth, bool) and block is None:
+        block = _cifar_block(depth)
     if block not in _BLOCKS:
         raise ValueError(f"block must be one of {_BLOCKS}, got {block!r}")
     _check_dims(dims)
@@ -625,6 +637,8 @@ class ModelSpec:
             CIFAR convention for the depth.
         attention: ``"se"`` for a ``-se`` zoo name, else None.
         module, factory: the two halves of ``package.module:factory`` (factory only).
+        args, kwargs: the literal arguments of ``package.module:factory(1, cin=1)`` (a tuple,
+            and a tuple of (name, value) pairs; empty without parentheses).
     """
 
     text: str
@@ -634,6 +648,8 @@ class ModelSpec:
     attention: Optional[str] = None
     module: Optional[str] = None
     factory: Optional[str] = None
+    args: tuple = ()
+    kwargs: tuple = ()
 
 
 def _cifar_block(depth: int) -> str:
@@ -653,7 +669,10 @@ def parse_model_spec(spec: str | ModelSpec) -> ModelSpec:
       block suffix the block follows the CIFAR convention (basic for 20/32/44/56/110, bottleneck
       for 164/1001, and the only rule a depth fits, e.g. bottleneck for 29);
     * a name of :data:`THIRD_PARTY`;
-    * ``package.module:factory``, where ``factory()`` returns the model.
+    * ``package.module:factory``, where ``factory()`` returns the model, or
+      ``package.module:factory(cin=1, widths=(16, 32))`` with literal arguments (numbers,
+      strings, tuples, lists, dicts, True/False/None) for it. The module is imported as
+      ``python -m`` would: the working directory comes first on the path.
 
     The depth is not checked here (:func:`build_model` does, through :func:`cifar_resnet`).
     A :class:`ModelSpec` is returned as it is.
@@ -682,12 +701,66 @@ def parse_model_spec(spec: str | ModelSpec) -> ModelSpec:
                          attention="se" if zoo.group(2) else None)
     if spec in THIRD_PARTY:
         return ModelSpec(spec, "third-party")
-    if ":" in spec:
-        module, _, factory = spec.partition(":")
-        if module and factory:
-            return ModelSpec(spec, "factory", module=module, factory=factory)
+    factory = _FACTORY.match(spec.strip())
+    if factory:
+        args, kwargs = _factory_arguments(spec, factory.group(3))
+        return ModelSpec(spec, "factory", module=factory.group(1), factory=factory.group(2),
+                         args=args, kwargs=kwargs)
     raise InputError(f"--model {spec!r}: expected a zoo name like resnet20-se or resnet164, one "
-                     f"of {', '.join(THIRD_PARTY)}, or package.module:factory")
+                     f"of {', '.join(THIRD_PARTY)}, or package.module:factory (with literal "
+                     f"arguments: package.module:factory(cin=1))")
+
+
+_FACTORY = re.compile(r"^([A-Za-z_][\w.]*):([A-Za-z_]\w*)(?:\((.*)\))?$", re.DOTALL)
+
+
+def _factory_arguments(spec: str, text: str | None, option: str = "--model"
+                       ) -> tuple[tuple, tuple]:
+    """The literal positional and keyword arguments written in ``factory(...)``."""
+    if not text or not text.strip():
+        return (), ()
+    bad = InputError(f"{option} {spec!r}: the arguments after the name must be Python literals, "
+                     f"e.g. module:name(cin=1, widths=(16, 32), kind='small')")
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        raise bad from None
+    if not isinstance(call, ast.Call) or any(isinstance(a, ast.Starred) for a in call.args) or \
+            any(k.arg is None for k in call.keywords):
+        raise bad
+    try:
+        return (tuple(ast.literal_eval(a) for a in call.args),
+                tuple((k.arg, ast.literal_eval(k.value)) for k in call.keywords))
+    except ValueError:
+        raise bad from None
+
+
+def import_callable(text: str, option: str = "--model") -> tuple[Callable[..., Any], tuple,
+                                                                 dict[str, Any]]:
+    """``(callable, args, kwargs)`` of a ``package.module:name`` or ``package.module:name(...)``
+    spec (literal arguments), the module imported with the working directory first on the path
+    (``python -m`` and ``uvicorn module:app`` do the same; a console script does not).
+
+    Raises:
+        InputError: not such a spec, arguments that are not literals, or nothing to import;
+            the message names ``option``.
+    """
+    m = _FACTORY.match(text.strip())
+    if not m:
+        raise InputError(f"{option} {text!r}: expected package.module:function")
+    module, name = m.group(1), m.group(2)
+    args, kwargs = _factory_arguments(text, m.group(3), option)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"{option} {text!r}: cannot import {module}.{name} ({e}); give "
+                         f"package.module:{'factory' if option == '--model' else 'function'} "
+                         f"for a module in the working directory ({cwd}) or on the Python "
+                         f"path") from None
+    return fn, args, dict(kwargs)
 
 
 def build_model(spec: str | ModelSpec, *, attention: AttentionSpec = _FROM_SPEC,
@@ -701,7 +774,8 @@ def build_model(spec: str | ModelSpec, *, attention: AttentionSpec = _FROM_SPEC,
             Third-party and factory models come with their own attention; it is ignored there.
         num_classes, in_channels, dims: the classifier's outputs, input channels and spatial
             dims of zoo and third-party models (``efficientnet-b0`` is 2-D only). A factory is
-            called with no arguments and builds the model as it likes.
+            called with the arguments its spec writes (none by default) and builds the model
+            as it likes.
 
     Returns:
         The model (an ``nn.Module``), on the CPU; for zoo models an input
@@ -709,10 +783,10 @@ def build_model(spec: str | ModelSpec, *, attention: AttentionSpec = _FROM_SPEC,
 
     Raises:
         InputError: an unparseable spec; a factory whose module or attribute cannot be
-            imported, or that returns something other than an ``nn.Module``; a third-party
-            model whose package is not installed or that cannot have ``dims``.
+            imported, that raises (the original exception is its ``__cause__``) or that
+            returns something other than an ``nn.Module``; a third-party model whose package
+            is not installed or that cannot have ``dims``.
         ValueError: a zoo depth that fits no block rule (the message gives the nearest ones).
-        Exception: whatever a factory itself raises, unchanged.
     """
     ms = parse_model_spec(spec)
     if ms.kind == "zoo":
@@ -721,13 +795,15 @@ def build_model(spec: str | ModelSpec, *, attention: AttentionSpec = _FROM_SPEC,
                             in_channels=in_channels, dims=dims)
     if ms.kind == "third-party":
         return _third_party(ms.text, num_classes, in_channels, dims)
+    factory, _, _ = import_callable(ms.text)
     try:
-        factory = getattr(importlib.import_module(str(ms.module)), str(ms.factory))
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"--model {ms.text!r}: cannot load {ms.factory!r} from {ms.module!r}: "
-                         f"cannot import it ({e}); pass package.module:factory with the module "
-                         f"on the Python path (PYTHONPATH)") from None
-    model = factory()
+        model = factory(*ms.args, **dict(ms.kwargs))
+    except Exception as e:  # noqa: BLE001 - the user's code: say whose and with what
+        written = [*map(repr, ms.args)] + [f"{k}={v!r}" for k, v in ms.kwargs]
+        call = f"{ms.factory}({', '.join(written)})"
+        raise InputError(f"--model {ms.text!r}: {ms.module}.{call} raised "
+                         f"{type(e).__name__}: {e}; fix the factory or the arguments written "
+                         f"after its name, e.g. {ms.module}:{ms.factory}(cin=1)") from e
     if not isinstance(model, nn.Module):
         raise InputError(f"--model {ms.text!r}: the factory returned {type(model).__name__}, "
                          f"not an nn.Module")

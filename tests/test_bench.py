@@ -141,7 +141,7 @@ def test_cli_bench_runs_and_writes(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, msg", [
     (["--model", "nosuchmodel"], "expected a zoo name"),
-    (["--model", "nosuch.module:factory", "--size", "32"], "cannot load"),
+    (["--model", "nosuch.module:factory", "--size", "32"], "cannot import"),
     (["--model", "resnet20", "--batch", "0"], "must be positive"),
     (["--model", "resnet20", "--runtimes", "tensorrt", "--reps", "1", "--train-reps", "0"],
      "unknown runtime"),

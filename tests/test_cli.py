@@ -57,10 +57,15 @@ def test_stripes_and_convert_on_a_checkpoint(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "layer1.0.attention" in text and (tmp_path / "stripes.png").exists()
     assert main(["convert", "--model", "resnet8-se", "--checkpoint", str(ckpt), "--out",
-                 str(tmp_path)]) == 0
+                 str(tmp_path), "--formats", "pt2"]) == 0
     text = capsys.readouterr().out
-    assert "converted and folded" in text
-    assert (tmp_path / "deploy_state_dict.pt").exists()
+    assert "converted and folded" in text and "stripe statistic" in text
+    assert (tmp_path / "deploy.pt2").exists() and (tmp_path / "convert.txt").exists()
+    # the calibrated ASR form it wrote folds again with `asrfx fold` (same files)
+    assert main(["fold", "--model", "resnet8-se", "--checkpoint", str(tmp_path / "prepared.pt"),
+                 "--out", str(tmp_path / "again"), "--size", "1", "8", "8", "--formats",
+                 "pt2"]) == 0
+    assert "loaded back" in capsys.readouterr().out
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, capsys):

@@ -440,7 +440,7 @@ def test_fold_cli_refuses_bad_checkpoints_with_a_clear_message(case, tmp_path, f
 def test_fold_cli_refuses_a_bad_model_spec(tmp_path, factory, capsys):
     ckpt = tmp_path / "c.pt"
     torch.save(factory.make().state_dict(), ckpt)
-    for spec, says in [(f"{FACTORY_MODULE}:needs_args", "building the model failed"),
+    for spec, says in [(f"{FACTORY_MODULE}:needs_args", "needs_args() raised TypeError"),
                        (f"{FACTORY_MODULE}:nope", "cannot import"),
                        ("no_such_module_xyz:make", "cannot import")]:
         assert _fold_cli(spec, ckpt, tmp_path / "out") == 2
@@ -769,18 +769,40 @@ def test_fold_cli_turns_a_prepared_checkpoint_into_deploy_files(tmp_path, factor
         assert rel_err(untrained(xi), load_program(out / "deploy.pt2")(xi)) > 1e-3
 
 
-def test_fold_cli_takes_the_original_models_checkpoint_and_says_so(tmp_path, factory, capsys):
+def test_fold_cli_on_the_original_models_checkpoint_says_how_to_calibrate(tmp_path, factory,
+                                                                          capsys):
+    """The original model's attention depends on the input: folding psi at its initial value
+    would deploy something nobody trained. Without data the command says what to type."""
+    original = randomize_bn(factory.make(), 3)
+    ckpt = tmp_path / "original.pt"
+    torch.save(original.state_dict(), ckpt)
+    assert _fold_cli(f"{FACTORY_MODULE}:make", ckpt, tmp_path / "deploy") == 2
+    err = capsys.readouterr().err
+    assert "has no psi" in err and "asrfx convert --model" in err and "--data" in err
+    assert not (tmp_path / "deploy" / "deploy.pt2").exists()
+
+
+def test_fold_cli_calibrates_the_original_models_checkpoint_on_data(tmp_path, factory, capsys):
+    import numpy as np
+
     torch.manual_seed(0)
     original = randomize_bn(factory.make(), 3)
     ckpt = tmp_path / "original.pt"
     torch.save(original.state_dict(), ckpt)
+    g = torch.Generator().manual_seed(1)
+    np.savez(tmp_path / "data.npz", x=torch.randn(20, 3, 8, 8, generator=g).numpy(),
+             y=(torch.arange(20) % 4).numpy())
     out = tmp_path / "deploy"
-    assert _fold_cli(f"{FACTORY_MODULE}:make", ckpt, out, "--formats", "pt2") == 0
-    assert "the checkpoint has no psi" in capsys.readouterr().out
-    assert (out / "deploy.pt2").is_file() and not (out / "deploy.onnx").exists()
-    reference = asrfx.prepare(original, example_inputs=(X,)).eval()  # psi at its initial value
+    assert _fold_cli(f"{FACTORY_MODULE}:make", ckpt, out, "--formats", "pt2", "--data",
+                     str(tmp_path / "data.npz")) == 0
+    assert "psi calibrated on" in capsys.readouterr().out
+    # the deploy model is the original with each gate at its mean over the training inputs
+    from asrfx.data import load_dataset
     from asrfx.runtimes import load_program
 
+    split = load_dataset(str(tmp_path / "data.npz"))
+    reference = asrfx.prepare(original, example_inputs=(X,), init="calibrate",
+                              calibration_data=[split.x_train]).eval()
     with torch.no_grad():
         xi = _x(3, 3, 8, 8, seed=4)
         assert rel_err(reference(xi), load_program(out / "deploy.pt2")(xi)) <= REL_TOL

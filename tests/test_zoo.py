@@ -306,7 +306,8 @@ def test_public_api_and_docstring_example():
     assert set(zoo.__all__) == {"SEModule", "BasicBlock", "Bottleneck", "CifarResNet", "cifar_resnet",
                                 "RepVGGBlock", "ACBlock", "repvgg_net", "acnet", "ViTBlock",
                                 "ViT", "vit_tiny", "LayerNorm2d", "ConvNeXtBlock", "ConvNeXt",
-                                "convnext_tiny"}
+                                "convnext_tiny", "ModelSpec", "parse_model_spec", "build_model",
+                                "import_callable"}
     assert isinstance(cifar_resnet(8, block="basic"), CifarResNet)
     result = doctest.testmod(zoo, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
