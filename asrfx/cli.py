@@ -148,12 +148,10 @@ def _shape_mismatches(expected: dict, state: dict, error: BaseException) -> list
 
 
 def _demo(args: argparse.Namespace) -> None:
-    import torch
-
     from .demo import DemoConfig, run_demo
+    from .threads import use_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    print(use_threads(args.threads))
     run_demo(DemoConfig(dataset=args.data, depth=args.depth, block=args.block,
                         epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
                         lr=args.lr, device=args.device, out=args.out))
@@ -191,7 +189,9 @@ def _convert(args: argparse.Namespace) -> None:
     from .data import load_dataset
     from .demo import evaluate
     from .stripes import AttentionRecorder, stripe_report
+    from .threads import use_threads
 
+    print(use_threads(args.threads))
     split = load_dataset(args.data)
     device = torch.device(args.device)
     model = load_model(args.model, args.checkpoint, num_classes=split.num_classes,
@@ -226,13 +226,12 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    import torch
+    from .threads import use_threads
 
     from .bench import BenchConfig, compiler_cost, format_cost, format_results, run_bench, \
         write_outputs
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    print(use_threads(args.threads))
     size = args.size[0] if args.size and len(args.size) == 1 else (tuple(args.size) if args.size
                                                                   else None)
     from .zoo import parse_model_spec
@@ -431,7 +430,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=64, help="training batch size")
     demo.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
     demo.add_argument("--device", default="cpu", help=device_help)
-    demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    demo.add_argument("--threads", type=int, default=0,
+                      help="torch threads (0: the cores other processes leave free)")
     demo.add_argument("--out", default=None, help="write results.md/.json and PNGs here")
 
     st = sub.add_parser("stripes", formatter_class=fmt,
@@ -456,6 +456,8 @@ def _parser() -> argparse.ArgumentParser:
                          "calibrated prepared.pt and convert.txt here")
     cv.add_argument("--formats", nargs="+", default=["pt2", "onnx"], choices=["pt2", "onnx"],
                     help="deploy files to write with --out")
+    cv.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: the cores other processes leave free)")
     cv.add_argument("--tol", type=float, default=1e-4,
                     help="largest relative error accepted for the fold and each file")
 
@@ -483,7 +485,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="also time the backbone and the folded model in these runtimes: "
                          "onnx, compile (none: no value)")
     bn.add_argument("--device", default="cpu", help=device_help)
-    bn.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bn.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: the cores other processes leave free)")
     bn.add_argument("--cost", action="store_true",
                     help="also measure prepare/fold time against graph size")
     bn.add_argument("--cost-only", action="store_true", help="only the compiler cost")

@@ -87,8 +87,10 @@ def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: i
 
 
 def train(model: nn.Module, split: Split, cfg: DemoConfig, seed: int, device: torch.device,
-          on_epoch: Callable[[int], None] | None = None, desc: str = "") -> nn.Module:
-    """SGD with momentum and a cosine schedule, cross-entropy, on the training split."""
+          on_epoch: Callable[[int], None] | None = None, desc: str = "",
+          bar: Any = None) -> nn.Module:
+    """SGD with momentum and a cosine schedule, cross-entropy, on the training split.
+    ``bar``: an overall progress bar advanced once per epoch (else one of its own)."""
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(seed)
@@ -98,7 +100,11 @@ def train(model: nn.Module, split: Split, cfg: DemoConfig, seed: int, device: to
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
     model.train()
-    for epoch in tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False):
+    epochs = range(cfg.epochs) if bar is not None else \
+        tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False)
+    for epoch in epochs:
+        if bar is not None:
+            bar.set_description(f"{desc}, epoch {epoch + 1}/{cfg.epochs}")
         for xb, yb in batches(split.x_train, split.y_train, cfg.batch_size, shuffle=True,
                               generator=gen):
             loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
@@ -108,6 +114,8 @@ def train(model: nn.Module, split: Split, cfg: DemoConfig, seed: int, device: to
             sched.step()
         if on_epoch is not None:
             on_epoch(epoch)
+        if bar is not None:
+            bar.update(1)
     model.eval()
     return model
 
@@ -177,6 +185,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     deployed: dict[str, nn.Module] = {}
     last_vectors = None
     t0 = time.time()
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(VARIANTS) * cfg.seeds * cfg.epochs, unit="epoch")
     for seed in range(cfg.seeds):
         models = {
             "backbone": build(None, seed),
@@ -186,17 +197,21 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                          mode="both"),
         }
         for name, model in models.items():
-            hook = None
+            hook: Callable[[int], None] | None = None
             if name == "+SE" and seed == 0:
                 recorder = AttentionRecorder(model, (x_ex,))
                 probe = list(batches(split.x_test, split.y_test, 256))
 
-                def hook(epoch: int, recorder=recorder, probe=probe) -> None:
+                def record_stripes(epoch: int, recorder=recorder, probe=probe) -> None:
                     vectors = recorder.record(probe)
                     stripe_history.append(statistics.fmean(
                         stripe_statistic(v) for v in vectors.values()))
 
-            train(model, split, cfg, seed, device, on_epoch=hook, desc=f"{name} seed {seed}")
+                hook = record_stripes
+
+            v = list(models).index(name) + 1
+            train(model, split, cfg, seed, device, on_epoch=hook, bar=bar,
+                  desc=f"variant {v}/{len(models)} ({name}), seed {seed + 1}/{cfg.seeds}")
             if name == "+SE" and seed == 0:
                 last_vectors = recorder.record(probe)
             deploy = asrfx.fold(model, example_inputs=(x_ex,))
@@ -216,6 +231,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 results[CONVERTED].accuracies.append(evaluate(converted, split, device))
                 if seed == 0:
                     deployed[CONVERTED] = converted
+    bar.close()
     train_seconds = time.time() - t0
     x1 = torch.zeros(1, *shape, device=device)
     lat = latency_ms(deployed, x1, cfg.latency_reps)
@@ -262,8 +278,8 @@ def format_results(out: dict[str, Any]) -> str:
     hist = out["stripe_history"]
     stripes = ""
     if hist:
-        stripes = (f"\nstripe statistic of the +SE model (mean over sites of the mean over "
-                   f"channels of the std across test inputs), per epoch: "
+        stripes = ("\nstripe statistic of the +SE model (mean over sites of the mean over "
+                   "channels of the std across test inputs), per epoch: "
                    + ", ".join(f"{h:.3f}" for h in hist) + "\n")
     return head + "\n" + table + "\n" + stripes
 
