@@ -136,6 +136,24 @@ def check_fits(model: nn.Module, split: Any, spec: str, data: str) -> int:
     return int(out.shape[1])
 
 
+def check_takes(model: nn.Module, x: Any, spec: str, advice: str) -> None:
+    """Run ``model`` once on ``x`` (eval mode, no grad); an InputError naming the model, the
+    shape and ``advice`` (what to type) when it fails."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as e:  # noqa: BLE001 - the user's model and the shape they gave
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"--model {spec} does not take inputs of shape {tuple(x.shape[1:])} "
+                         f"({type(e).__name__}: {first}); {advice}") from None
+    finally:
+        model.train(was)
+
+
 def _shape_mismatches(expected: dict, state: dict, error: BaseException) -> list[str]:
     """The entries whose shapes differ between a model's state_dict and a checkpoint's (the
     first lines of load_state_dict's ``error`` when none is found)."""
@@ -247,6 +265,13 @@ def _bench(args: argparse.Namespace) -> None:
         split = load_dataset(args.data)
         size = size or tuple(split.input_shape)
         args.num_classes = split.num_classes
+    if parse_model_spec(args.model).kind == "factory" and not args.cost_only and size:
+        import torch
+
+        from .bench import _input_shape
+
+        check_takes(load_model(args.model), torch.randn(2, *_input_shape(size, 64)),
+                    args.model, "give --size (the input shape without batch) or --data")
     res: dict = {}
     if not args.cost_only:
         cfg = BenchConfig(model=args.model, attention=tuple(args.attention or ["se"]),
@@ -307,6 +332,7 @@ def fold_checkpoint(spec: str, checkpoint: str | Path, out: str | Path, *,
     model = load_model(spec, None, num_classes=num_classes, in_channels=size[0],
                        dims=len(size) - 1, device=device)
     x = torch.randn(2, *size, device=device)
+    check_takes(model, x, spec, "give --size (the input shape without batch) or --data")
     prepared = asrfx.prepare(model, example_inputs=(x,), mode=mode, insert=insert, where=where)
     state = read_checkpoint(checkpoint, device)
     missing = _load_into(prepared, state, checkpoint, spec, f"prepared with mode={mode!r}, "
@@ -529,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
          "fold": _fold}[args.cmd](args)
     except (ASRError, ValueError) as e:
         print(f"asrfx {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave: a folder that cannot be made, a full disk...
+        where = f" {e.filename!r}" if e.filename else ""
+        print(f"asrfx {args.cmd}: cannot use{where}: {e.strerror or e}; give a path you can "
+              f"write to (--out) or read from (--checkpoint, --data)", file=sys.stderr)
         return 2
     return 0
 

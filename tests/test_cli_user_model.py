@@ -99,6 +99,13 @@ def test_fold_command_runs_on_the_users_model(user_folder, capsys):
     assert rc == 0, err
     assert (user_folder / "deploy" / "deploy.pt2").stat().st_size > 0
     assert "loaded back" in out
+    # as the README loads it: torch alone, another batch size
+    program = torch.export.load(str(user_folder / "deploy" / "deploy.pt2")).module()
+    xs = torch.randn(5, 1, 16, 16)
+    prepared.eval()
+    with torch.no_grad():
+        ref = prepared(xs)
+        assert ((program(xs) - ref).abs().max() / ref.abs().max()).item() <= 1e-4
 
 
 def test_commands_say_what_to_type_for_a_missing_module_or_a_raising_factory(user_folder,
@@ -282,3 +289,24 @@ def test_help_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "--model", "mymodels:build", "--size", "1", "8", "8", *BENCH_QUICK],
+     "give --size (the input shape without batch) or --data"),
+    (["bench", "--model", "mymodels:build", *BENCH_QUICK], "give the input size with --size"),
+    (["fold", "--model", "mymodels:build", "--checkpoint", "c.pt", "--out", "d", "--size", "3",
+      "8"], "does not take inputs of shape (3, 8)"),
+    (["convert", "--model", "mymodels:build(cin=1)", "--checkpoint", "c.pt", "--data",
+      "nope.npz"], "no such file"),
+    (["demo", "--data", "nope.npz", "--epochs", "1", "--seeds", "1"], "no such file"),
+    (["stripes", "--model", "mymodels:build", "--data", "digits"], "module:factory(cin=1)"),
+    (["stripes", "--model", "mymodels:build(cin=1)", "--data", "digits", "--out",
+      "c.pt/inside"], "give a path you can write to"),
+])
+def test_user_mistakes_say_what_to_type(user_folder, capsys, argv, says):
+    torch.save(build_model("mymodels:build").state_dict(), user_folder / "c.pt")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+    assert err.startswith(f"asrfx {argv[0]}: ")
