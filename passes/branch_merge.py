@@ -286,19 +286,29 @@ def _absorb_padding(gm: fx.GraphModule, node: fx.Node, src: fx.Node, conv: nn.Mo
         return [rec]
     new = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, pad,
                      conv.dilation, conv.groups, bias=conv.bias is not None)
-    new = new.to(device=conv.weight.device, dtype=conv.weight.dtype).train(False)
-    new.weight = nn.Parameter(conv.weight.detach().clone())
-    if conv.bias is not None:
-        new.bias = nn.Parameter(conv.bias.detach().clone())
-    name = unique_name(gm, f"{src.target}_padded")
-    set_attr_path(gm, name, new)
-    with gm.graph.inserting_before(node):
-        padded = gm.graph.call_module(name, (src.args[0],))
-    padded.meta = dict(end.meta)
-    end.replace_all_uses_with(padded)
-    safe_dce(gm)
+    name = _install(gm, new, conv.weight.detach().clone(),
+                    None if conv.bias is None else conv.bias.detach().clone(),
+                    f"{src.target}_padded", node, end, src.args[0])
     rec.action, rec.target = "merged", f"{name} (padding {pad})"
     return [rec]
+
+
+def _install(gm: fx.GraphModule, new: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+             base: str, before: fx.Node, replaced: fx.Node, source: Any) -> str:
+    """Give ``new`` (a conv) ``weight`` and ``bias`` on their device and dtype, add it to ``gm``
+    under a free name from ``base``, call it on ``source`` in place of ``replaced``; its name."""
+    new = new.to(device=weight.device, dtype=weight.dtype).train(False)
+    new.weight = nn.Parameter(weight)
+    if bias is not None:
+        new.bias = nn.Parameter(bias)
+    name = unique_name(gm, base)
+    set_attr_path(gm, name, new)
+    with gm.graph.inserting_before(before):
+        call = gm.graph.call_module(name, (source,))
+    call.meta = dict(replaced.meta)
+    replaced.replace_all_uses_with(call)
+    safe_dce(gm)
+    return name
 
 
 def padding_steps(gm: fx.GraphModule) -> Iterator[Step]:
@@ -400,15 +410,9 @@ def _merge_pair(gm: fx.GraphModule, node: fx.Node, src: fx.Node, first: nn.Modul
         rec.code, rec.reason = made
         return [rec]
     w, b, new = made
-    new = new.to(device=first.weight.device, dtype=first.weight.dtype).train(False)
-    new.weight, new.bias = nn.Parameter(w), nn.Parameter(b)
-    name = unique_name(gm, f"{node.target}_merged")
-    set_attr_path(gm, name, new)
-    with gm.graph.inserting_before(node):
-        merged = gm.graph.call_module(name, (src.args[0],))
-    merged.meta = dict(node.meta)
-    node.replace_all_uses_with(merged)
-    safe_dce(gm)
+    name = _install(gm, new, w.to(first.weight.device, first.weight.dtype),
+                    b.to(first.weight.device, first.weight.dtype), f"{node.target}_merged", node,
+                    node, src.args[0])
     rec.action, rec.target = "merged", f"{name} (1x1 -> {type(second).__name__})"
     rec.group = ""
     return [rec]

@@ -59,7 +59,9 @@ def cleanup(gm: fx.GraphModule, other_graphs: tuple[fx.Graph, ...] = ()) -> None
                 continue
             if prune(child, full):
                 delattr(mod, cname)
-        return (not mod._modules and not mod._parameters and not mod._buffers
+        # (a layer without bias keeps a ``bias: None`` entry: it holds nothing either)
+        return (not mod._modules and all(v is None for v in mod._parameters.values())
+                and all(v is None for v in mod._buffers.values())
                 and not any(a == prefix or a.startswith(prefix + ".") for a in used_attrs))
 
     prune(gm, "")

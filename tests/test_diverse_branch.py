@@ -134,19 +134,25 @@ def test_border_that_is_not_the_bias_stays():
     assert (rec.action, rec.code) == ("kept", "padding-not-bias")
 
 
-def test_zero_pad_of_a_bias_free_pointwise_conv_is_its_padding():
+@pytest.mark.parametrize("second_padding", [0, 1])
+def test_zero_pad_of_a_bias_free_pointwise_conv_is_its_padding(second_padding):
+    """Zeros around a bias-free 1x1 conv's output are its padding, and the zeros of a padded
+    conv after it add to them: one conv padded with both."""
     torch.manual_seed(3)
 
     class PadThenConv(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 1, bias=False), nn.Conv2d(4, 5, 3)
+            self.a = nn.Conv2d(3, 4, 1, bias=False)
+            self.b = nn.Conv2d(4, 5, 3, padding=second_padding)
 
         def forward(self, x):
             return self.b(F.pad(self.a(x), [1, 1, 1, 1]))
 
     deploy = _fold(PadThenConv(), torch.randn(2, 3, 8, 8))
     assert _layers(deploy) == ["Conv2d"], deploy.code
+    (conv,) = [m for m in deploy.modules() if isinstance(m, nn.Conv2d)]
+    assert conv.padding == (1 + second_padding,) * 2
 
 
 def test_item_assignment_traces_as_a_new_value_and_trains_the_same():

@@ -205,6 +205,17 @@ def test_cleanup_removes_dead_nodes_and_what_only_they_read():
     assert rel_err(ref, out) <= REL_TOL  # the shift it dropped was zero
 
 
+def test_cleanup_removes_an_unread_layer_without_bias():
+    """A bias-free conv keeps a ``bias: None`` entry once its weight goes: it holds nothing and
+    goes too (a merge that replaced it left it behind before)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.Conv2d(4, 4, 3))
+    gm = traced(model, torch.randn(2, 3, 6, 6))
+    first = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "0")
+    first.replace_all_uses_with(first.args[0])  # as a merge leaves it: nothing reads "0"
+    cleanup(gm)
+    assert {n for n, _ in gm.named_modules()} == {"", "1"}
+
+
 def test_cleanup_keeps_what_another_graph_reads():
     x = torch.randn(2, C, 5, 5)
     gm = traced(Leftovers(), x)
