@@ -128,8 +128,8 @@ def load_dataset(spec: str, *, seed: int = 0) -> Split:
     if is_user_data(spec):
         user, x_train, y_train, x_test, y_test, classes = load_user_data(spec, seed=seed)
         return _normalise(user, x_train, y_train, x_test, y_test, classes, x_train.dim() - 2)
-    raise InputError(f"unknown dataset {spec!r}: give one of {', '.join(SPECS)} (DIR holds the "
-                     f"CIFAR binary version) or your own data: {', '.join(USER_FORMS)}")
+    raise InputError(f"unknown dataset spec {spec!r}: give one of {', '.join(SPECS)} (DIR holds "
+                     f"the CIFAR binary version) or your own data: {', '.join(USER_FORMS)}")
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,

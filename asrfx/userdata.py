@@ -42,6 +42,8 @@ def is_user_data(spec: str) -> bool:
     """Whether ``spec`` names user data (a path that exists, a ``.npz`` name, or
     ``module:function``) rather than a built-in dataset."""
     text = spec.strip()
+    if not text:  # Path("") is the working directory: never data by accident
+        return False
     return Path(text).expanduser().exists() or text.endswith(".npz") or \
         bool(_FUNCTION.match(text))
 
