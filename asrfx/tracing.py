@@ -53,8 +53,8 @@ def traced_norm(m: nn.Module) -> bool:
     subclasses stay leaves: their forward decides at run time whether to synchronise across
     processes, which a trace would freeze. So do norms with ``momentum=None`` (a cumulative
     average): their update factor is ``1 / num_batches_tracked``, a Python number at trace time.
-    ``num_batches_tracked`` itself is a counter that fx does not see being incremented: a
-    traced-through norm's is not carried into the training form (only its statistics are)."""
+    Buffers are traced as ``get_attr`` (see :class:`AsrTracer`), so the counter's increment is
+    carried into the training form with the statistics' update."""
     return isinstance(m, nn.modules.batchnorm._BatchNorm) and \
         not isinstance(m, nn.SyncBatchNorm) and not type(m).__module__.startswith("torch.") \
         and m.momentum is not None  # a cumulative average reads num_batches_tracked as a number

@@ -64,14 +64,17 @@ class ShapeRecorder(fx.Interpreter):
 def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
     """Record ``tensor_meta`` (shape, dtype) on every node by running ``gm`` in eval mode.
 
-    Runs without gradients and in eval mode so BatchNorm running statistics are not touched;
-    every submodule's own train/eval flag is restored afterwards.
+    Runs without gradients and in eval mode, and puts every buffer back afterwards: a
+    traced-through norm's ``F.batch_norm(..., training=True)`` in a train graph (its flag is
+    baked in) would otherwise update its running statistics and counter. Every submodule's own
+    train/eval flag is restored too.
 
     Raises:
         InputError: ``gm`` fails on ``example_inputs`` (the message names its signature and the
             inputs given).
     """
     modes = [(m, m.training) for m in gm.modules()]  # each submodule's own flag
+    buffers = [(b, b.clone()) for b in gm.buffers()]
     gm.eval()
     try:
         with torch.no_grad():
@@ -81,3 +84,6 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
     finally:
         for m, flag in modes:
             m.training = flag
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)

@@ -238,3 +238,21 @@ def test_both_modes_agree_on_what_is_refused():
     assert not [n for n, _ in prepared.named_parameters() if n.endswith("psi")]
     for g in _graphs(prepared):
         assert any(n.target is torch.sigmoid for n in g.nodes)
+
+
+def test_prepare_leaves_a_traced_through_norms_statistics_and_counter_alone():
+    """Recording shapes runs the train graph, whose batch_norm call has training=True baked in:
+    the prepared copy's running statistics and counter must be the model's (they moved by 8e-3
+    and one step before), and training then updates them as the module would."""
+    model = GateBeforeNormAct().train()
+    x = torch.randn(4, 3, 8, 8)
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(prepared.get_buffer(f"bn.{name}"), getattr(model.bn, name)), name
+    prepared.train()
+    prepared(x)  # one training step's update: from the conv's output (the gate moved behind)
+    with torch.no_grad():
+        y = model.conv(x)
+    want = 0.1 * y.mean((0, 2, 3))  # momentum 0.1 from a zero mean
+    assert rel_err(want, prepared.get_buffer("bn.running_mean")) <= REL_TOL
+    assert int(prepared.get_buffer("bn.num_batches_tracked")) == 1
