@@ -127,7 +127,7 @@ def _site_selector(sites: Any) -> Callable[[str, str], bool] | None:
 def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = None,
             init: Any = 0.1, calibration_data: Any = None, insert: Any = None,
             where: Any = "block_output", every: int = 1, sites: Any = None,
-            leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
+            fused: bool = False, leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
     """Turn every channel attention of ``model`` into its ASR training form.
 
     Args:
@@ -158,6 +158,13 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
             it (``"sigmoid gate"``, ``"softmax gate"``, ``"additive context"``,
             ``"unbounded gate"``, ...). Sites left out stay as they are and are reported
             (code ``not-selected``). Inserted attention is always converted.
+        fused: the fused training form: each converted gate whose map a ``torch.nn``
+            BatchNorm (or a traced-through ``F.batch_norm``) produces is applied through that
+            norm's affine, ``F.batch_norm(x, ..., weight * g, bias * g)`` (exactly ``g *
+            BN(x)`` in training and eval mode), one multiply per channel instead of per
+            element; the norm module becomes its ``Gated`` twin with the same parameters and
+            names. Other sites keep the multiply (the report's notes say why). Not with
+            ``SyncBatchNorm``: convert to it before ``prepare`` (a SyncBatchNorm is not fused).
         leaf_modules: module names or types to keep opaque while tracing.
 
     Returns:
@@ -195,7 +202,9 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
         out.meta["asrfx"]["stage"] = stage
         return out
     work = clone_module(model)
-    opts = PrepareOptions(mode, init, calibration_data, factory, where, every, select)
+    if not isinstance(fused, bool):
+        raise InputError(f"fused must be True or False, got {fused!r}")
+    opts = PrepareOptions(mode, init, calibration_data, factory, where, every, select, fused)
     return prepare_model(model, work, _inputs_for(work, example_inputs), opts, leaf_modules)
 
 

@@ -37,6 +37,7 @@ from asrfx.passes.graph_utils import (clone_module, deepcopy_module, describe_ho
                                       module_path,
                                       reads_shape_only, safe_dce, stable_toposort,
                                       value_dependent)
+from asrfx.passes.fuse_gates import fuse_gates, unfuse_gates
 from asrfx.passes.hooks import (hook_fix, protect_hooked_calls, refuse_hooked_sites,
                                 restore_hooked_calls)
 from asrfx.passes.insertion import insert_modules, insertion_points
@@ -122,6 +123,7 @@ class PrepareOptions:
     where: Any = "block_output"
     every: int = 1
     select: Callable[[str, str], bool] | None = None  # (module path, gate form) -> convert?
+    fused: bool = False  # gates folded into their norms' affine in the training form
 
 
 def prepare_model(model: nn.Module, work: nn.Module, inputs: tuple, opts: PrepareOptions,
@@ -259,6 +261,8 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
         raise InputError(f"bad psi init for {type(root).__name__}: "
                          f"{e.args[0] if e.args else e}") from None
     safe_dce(gm)
+    fused_notes = fuse_gates(gm, [s for s, m in zip(sites, site_modes) if m == "replace"]) \
+        if opts.fused else []
     actions = {"replace": "converted", "both": "added", "keep": "kept"}
     records = []
     for site, psis, m in zip(sites, names, site_modes):
@@ -280,7 +284,11 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
                      "channel-attention?", 0, "refused", "", reason, code)
                 for path, reason, code in found.found_refused]
     records += [rec for _, rec in found.refused] + also
-    return records, _site_notes(sites), len(sites)
+    if opts.fused:
+        done = sum(1 for m in site_modes if m == "replace") - len(fused_notes)
+        fused_notes.insert(0, f"fused training form: {done} gate(s) applied through their "
+                              f"BatchNorm's affine (one multiply per channel)")
+    return records, _site_notes(sites) + fused_notes, len(sites)
 
 
 def _site_notes(sites: list) -> list[str]:
@@ -414,6 +422,7 @@ def run_fold_passes(gm: fx.GraphModule, ctx: Context, fuse_bn: bool,
                     select: Callable[[str], bool] | None = None) -> list[Site]:
     """The fold passes on ``gm`` in order; sets ``ctx.reference``; their records."""
     pctx = PassContext(ctx.inputs, select) if select is not None else PassContext(ctx.inputs)
+    unfuse_gates(gm)  # a fused training form: BN(x) * g again, which the passes below fold
     hooked = protect_hooked_calls(gm)  # no pass folds into, through or away a hooked module
     try:
         records = evaluate_constants(gm, pctx)

@@ -55,8 +55,9 @@ def traced_norm(m: nn.Module) -> bool:
     average): their update factor is ``1 / num_batches_tracked``, a Python number at trace time.
     Buffers are traced as ``get_attr`` (see :class:`AsrTracer`), so the counter's increment is
     carried into the training form with the statistics' update."""
+    own = type(m).__module__.startswith(("torch.", "asrfx."))  # asrfx's fused-gate norms too
     return isinstance(m, nn.modules.batchnorm._BatchNorm) and \
-        not isinstance(m, nn.SyncBatchNorm) and not type(m).__module__.startswith("torch.") \
+        not isinstance(m, nn.SyncBatchNorm) and not own \
         and m.momentum is not None  # a cumulative average reads num_batches_tracked as a number
 
 

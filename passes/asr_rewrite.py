@@ -539,7 +539,7 @@ def _move_gates_past_norms(gm: fx.GraphModule, sites: list[AttentionSite]) -> No
         for _, norm in site.after_norms:
             with graph.inserting_after(norm):
                 out = graph.call_function(combine[site.fusion], (norm, site.gate))
-            out.meta["nn_module_stack"] = dict(norm.meta.get("nn_module_stack") or {})
+            out.meta = dict(norm.meta)  # same shape as the norm's output, same module
             norm.replace_all_uses_with(out, delete_user_cb=lambda u, out=out: u is not out)
             applied.append(out)
         site.mul, site.more_muls = applied[0], applied[1:]

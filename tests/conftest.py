@@ -47,8 +47,14 @@ def bn_randomizer():
     return randomize_bn
 
 
+_TEST_THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
-    """Every test starts from the same global RNG state."""
+    """Every test starts from the same global RNG state and the suite's thread count (a
+    command run in a test chooses its own, which must not outlive the test)."""
     torch.manual_seed(0)
+    torch.set_num_threads(_TEST_THREADS)
     yield
+    torch.set_num_threads(_TEST_THREADS)

@@ -1,0 +1,199 @@
+"""The fused training form: a converted gate applied through its BatchNorm's affine.
+
+After the ASR rewrite a converted site computes ``BN(x) * g`` with ``g = A(psi)`` one value per
+channel (its excitation runs once per step, on psi). Multiplying the whole map by ``g`` costs a
+pass over every element in the forward and two in the backward; folding ``g`` into the norm's
+affine costs one multiply per channel:
+
+    g * (gamma * xhat + beta) = (g * gamma) * xhat + (g * beta)
+
+in training mode (batch statistics) as in eval mode (running ones), since ``xhat`` does not
+depend on ``gamma`` or ``beta``; the running statistics are updated from ``x`` either way. ``g``
+is recomputed from psi at every step, so gradients reach psi, the excitation and the norm
+alike. This is online re-parameterization in the sense of OREPA (Hu et al., "Online
+Convolutional Re-parameterization", CVPR 2022): training-time structure collapsed while training.
+
+A ``torch.nn`` BatchNorm module becomes its ``Gated`` twin in place (same parameters, buffers and
+state_dict names; ``forward(x)`` as before, ``forward(x, scale)`` fused); a traced-through
+``F.batch_norm`` call gets ``weight * g`` and ``bias * g``. :func:`unfuse_gates` turns a fused
+graph back into ``BN(x) * g`` (fold does, then folds as usual).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .find_attention import AttentionSite
+from .graph_utils import reads_shape_only, safe_dce, stable_toposort, tensor_shape
+from .layers import batch_norm_args
+
+__all__ = ["GatedBatchNorm1d", "GatedBatchNorm2d", "GatedBatchNorm3d", "fuse_gates",
+           "unfuse_gates", "GATED", "PLAIN"]
+
+
+class _Gated:
+    """``forward(x, scale)``: the BatchNorm of ``x`` with weight and bias scaled per channel by
+    ``scale`` (any shape with ``num_features`` elements), i.e. ``scale * BN(x)``; without
+    ``scale`` exactly the BatchNorm. Statistics, momentum and the batch counter behave as in
+    ``torch.nn.BatchNorm``."""
+
+    def forward(self, input: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if scale is None:
+            return super().forward(input)  # type: ignore[misc]
+        self._check_input_dim(input)  # type: ignore[attr-defined]
+        s = scale.reshape(-1)
+        factor = 0.0 if self.momentum is None else self.momentum  # type: ignore[attr-defined]
+        tracked = self.training and self.track_running_stats  # type: ignore[attr-defined]
+        if tracked and self.num_batches_tracked is not None:  # type: ignore[attr-defined]
+            self.num_batches_tracked.add_(1)  # type: ignore[attr-defined]
+            if self.momentum is None:  # type: ignore[attr-defined]
+                factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
+        stats = not self.training or self.track_running_stats  # type: ignore[attr-defined]
+        mean = self.running_mean if stats else None  # type: ignore[attr-defined]
+        var = self.running_var if stats else None  # type: ignore[attr-defined]
+        use_batch = self.training or (mean is None and var is None)
+        weight = s if self.weight is None else self.weight * s  # type: ignore[attr-defined]
+        bias = None if self.bias is None else self.bias * s  # type: ignore[attr-defined]
+        return F.batch_norm(input, mean, var, weight, bias, use_batch, factor,
+                            self.eps)  # type: ignore[attr-defined]
+
+
+class GatedBatchNorm1d(_Gated, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that also takes a per-channel ``scale`` (see :class:`_Gated`)."""
+
+
+class GatedBatchNorm2d(_Gated, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that also takes a per-channel ``scale`` (see :class:`_Gated`)."""
+
+
+class GatedBatchNorm3d(_Gated, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` that also takes a per-channel ``scale`` (see :class:`_Gated`)."""
+
+
+GATED = {nn.BatchNorm1d: GatedBatchNorm1d, nn.BatchNorm2d: GatedBatchNorm2d,
+         nn.BatchNorm3d: GatedBatchNorm3d}
+PLAIN = {v: k for k, v in GATED.items()}
+
+
+def _map_of(site: AttentionSite) -> fx.Node | None:
+    """The tensor ``site``'s multiply scales (its other operand is the gate, maybe expanded)."""
+    mul = site.mul
+    if mul.op == "call_method" and mul.target != "mul" or \
+            mul.op == "call_function" and mul.target not in (operator.mul, torch.mul):
+        return None  # an in-place ``mul_`` changes its operand: leave it
+    for a, b in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
+        gate = b.args[0] if isinstance(b, fx.Node) and b.op == "call_method" and \
+            b.target in ("expand", "expand_as") else b
+        if gate is site.gate and isinstance(a, fx.Node):
+            return a
+    return None
+
+
+def _why_not(gm: fx.GraphModule, site: AttentionSite) -> tuple[str, fx.Node | None]:
+    """Why ``site``'s gate cannot go into a norm's affine ('' when it can), and the norm."""
+    if site.fusion != "mul" or site.more_muls:
+        return "not one multiply by the gate", None
+    if site.rows is not None:
+        return "its excitation runs on psi expanded to the batch", None
+    x = _map_of(site)
+    if x is None:
+        return "the multiply is in place or does not read the gate directly", None
+    if [u for u in x.users if not reads_shape_only(u)] != [site.mul]:
+        return "the norm's output is read elsewhere too", None
+    xs, gs = tensor_shape(x), tensor_shape(site.gate)
+    if xs is None or gs is None or len(gs) != len(xs) or gs[1] != xs[1] or \
+            any(d != 1 for d in gs[2:]) or tensor_shape(site.mul) != xs:
+        return "the gate is not one value per channel of the norm's output", None
+    if x.op == "call_module" and type(gm.get_submodule(str(x.target))) in GATED and \
+            len(x.args) == 1 and not x.kwargs:
+        return "", x
+    args = batch_norm_args(x)
+    if args is not None and all(args[k] is None or isinstance(args[k], fx.Node)
+                                for k in ("weight", "bias")):
+        return "", x
+    return "the gated map is not a torch BatchNorm's output", None
+
+
+def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
+    """Fold each converted site's gate into the affine of the BatchNorm producing its map, in
+    the training graph ``gm`` (shapes recorded before the ASR rewrite). Returns a note per site
+    left as a multiply, saying why (the form is exact either way)."""
+    graph = gm.graph
+    notes = []
+    for site in sites:
+        why, x = _why_not(gm, site)
+        if x is None:
+            notes.append(f"{site.path or '(top)'}: the gate stays a multiply in the training "
+                         f"form ({why})")
+            continue
+        mul = site.mul
+        if x.op == "call_module":
+            mod = gm.get_submodule(str(x.target))
+            if type(mod) in GATED:
+                mod.__class__ = GATED[type(mod)]  # same object: parameters and names kept
+            with graph.inserting_before(mul):
+                fused = graph.call_module(str(x.target), (x.args[0], site.gate))
+            fused.meta = dict(x.meta)
+        else:
+            args = batch_norm_args(x)
+            with graph.inserting_before(mul):
+                s = graph.call_method("reshape", (site.gate, -1))
+                w = s if args["weight"] is None else graph.call_function(
+                    operator.mul, (args["weight"], s))
+                b = None if args["bias"] is None else graph.call_function(
+                    operator.mul, (args["bias"], s))
+            kwargs = {k: args[k] for k in ("training", "momentum", "eps")}
+            x.args = (args["input"], args["running_mean"], args["running_var"])
+            x.kwargs = dict(kwargs, weight=w, bias=b)
+            fused = x
+        mul.replace_all_uses_with(fused)
+        graph.erase_node(mul)
+        site.mul = fused
+        if x is not fused:
+            # shape reads (an SE's ``b, c = x.size()[:2]`` sizing its gate) read the norm's
+            # input instead: a norm keeps the shape
+            x.replace_all_uses_with(x.args[0], delete_user_cb=reads_shape_only)
+            _erase_with_dead_readers(x)
+    stable_toposort(graph)  # a scaled affine reads a gate computed after the norm call
+    safe_dce(gm)
+    return notes
+
+
+def _erase_with_dead_readers(n: fx.Node) -> None:
+    """Erase ``n`` (the unfused norm call) and what reads it without being read (the statistics
+    psi replaced). DCE keeps a training-mode norm call: it updates buffers, and left in place
+    it would update them twice per step."""
+    for u in list(n.users):
+        if not u.users:
+            _erase_with_dead_readers(u)
+    if not n.users:
+        n.graph.erase_node(n)
+
+
+def unfuse_gates(gm: fx.GraphModule) -> int:
+    """Turn every fused norm call of ``gm`` back into ``BN(x) * scale`` with the plain
+    BatchNorm class (what fold's passes read); the number of calls rewritten. Fused
+    ``F.batch_norm`` calls need nothing: their ``weight * g`` is a constant to fold."""
+    graph = gm.graph
+    count = 0
+    gated = set()
+    for n in list(graph.nodes):
+        if n.op != "call_module" or type(gm.get_submodule(str(n.target))) not in PLAIN:
+            continue
+        gated.add(gm.get_submodule(str(n.target)))
+        if len(n.args) < 2:
+            continue
+        with graph.inserting_after(n):
+            scaled = graph.call_function(operator.mul, (n, n.args[1]))
+        n.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+        n.args = (n.args[0],)
+        count += 1
+    for mod in gated:  # after every call is rewritten: a module may be called more than once
+        mod.__class__ = PLAIN[type(mod)]
+    gm.recompile()
+    return count

@@ -1,0 +1,217 @@
+"""The fused training form (``prepare(..., fused=True)``): each converted gate goes through its
+BatchNorm's affine. It must compute what the multiply form computes, in training and eval mode,
+with the same gradients, parameter names, statistics and deploy model."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import asrfx
+from asrfx.passes.fuse_gates import GatedBatchNorm2d
+from asrfx.zoo import cifar_resnet
+from helpers import REL_TOL, randomize_bn, randomize_psi, rel_err
+
+X = torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+Y = torch.tensor([0, 1, 2, 3, 4, 5])
+
+
+def _pair(model: nn.Module, x: torch.Tensor = X, **kw):
+    """(multiply form, fused form) of ``model``, with equal psi."""
+    plain = asrfx.prepare(model, example_inputs=(x,), **kw)
+    fused = asrfx.prepare(model, example_inputs=(x,), fused=True, **kw)
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+def _step(model: nn.Module, x: torch.Tensor = X) -> tuple[torch.Tensor, dict]:
+    model.train()
+    model.zero_grad()
+    out = model(x)
+    F.cross_entropy(out, Y[: len(x)] % out.shape[1]).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                          if p.grad is not None}
+
+
+def _assert_same_training(plain: nn.Module, fused: nn.Module, steps: int = 2) -> None:
+    for _ in range(steps):
+        a, ga = _step(plain)
+        b, gb = _step(fused)
+        assert rel_err(a, b) <= REL_TOL
+        assert ga.keys() == gb.keys()
+        # every gradient: psi's, the excitation's, the norms'. A conv bias before a
+        # training-mode norm has a zero gradient up to rounding: such noise is measured
+        # against the largest gradient of the model, not against itself
+        scale = max(float(g.abs().max()) for g in ga.values())
+        noise = 64 * torch.finfo(torch.float32).eps * scale
+        for name in ga:
+            err = float((ga[name] - gb[name]).abs().max())
+            assert err <= REL_TOL * float(ga[name].abs().max()) + noise, name
+        with torch.no_grad():
+            for p, q in zip(plain.parameters(), fused.parameters()):
+                if p.grad is not None:
+                    p -= 0.05 * p.grad
+                    q -= 0.05 * q.grad
+    sa, sb = plain.state_dict(), fused.state_dict()
+    assert sa.keys() == sb.keys()  # names kept: checkpoints load both ways
+    for k in sa:  # statistics and counters updated alike
+        assert rel_err(sa[k].double(), sb[k].double()) <= REL_TOL, k
+    plain.eval()
+    fused.eval()
+    with torch.no_grad():
+        assert rel_err(plain(X), fused(X)) <= REL_TOL
+
+
+@pytest.mark.parametrize("attention", ["se", "eca", "srm", "gct", "cbam_channel", "spa"])
+def test_fused_form_trains_like_the_multiply_form(attention):
+    torch.manual_seed(1)
+    model = cifar_resnet(8, attention=attention, block="basic", num_classes=6)
+    randomize_bn(model, 2)
+    plain, fused = _pair(model)
+    notes = fused.asrfx_report.notes
+    assert any("fused training form: 3 gate(s)" in n for n in notes), notes
+    assert sum(isinstance(m, GatedBatchNorm2d) for m in fused.modules()) == 3
+    randomize_psi(plain, 3)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+
+
+def test_fused_form_folds_to_the_same_deploy_model():
+    torch.manual_seed(4)
+    model = randomize_bn(cifar_resnet(8, attention="se", block="basic", num_classes=6), 5)
+    plain, fused = _pair(model)
+    randomize_psi(plain, 6)
+    fused.load_state_dict(plain.state_dict())
+    _step(plain)
+    _step(fused)
+    plain.eval()
+    fused.eval()
+    a = asrfx.fold(plain, example_inputs=(X,))
+    b = asrfx.fold(fused, example_inputs=(X,))
+    with torch.no_grad():
+        assert rel_err(a(X), b(X)) <= REL_TOL
+    assert [n.op for n in a.graph.nodes] == [n.op for n in b.graph.nodes]
+    # folding leaves the prepared model fused
+    assert sum(isinstance(m, GatedBatchNorm2d) for m in fused.modules()) == 3
+
+
+def test_checkpoints_load_both_ways_and_the_fused_model_pickles():
+    model = randomize_bn(cifar_resnet(8, attention="se", block="basic", num_classes=6), 7)
+    plain, fused = _pair(model)
+    randomize_psi(fused, 8)
+    plain.load_state_dict(fused.state_dict(), strict=True)
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    fused.eval()
+    again.eval()
+    with torch.no_grad():
+        assert rel_err(fused(X), again(X)) <= REL_TOL
+
+
+class NormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass with an activation (traced through: an ``F.batch_norm`` call)."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                   self.bias, self.training, self.momentum, self.eps))
+
+
+class Mixed(nn.Module):
+    """Sites of every kind: after a torch BatchNorm, after a traced-through norm, a gate moved
+    behind a training-mode norm, and after a bare conv (stays a multiply)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1)
+        self.act = NormAct(c)
+        self.fcs = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(4))
+        self.head = nn.Linear(c, 6)
+
+    def gate(self, i, y):
+        return y * torch.sigmoid(self.fcs[i](y.mean((2, 3), keepdim=True)))
+
+    def forward(self, x):
+        y = self.gate(0, self.bn1(self.conv1(x)))          # after a torch BatchNorm
+        y = self.gate(1, self.act(self.conv2(y)))            # after ReLU: stays a multiply
+        y = self.bn2(self.gate(2, self.conv3(y)))            # moved behind bn2, then fused
+        y = self.gate(3, y)                                  # after bn2's moved gate
+        return self.head(y.mean((2, 3)))
+
+
+def test_every_kind_of_site_trains_alike_and_the_report_says_which_stay():
+    torch.manual_seed(9)
+    model = randomize_bn(Mixed(), 10)
+    plain, fused = _pair(model)
+    notes = fused.asrfx_report.notes
+    stays = [n for n in notes if "stays a multiply" in n]
+    assert len(stays) >= 1 and any("fcs" in n or "(top)" in n or "gate" in n for n in stays), \
+        notes
+    randomize_psi(plain, 11)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+
+
+def test_traced_through_norm_takes_the_gate_in_its_affine():
+    class GateAfterNormNoAct(nn.Module):
+        def __init__(self, c: int = 8):
+            super().__init__()
+            self.conv = nn.Conv2d(3, c, 3, padding=1)
+            self.bn = _PlainSub(c)
+            self.fc = nn.Conv2d(c, c, 1)
+            self.head = nn.Linear(c, 6)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            y = y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+            return self.head(torch.relu(y).mean((2, 3)))
+
+    torch.manual_seed(12)
+    model = randomize_bn(GateAfterNormNoAct(), 13)
+    plain, fused = _pair(model)
+    assert not any("stays a multiply" in n for n in fused.asrfx_report.notes), \
+        fused.asrfx_report.notes
+    assert not any(n.target is torch.sigmoid and any(u.target in (torch.mul, "mul") or
+                                                     getattr(u.target, "__name__", "") == "mul"
+                                                     for u in n.users)
+                   for n in fused.graph.nodes if n.op == "call_function")
+    randomize_psi(plain, 14)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+
+
+class _PlainSub(nn.BatchNorm2d):
+    """A BatchNorm subclass from outside torch with torch's forward (traced through)."""
+
+
+def test_calibrated_init_and_sync_batch_norm():
+    """``init="calibrate"`` works the same; a SyncBatchNorm is never fused (its forward decides
+    at run time whether to synchronise) and the report says so."""
+    torch.manual_seed(15)
+    model = randomize_bn(cifar_resnet(8, attention="se", block="basic", num_classes=6), 16)
+    kw = dict(init="calibrate", calibration_data=[X[:3], X[3:]])
+    plain, fused = _pair(model, **kw)
+    for p in (plain, fused):
+        p.eval()
+    with torch.no_grad():
+        assert rel_err(plain(X), fused(X)) <= REL_TOL
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(cifar_resnet(8, attention="se",
+                                                                  block="basic"))
+    prepared = asrfx.prepare(synced.eval(), example_inputs=(X,), fused=True)
+    notes = prepared.asrfx_report.notes
+    assert any("fused training form: 0 gate(s)" in n for n in notes), notes
+    assert sum("not a torch BatchNorm's output" in n for n in notes) == 3, notes
+
+
+def test_fused_must_be_a_bool():
+    with pytest.raises(asrfx.InputError, match="fused must be True or False"):
+        asrfx.prepare(cifar_resnet(8, attention="se", block="basic"), example_inputs=(X,),
+                      fused="yes")
