@@ -52,13 +52,14 @@ _MUL_OPS = {operator.mul, torch.mul, "mul", "mul_"}
 
 # ------------------------------------------------------------------------------------ helpers
 
-def _prepared(attention: str = "se", dims: int = 2, depth: int = 20) -> torch.fx.GraphModule:
+def _prepared(attention: str = "se", dims: int = 2, depth: int = 20,
+              fused: bool = False) -> torch.fx.GraphModule:
     """The same prepared ResNet on every call (and in every process): weights from seed 0."""
     torch.manual_seed(0)
     model = cifar_resnet(depth, block="basic", attention=attention, num_classes=NUM_CLASSES,
                          dims=dims, width=8 if dims == 3 else 16)
     x = torch.randn((2, 3) + (SIZE if dims != 3 else 8,) * dims)
-    return asrfx.prepare(model, example_inputs=(x,))
+    return asrfx.prepare(model, example_inputs=(x,), fused=fused)
 
 
 def _dead_psis(model: nn.Module) -> set[str]:
@@ -148,6 +149,10 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
             result["bn_deploy_out"] = deploy(probe)
         result["bn_deploy_muls"] = len(_mul_nodes(deploy))
         result["bn_deploy_norms"] = len(bn_call_nodes(deploy))
+        # --- the fused training form: the same training, gates in the norms' affine
+        fused = _prepared(fused=True)
+        result["fused_losses"] = _train(fused, rank, torch.device("cpu"))
+        result["fused_raw"] = _cpu_state(fused)
 
         # --- SyncBatchNorm
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -193,6 +198,17 @@ def ddp_runs(tmp_path_factory) -> list[dict]:
 
 
 # ----------------------------------------------------------------------- DDP with BatchNorm
+
+
+def test_ddp_trains_the_fused_form_like_the_multiply_form(ddp_runs):
+    """prepare(fused=True) under DDP: the same losses and the same parameters and statistics
+    on every rank as the multiply form (before rank 0's buffers are broadcast)."""
+    for run in ddp_runs:
+        assert len(run["fused_losses"]) == len(run["bn_losses"])
+        for a, b in zip(run["bn_losses"], run["fused_losses"]):
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
+        for k, v in run["bn_raw"].items():
+            assert rel_err(v.double(), run["fused_raw"][k].double()) <= 1e-4, k
 
 def test_ddp_psi_and_parameters_identical_across_ranks(ddp_runs):
     r0, r1 = ddp_runs
@@ -459,9 +475,9 @@ class _TinySE(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def _tiny_prepared() -> torch.fx.GraphModule:
+def _tiny_prepared(fused: bool = False) -> torch.fx.GraphModule:
     torch.manual_seed(0)
-    return asrfx.prepare(_TinySE(), example_inputs=(rand_images(2, 0, size=8),))
+    return asrfx.prepare(_TinySE(), example_inputs=(rand_images(2, 0, size=8),), fused=fused)
 
 
 def _need_inductor() -> None:
@@ -470,9 +486,10 @@ def _need_inductor() -> None:
 
 
 @pytest.mark.slow
-def test_prepared_model_trains_under_torch_compile():
+@pytest.mark.parametrize("fused", [False, True], ids=["multiply", "fused"])
+def test_prepared_model_trains_under_torch_compile(fused):
     _need_inductor()
-    eager, model = _tiny_prepared(), _tiny_prepared()
+    eager, model = _tiny_prepared(fused), _tiny_prepared(fused)
     psis = psi_names(model)
     assert len(psis) == 2 and not _dead_psis(model)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
