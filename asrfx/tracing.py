@@ -117,17 +117,32 @@ class AsrTracer(fx.Tracer):
         self.example_inputs = list(example_inputs) if example_inputs is not None else None
         self.values: dict[fx.Node, Any] | None = {} if example_inputs is not None else None
         self._computing = False  # True while running real layers for example values
+        # nodes whose example value is not computed yet: values are computed in creation order
+        # when a question needs one (a trace that asks none runs no layer)
+        self._pending: list[fx.Node] = []
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None,
                     type_expr: Any = None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if self.values is not None and not self._computing:
+            self._pending.append(node)
+        return node
+
+    def value_of(self, node: fx.Node) -> Any:
+        """The example value of ``node`` (None without one), computing every pending value up
+        to it, in the order the nodes were made."""
+        if self.values is None:
+            return None
+        if node not in self.values and node in self._pending:
+            upto = self._pending.index(node) + 1
+            todo, self._pending = self._pending[:upto], self._pending[upto:]
             self._computing = True
             try:
-                self._record_value(node)
+                for n in todo:
+                    self._record_value(n)
             finally:
                 self._computing = False
-        return node
+        return self.values.get(node)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         if self._computing:
@@ -163,7 +178,7 @@ class AsrTracer(fx.Tracer):
         computed from shapes alone (``if g.shape[-1] != 1:``, ``if x.dim() != 4: raise``), with
         a guard in the graph -- ``torch._assert`` -- that fails, naming the condition, on an
         input for which the answer would differ. Any other condition fails as in fx."""
-        value = self.values.get(obj.node) if self.values is not None else None
+        value = self.value_of(obj.node)
         if not (isinstance(value, (bool, torch.SymBool)) or type(value) is bool) or \
                 not _shape_only(obj.node):
             return super().to_bool(obj)
@@ -178,9 +193,7 @@ class AsrTracer(fx.Tracer):
 
     def rank_of(self, proxy: fx.Proxy) -> int | None:
         """len() of a traced shape, when its example value is known."""
-        if self.values is None:
-            return None
-        value = self.values.get(proxy.node)
+        value = self.value_of(proxy.node)
         return len(value) if isinstance(value, torch.Size) else None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

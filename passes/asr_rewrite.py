@@ -523,6 +523,8 @@ def _unmovable(site: AttentionSite, expected: dict | None, key: tuple[str, int, 
 
 def _move_gates_past_norms(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
     """Apply each marked site's gate to its norms' outputs, and drop its multiply (or add)."""
+    if not any(site.after_norms for site in sites):
+        return
     graph = gm.graph
     combine = {"mul": operator.mul, "add": operator.add}
     replaced: dict[fx.Node, fx.Node] = {}

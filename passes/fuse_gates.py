@@ -195,5 +195,6 @@ def unfuse_gates(gm: fx.GraphModule) -> int:
         count += 1
     for mod in gated:  # after every call is rewritten: a module may be called more than once
         mod.__class__ = PLAIN[type(mod)]
-    gm.recompile()
+    if count:
+        gm.recompile()
     return count
