@@ -84,7 +84,21 @@ def machine_description(device: torch.device | str = "cpu") -> str:
             f"torch {torch.__version__}, {platform.system()} {platform.machine()}")
     if torch.device(device).type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
-    return text
+    return text + f", allocator: {allocator_description()}"
+
+
+def allocator_description() -> str:
+    """The C allocator torch's CPU tensors come from and the settings that change its speed:
+    glibc malloc (its version) unless a jemalloc/tcmalloc is preloaded, and any ``MALLOC_*``
+    tuning variables. Large CPU activations are fresh ``mmap`` regions under glibc's defaults;
+    their page faults can dominate CPU latency (README: CPU deployment)."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    name = next((n for n in ("jemalloc", "tcmalloc", "mimalloc") if n in preload), None)
+    if name is None:
+        lib, version = platform.libc_ver()
+        name = f"{lib or 'libc'} {version}".strip() + " malloc"
+    tuning = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
+    return name + (f" ({', '.join(tuning)})" if tuning else " (default settings)")
 
 
 def strip_attention(model: nn.Module, example_inputs: tuple,
@@ -540,14 +554,19 @@ class CostRow:
     fold_s: float
     sites: int = 0
     extra: dict = field(default_factory=dict)
+    plain_fold_s: float = float("nan")  # fold of the plain network (no attention)
+    fx_fuse_s: float = float("nan")  # torch.fx.experimental.optimization.fuse of it
 
 
 def compiler_cost(depths: Sequence[int] = (20, 56, 110, 164, 326, 650, 1001), reps: int = 3,
                   attention: str = "se", progress: bool = True) -> dict[str, Any]:
     """Wall time of ``prepare`` and ``fold`` (with its check) against the traced graph's size,
     CIFAR ResNets of growing depth with ``attention`` in every block; medians of ``reps`` runs
-    and a least-squares line ``time = a * nodes + b`` per phase with its R^2."""
+    and a least-squares line ``time = a * nodes + b`` per phase with its R^2. Beside them, the
+    plain network's ``fold`` and ``torch.fx.experimental.optimization.fuse`` (trace, BN fusion,
+    no check), timed alternately."""
     import asrfx
+    from torch.fx.experimental.optimization import fuse
     from tqdm.auto import tqdm
 
     x = torch.randn(1, 3, 32, 32)
@@ -564,8 +583,19 @@ def compiler_cost(depths: Sequence[int] = (20, 56, 110, 164, 326, 650, 1001), re
             fold.append(time.perf_counter() - t1)
             prep.append(t1 - t0)
         nodes = len(asrfx.trace(model, example_inputs=(x,)).graph.nodes)
+        plain = build_model(f"resnet{depth}", attention=None, num_classes=100).eval()
+        ours, theirs = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            asrfx.fold(plain, example_inputs=(x,))
+            t1 = time.perf_counter()
+            fuse(plain)
+            theirs.append(time.perf_counter() - t1)
+            ours.append(t1 - t0)
         rows.append(CostRow(depth, nodes, statistics.median(prep), statistics.median(fold),
-                            p.asrfx_report.count(action="converted")))
+                            p.asrfx_report.count(action="converted"),
+                            plain_fold_s=statistics.median(ours),
+                            fx_fuse_s=statistics.median(theirs)))
     fits = {ph: _linear_fit([r.nodes for r in rows], [getattr(r, f"{ph}_s") for r in rows])
             for ph in ("prepare", "fold")}
     return {"rows": [asdict(r) for r in rows], "fits": fits, "reps": reps}
@@ -590,9 +620,12 @@ def format_cost(cost: dict[str, Any]) -> str:
 
     rows = [[r["depth"], r["nodes"], r["sites"], f"{1000 * r['prepare_s']:.0f}",
              f"{1000 * r['fold_s']:.0f}", f"{1000 * (r['prepare_s'] + r['fold_s']):.0f}",
-             f"{1e6 * (r['prepare_s'] + r['fold_s']) / r['nodes']:.0f}"] for r in cost["rows"]]
+             f"{1e6 * (r['prepare_s'] + r['fold_s']) / r['nodes']:.0f}",
+             f"{1000 * r.get('plain_fold_s', float('nan')):.0f}",
+             f"{1000 * r.get('fx_fuse_s', float('nan')):.0f}"] for r in cost["rows"]]
     lines = [tabulate(rows, headers=["ResNet depth", "graph nodes", "sites", "prepare ms",
-                                     "fold ms", "total ms", "us / node"])]
+                                     "fold ms", "total ms", "us / node", "plain fold ms",
+                                     "fx fuse ms"])]
     for ph, f in cost["fits"].items():
         lines.append(f"{ph}: {f['per_node_ms']:.3f} ms per node + {f['intercept_s']:.3f} s "
                      f"(linear fit R^2 = {f['r2']:.3f})")

@@ -28,15 +28,18 @@ def small_run():
 def test_every_variant_is_measured(small_run):
     names = [r["variant"] for r in small_run["rows"]]
     assert names == ["backbone", "backbone fused",
-                     "+se", "ASR(se) train form", "ASR(se) folded", "ASR(se) BN-only fold",
-                     "+eca", "ASR(eca) train form", "ASR(eca) folded", "ASR(eca) BN-only fold"]
+                     "+se", "ASR(se) train form", "ASR(se) fused train form", "ASR(se) folded",
+                     "ASR(se) BN-only fold",
+                     "+eca", "ASR(eca) train form", "ASR(eca) fused train form",
+                     "ASR(eca) folded", "ASR(eca) BN-only fold"]
     for r in small_run["rows"]:
         assert set(r["latency"]) == {"1", "2"}
         for lat in r["latency"].values():
             assert lat["samples"] == 2 and 0 < lat["median_ms"] <= lat["p90_ms"]
             assert lat["images_per_s"] > 0 and lat["ratio"] > 0
     trained = {r["variant"] for r in small_run["rows"] if r["train"] is not None}
-    assert trained == {"backbone", "+se", "ASR(se) train form", "+eca", "ASR(eca) train form"}
+    assert trained == {"backbone", "+se", "ASR(se) train form", "ASR(se) fused train form",
+                       "+eca", "ASR(eca) train form", "ASR(eca) fused train form"}
     assert small_run["rows"][0]["latency"]["1"]["ratio"] == 1.0
 
 
@@ -156,11 +159,14 @@ def test_cli_cost_only_writes_the_cost_report(tmp_path, capsys):
     rc = main(["bench", "--cost-only", "--cost-depths", "20", "32", "--cost-reps", "1",
                "--quiet", "--out", str(tmp_path)])
     assert rc == 0
-    assert "graph nodes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "graph nodes" in out and "fx fuse ms" in out and "plain fold ms" in out
     md = (tmp_path / "bench.md").read_text()
     assert md.startswith("# asrfx bench: compiler cost") and "prepare:" in md
+    assert "allocator: " in md  # the machine line names the allocator and its settings
     assert (tmp_path / "compiler_cost.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "bench.json").read_text())["compiler_cost"]["rows"]
+    rows = json.loads((tmp_path / "bench.json").read_text())["compiler_cost"]["rows"]
+    assert rows and all(r["fx_fuse_s"] > 0 and r["plain_fold_s"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("size,shape", [(None, (3, 32, 32)), (16, (3, 16, 16)),
