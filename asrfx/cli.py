@@ -250,6 +250,13 @@ def _bench(args: argparse.Namespace) -> None:
         write_outputs
 
     print(use_threads(args.threads))
+    if args.malloc == "keep":
+        from .bench import allocator_description, keep_freed_memory
+
+        if not keep_freed_memory():
+            raise InputError("--malloc keep needs glibc's malloc (mallopt); this process has "
+                             "another allocator: drop --malloc")
+        print(f"allocator: {allocator_description()}")
     size = args.size[0] if args.size and len(args.size) == 1 else (tuple(args.size) if args.size
                                                                   else None)
     from .zoo import parse_model_spec
@@ -513,6 +520,9 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--device", default="cpu", help=device_help)
     bn.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: the cores other processes leave free)")
+    bn.add_argument("--malloc", default="default", choices=["default", "keep"],
+                    help="keep: glibc malloc keeps freed memory for reuse (mallopt; no page "
+                         "faults on every large activation; README: CPU deployment)")
     bn.add_argument("--cost", action="store_true",
                     help="also measure prepare/fold time against graph size")
     bn.add_argument("--cost-only", action="store_true", help="only the compiler cost")
