@@ -301,10 +301,7 @@ _FRESH = {torch.nn.functional.pad, torch.zeros, torch.ones, torch.full, torch.em
 
 def _proxy_setitem(self: fx.Proxy, index: Any, value: Any) -> None:
     node = self.node
-    target = getattr(torch, node.target.__name__, node.target) \
-        if node.op == "call_function" and hasattr(node.target, "__name__") and \
-        node.target.__name__ in _FACTORIES else node.target
-    if node.op not in ("call_function", "call_method") or target not in _FRESH:
+    if node.op not in ("call_function", "call_method") or node.target not in _FRESH:
         raise TypeError(f"item assignment to {node.name}: only a tensor that F.pad, a factory, "
                         f"cat or clone just made is traced (anything else may share memory "
                         f"with another value)")

@@ -208,3 +208,21 @@ def test_dbb_net_with_attention_trains_and_folds_to_plain_convs():
     deploy = _fold(prepared, x, seed=6)
     assert _layers(deploy) == ["Conv2d", "ReLU", "Conv2d", "ReLU", "AdaptiveAvgPool2d",
                                "Flatten", "Linear"], deploy.code
+
+
+def test_item_assignment_into_a_made_tensor_is_traced():
+    """A tensor a factory just made (sized from the input's shape) takes item assignments as
+    values too."""
+
+    class Scatter(nn.Module):
+        def forward(self, x):
+            y = torch.zeros(x.shape[0], 4, x.shape[2], x.shape[3])
+            y[:, 1:3] = x
+            return y * 2
+
+    x = torch.randn(2, 2, 5, 5)
+    gm = asrfx.trace(Scatter(), (x,))
+    assert any(n.target is set_items for n in gm.graph.nodes), gm.code
+    for b in (2, 3):
+        xb = torch.randn(b, 2, 5, 5)
+        assert rel_err(Scatter()(xb), gm(xb)) <= REL_TOL
