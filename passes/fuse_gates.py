@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .asr_rewrite import _positive
 from .find_attention import AttentionSite
 from .graph_utils import reads_shape_only, safe_dce, stable_toposort, tensor_shape
 from .layers import batch_norm_args
@@ -94,8 +95,39 @@ def _map_of(site: AttentionSite) -> fx.Node | None:
     return None
 
 
+_RELUS = (nn.ReLU, nn.LeakyReLU)
+_RELU_CALLS = {F.relu, torch.relu, F.leaky_relu, "relu"}
+
+
+def _value_readers(n: fx.Node, mul: fx.Node) -> list[fx.Node]:
+    """Readers of ``n``'s values: not its shape, and not ``g.expand_as(n)`` feeding ``mul``."""
+    return [u for u in n.users if not reads_shape_only(u) and not (
+        u.op == "call_method" and u.target == "expand_as" and u.args[1] is n and
+        list(u.users) == [mul])]
+
+
+def _relu_input(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
+    """The input of ``n`` when it is a (leaky) ReLU: a positive per-channel scale crosses it,
+    ``relu(g * y) = g * relu(y)``."""
+    if n.op == "call_module" and type(gm.get_submodule(str(n.target))) in _RELUS or \
+            n.op in ("call_function", "call_method") and n.target in _RELU_CALLS:
+        return n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    return None
+
+
+def _norm_call(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """``n`` is a torch BatchNorm module call or an ``F.batch_norm`` whose affine is nodes."""
+    if n.op == "call_module":
+        return type(gm.get_submodule(str(n.target))) in GATED and len(n.args) == 1 and \
+            not n.kwargs
+    args = batch_norm_args(n)
+    return args is not None and all(args[k] is None or isinstance(args[k], fx.Node)
+                                    for k in ("weight", "bias"))
+
+
 def _why_not(gm: fx.GraphModule, site: AttentionSite) -> tuple[str, fx.Node | None]:
-    """Why ``site``'s gate cannot go into a norm's affine ('' when it can), and the norm."""
+    """Why ``site``'s gate cannot go into a norm's affine ('' when it can), and the norm (whose
+    output is the gated map, or goes through a (leaky) ReLU to it for a positive gate)."""
     if site.fusion != "mul" or site.more_muls:
         return "not one multiply by the gate", None
     if site.rows is not None:
@@ -103,44 +135,49 @@ def _why_not(gm: fx.GraphModule, site: AttentionSite) -> tuple[str, fx.Node | No
     x = _map_of(site)
     if x is None:
         return "the multiply is in place or does not read the gate directly", None
-    if [u for u in x.users if not reads_shape_only(u)] != [site.mul]:
+    if _value_readers(x, site.mul) != [site.mul]:
         return "the norm's output is read elsewhere too", None
     xs, gs = tensor_shape(x), tensor_shape(site.gate)
     if xs is None or gs is None or len(gs) != len(xs) or gs[1] != xs[1] or \
             any(d != 1 for d in gs[2:]) or tensor_shape(site.mul) != xs:
         return "the gate is not one value per channel of the norm's output", None
-    if x.op == "call_module" and type(gm.get_submodule(str(x.target))) in GATED and \
-            len(x.args) == 1 and not x.kwargs:
+    if _norm_call(gm, x):
         return "", x
-    args = batch_norm_args(x)
-    if args is not None and all(args[k] is None or isinstance(args[k], fx.Node)
-                                for k in ("weight", "bias")):
-        return "", x
-    return "the gated map is not a torch BatchNorm's output", None
+    y = _relu_input(gm, x)
+    if y is not None and _norm_call(gm, y) and _positive(gm, site.gate) and \
+            [u for u in y.users if not reads_shape_only(u)] == [x]:
+        return "", y  # relu(BN(z)) * g = relu(g * BN(z)) for g > 0
+    return "the gated map is not a torch BatchNorm's output (or a ReLU of one, for a " \
+           "positive gate)", None
 
 
 def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
-    """Fold each converted site's gate into the affine of the BatchNorm producing its map, in
-    the training graph ``gm`` (shapes recorded before the ASR rewrite). Returns a note per site
-    left as a multiply, saying why (the form is exact either way)."""
+    """Fold each converted site's gate into the affine of the BatchNorm producing its map (also
+    through a ReLU for a positive gate), in the training graph ``gm`` (shapes recorded before
+    the ASR rewrite). Returns a note per site left as a multiply, saying why (the form is exact
+    either way)."""
     graph = gm.graph
     notes = []
     for site in sites:
-        why, x = _why_not(gm, site)
-        if x is None:
+        why, norm = _why_not(gm, site)
+        if norm is None:
             notes.append(f"{site.path or '(top)'}: the gate stays a multiply in the training "
                          f"form ({why})")
             continue
-        mul = site.mul
-        if x.op == "call_module":
-            mod = gm.get_submodule(str(x.target))
-            if type(mod) in GATED:
-                mod.__class__ = GATED[type(mod)]  # same object: parameters and names kept
+        mul, x = site.mul, _map_of(site)
+        if norm.op == "call_module":
+            mod = gm.get_submodule(str(norm.target))
+            mod.__class__ = GATED[type(mod)]  # same object: parameters and names kept
             with graph.inserting_before(mul):
-                fused = graph.call_module(str(x.target), (x.args[0], site.gate))
-            fused.meta = dict(x.meta)
+                fused = graph.call_module(str(norm.target), (norm.args[0], site.gate))
+            fused.meta = dict(norm.meta)
+            # value readers (the ReLU, or the multiply) read the fused call; shape reads (an
+            # SE's ``b, c = x.size()[:2]`` sizing its gate) the norm's input: same shape
+            norm.replace_all_uses_with(norm.args[0], delete_user_cb=reads_shape_only)
+            norm.replace_all_uses_with(fused)
+            _erase_with_dead_readers(norm)
         else:
-            args = batch_norm_args(x)
+            args = batch_norm_args(norm)
             with graph.inserting_before(mul):
                 s = graph.call_method("reshape", (site.gate, -1))
                 w = s if args["weight"] is None else graph.call_function(
@@ -148,17 +185,13 @@ def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
                 b = None if args["bias"] is None else graph.call_function(
                     operator.mul, (args["bias"], s))
             kwargs = {k: args[k] for k in ("training", "momentum", "eps")}
-            x.args = (args["input"], args["running_mean"], args["running_var"])
-            x.kwargs = dict(kwargs, weight=w, bias=b)
-            fused = x
-        mul.replace_all_uses_with(fused)
+            norm.args = (args["input"], args["running_mean"], args["running_var"])
+            norm.kwargs = dict(kwargs, weight=w, bias=b)
+            fused = norm
+        out = fused if x is norm else x  # the ReLU of the fused norm, where there is one
+        mul.replace_all_uses_with(out)
         graph.erase_node(mul)
-        site.mul = fused
-        if x is not fused:
-            # shape reads (an SE's ``b, c = x.size()[:2]`` sizing its gate) read the norm's
-            # input instead: a norm keeps the shape
-            x.replace_all_uses_with(x.args[0], delete_user_cb=reads_shape_only)
-            _erase_with_dead_readers(x)
+        site.mul = out
     stable_toposort(graph)  # a scaled affine reads a gate computed after the norm call
     safe_dce(gm)
     return notes

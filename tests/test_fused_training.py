@@ -215,3 +215,41 @@ def test_fused_must_be_a_bool():
     with pytest.raises(asrfx.InputError, match="fused must be True or False"):
         asrfx.prepare(cifar_resnet(8, attention="se", block="basic"), example_inputs=(X,),
                       fused="yes")
+
+
+class ReluThenGate(nn.Module):
+    """conv -> BN -> ReLU -> a gate (``sigmoid`` or ``tanh``; ECA-style ``expand_as`` for
+    ``eca``): a positive gate crosses the ReLU into the norm."""
+
+    def __init__(self, gate: str, c: int = 8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.fc = nn.Conv2d(c, c, 1)
+        self.head = nn.Linear(c, 6)
+        self.gate = gate
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        z = self.fc(y.mean((2, 3), keepdim=True))
+        if self.gate == "tanh":
+            y = y * torch.tanh(z)
+        elif self.gate == "eca":
+            y = y * torch.sigmoid(z).expand_as(y)
+        else:
+            y = y * torch.sigmoid(z)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("gate, fused_count", [("sigmoid", 1), ("eca", 1), ("tanh", 0)])
+def test_a_positive_gate_crosses_a_relu_into_the_norm(gate, fused_count):
+    torch.manual_seed(17)
+    model = randomize_bn(ReluThenGate(gate), 18)
+    plain, fused = _pair(model)
+    notes = fused.asrfx_report.notes
+    assert any(f"fused training form: {fused_count} gate(s)" in n for n in notes), notes
+    assert sum(isinstance(m, GatedBatchNorm2d) for m in fused.modules()) == fused_count
+    if not fused_count:  # a gate of either sign does not cross a ReLU
+        assert any("stays a multiply" in n for n in notes), notes
+    randomize_psi(plain, 19)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
