@@ -381,7 +381,7 @@ _HOMOGENEOUS_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functio
                           "relu", "relu_"}
 
 
-def _positive(gm: fx.GraphModule, g: fx.Node) -> bool:
+def positive_gate(gm: fx.GraphModule, g: fx.Node) -> bool:
     """The gate is positive by construction (its last op is a sigmoid, softmax, exp...)."""
     if g.op == "call_module":
         return isinstance(gm.get_submodule(str(g.target)), (nn.Sigmoid, nn.Hardsigmoid,
@@ -391,7 +391,7 @@ def _positive(gm: fx.GraphModule, g: fx.Node) -> bool:
             return True
         if g.target in ("view", "reshape", "unsqueeze", "flatten", "expand", "expand_as") or \
                 g.target in (torch.reshape, torch.unsqueeze, torch.flatten):
-            return isinstance(g.args[0], fx.Node) and _positive(gm, g.args[0])
+            return isinstance(g.args[0], fx.Node) and positive_gate(gm, g.args[0])
     return False
 
 
@@ -481,7 +481,7 @@ def gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite],
         key = (site.path, site.channels, calls)
         if expected is not None and key not in expected:
             continue
-        positive = site.fusion == "mul" and _positive(gm, site.gate)
+        positive = site.fusion == "mul" and positive_gate(gm, site.gate)
         found = [_norms_reading(gm, m, positive, dying=dying, any_mode=expected is not None,
                                 products={k: v for k, v in products.items() if v is not site})
                  for m in (site.mul, *site.more_muls)]

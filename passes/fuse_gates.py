@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .asr_rewrite import _positive
+from .asr_rewrite import positive_gate
 from .find_attention import AttentionSite
 from .graph_utils import reads_shape_only, safe_dce, stable_toposort, tensor_shape
 from .layers import batch_norm_args
@@ -144,7 +144,7 @@ def _why_not(gm: fx.GraphModule, site: AttentionSite) -> tuple[str, fx.Node | No
     if _norm_call(gm, x):
         return "", x
     y = _relu_input(gm, x)
-    if y is not None and _norm_call(gm, y) and _positive(gm, site.gate) and \
+    if y is not None and _norm_call(gm, y) and positive_gate(gm, site.gate) and \
             [u for u in y.users if not reads_shape_only(u)] == [x]:
         return "", y  # relu(BN(z)) * g = relu(g * BN(z)) for g > 0
     return "the gated map is not a torch BatchNorm's output (or a ReLU of one, for a " \

@@ -64,6 +64,10 @@ def _assert_same_training(plain: nn.Module, fused: nn.Module, steps: int = 2) ->
     fused.eval()
     with torch.no_grad():
         assert rel_err(plain(X), fused(X)) <= REL_TOL
+        # and both fold (each checked against its prepared form) to the same deploy model
+        a = asrfx.fold(plain, example_inputs=(X,))
+        b = asrfx.fold(fused, example_inputs=(X,))
+        assert rel_err(a(X), b(X)) <= REL_TOL
 
 
 @pytest.mark.parametrize("attention", ["se", "eca", "srm", "gct", "cbam_channel", "spa"])
