@@ -50,7 +50,8 @@ from .check import first_nonfinite, half_precision, nonfinite, relative_error, t
 from .errors import FoldMismatch, InputError, NonFiniteError
 from .inputs import describe_inputs, forward_signature, inputs_failure
 from .report import Report, Site
-from .tracing import AsrTracer, DualModeGraphModule, TraceResult, preserve_modes, warn_own_hooks
+from .tracing import (AsrTracer, DualModeGraphModule, TraceResult, preserve_modes,
+                      uncompiled_graph_module, warn_own_hooks)
 
 __all__ = ["Context", "PrepareOptions", "prepare_model", "fold_model", "eval_graph_module",
            "count_params", "attach_report", "input_specs", "meta_of"]
@@ -357,7 +358,7 @@ def fold_model(model: nn.Module, inputs: tuple, check: bool, fuse_bn: bool, tol:
                leaf_modules: Sequence[str | type]) -> fx.GraphModule:
     """The deploy form of ``model`` (see :func:`asrfx.fold`), checked when ``check``."""
     ctx = Context(model, inputs, leaf_modules)
-    gm = eval_graph_module(ctx)
+    gm = eval_graph_module(ctx, compiled=False)  # the passes end with cleanup's recompile
     check_arity(gm, inputs)
     recs = run_fold_passes(gm, ctx, fuse_bn)
     report = Report("fold", params_before=count_params(model), params_after=count_params(gm))
@@ -380,9 +381,10 @@ def meta_of(model: nn.Module) -> dict:
     return meta.get("asrfx", {}) if isinstance(meta, dict) else {}
 
 
-def eval_graph_module(ctx: Context) -> fx.GraphModule:
+def eval_graph_module(ctx: Context, compiled: bool = True) -> fx.GraphModule:
     """An eval-mode GraphModule over a copy of ``ctx.model`` (the eval graph of a dual-mode
-    one); the model itself is not touched."""
+    one); the model itself is not touched. ``compiled=False``: without generated code (no
+    ``forward`` until ``recompile()``), for a caller that rewrites it and compiles it once."""
     model = ctx.model
     if isinstance(model, fx.GraphModule):
         graph = model.eval_graph if isinstance(model, DualModeGraphModule) else model.graph
@@ -390,6 +392,8 @@ def eval_graph_module(ctx: Context) -> fx.GraphModule:
         warn_own_hooks(model)
     else:
         gm = capture(clone_module(model), ctx.inputs, ctx.leaf_modules).eval
+    if compiled:
+        gm.recompile()
     gm.eval()
     return gm
 
@@ -412,7 +416,8 @@ def _clone_graph_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
     g._codegen = copy.deepcopy(graph._codegen)
     out = g.graph_copy(graph, {})
     g.output(out)
-    new = fx.GraphModule(root, g, type(gm).__name__)  # errors name the caller's model
+    # errors name the caller's model; fold's cleanup generates the code once, at the end
+    new = uncompiled_graph_module(root, g, type(gm).__name__)
     new.meta = {k: v for k, v in getattr(gm, "meta", {}).items()
                 if k != _USER_PRESERVED_ATTRIBUTES_KEY}
     return new
@@ -450,7 +455,9 @@ def _fuse_and_merge(gm: fx.GraphModule, pctx: PassContext, rounds: int = 8) -> l
         recs = fuse_batchnorm(gm, pctx) + merge_sequential(gm, pctx) + merge_branches(gm, pctx)
         done += [r for r in recs if r.action != "kept"]
         kept = [r for r in recs if r.action == "kept"]
-        if len(kept) == len(recs):
+        # only a merge makes new work (a conv a BatchNorm after the block fuses into): the
+        # merges of this round already saw every fusion before them
+        if not any(r.action == "merged" for r in recs):
             break
     return done + kept
 
