@@ -30,7 +30,7 @@ from torch import nn
 
 from .asr_rewrite import positive_gate
 from .find_attention import AttentionSite
-from .graph_utils import reads_shape_only, safe_dce, stable_toposort, tensor_shape
+from .graph_utils import module_hooks, reads_shape_only, safe_dce, stable_toposort, tensor_shape
 from .layers import batch_norm_args
 
 __all__ = ["GatedBatchNorm1d", "GatedBatchNorm2d", "GatedBatchNorm3d", "fuse_gates",
@@ -116,10 +116,12 @@ def _relu_input(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
 
 
 def _norm_call(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """``n`` is a torch BatchNorm module call or an ``F.batch_norm`` whose affine is nodes."""
+    """``n`` is a torch BatchNorm module call (without hooks: they would see the scale as a
+    second input) or an ``F.batch_norm`` whose affine is nodes."""
     if n.op == "call_module":
-        return type(gm.get_submodule(str(n.target))) in GATED and len(n.args) == 1 and \
-            not n.kwargs
+        mod = gm.get_submodule(str(n.target))
+        return type(mod) in GATED and len(n.args) == 1 and not n.kwargs and \
+            not module_hooks(mod)
     args = batch_norm_args(n)
     return args is not None and all(args[k] is None or isinstance(args[k], fx.Node)
                                     for k in ("weight", "bias"))

@@ -257,3 +257,17 @@ def test_a_positive_gate_crosses_a_relu_into_the_norm(gate, fused_count):
     randomize_psi(plain, 19)
     fused.load_state_dict(plain.state_dict())
     _assert_same_training(plain, fused)
+
+
+def test_a_norm_with_hooks_is_not_fused():
+    """A hook on the norm would see the scale as a second input: that site keeps the
+    multiply (and the hook sees what it always saw)."""
+    model = cifar_resnet(8, attention="se", block="basic", num_classes=6)
+    seen = []
+    model.layer1[0].bn2.register_forward_hook(lambda m, i, o: seen.append(len(i)))
+    prepared = asrfx.prepare(model, example_inputs=(X,), fused=True)
+    notes = prepared.asrfx_report.notes
+    assert any("fused training form: 2 gate(s)" in n for n in notes), notes
+    assert not isinstance(prepared.get_submodule("layer1.0.bn2"), GatedBatchNorm2d)
+    prepared(X)
+    assert seen and set(seen) == {1}
