@@ -221,6 +221,38 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, warmup: int
     return times
 
 
+def ratios_settled(times: dict[str, list[float]], tol: float = 0.03) -> bool:
+    """Each variant's median over the first variant's agrees within ``tol`` between the first
+    and the second half of the samples (the ratios a report quotes have settled)."""
+    names = list(times)
+    if len(names) < 2 or min(len(v) for v in times.values()) < 4:
+        return True
+
+    def ratios(half: slice) -> list[float]:
+        base = statistics.median(times[names[0]][half])
+        return [statistics.median(times[n][half]) / base for n in names[1:]]
+
+    n = min(len(v) for v in times.values())
+    first, second = slice(0, n // 2), slice(n // 2, n)
+    return all(abs(a - b) <= tol * a for a, b in zip(ratios(first), ratios(second)))
+
+
+def timed_until_stable(calls: dict[str, Callable[[], Any]], reps: int, warmup: int = 3,
+                       sync: Callable[[], None] = lambda: None, progress: Any = None,
+                       max_rounds: int = 3) -> tuple[dict[str, list[float]], int]:
+    """:func:`time_interleaved` rounds of ``reps`` until the ratios to the first variant agree
+    between the two halves of the samples (:func:`ratios_settled`), ``max_rounds`` at most;
+    (samples, rounds). A machine whose latencies drift (another process, the allocator's page
+    faults) gets more samples instead of a ratio one half of the run contradicts."""
+    times = time_interleaved(calls, reps, warmup, sync, progress)
+    rounds = 1
+    while rounds < max_rounds and not ratios_settled(times):
+        more = time_interleaved(calls, reps, 0, sync, None)
+        times = {k: times[k] + more[k] for k in times}
+        rounds += 1
+    return times, rounds
+
+
 def _p(samples: list[float], q: float) -> float:
     s = sorted(samples)
     i = min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))
@@ -347,7 +379,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 for name, fn in info["calls"].items():
                     calls[f"{name} [{rt}]"] = (lambda fn=fn: fn(x))
             with torch.no_grad():
-                times = time_interleaved(calls, cfg.reps, cfg.warmup, sync, bar)
+                times, rounds = timed_until_stable(calls, cfg.reps, cfg.warmup, sync, bar)
+            notes.setdefault("rounds", {})[str(b)] = rounds
             for name, samples in times.items():
                 if name not in by_name:
                     base, _, rt = name.rpartition(" [")
@@ -493,6 +526,11 @@ def format_results(res: dict[str, Any]) -> str:
     for key in ("backbone", "no attention"):
         if isinstance(res.get("notes", {}).get(key), str):
             lines.append(f"note: {res['notes'][key]}")
+    rounds = res.get("notes", {}).get("rounds", {})
+    if any(v > 1 for v in rounds.values()):
+        lines.append("note: rounds of --reps until the ratios settled (within 3% between the "
+                     "halves of the samples; 3 at most): " +
+                     ", ".join(f"batch {b}: {v}" for b, v in rounds.items()))
     spread = max((lat["p90_ms"] / lat["median_ms"] for r in res["rows"]
                   for lat in r["latency"].values()), default=1.0)
     if spread > 1.15 and "mallopt" not in res.get("machine", ""):

@@ -222,3 +222,38 @@ def test_keep_freed_memory_stops_page_faults_on_every_inference(keep):
     else:  # the premise: the default allocator faults pages in on every run
         assert faults > activation_pages, out
         assert "default settings" in out[-1]
+
+
+def test_ratios_settle_when_both_halves_agree():
+    from asrfx.bench import ratios_settled
+
+    steady = {"backbone": [1.0] * 10, "folded": [0.9] * 10}
+    assert ratios_settled(steady)
+    # the folded model's latency jumps half way (the allocator started faulting, say): 0.9x in
+    # the first half, 1.2x in the second
+    drift = {"backbone": [1.0] * 10, "folded": [0.9] * 5 + [1.2] * 5}
+    assert not ratios_settled(drift)
+    assert ratios_settled({"backbone": [1.0, 2.0]})  # one variant, or too few samples
+
+
+def test_timing_repeats_rounds_until_the_ratios_settle(monkeypatch):
+    import asrfx.bench as B
+
+    rounds = iter([
+        {"a": [1.0] * 4, "b": [0.9, 0.9, 1.3, 1.3]},   # drifting
+        {"a": [1.0] * 4, "b": [1.3] * 4},               # settled at 1.3x once pooled
+        {"a": [1.0] * 4, "b": [1.3] * 4},
+    ])
+    calls_made = []
+
+    def fake(calls, reps, warmup=3, sync=None, progress=None):
+        calls_made.append(reps)
+        return next(rounds)
+
+    monkeypatch.setattr(B, "time_interleaved", fake)
+    times, n = B.timed_until_stable({"a": None, "b": None}, reps=4)
+    assert n == 3 and len(times["b"]) == 12 and calls_made == [4, 4, 4]
+    # a stable first round is not repeated
+    rounds = iter([{"a": [1.0] * 4, "b": [0.9] * 4}])
+    times, n = B.timed_until_stable({"a": None, "b": None}, reps=4)
+    assert n == 1
