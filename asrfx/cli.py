@@ -112,19 +112,10 @@ def check_fits(model: nn.Module, split: Any, spec: str, data: str) -> int:
     """
     import torch
 
-    model_was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(split.x_test[:2].to(next(model.parameters(), torch.empty(0)).device))
-    except Exception as e:  # noqa: BLE001 - the user's model and data: say which do not fit
-        raise InputError(f"--model {spec} does not take --data {data}'s inputs of shape "
-                         f"{tuple(split.input_shape)} ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); build "
-                         f"it for {split.in_channels} input channel(s), e.g. "
-                         f"module:factory(cin={split.in_channels})") from None
-    finally:
-        model.train(model_was)
+    x = split.x_test[:2].to(next(model.parameters(), torch.empty(0)).device)
+    out = check_takes(model, x, spec, f"build it for {split.in_channels} input channel(s), "
+                                      f"e.g. module:factory(cin={split.in_channels})",
+                      f"--data {data}'s inputs")
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise InputError(f"--model {spec} returns {getattr(out, 'shape', type(out).__name__)} "
                          f"for a batch of 2; a classifier returning (N, classes) is expected")
@@ -136,19 +127,20 @@ def check_fits(model: nn.Module, split: Any, spec: str, data: str) -> int:
     return int(out.shape[1])
 
 
-def check_takes(model: nn.Module, x: Any, spec: str, advice: str) -> None:
-    """Run ``model`` once on ``x`` (eval mode, no grad); an InputError naming the model, the
-    shape and ``advice`` (what to type) when it fails."""
+def check_takes(model: nn.Module, x: Any, spec: str, advice: str,
+                what: str = "inputs") -> Any:
+    """``model``'s output on ``x`` (one run, eval mode, no grad); an InputError naming the
+    model, ``what`` the inputs are, their shape and ``advice`` (what to type) when it fails."""
     import torch
 
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(x)
+            return model(x)
     except Exception as e:  # noqa: BLE001 - the user's model and the shape they gave
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(f"--model {spec} does not take inputs of shape {tuple(x.shape[1:])} "
+        raise InputError(f"--model {spec} does not take {what} of shape {tuple(x.shape[1:])} "
                          f"({type(e).__name__}: {first}); {advice}") from None
     finally:
         model.train(was)
@@ -205,7 +197,7 @@ def _convert(args: argparse.Namespace) -> None:
     import asrfx
 
     from .data import load_dataset
-    from .demo import evaluate
+    from .demo import calibrated_form, evaluate
     from .stripes import AttentionRecorder, stripe_report
     from .threads import use_threads
 
@@ -220,7 +212,7 @@ def _convert(args: argparse.Namespace) -> None:
     sample = split.x_test[:256].to(device)
     rows = stripe_report(AttentionRecorder(model, (x,)).record([sample]))
     stripe = sum(r["statistic"] for r in rows) / len(rows) if rows else float("nan")
-    prepared = _calibrated(model, split, x)
+    prepared = calibrated_form(model, split, x)
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     after = evaluate(deploy, split, device)
     lines = [str(deploy.asrfx_report),
@@ -353,8 +345,10 @@ def fold_checkpoint(spec: str, checkpoint: str | Path, out: str | Path, *,
                 f"psi on your data first: `asrfx convert --model {spec} --checkpoint "
                 f"{checkpoint} --data DATA --out DIR` (it reports the accuracy before and after "
                 f"and writes these files too), or give --data DATA here")
+        from .demo import calibrated_form
+
         _load_into(model, state, checkpoint, spec, "(the original model)")
-        prepared = _calibrated(model, split, x, mode=mode, insert=insert, where=where)
+        prepared = calibrated_form(model, split, x, mode=mode, insert=insert, where=where)
         notes.append(f"the checkpoint is the original model's: psi calibrated on {data} "
                      f"({len(split.y_train)} training inputs; init='calibrate')")
     deploy = asrfx.fold(prepared, example_inputs=(x,), tol=tol)
@@ -384,19 +378,6 @@ def _load_into(model: nn.Module, state: dict, checkpoint: str | Path, spec: str,
                          f"--model (is it this model's checkpoint?), and give the options the "
                          f"model was prepared with")
     return [k for k in missing if k.endswith("psi")]
-
-
-def _calibrated(model: nn.Module, split: Any, x: Any, batch_size: int = 256,
-                **options: Any) -> nn.Module:
-    """``model``'s ASR form with each psi at the mean of its statistic over the training
-    inputs (``prepare(init="calibrate")``)."""
-    import asrfx
-
-    from .data import batches
-
-    calib = [xb.to(x.device) for xb, _ in batches(split.x_train, split.y_train, batch_size)]
-    return asrfx.prepare(model, example_inputs=(x,), init="calibrate", calibration_data=calib,
-                         **options)
 
 
 def write_deploy(deploy: nn.Module, prepared: nn.Module, x: Any, out: str | Path,

@@ -149,14 +149,20 @@ def latency_ms(models: dict[str, nn.Module], x: torch.Tensor, reps: int = 30
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
+def calibrated_form(model: nn.Module, split: Split, x_ex: torch.Tensor, batch_size: int = 256,
+                    **options: Any) -> nn.Module:
+    """``model``'s ASR form with each psi at the mean of its statistic over the training split
+    (``prepare(init="calibrate")``, batches on ``x_ex``'s device); ``options`` go to prepare."""
+    calib = [xb.to(x_ex.device) for xb, _ in batches(split.x_train, split.y_train, batch_size)]
+    return asrfx.prepare(model, example_inputs=(x_ex,), init="calibrate",
+                         calibration_data=calib, **options)
+
+
 def convert_trained(model: nn.Module, split: Split, device: torch.device,
                     batch_size: int = 256) -> nn.Module:
     """Training-free conversion: psi calibrated on the training split, then folded."""
     x_ex = split.x_test[:2].to(device)
-    calib = [xb.to(device) for xb, _ in batches(split.x_train, split.y_train, batch_size)]
-    prepared = asrfx.prepare(model, example_inputs=(x_ex,), init="calibrate",
-                             calibration_data=calib)
-    return asrfx.fold(prepared, example_inputs=(x_ex,))
+    return asrfx.fold(calibrated_form(model, split, x_ex, batch_size), example_inputs=(x_ex,))
 
 
 def _machine() -> str:

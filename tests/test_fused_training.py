@@ -4,8 +4,6 @@ with the same gradients, parameter names, statistics and deploy model."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ from torch import nn
 import asrfx
 from asrfx.passes.fuse_gates import GatedBatchNorm2d
 from asrfx.zoo import cifar_resnet
-from helpers import REL_TOL, randomize_bn, randomize_psi, rel_err
+from helpers import REL_TOL, pickled_copy, randomize_bn, randomize_psi, rel_err
 
 X = torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(0))
 Y = torch.tensor([0, 1, 2, 3, 4, 5])
@@ -109,10 +107,7 @@ def test_checkpoints_load_both_ways_and_the_fused_model_pickles():
     randomize_psi(fused, 8)
     plain.load_state_dict(fused.state_dict(), strict=True)
     fused.load_state_dict(plain.state_dict(), strict=True)
-    buf = io.BytesIO()
-    torch.save(fused, buf)
-    buf.seek(0)
-    again = torch.load(buf, weights_only=False)
+    again = pickled_copy(fused)
     fused.eval()
     again.eval()
     with torch.no_grad():

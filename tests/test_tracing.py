@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import asrfx
-from helpers import (REL_TOL, SE, DropPathNet, SENet, psi_names, randomize_bn, randomize_psi,
-                     rel_err)
+from helpers import (REL_TOL, SE, DropPathNet, SENet, pickled_copy, psi_names, randomize_bn,
+                     randomize_psi, rel_err)
 import asrfx.foldmath
 
 
@@ -633,8 +633,6 @@ def test_prepared_and_folded_models_pickle_whole():
     inputs with strings; fx used to keep them on the placeholders, and ``torch.save(model)``
     then failed. (Loading a whole pickled model is the user's choice; asrfx itself only ever
     loads state_dicts with weights_only=True.)"""
-    import io
-
     from asrfx.zoo import cifar_resnet
 
     x = torch.randn(2, 3, 32, 32)
@@ -642,10 +640,7 @@ def test_prepared_and_folded_models_pickle_whole():
                              example_inputs=(x,))
     deploy = asrfx.fold(prepared, example_inputs=(x,))
     for model in (prepared, deploy):
-        buf = io.BytesIO()
-        torch.save(model, buf)
-        buf.seek(0)
-        back = torch.load(buf, weights_only=False)
+        back = pickled_copy(model)
         model.eval()
         back.eval()
         with torch.no_grad():
