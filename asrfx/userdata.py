@@ -139,10 +139,8 @@ def _read_function(text: str) -> tuple:
             if not (isinstance(item, (tuple, list)) and len(item) >= 2):
                 raise InputError(f"--data {text!r}: each batch must be (inputs, labels), got "
                                  f"{type(item).__name__}")
-            xs.append(torch.as_tensor(np.asarray(item[0]) if not isinstance(item[0], torch.Tensor)
-                                      else item[0]))
-            ys.append(torch.as_tensor(np.asarray(item[1]) if not isinstance(item[1], torch.Tensor)
-                                      else item[1]))
+            xs.append(_tensor(item[0]))
+            ys.append(_tensor(item[1]))
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's code: say whose
@@ -154,6 +152,11 @@ def _read_function(text: str) -> tuple:
         return torch.cat(xs), torch.cat(ys)
     except RuntimeError as e:
         raise InputError(f"--data {text!r}: batches of different shapes ({e})") from None
+
+
+def _tensor(a: Any) -> torch.Tensor:
+    """``a`` as a tensor (arrays, lists and numbers through numpy)."""
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _split(x: Any, y: Any, test_fraction: float, seed: int, spec: str) -> tuple:
@@ -169,7 +172,7 @@ def _split(x: Any, y: Any, test_fraction: float, seed: int, spec: str) -> tuple:
 
 
 def _inputs(a: Any, spec: str) -> torch.Tensor:
-    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    t = _tensor(a)
     if not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int8, torch.int16,
                                                  torch.int32, torch.int64)) or t.is_complex():
         raise InputError(f"--data {spec!r}: inputs of dtype {t.dtype}; give real numbers")
@@ -180,7 +183,7 @@ def _inputs(a: Any, spec: str) -> torch.Tensor:
 
 
 def _labels(a: Any, spec: str) -> torch.Tensor:
-    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    t = _tensor(a)
     if t.is_floating_point() and bool(torch.all(t == t.round())):
         t = t.round()
     elif t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
