@@ -400,8 +400,12 @@ def has_side_effects(node: fx.Node, gm: nn.Module | None = None) -> bool:
 
 
 def safe_dce(gm: fx.GraphModule) -> bool:
-    """Dead-code elimination that never drops a node with side effects (see has_side_effects)."""
-    return gm.graph.eliminate_dead_code(is_impure_node=lambda n: has_side_effects(n, gm))
+    """Dead-code elimination that never drops a node with side effects (see has_side_effects).
+
+    Only a node without users can be dropped, so only those are asked about side effects (fx
+    asks about every node; the question looks up each called module)."""
+    return gm.graph.eliminate_dead_code(
+        is_impure_node=lambda n: bool(n.users) or has_side_effects(n, gm))
 
 
 def module_device(mod: nn.Module) -> torch.device:
