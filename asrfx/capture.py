@@ -13,7 +13,7 @@ What a front end must provide, for ``model`` and its example inputs, is a
   the same graph. With example inputs, the eval graph must compute what the eager model does
   on them, and every node of it that produces a tensor carries ``node.meta["tensor_meta"]``
   (shape and dtype, as :class:`asrfx.passes.shapes.ShapeRecorder` writes it), and
-  ``shaped`` is True saying so. Callers run :func:`asrfx.passes.shapes.propagate_shapes` on any
+  ``shaped`` is True saying so, with the eval graph's ``output`` on them. Callers run :func:`asrfx.passes.shapes.propagate_shapes` on any
   other graph (a separate train graph) before a pass reads shapes.
 * ``leaves``: the paths of submodules the graphs call as one opaque ``call_module`` node
   because they could not be captured faithfully (a warning names each).

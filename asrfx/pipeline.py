@@ -38,6 +38,7 @@ from asrfx.passes.graph_utils import (clone_module, deepcopy_module, describe_ho
                                       reads_shape_only, safe_dce, stable_toposort,
                                       value_dependent)
 from asrfx.passes.fuse_gates import fuse_gates, unfuse_gates
+from asrfx.passes.batch_excitations import batch_excitations
 from asrfx.passes.hooks import (hook_fix, protect_hooked_calls, refuse_hooked_sites,
                                 restore_hooked_calls)
 from asrfx.passes.insertion import insert_modules, insertion_points
@@ -262,8 +263,9 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
         raise InputError(f"bad psi init for {type(root).__name__}: "
                          f"{e.args[0] if e.args else e}") from None
     safe_dce(gm)
-    fused_notes = fuse_gates(gm, [s for s, m in zip(sites, site_modes) if m == "replace"]) \
-        if opts.fused else []
+    replaced = [s for s, m in zip(sites, site_modes) if m == "replace"]
+    fused_notes = fuse_gates(gm, replaced) if opts.fused else []
+    batched = batch_excitations(gm, replaced) if opts.fused else (0, 0)
     actions = {"replace": "converted", "both": "added", "keep": "kept"}
     records = []
     for site, psis, m in zip(sites, names, site_modes):
@@ -289,6 +291,10 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
         done = sum(1 for m in site_modes if m == "replace") - len(fused_notes)
         fused_notes.insert(0, f"fused training form: {done} gate(s) applied through their "
                               f"BatchNorm's affine (one multiply per channel)")
+        if batched[0]:
+            fused_notes.insert(1, f"fused training form: the excitations of {batched[0]} "
+                                  f"site(s) run as {batched[1]} batched call(s) "
+                                  f"(identical excitations, stacked parameters, torch.func.vmap)")
     return records, _site_notes(sites) + fused_notes, len(sites)
 
 
@@ -384,14 +390,22 @@ def meta_of(model: nn.Module) -> dict:
 def eval_graph_module(ctx: Context, compiled: bool = True) -> fx.GraphModule:
     """An eval-mode GraphModule over a copy of ``ctx.model`` (the eval graph of a dual-mode
     one); the model itself is not touched. ``compiled=False``: without generated code (no
-    ``forward`` until ``recompile()``), for a caller that rewrites it and compiles it once."""
+    ``forward`` until ``recompile()``), for a caller that rewrites it and compiles it once.
+
+    A model that is not a GraphModule is captured, which runs the graph on ``ctx.inputs``
+    (checking it against the eager model): that run's shapes make the result fresh in ``ctx``
+    and its output is ``ctx.reference``."""
     model = ctx.model
     if isinstance(model, fx.GraphModule):
         graph = model.eval_graph if isinstance(model, DualModeGraphModule) else model.graph
         gm = _clone_graph_module(model, graph)
         warn_own_hooks(model)
     else:
-        gm = capture(clone_module(model), ctx.inputs, ctx.leaf_modules).eval
+        tr = capture(clone_module(model), ctx.inputs, ctx.leaf_modules)
+        gm = tr.eval
+        if tr.shaped:
+            ctx.fresh.add(gm)
+            ctx.reference = tr.output
     if compiled:
         gm.recompile()
     gm.eval()
@@ -426,7 +440,11 @@ def _clone_graph_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
 def run_fold_passes(gm: fx.GraphModule, ctx: Context, fuse_bn: bool,
                     select: Callable[[str], bool] | None = None) -> list[Site]:
     """The fold passes on ``gm`` in order; sets ``ctx.reference``; their records."""
-    pctx = PassContext(ctx.inputs, select) if select is not None else PassContext(ctx.inputs)
+    # a graph that just ran on the inputs (a checked capture) need not run again for them
+    reference = ctx.reference if gm in ctx.fresh else None
+    pctx = PassContext(ctx.inputs, reference=reference) if select is None else \
+        PassContext(ctx.inputs, select, reference)
+    ctx.stale(gm)  # the passes below change it
     unfuse_gates(gm)  # a fused training form: BN(x) * g again, which the passes below fold
     hooked = protect_hooked_calls(gm)  # no pass folds into, through or away a hooked module
     try:

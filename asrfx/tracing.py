@@ -209,6 +209,8 @@ class AsrTracer(fx.Tracer):
             return True
         if isinstance(m, _MODE_DEPENDENT_BASES) and not traced_norm(m):
             return True
+        if getattr(m, "asrfx_pure", False):  # asrfx's own batched excitations (vmap inside)
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -427,7 +429,8 @@ class TraceResult:
 
     ``hooked`` maps the path of each submodule kept a leaf only because it has hooks to what
     hooks it has (see :func:`hooked_leaves`). ``shaped`` is True when the eval graph's shape
-    metadata was recorded with the example inputs it was traced with (a checked trace).
+    metadata was recorded with the example inputs it was traced with (a checked trace); its
+    ``output`` is then what that run of the eval graph returned (else None).
     """
 
     def __init__(self, root: nn.Module, train: GraphModule, eval: GraphModule, leaves: set[str]):
@@ -437,6 +440,7 @@ class TraceResult:
         self.leaves = leaves
         self.hooked: dict[str, list[str]] = {}
         self.shaped = False
+        self.output: Any = None
 
     @property
     def dual(self) -> bool:
@@ -471,9 +475,10 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
     reference = _eager_eval(model, example_inputs)
     for _ in range(200):
         tr = _trace_modes(model, leaf_modules, leaves, example_inputs)
-        culprit = _validate(tr.eval, example_inputs, reference, leaves, leaf_modules)
+        culprit, out = _validate(tr.eval, example_inputs, reference, leaves, leaf_modules)
         if culprit is None:
             tr.shaped = True  # the check ran the eval graph on the inputs, recording shapes
+            tr.output = out
             return _report_hooks(model, tr, leaf_modules)
         path, why = culprit
         if path == "" and why.startswith("computes different"):
@@ -552,7 +557,7 @@ def _find_unfaithful_module(model: nn.Module, tr: TraceResult,
             paths.add(name)
     for path in sorted(paths, key=lambda p: (-p.count("."), p))[:limit]:
         trial = _trace_modes(model, leaf_modules, leaves | {path}, inputs)
-        if _validate(trial.eval, inputs, reference, leaves | {path}, leaf_modules) is None:
+        if _validate(trial.eval, inputs, reference, leaves | {path}, leaf_modules)[0] is None:
             return path
     return None
 
@@ -568,8 +573,9 @@ def _eager_eval(model: nn.Module, inputs: tuple) -> Any:
 
 
 def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
-              user_leaves: Sequence[str | type]) -> tuple[str, str] | None:
-    """None when ``gm`` (eval) reproduces ``reference``; else (module path to make a leaf, why)."""
+              user_leaves: Sequence[str | type]) -> tuple[tuple[str, str] | None, Any]:
+    """(None when ``gm`` (eval) reproduces ``reference``, else (module path to make a leaf,
+    why); ``gm``'s output, None when it failed to run)."""
     from torch.utils._pytree import tree_flatten
 
     modes = preserve_modes(gm)
@@ -585,8 +591,8 @@ def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
             stack = stack[:-1]  # the leaf being called is not the culprit; its caller is
         for path in reversed(stack):
             if path not in leaves and path not in user_leaves:
-                return path, f"fails to run ({short_error(e.__cause__ or e)})"
-        return "", f"fails to run ({short_error(e.__cause__ or e)})"
+                return (path, f"fails to run ({short_error(e.__cause__ or e)})"), None
+        return ("", f"fails to run ({short_error(e.__cause__ or e)})"), None
     finally:
         modes.__exit__()
     a, _ = tree_flatten(reference)
@@ -596,8 +602,8 @@ def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
                                               and _close(x, y))
         for x, y in zip(a, b))
     if same:
-        return None
-    return "", "computes different outputs from the eager model"
+        return None, out
+    return ("", "computes different outputs from the eager model"), out
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:

@@ -125,7 +125,9 @@ def evaluate_constants(gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         gm: a GraphModule in eval mode (the constants are eval-mode values).
         ctx: ``ctx.inputs`` are the inputs to run ``gm`` on (these runs also refresh every
             node's ``tensor_meta``); the output of the unchanged graph is stored in
-            ``ctx.reference``.
+            ``ctx.reference``. When ``ctx.reference`` is given (the graph's shapes are current
+            for the inputs, see :class:`PassContext`), the graph runs only if it has constants
+            to evaluate.
 
     Returns:
         A "constant branch" record (kept, with a code: ``shape-follows-input``,
@@ -134,17 +136,22 @@ def evaluate_constants(gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
     """
     graph = gm.graph
     expands = _broadcast_expands(gm)
+    given = ctx.reference is not None  # then the graph has just run on the inputs
     rec: ShapeRecorder | None = None
     if expands:  # the reference output is the unchanged graph's
-        with torch.no_grad():
-            ctx.reference = ShapeRecorder(gm).propagate(*ctx.inputs)
+        if not given:
+            with torch.no_grad():
+                ctx.reference = ShapeRecorder(gm).propagate(*ctx.inputs)
         drop_broadcast_expands(gm, expands)
         dep, shape_dep, frontier = _frontier(graph)
     else:
         dep, shape_dep, frontier = _frontier(graph)
-        rec = ShapeRecorder(gm, keep=frontier)
-        with torch.no_grad():
-            ctx.reference = rec.propagate(*ctx.inputs)
+        if frontier or not given:
+            rec = ShapeRecorder(gm, keep=frontier)
+            with torch.no_grad():
+                out = rec.propagate(*ctx.inputs)
+            if not given:
+                ctx.reference = out
     if _drop_constant_guards(graph, dep, shape_dep):
         dep, shape_dep, frontier = _frontier(graph)
     rows: str | None = None
@@ -157,7 +164,7 @@ def evaluate_constants(gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         if changed:
             stable_toposort(graph)
             rec = None
-    if rec is None:
+    if rec is None and frontier:  # (no constants: the run above, if any, recorded the shapes)
         rec = ShapeRecorder(gm, keep=frontier)
         with torch.no_grad():
             rec.propagate(*ctx.inputs)

@@ -33,8 +33,9 @@ class PassContext:
         inputs: the example inputs (a tuple of tensors) the graph's shapes were recorded with.
         select: site key -> whether the steps of that site run (all by default; the pipeline
             narrows it to one site to find the fold that breaks a check).
-        reference: the unfolded graph's output on ``inputs`` (set by constant evaluation, which
-            runs the graph anyway).
+        reference: the unfolded graph's output on ``inputs``: given by a caller that has just
+            run the graph on ``inputs`` recording every node's shapes (a checked capture), else
+            set by constant evaluation, which runs the graph anyway.
     """
 
     inputs: tuple = ()
