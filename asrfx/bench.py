@@ -17,8 +17,9 @@ warm-up, with the thread count fixed:
 
 Columns: parameters, FLOPs (``torch.utils.flop_counter``, batch 1), latency median and p90 per
 batch size, images/s, ratio to the backbone, and the training step (forward + backward + SGD step)
-of the trainable forms with its ratio to the backbone's. Optional runtimes: the backbone and the
-folded model in ONNX Runtime and under ``torch.compile``. :func:`compiler_cost` measures the
+of the trainable forms with its ratio to the backbone's, and that step's peak memory
+(:func:`peak_step_memory`) with its ratio to the backbone's. Optional runtimes: the backbone and
+the folded model in ONNX Runtime and under ``torch.compile``. :func:`compiler_cost` measures the
 compiler itself against graph size.
 """
 
@@ -43,7 +44,7 @@ from .zoo import THIRD_PARTY, build_model, parse_model_spec
 
 __all__ = ["keep_freed_memory", "allocator_description", "BenchConfig", "run_bench", "format_results", "write_outputs", "strip_attention",
            "compiler_cost", "machine_description", "time_interleaved", "build_models",
-           "THIRD_PARTY"]
+           "peak_step_memory", "THIRD_PARTY"]
 
 @dataclass
 class BenchConfig:
@@ -286,6 +287,73 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[
     return step
 
 
+#: name of the profiler range around the measured step in :func:`peak_step_memory`
+_MEASURED_STEP = "asrfx::peak_step_memory"
+
+
+def peak_step_memory(step: Callable[[], Any], device: torch.device | str = "cpu",
+                     warmup: int = 1) -> int:
+    """Peak memory of one call of ``step`` above what was allocated when it began, in bytes:
+    the largest value (0 at least) that the bytes torch allocated during the call less the bytes
+    it freed during the call reaches. Counted: the tensors the call allocates (for a training
+    step the activations saved for backward, the new gradients, temporaries) less those alive
+    at its start that it frees (the last step's gradients, under
+    ``zero_grad(set_to_none=True)``). Not counted: what stays allocated throughout (parameters,
+    optimizer state, inputs).
+
+    ``step`` is called ``warmup`` times first and then once more, measured: for a training step
+    (:func:`_train_step`) after the warm-up the optimizer's momentum buffers exist and the
+    gradients of the last call are what ``zero_grad(set_to_none=True)`` frees, as in every step
+    of a training run after the first.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` over the measured call less
+    ``torch.cuda.memory_allocated`` before it (the caching allocator's blocks, rounded up to
+    512 bytes). On CPU: torch's profiler with ``profile_memory=True`` around the warm-up and the
+    measured call; its allocation and free events of the CPU allocator (signed sizes) inside the
+    measured call, in time order, summed up, and the largest running sum taken. The warm-up
+    runs under the profiler too: the profiler knows the size of a block freed only if it saw
+    the block allocated, so the gradients a step frees must come from a profiled call. Memory
+    that is not a torch CPU tensor (a library's own scratch buffers, the Python objects) is not
+    seen. Both are deterministic for a deterministic step, unlike the process's RSS.
+
+    Raises:
+        ValueError: a device other than CPU and CUDA.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
+    if device.type != "cpu":
+        raise ValueError(f"peak_step_memory: device {device} (CPU and CUDA only)")
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(warmup):
+            step()
+        with record_function(_MEASURED_STEP):
+            step()
+    # the raw events (no per-operator tables built); memory events are named "[memory]" and
+    # carry the signed size of one allocation (+) or free (-)
+    events = prof.profiler.kineto_results.events()
+    mark = next(e for e in events if e.name() == _MEASURED_STEP)
+    t0, t1 = mark.start_ns(), mark.end_ns()
+    cpu = torch.autograd.DeviceType.CPU
+    deltas = sorted((e.start_ns(), i, e.nbytes()) for i, e in enumerate(events)
+                    if e.name() == "[memory]" and e.device_type() == cpu
+                    and t0 <= e.start_ns() <= t1)
+    level = peak = 0
+    for _, _, nbytes in deltas:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
 def _variants(cfg: BenchConfig, x1: torch.Tensor, device: torch.device
               ) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, Any]]:
     """(eval forms by name, trainable forms by name, notes)."""
@@ -400,17 +468,24 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     cfg.num_classes
             yt = torch.randint(0, classes, (cfg.train_batch,), generator=gen).to(device)
             steps = {name: _train_step(m, xt, yt) for name, m in trains.items()}
+            # peak memory first, on fresh steps: its warm-up (which creates the gradients and
+            # the momentum buffers) runs under the profiler too (see peak_step_memory)
+            peaks = {name: peak_step_memory(step, device) for name, step in steps.items()}
             times = time_interleaved(steps, cfg.train_reps, 1, sync, bar)
             for name, samples in times.items():
                 by_name[name]["train"] = {"median_ms": 1000 * statistics.median(samples),
                                           "p90_ms": 1000 * _p(samples, 0.9),
-                                          "batch": cfg.train_batch}
+                                          "batch": cfg.train_batch,
+                                          "peak_bytes": peaks[name],
+                                          "peak_mib": peaks[name] / 2 ** 20}
     base = by_name["backbone"]
     for r in rows:
         for b, lat in r["latency"].items():
             lat["ratio"] = lat["median_ms"] / base["latency"][b]["median_ms"]
         if r["train"] is not None:
             r["train"]["ratio"] = r["train"]["median_ms"] / base["train"]["median_ms"]
+            r["train"]["peak_ratio"] = (r["train"]["peak_bytes"] /
+                                        max(1, base["train"]["peak_bytes"]))
     return {"config": {k: (list(v) if isinstance(v, tuple) else v)
                        for k, v in asdict(cfg).items()},
             "machine": machine_description(device), "rows": rows, "notes": notes,
@@ -480,6 +555,10 @@ def _targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any
             out.append({"target": f"{r['variant']} training step <= {limit:.2f}x backbone",
                         "value": round(r["train"]["ratio"], 3),
                         "met": r["train"]["ratio"] <= limit})
+            if r["variant"].endswith("fused train form"):
+                out.append({"target": f"{r['variant']} training peak memory <= 1.02x backbone",
+                            "value": round(r["train"]["peak_ratio"], 3),
+                            "met": r["train"]["peak_ratio"] <= 1.02})
     for r in folded:
         onnx = by.get(f"{r['variant']} [onnx]")
         base = by.get("backbone [onnx]")
@@ -492,6 +571,12 @@ def _targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any
     return out
 
 
+_PEAK_NOTE = ("train peak MiB: the most memory in torch tensors one training step (forward, "
+              "cross-entropy, backward, SGD step) holds above what was allocated at its start "
+              "(parameters, optimizer state, inputs, the last step's gradients; "
+              "peak_step_memory)")
+
+
 def format_results(res: dict[str, Any]) -> str:
     """A tabulate table (one row per variant) with the machine in the header."""
     from tabulate import tabulate
@@ -500,7 +585,7 @@ def format_results(res: dict[str, Any]) -> str:
     headers = ["variant", "params", "MFLOPs"]
     for b in batches:
         headers += [f"b{b} ms (p50)", f"b{b} p90", f"b{b} img/s", f"b{b} ratio"]
-    headers += ["train ms", "train ratio"]
+    headers += ["train ms", "train ratio", "train peak MiB", "peak ratio"]
     table = []
     for r in res["rows"]:
         row = [r["variant"], f"{r['params']:,}", f"{r['flops'] / 1e6:,.1f}"]
@@ -510,7 +595,8 @@ def format_results(res: dict[str, Any]) -> str:
                      f"{lat['images_per_s']:,.0f}", f"{lat['ratio']:.2f}x"] if lat else
                     ["", "", "", ""])
         tr = r["train"]
-        row += [f"{tr['median_ms']:.1f}", f"{tr['ratio']:.2f}x"] if tr else ["", ""]
+        row += [f"{tr['median_ms']:.1f}", f"{tr['ratio']:.2f}x", f"{tr['peak_mib']:,.1f}",
+                f"{tr['peak_ratio']:.3f}x"] if tr else ["", "", "", ""]
         table.append(row)
     cfg = res["config"]
     own = parse_model_spec(cfg["model"]).kind != "zoo"
@@ -523,6 +609,8 @@ def format_results(res: dict[str, Any]) -> str:
     for rt, status in res.get("runtimes", {}).items():
         if status != "ok":
             lines.append(f"{rt}: {status}")
+    if any(r["train"] for r in res["rows"]):
+        lines.append(f"note: {_PEAK_NOTE}")
     for key in ("backbone", "no attention"):
         if isinstance(res.get("notes", {}).get(key), str):
             lines.append(f"note: {res['notes'][key]}")
@@ -559,17 +647,21 @@ def _markdown(res: dict[str, Any]) -> str:
             row += [f"{lat['median_ms']:.2f} / {lat['p90_ms']:.2f}",
                     f"{lat['ratio']:.2f}x"] if lat else ["", ""]
         tr = r["train"]
-        row += [f"{tr['median_ms']:.1f} ({tr['ratio']:.2f}x)" if tr else ""]
+        row += [f"{tr['median_ms']:.1f} ({tr['ratio']:.2f}x)" if tr else "",
+                f"{tr['peak_mib']:,.1f} ({tr['peak_ratio']:.3f}x)" if tr else ""]
         md_rows.append(row)
     headers = ["variant", "params", "MFLOPs"]
     for b in batches:
         headers += [f"batch {b} ms p50 / p90", "vs backbone"]
-    headers += [f"train step ms (batch {res['config']['train_batch']})"]
+    headers += [f"train step ms (batch {res['config']['train_batch']})",
+                f"train peak MiB (batch {res['config']['train_batch']})"]
     lines = [f"# asrfx bench: {res['config']['model']}", "", f"Machine: {res['machine']}", "",
              tabulate(md_rows, headers=headers, tablefmt="github", disable_numparse=True), ""]
     for rt, status in res.get("runtimes", {}).items():
         if status != "ok":
             lines.append(f"- {rt}: {status}")
+    if any(r["train"] for r in res["rows"]):
+        lines.append(f"- {_PEAK_NOTE}")
     if res.get("targets"):
         lines += ["", "## Targets", ""] + [f"- {'met' if t['met'] else '**not met**'}: "
                                            f"{t['target']} ({t['value']})"

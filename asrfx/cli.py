@@ -476,8 +476,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="largest relative error accepted for the fold and each file")
 
     bn = sub.add_parser("bench", formatter_class=fmt,
-                        help="latency, FLOPs and training-step cost of the backbone, the "
-                             "attention model and its ASR forms, side by side")
+                        help="latency, FLOPs, training-step time and peak training memory "
+                             "of the backbone, the attention model and its ASR forms, side by "
+                             "side")
     bn.add_argument("--model", default="resnet164", help=model_help)
     bn.add_argument("--attention", nargs="+", default=None,
                     help="library attention(s) in every block of a zoo ResNet, or 'all' "
@@ -488,7 +489,9 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--reps", type=int, default=30, help="timed rounds per batch size")
     bn.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     bn.add_argument("--train-batch", type=int, default=32, help="batch of the training step")
-    bn.add_argument("--train-reps", type=int, default=10, help="0 skips the training step")
+    bn.add_argument("--train-reps", type=int, default=10,
+                    help="timed training steps per trainable form (its peak memory is measured "
+                         "on a step before them); 0 skips the training step and its memory")
     bn.add_argument("--size", type=int, nargs="+", default=None,
                     help="input size: one int (square RGB image) or the full shape without "
                          "batch, e.g. 3 32 32 (default: the data's, else 32 for the zoo, 64 "

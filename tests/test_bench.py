@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import asrfx
-from asrfx.bench import (BenchConfig, compiler_cost, format_cost, format_results, run_bench,
-                         strip_attention, time_interleaved, write_outputs)
+from asrfx.bench import (BenchConfig, compiler_cost, format_cost, format_results,
+                         peak_step_memory, run_bench, strip_attention, time_interleaved,
+                         write_outputs)
 from asrfx.cli import main
 from asrfx.zoo import cifar_resnet
 
@@ -69,6 +70,60 @@ def test_targets_and_table(small_run):
         assert isinstance(t["met"], bool) and t["value"] > 0
     text = format_results(small_run)
     assert "machine:" in text and "ASR(eca) BN-only fold" in text and "train ratio" in text
+
+
+def test_peak_step_memory_of_a_known_step():
+    """A step shaped like a training step: it frees the "gradient" the previous call left, holds
+    two "activations", allocates the new gradient while they are alive, then drops them. Above
+    the memory alive at its start the peak is the two activations (the new gradient replaces
+    the freed one); a temporary inside an operation counts too."""
+    n_act, n_grad = 3000, 5000
+    f32 = torch.tensor(0.0).element_size()
+    state: dict = {}
+
+    def step():
+        state["grad"] = None
+        a1 = torch.ones(n_act)
+        a2 = torch.ones(n_act)
+        state["grad"] = torch.ones(n_grad)
+        del a1, a2
+
+    expected = 2 * n_act * f32
+    assert peak_step_memory(step) == expected
+    # the gradient's free is seen (a warmed-up step): without it the peak would be
+    # expected + n_grad * f32
+    assert peak_step_memory(step, warmup=3) == expected
+
+    def with_temporary():  # (x + 1) lives until the sum returns: two buffers at once
+        state["out"] = (torch.ones(n_grad) + 1).sum()
+
+    got = peak_step_memory(with_temporary)
+    assert 2 * n_grad * f32 <= got <= 2 * n_grad * f32 + 64  # (+ a scalar or two)
+    with pytest.raises(ValueError, match="CPU and CUDA"):
+        peak_step_memory(step, "meta")
+
+
+def test_train_peak_memory_columns(small_run, tmp_path):
+    by = {r["variant"]: r for r in small_run["rows"]}
+    trained = [r for r in small_run["rows"] if r["train"] is not None]
+    for r in trained:
+        tr = r["train"]
+        assert tr["peak_bytes"] > 0 and tr["peak_mib"] == tr["peak_bytes"] / 2 ** 20
+        assert tr["peak_ratio"] > 0
+    assert by["backbone"]["train"]["peak_ratio"] == 1.0
+    # the attention's activations cost memory: the SE model holds more than the backbone
+    assert by["+se"]["train"]["peak_bytes"] > by["backbone"]["train"]["peak_bytes"]
+    targets = {t["target"]: t for t in small_run["targets"]}
+    for att in ("se", "eca"):
+        t = targets[f"ASR({att}) fused train form training peak memory <= 1.02x backbone"]
+        assert t["value"] == round(by[f"ASR({att}) fused train form"]["train"]["peak_ratio"], 3)
+    assert not any("peak" in t for t in targets if "fused" not in t)
+    text = format_results(small_run)
+    assert "train peak MiB" in text and "peak ratio" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("ASR(se) fused train form"))
+    assert f"{by['ASR(se) fused train form']['train']['peak_ratio']:.3f}x" in line
+    md = write_outputs(small_run, tmp_path)["md"].read_text()
+    assert "train peak MiB (batch 4)" in md and "peak_step_memory" in md
 
 
 def test_outputs_are_written(small_run, tmp_path):
