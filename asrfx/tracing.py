@@ -30,7 +30,7 @@ from torch.fx.graph_module import GraphModule, _copy_attr, _forward_from_src
 from .errors import InputError, TraceError
 from .inputs import check_example_inputs, inputs_failure, normalize_inputs, short_error, \
     top_level_hint
-from .passes.graph_utils import describe_hooks, module_hooks, reads_shape_only
+from .passes.graph_utils import describe_hooks, module_hooks, reads_shape_only, submodule
 from .passes.shapes import ShapeRecorder, propagate_shapes
 
 __all__ = ["trace", "AsrTracer", "preserve_modes", "DualModeGraphModule", "TraceResult",
@@ -507,7 +507,7 @@ def hooked_leaves(tr: TraceResult, leaf_modules: Sequence[str | type] = ()
         for node in gm.graph.nodes:
             if node.op != "call_module" or str(node.target) in found:
                 continue
-            mod = tr.root.get_submodule(str(node.target))
+            mod = submodule(tr.root, node.target)
             kinds = module_hooks(mod)
             if kinds and not tracer.is_plain_leaf(mod, str(node.target)):
                 found[str(node.target)] = kinds

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from asrfx import foldmath
 from asrfx.report import Site
-from .graph_utils import module_path, reads_shape_only
+from .graph_utils import module_path, reads_shape_only, submodule
 from .layers import BATCH_NORM_TYPES, batch_norm_call
 from .protocol import PassContext, Step, record, run_steps
 from .scale_fold import forward_folds, apply_plan
@@ -71,7 +71,7 @@ def _norm(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, str] | None:
     """(norm, its name) when ``node`` calls an exact BatchNorm module, or is an eval-mode
     ``F.batch_norm`` on get_attr statistics; else None."""
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
+        mod = submodule(gm, node.target)
         return (mod, str(node.target)) if type(mod) in BATCH_NORM_TYPES else None
     bn = batch_norm_call(gm, node)
     return None if bn is None else (bn, module_path(node) or bn.owner)

@@ -20,7 +20,7 @@ from torch import nn
 from asrfx import foldmath
 from asrfx.report import Site
 from .graph_utils import (ADD_OPS, get_attr_path, is_op, module_path, reads_shape_only,
-                          safe_dce, set_attr_path, tensor_shape, unique_name)
+                          safe_dce, set_attr_path, submodule, tensor_shape, unique_name)
 from .layers import AVG_POOLS, BATCH_NORM_TYPES as NORM_TYPES, CONV_TYPES, batch_norm_call
 from .protocol import PassContext, Step, record, run_steps
 
@@ -48,7 +48,7 @@ def _branch(gm: fx.GraphModule, node: fx.Node) -> tuple[str, Any, fx.Node] | Non
     """("conv", module, input) / ("bn", module or batch_norm call, input) / ("id", None, node)
     for a summand."""
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
+        mod = submodule(gm, node.target)
         if type(mod) in CONV_TYPES:
             return "conv", mod, node.args[0]
         if type(mod) in NORM_TYPES and not mod.training and mod.running_mean is not None:
@@ -318,7 +318,7 @@ def padding_steps(gm: fx.GraphModule) -> Iterator[Step]:
         src = node.args[0] if node.op == "call_function" and node.args else None
         if not (isinstance(src, fx.Node) and src.op == "call_module"):
             continue
-        conv = gm.get_submodule(str(src.target))
+        conv = submodule(gm, src.target)
         if not _pointwise(conv, groups=True) or any(p != 0 for p in conv.padding):
             continue
         pad = _padding_of(node, len(conv.kernel_size))
@@ -334,14 +334,14 @@ def _sequential_pair(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     changes nothing)."""
     if node.graph is not gm.graph or node.op != "call_module":
         return None
-    second = gm.get_submodule(str(node.target))
+    second = submodule(gm, node.target)
     src = node.args[0] if node.args else None
     while isinstance(src, fx.Node) and src.op == "call_module" and \
-            type(gm.get_submodule(str(src.target))) is nn.Identity and len(src.users) == 1:
+            type(submodule(gm, src.target)) is nn.Identity and len(src.users) == 1:
         src = src.args[0]
     if not (isinstance(src, fx.Node) and src.op == "call_module"):
         return None
-    first = gm.get_submodule(str(src.target))
+    first = submodule(gm, src.target)
     if not _pointwise(first):
         return None
     is_conv = type(second) in CONV_TYPES and len(second.kernel_size) == len(first.kernel_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from .graph_utils import safe_dce
+from .graph_utils import safe_dce, submodule
 
 __all__ = ["cleanup", "drop_identities"]
 
@@ -21,7 +21,7 @@ def drop_identities(gm: fx.GraphModule) -> int:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or \
                 not isinstance(node.args[0], fx.Node):
             continue
-        mod = gm.get_submodule(str(node.target))
+        mod = submodule(gm, node.target)
         if type(mod) in _IDENTITIES and (type(mod) is nn.Identity or not mod.training):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
@@ -47,7 +47,7 @@ def cleanup(gm: fx.GraphModule, other_graphs: tuple[fx.Graph, ...] = ()) -> None
         if name in used_attrs or inside_used_module(name):
             continue
         owner_path, _, field = name.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner = submodule(gm, owner_path) if owner_path else gm
         owner._parameters.pop(field, None)
         owner._buffers.pop(field, None)
 

@@ -35,7 +35,8 @@ import operator
 from torch import nn
 
 from asrfx.report import Site
-from .graph_utils import ADD_OPS, MUL_OPS, is_op, module_path, prod, tensor_shape, value_dependent
+from .graph_utils import (ADD_OPS, MUL_OPS, is_op, module_path, prod, submodule, tensor_shape,
+                          value_dependent)
 
 __all__ = ["AttentionSite", "find_attention_sites", "is_global_reduction", "is_statistic",
            "matmul_pooling", "psi_extent", "tokens", "unexpand"]
@@ -119,14 +120,14 @@ _MATMULS = {torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm"}
 
 def _is_adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), _ADAPTIVE_MODULES)
+        return isinstance(submodule(gm, node.target), _ADAPTIVE_MODULES)
     return node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS
 
 
 def _adaptive_size(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """The ``output_size`` of an adaptive pooling node, as a tuple (None where unknown)."""
     if node.op == "call_module":
-        size = getattr(gm.get_submodule(str(node.target)), "output_size", None)
+        size = getattr(submodule(gm, node.target), "output_size", None)
     else:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
     if isinstance(size, int):
@@ -202,7 +203,7 @@ def is_global_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
     statistic *per token* (it reduces the channels), not a channel statistic.
     """
     if node.op == "call_module":
-        if not isinstance(gm.get_submodule(str(node.target)), _REDUCE_MODULES):
+        if not isinstance(submodule(gm, node.target), _REDUCE_MODULES):
             return False
     elif node.op == "call_function":
         if node.target not in _REDUCE_FUNCTIONS:
@@ -266,7 +267,7 @@ def _layout_op(gm: fx.GraphModule, node: fx.Node):
     if shape is None or ins is None or prod(shape) != prod(ins):
         return None
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
+        mod = submodule(gm, node.target)
         if isinstance(mod, (nn.Flatten, nn.Unflatten)):
             return ("reshape",)
         if isinstance(mod, nn.Identity):
@@ -459,7 +460,7 @@ def _rank3_layout(gm: fx.GraphModule, node, depth: int = 6) -> str | None:
         if _layout_op(gm, node) is not None and node.op != "call_module":
             return _chain_layout(gm, node)
         if node.op == "call_module":
-            mod = gm.get_submodule(str(node.target))
+            mod = submodule(gm, node.target)
             if isinstance(mod, nn.LayerNorm):
                 return "last" if tuple(mod.normalized_shape) == (last,) else None
             if isinstance(mod, nn.Linear):
@@ -549,7 +550,7 @@ def channels_last(gm: fx.GraphModule, node, depth: int = 6) -> bool:
     last = shape[-1]
     for _ in range(depth):
         if node.op == "call_module":
-            mod = gm.get_submodule(str(node.target))
+            mod = submodule(gm, node.target)
             if isinstance(mod, nn.LayerNorm):
                 return tuple(mod.normalized_shape) == (last,)
             if isinstance(mod, nn.Linear):
@@ -604,7 +605,7 @@ def channels_first(gm: fx.GraphModule, node, depth: int = 8) -> bool:
             continue
         seen.add(n)
         if n.op == "call_module":
-            mod = gm.get_submodule(str(n.target))
+            mod = submodule(gm, n.target)
             if isinstance(mod, _CHANNELS_FIRST_MODULES):
                 return True
             if not isinstance(mod, _ELEMENTWISE_MODULES):
@@ -902,7 +903,7 @@ def gate_form(gm: fx.GraphModule, site: AttentionSite) -> str:
     g = site.gate
     for _ in range(8):
         if g.op == "call_module":
-            return _MODULE_FORMS.get(type(gm.get_submodule(str(g.target))), "unbounded gate")
+            return _MODULE_FORMS.get(type(submodule(gm, g.target)), "unbounded gate")
         if g.op not in ("call_function", "call_method"):
             break
         try:

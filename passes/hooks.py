@@ -21,7 +21,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .graph_utils import describe_hooks, module_hooks
+from .graph_utils import describe_hooks, module_hooks, submodule
 
 __all__ = ["call_hooked", "hook_fix", "protect_hooked_calls", "restore_hooked_calls",
            "refuse_hooked_sites"]
@@ -72,7 +72,7 @@ def protect_hooked_calls(gm: fx.GraphModule) -> list[dict[str, Any]]:
         if node.op != "call_module":
             continue
         target = str(node.target)
-        mod = gm.get_submodule(target)
+        mod = submodule(gm, target)
         kinds = module_hooks(mod)
         if not kinds:
             continue
@@ -121,7 +121,7 @@ def refuse_hooked_sites(gm: fx.GraphModule, sites: list, skip: set = frozenset()
         hooked = None
         if site.mul not in skip:
             for n in [*site.stats, *site.branch]:
-                kinds = module_hooks(gm.get_submodule(str(n.target))) \
+                kinds = module_hooks(submodule(gm, n.target)) \
                     if n.op == "call_module" else []
                 if kinds:
                     hooked = (n, kinds)

@@ -20,7 +20,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph_utils import call_sites, get_attr_path, reads_shape_only, set_attr_path, unique_name
+from .graph_utils import (call_sites, get_attr_path, reads_shape_only, set_attr_path, submodule,
+                          unique_name)
 
 __all__ = ["CONV_TYPES", "CONV_TRANSPOSE_TYPES", "BATCH_NORM_TYPES", "AFFINE_NORM_TYPES",
            "FUNCTIONAL_CONVS", "PASS_THROUGH", "POSITIVE_HOMOGENEOUS_MODULES", "LINEAR_MODULES",
@@ -77,7 +78,7 @@ def module_for_call_site(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
     """The module ``node`` calls, cloned under a new name first if other nodes call it too (a
     fold changes one call site, never all of them)."""
     target = str(node.target)
-    mod = gm.get_submodule(target)
+    mod = submodule(gm, target)
     if call_sites(gm.graph, target) > 1:
         name = unique_name(gm, f"{target}_site")
         mod = copy.deepcopy(mod)
@@ -169,7 +170,7 @@ def mutates_its_input(gm: fx.GraphModule, u: fx.Node) -> bool:
     """An in-place call (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.relu_()``):
     after a consumer fold it would write into the unscaled tensor, which others may read."""
     if u.op == "call_module":
-        return bool(getattr(gm.get_submodule(str(u.target)), "inplace", False))
+        return bool(getattr(submodule(gm, u.target), "inplace", False))
     if u.op == "call_method":
         return isinstance(u.target, str) and u.target.endswith("_")
     if u.op == "call_function":

@@ -28,7 +28,8 @@ from torch import nn
 from asrfx.report import Site
 from .find_attention import permute_dims
 from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, get_attr_path, is_op, module_path,
-                          reads_shape_only, shapes_only, tensor_shape, value_dependent)
+                          reads_shape_only, shapes_only, submodule, tensor_shape,
+                          value_dependent)
 from .layers import (CATS, DIV_OPS, ELEMENTWISE, FLATTENS, GLOBAL_AVG_FUNCTIONS,
                      GLOBAL_AVG_MODULES, LINEAR_FUNCTIONS, LINEAR_MODULES, PASS_THROUGH,
                      POSITIVE_HOMOGENEOUS_FUNCTIONS, POSITIVE_HOMOGENEOUS_MODULES, exact,
@@ -196,12 +197,12 @@ def _commutes(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.Tenso
     """
     if _identity(gm, node):
         return getattr(node.target, "__name__", None) or \
-            type(gm.get_submodule(str(node.target))).__name__
+            type(submodule(gm, node.target)).__name__
     if bool(torch.any(t != 0)):
         return None
     nonneg = bool(torch.all(s >= 0))
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
+        mod = submodule(gm, node.target)
         if type(mod) is nn.ReLU6 or (axis != 1 and type(mod) not in ELEMENTWISE):
             return None
         if exact(mod, POSITIVE_HOMOGENEOUS_MODULES):
@@ -226,7 +227,7 @@ def _identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     """``node`` returns its input unchanged in eval mode: ``nn.Identity``, an eval-mode dropout
     module, ``F.dropout(..., training=False)``."""
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
+        mod = submodule(gm, node.target)
         return exact(mod, PASS_THROUGH) and (type(mod) is nn.Identity or not mod.training)
     if node.op == "call_function" and node.target is F.dropout:
         training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
@@ -266,7 +267,7 @@ def plan_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> Plan | Re
 
 def _describe(gm: fx.GraphModule, x: fx.Node) -> str:
     if x.op == "call_module":
-        return f"{x.target} ({type(gm.get_submodule(str(x.target))).__name__})"
+        return f"{x.target} ({type(submodule(gm, x.target)).__name__})"
     return f"{x.name} ({getattr(x.target, '__name__', x.target)})"
 
 
@@ -484,7 +485,7 @@ def _token_sinks(gm: fx.GraphModule, chain: Chain) -> list[Fold] | Refusal:
 
 def _consumer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """Follow pass-through modules (Identity, eval-mode Dropout) to the consuming layer."""
-    while node.op == "call_module" and exact(gm.get_submodule(str(node.target)), PASS_THROUGH) \
+    while node.op == "call_module" and exact(submodule(gm, node.target), PASS_THROUGH) \
             and len(node.users) == 1:
         node = next(iter(node.users))
     return node
@@ -527,14 +528,14 @@ def _forward_step(gm: fx.GraphModule, u: fx.Node, node: fx.Node, s: torch.Tensor
     # an average over the positions (any scale, any shift): a global pooling or mean
     spatial_gone = all(d == 1 for d in ushape[2:])
     if spatial_gone and len(ushape) in (2, len(shape)):
-        if u.op == "call_module" and exact(gm.get_submodule(str(u.target)), GLOBAL_AVG_MODULES):
-            return s, t, type(gm.get_submodule(str(u.target))).__name__
+        if u.op == "call_module" and exact(submodule(gm, u.target), GLOBAL_AVG_MODULES):
+            return s, t, type(submodule(gm, u.target)).__name__
         if u.op in ("call_function", "call_method") and u.target in GLOBAL_AVG_FUNCTIONS:
             return s, t, str(getattr(u.target, "__name__", u.target))
     # (N, C, 1, ...) -> (N, C): channels map one to one
     if len(ushape) == 2 and all(d == 1 for d in shape[2:]):
         if (u.op in ("call_function", "call_method") and u.target in FLATTENS) or \
-                (u.op == "call_module" and exact(gm.get_submodule(str(u.target)),
+                (u.op == "call_module" and exact(submodule(gm, u.target),
                                                   (nn.Flatten,))):
             return s, t, "flatten"
     return None

@@ -20,7 +20,7 @@ from asrfx.inputs import normalize_inputs
 
 from asrfx.report import Site
 
-from .graph_utils import set_attr_path, tensor_shape
+from .graph_utils import set_attr_path, submodule, tensor_shape
 from .protocol import PassContext, record
 from .shapes import propagate_shapes
 
@@ -90,11 +90,11 @@ def revert_sync_batchnorm(gm: fx.GraphModule, ctx: PassContext | None = None, *,
             if node.op != "call_module":
                 continue
             target = str(node.target)
-            if type(gm.get_submodule(target)) is nn.SyncBatchNorm:
+            if type(submodule(gm, target)) is nn.SyncBatchNorm:
                 ranks.setdefault(target, set()).add(_input_rank(node))
     records = []
     for target, rs in ranks.items():
-        sync = gm.get_submodule(target)
+        sync = submodule(gm, target)
         rec = record(f"syncbn:{target}", target, "SyncBatchNorm", sync.num_features)
         records.append(rec)
         if None in rs:

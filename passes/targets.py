@@ -49,7 +49,7 @@ import torch.fx as fx
 from torch import nn
 
 from asrfx import foldmath
-from .graph_utils import get_attr_path, set_attr_path, tensor_shape
+from .graph_utils import get_attr_path, set_attr_path, submodule, tensor_shape
 from .layers import (AFFINE_NORM_TYPES, BATCH_NORM_TYPES, CONV_TRANSPOSE_TYPES, CONV_TYPES,
                      FUNCTIONAL_BATCH_NORMS, FUNCTIONAL_CONVS, batch_norm_call,
                      conv_param_nodes, functional_conv_arg, module_for_call_site, reads_padding,
@@ -114,7 +114,7 @@ def register_consumer(key: type | Callable | str, target: FoldTarget) -> None:
 
 def _lookup(table: dict, gm: fx.GraphModule, node: fx.Node) -> FoldTarget | None:
     if node.op == "call_module":
-        return table.get(type(gm.get_submodule(str(node.target))))
+        return table.get(type(submodule(gm, node.target)))
     if node.op in ("call_function", "call_method"):
         try:
             return table.get(node.target)
@@ -134,7 +134,7 @@ def consumer_target(gm: fx.GraphModule, node: fx.Node) -> FoldTarget | None:
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
-    return gm.get_submodule(str(node.target))
+    return submodule(gm, node.target)
 
 
 def _set_params(mod: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None:
