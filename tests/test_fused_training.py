@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import asrfx
+from asrfx.passes.batch_excitations import BatchedExcitations
 from asrfx.passes.fuse_gates import GatedBatchNorm2d
 from asrfx.zoo import cifar_resnet
 from helpers import REL_TOL, pickled_copy, randomize_bn, randomize_psi, rel_err
@@ -266,3 +267,95 @@ def test_a_norm_with_hooks_is_not_fused():
     assert not isinstance(prepared.get_submodule("layer1.0.bn2"), GatedBatchNorm2d)
     prepared(X)
     assert seen and set(seen) == {1}
+
+
+# ----------------------------------------------------------------- batched excitations
+
+@pytest.mark.parametrize("attention", ["se", "eca", "eca_transpose", "srm", "gct", "ese",
+                                       "cbam_channel", "spa"])
+def test_identical_excitations_run_batched_and_train_alike(attention):
+    """Two blocks per stage: each stage's two excitations run as one vmap call on stacked
+    parameters, with the multiply form's outputs, gradients, statistics and deploy model."""
+    torch.manual_seed(20)
+    model = randomize_bn(cifar_resnet(14, attention=attention, block="basic", num_classes=6),
+                         21)
+    plain, fused = _pair(model)
+    notes = fused.asrfx_report.notes
+    assert any("excitations of 6 site(s) run as 3 batched call(s)" in n for n in notes), notes
+    assert sum(isinstance(m, BatchedExcitations) for m in fused.modules()) == 3
+    # the per-site excitation layers are no longer called: their parameters enter the stacks
+    called = {str(n.target) for n in fused.graph.nodes if n.op == "call_module"}
+    assert not any(".attention." in c for c in called), called
+    randomize_psi(plain, 22)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+
+
+def test_batched_excitations_pickle_and_keep_the_state_dict():
+    model = randomize_bn(cifar_resnet(14, attention="se", block="basic", num_classes=6), 23)
+    plain, fused = _pair(model)
+    assert list(plain.state_dict()) == list(fused.state_dict())
+    randomize_psi(fused, 24)
+    again = pickled_copy(fused)
+    assert sum(isinstance(m, BatchedExcitations) for m in again.modules()) == 3
+    for m in (fused, again):
+        m.eval()
+    with torch.no_grad():
+        assert rel_err(fused(X), again(X)) <= REL_TOL
+
+
+class _ScaledByHeight(nn.Module):
+    """An excitation that reads the map's height: equal weights shapes, different sizes."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, c, h, _ = x.shape
+        return x * torch.sigmoid(self.fc(x.mean((2, 3))) * (h / 8.0)).view(b, c, 1, 1)
+
+
+class _TwoResolutions(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.c1, self.b1, self.a1 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), \
+            _ScaledByHeight(c)
+        self.c2, self.b2, self.a2 = nn.Conv2d(c, c, 3, padding=1, stride=2), \
+            nn.BatchNorm2d(c), _ScaledByHeight(c)
+        self.head = nn.Linear(c, 6)
+
+    def forward(self, x):
+        y = self.a1(self.b1(self.c1(x)))
+        y = self.a2(self.b2(self.c2(y)))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_site_whose_sizes_differ_from_the_batch_gets_its_own_value():
+    """The two excitations are the same computation on weights of the same shapes, but each
+    reads its own map's height (12 and 6): the batch uses the first site's sizes, and the
+    second site, seeing other sizes, computes its own value. Exact at any input size."""
+    torch.manual_seed(25)
+    model = randomize_bn(_TwoResolutions(), 26)
+    plain, fused = _pair(model)
+    assert any("excitations of 2 site(s) run as 1 batched call(s)" in n
+               for n in fused.asrfx_report.notes), fused.asrfx_report.notes
+    randomize_psi(plain, 27)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+    x = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(28))
+    with torch.no_grad():
+        assert rel_err(plain(x), fused(x)) <= REL_TOL
+
+
+def test_an_excitation_with_hooks_keeps_its_own_call():
+    model = cifar_resnet(14, attention="se", block="basic", num_classes=6)
+    seen = []
+    model.layer1[0].attention.fc1.register_forward_hook(lambda m, i, o: seen.append(1))
+    fused = asrfx.prepare(model, example_inputs=(X,), fused=True)
+    notes = fused.asrfx_report.notes
+    # layer1's other site is alone of its kind now: two stages batched, four sites
+    assert any("excitations of 4 site(s) run as 2 batched call(s)" in n for n in notes), notes
+    seen.clear()
+    fused(X)
+    assert seen == [1]
