@@ -699,6 +699,36 @@ def test_the_callers_model_is_never_touched_and_shares_no_storage(case):
         assert _same_state(state, _state(model))
 
 
+def test_the_working_copy_keeps_ties_views_and_flags_and_shares_nothing():
+    """clone_module (every prepare and fold works on one) copies parameters and buffers the
+    way copy.deepcopy does: tied weights stay tied, buffers viewing one storage still do,
+    requires_grad and dtypes carry over, and no storage is shared with the original."""
+    from asrfx.passes.graph_utils import clone_module
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.a.bias.requires_grad_(False)
+            self.register_buffer("table", torch.arange(8.0))
+            self.register_buffer("window", self.table[2:6])
+            self.register_buffer("steps", torch.tensor(3))
+
+    model = Tied()
+    copy_ = clone_module(model)
+    assert copy_.b.weight is copy_.a.weight
+    assert type(copy_.a.weight) is nn.Parameter and not copy_.a.bias.requires_grad
+    assert copy_.steps.dtype == torch.int64 and int(copy_.steps) == 3
+    with torch.no_grad():
+        copy_.table[3] = 100.0
+    assert float(copy_.window[1]) == 100.0 and float(model.window[1]) == 3.0
+    assert not _storages(model) & _storages(copy_)
+    for k, v in _tensors_of(model).items():
+        assert torch.equal(v, _tensors_of(copy_)[k]) or k in (".table", ".window")
+
+
 STAGES = {
     "prepared": lambda cls, seed: _prepared(cls, seed),
     "prepared mode=both": lambda cls, seed: _prepared(cls, seed, mode="both"),
