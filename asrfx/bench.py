@@ -25,15 +25,17 @@ compiler itself against graph size.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -291,6 +293,26 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[
 _MEASURED_STEP = "asrfx::peak_step_memory"
 
 
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 goes to /dev/null inside (some torch builds' profilers print a line
+    on every start and stop from C++, which Python's ``sys.stderr`` cannot catch); Python
+    exceptions still propagate as usual."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr (an embedding host)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_step_memory(step: Callable[[], Any], device: torch.device | str = "cpu",
                      warmup: int = 1) -> int:
     """Peak memory of one call of ``step`` above what was allocated when it began, in bytes:
@@ -333,7 +355,8 @@ def peak_step_memory(step: Callable[[], Any], device: torch.device | str = "cpu"
         raise ValueError(f"peak_step_memory: device {device} (CPU and CUDA only)")
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                     profile_memory=True) as prof:
         for _ in range(warmup):
             step()
         with record_function(_MEASURED_STEP):
