@@ -37,9 +37,25 @@ def _check_model(model: nn.Module, entry: str) -> None:
     complex or exotic floating dtypes (the fold computes in float64 and casts back, which would
     drop an imaginary part), integer weights of the layers a fold rewrites."""
     name = type(model).__name__
-    tensors = list(model.named_parameters(remove_duplicate=True)) + \
-        list(model.named_buffers(remove_duplicate=True))
-    for key, t in tensors:
+    folded_types = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase,
+                    nn.GroupNorm, nn.LayerNorm)
+    # one walk over the modules (named_parameters and named_buffers would walk it again per
+    # call): every parameter, then every buffer, each once; those of the layers a fold rewrites
+    params: list[tuple[str, torch.Tensor]] = []
+    buffers: list[tuple[str, torch.Tensor]] = []
+    folded: list[tuple[str, nn.Module, str, torch.Tensor]] = []
+    seen: set[int] = set()
+    for path, mod in model.named_modules():
+        for table, out in ((mod._parameters, params), (mod._buffers, buffers)):
+            for key, t in table.items():
+                if t is None:
+                    continue
+                if isinstance(mod, folded_types):
+                    folded.append((path, mod, key, t))
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    out.append((f"{path}.{key}" if path else key, t))
+    for key, t in params + buffers:
         if t.device.type == "meta":
             raise InputError(f"asrfx.{entry}: {name}.{key} is on the meta device (shapes without "
                              f"values): constants cannot be evaluated nor the result checked; "
@@ -51,18 +67,11 @@ def _check_model(model: nn.Module, entry: str) -> None:
             raise InputError(f"asrfx.{entry}: {name}.{key} is {str(t.dtype).replace('torch.', '')}"
                              f"; asrfx folds real-valued float16, bfloat16, float32 and float64 "
                              f"models: {fix}")
-    folded_types = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase,
-                    nn.GroupNorm, nn.LayerNorm)
-    for path, mod in model.named_modules():
-        if not isinstance(mod, folded_types):
-            continue
-        for key, t in list(mod.named_parameters(recurse=False)) + \
-                list(mod.named_buffers(recurse=False)):
-            if key != "num_batches_tracked" and not t.is_floating_point():
-                raise InputError(f"asrfx.{entry}: {name}.{path}.{key} ({type(mod).__name__}) is "
-                                 f"{str(t.dtype).replace('torch.', '')}: asrfx folds "
-                                 f"floating-point layers; dequantize the model (float weights) "
-                                 f"first")
+    for path, mod, key, t in folded:
+        if key != "num_batches_tracked" and not t.is_floating_point():
+            raise InputError(f"asrfx.{entry}: {name}.{path}.{key} ({type(mod).__name__}) is "
+                             f"{str(t.dtype).replace('torch.', '')}: asrfx folds floating-point "
+                             f"layers; dequantize the model (float weights) first")
 
 
 def _inputs_for(model: nn.Module, example_inputs: Any) -> tuple:

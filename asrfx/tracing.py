@@ -799,7 +799,8 @@ class preserve_modes:
 
     def __exit__(self, *exc: Any) -> None:
         for m, flag in self.modes:
-            m.training = flag
+            if m.training != flag:  # (setting a module attribute is slow; most are unchanged)
+                m.training = flag
 
 
 def _getattr_path(mod: nn.Module, target: str) -> Any:

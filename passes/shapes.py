@@ -60,6 +60,21 @@ class ShapeRecorder(fx.Interpreter):
     def propagate(self, *args: Any) -> Any:
         return self.run(*args)
 
+    def fetch_attr(self, target: str) -> Any:
+        """The submodule, parameter or buffer ``target`` names, looked up in the registered
+        submodules (see :func:`asrfx.passes.graph_utils.submodule`); anything else as fx does."""
+        *path, last = target.split(".")
+        mod = self.module
+        for part in path:
+            mod = mod._modules.get(part)
+            if mod is None:
+                return super().fetch_attr(target)
+        for table in (mod._modules, mod._parameters, mod._buffers):
+            found = table.get(last)
+            if found is not None:
+                return found
+        return super().fetch_attr(target)
+
 
 def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
     """Record ``tensor_meta`` (shape, dtype) on every node by running ``gm`` in eval mode.
