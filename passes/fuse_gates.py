@@ -167,6 +167,7 @@ def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
                          f"form ({why})")
             continue
         mul, x = site.mul, _map_of(site)
+        source = norm.args[0] if norm.op == "call_module" else batch_norm_args(norm)["input"]
         if norm.op == "call_module":
             mod = gm.get_submodule(str(norm.target))
             mod.__class__ = GATED[type(mod)]  # same object: parameters and names kept
@@ -190,6 +191,9 @@ def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
             norm.args = (args["input"], args["running_mean"], args["running_var"])
             norm.kwargs = dict(kwargs, weight=w, bias=b)
             fused = norm
+        if x is not norm:  # the ReLU of the fused norm: its shape reads (which may size the
+            # gate, now an input of the norm) read the norm's input, of the same shape
+            x.replace_all_uses_with(source, delete_user_cb=reads_shape_only)
         out = fused if x is norm else x  # the ReLU of the fused norm, where there is one
         mul.replace_all_uses_with(out)
         graph.erase_node(mul)

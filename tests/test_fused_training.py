@@ -359,3 +359,31 @@ def test_an_excitation_with_hooks_keeps_its_own_call():
     seen.clear()
     fused(X)
     assert seen == [1]
+
+
+class _ReluThenSizedGate(nn.Module):
+    """conv -> BN -> ReLU -> an SE whose gate is sized from the ReLU output's shape
+    (``b, c = y.shape[:2]``): once the gate goes into the norm, those shape reads must not read
+    the ReLU (that would read the norm, which reads the gate: a cycle)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, c)
+        self.head = nn.Linear(c, 6)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        b, c = y.shape[:2]
+        g = torch.sigmoid(self.fc(y.mean((2, 3)))).view(b, c, 1, 1)
+        return self.head((y * g).mean((2, 3)))
+
+
+def test_a_gate_sized_from_the_relu_output_crosses_it():
+    torch.manual_seed(29)
+    model = randomize_bn(_ReluThenSizedGate(), 30)
+    plain, fused = _pair(model)
+    assert any("fused training form: 1 gate(s)" in n for n in fused.asrfx_report.notes)
+    randomize_psi(plain, 31)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)

@@ -1187,6 +1187,10 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
     assert report.count(action="converted") == len(report.sites) - n_cbam - n_refused, report
     assert report.count(action="refused", kind="spatial attention") == n_cbam, report
 
+    # (1b) the fused training form computes what this one computes
+    if dtype == torch.float32:
+        _fused_agrees(model, prepared, x)
+
     # (2) training steps: finite losses; every psi trains (a non-zero gradient) wherever the loss
     # reaches a product its gate applies, unless a dead unit of its random excitation stops the
     # gradient (in any form)
@@ -1256,6 +1260,50 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
     n_affine = sum(v for k, v in extra.items() if k[0] != "get_attr")
     assert n_affine == kept or (lost and n_affine >= kept), \
         f"{dict(extra)} left, {kept} kept\n{freport}\n{deploy.code}"
+
+
+def _fused_agrees(model: nn.Module, prepared: fx.GraphModule, x: torch.Tensor) -> None:
+    """``prepare(fused=True)`` (gates through their norms' affine, identical excitations
+    batched) against the multiply form with the same parameters: the training-mode output and
+    every gradient, in float64 (a small random model's training-mode norms amplify float32
+    rounding by orders of magnitude; the forms are the same function, so float64 agrees to
+    ~1e-12)."""
+    fused = asrfx.prepare(model, example_inputs=(x,), fused=True)
+    notes = " ".join(fused.asrfx_report.notes)
+    if "batched call" in notes:
+        event("fused form: identical excitations batched")
+    if "fused training form: 0 gate(s)" not in notes:
+        event("fused form: a gate in a norm's affine")
+    a = copy.deepcopy(prepared).double().train()
+    b = fused.double().train()
+    b.load_state_dict(a.state_dict())
+    xx = x.double()
+    results = []
+    for m in (a, b):
+        torch.manual_seed(6)  # the same dropout masks
+        out = m(xx)
+        out = out if isinstance(out, torch.Tensor) else _first_tensor(out)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5),
+                              dtype=out.dtype)
+        (out * weights).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in m.named_parameters()
+                                       if p.grad is not None}))
+    (oa, ga), (ob, gb) = results
+    tol = 1e-7
+    assert rel_err(oa, ob) <= tol, (rel_err(oa, ob), fused.code)
+    assert ga.keys() == gb.keys(), set(ga) ^ set(gb)
+    scale = max([float(g.abs().max()) for g in ga.values()] + [1e-30])
+    for name in ga:
+        err = float((ga[name] - gb[name]).abs().max())
+        assert err <= tol * scale, (name, err, scale, fused.code)
+
+
+def _first_tensor(out):
+    if isinstance(out, (tuple, list)):
+        return next(t for t in out if isinstance(t, torch.Tensor))
+    if isinstance(out, dict):
+        return next(t for t in out.values() if isinstance(t, torch.Tensor))
+    raise TypeError(type(out))
 
 
 _MERGE_KINDS = {("call_module", c.__name__) for c in CONV.values()} | \
