@@ -168,16 +168,17 @@ def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
             continue
         mul, x = site.mul, _map_of(site)
         source = norm.args[0] if norm.op == "call_module" else batch_norm_args(norm)["input"]
+        # shape reads of the norm and of the ReLU after it (an SE's ``b, c = x.size()[:2]``
+        # sizing its gate, which the fused norm now reads) read the norm's input: same shape
+        for n in {norm, x}:
+            n.replace_all_uses_with(source, delete_user_cb=reads_shape_only)
         if norm.op == "call_module":
             mod = gm.get_submodule(str(norm.target))
             mod.__class__ = GATED[type(mod)]  # same object: parameters and names kept
             with graph.inserting_before(mul):
                 fused = graph.call_module(str(norm.target), (norm.args[0], site.gate))
             fused.meta = dict(norm.meta)
-            # value readers (the ReLU, or the multiply) read the fused call; shape reads (an
-            # SE's ``b, c = x.size()[:2]`` sizing its gate) the norm's input: same shape
-            norm.replace_all_uses_with(norm.args[0], delete_user_cb=reads_shape_only)
-            norm.replace_all_uses_with(fused)
+            norm.replace_all_uses_with(fused)  # value readers: the ReLU, or the multiply
             _erase_with_dead_readers(norm)
         else:
             args = batch_norm_args(norm)
@@ -191,9 +192,6 @@ def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
             norm.args = (args["input"], args["running_mean"], args["running_var"])
             norm.kwargs = dict(kwargs, weight=w, bias=b)
             fused = norm
-        if x is not norm:  # the ReLU of the fused norm: its shape reads (which may size the
-            # gate, now an input of the norm) read the norm's input, of the same shape
-            x.replace_all_uses_with(source, delete_user_cb=reads_shape_only)
         out = fused if x is norm else x  # the ReLU of the fused norm, where there is one
         mul.replace_all_uses_with(out)
         graph.erase_node(mul)

@@ -387,3 +387,30 @@ def test_a_gate_sized_from_the_relu_output_crosses_it():
     randomize_psi(plain, 31)
     fused.load_state_dict(plain.state_dict())
     _assert_same_training(plain, fused)
+
+
+class _TracedNormSizedGate(nn.Module):
+    """A traced-through norm (an ``F.batch_norm`` call in the graph) whose output's shape sizes
+    the gate applied to it."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1), _PlainSub(c)
+        self.fc = nn.Linear(c, c)
+        self.head = nn.Linear(c, 6)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        b, c = y.shape[:2]
+        y = y * torch.sigmoid(self.fc(y.mean((2, 3)))).view(b, c, 1, 1)
+        return self.head(torch.relu(y).mean((2, 3)))
+
+
+def test_a_traced_through_norm_sized_gate_fuses():
+    torch.manual_seed(32)
+    model = randomize_bn(_TracedNormSizedGate(), 33)
+    plain, fused = _pair(model)
+    assert any("fused training form: 1 gate(s)" in n for n in fused.asrfx_report.notes)
+    randomize_psi(plain, 34)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
