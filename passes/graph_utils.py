@@ -404,7 +404,7 @@ def _fresh(node: fx.Node, gm: nn.Module | None) -> bool:
     alias or view of one)."""
     if node.op == "call_module" and gm is not None:
         try:
-            mod = gm.get_submodule(str(node.target))
+            mod = submodule(gm, node.target)
         except AttributeError:
             return False
         return type(mod).__module__.startswith("torch.nn") and \
@@ -443,7 +443,7 @@ def has_side_effects(node: fx.Node, gm: nn.Module | None = None) -> bool:
                    for u in first.users)
     if node.op == "call_module" and gm is not None:
         try:
-            mod = gm.get_submodule(str(node.target))
+            mod = submodule(gm, node.target)
         except AttributeError:
             return True
         pure = type(mod).__module__.startswith("torch.nn") or getattr(mod, "asrfx_pure", False)
