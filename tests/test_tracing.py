@@ -113,6 +113,37 @@ def test_nested_untraceable_submodule_becomes_a_leaf_with_a_warning():
     assert not model.training
 
 
+class Unpacks(nn.Module):
+    """Unpacks a traced shape at one call site reached many times, and at sites of other
+    lengths; its child iterates a traced tensor, which does not trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.iterates = Iterates()
+
+    def forward(self, x):
+        for _ in range(3):  # the same unpacking site, three times
+            n, c = x.shape[:2]
+            x = x.view(n, c, -1).view_as(x) + 1
+        n, c, h, w = x.shape
+        return self.iterates(x.reshape(n, c, h * w).view(n, c, h, w))
+
+
+class Iterates(nn.Module):
+    def forward(self, x):
+        return sum(row for row in x)
+
+
+def test_unpacking_traced_shapes_traces_and_iterating_a_tensor_makes_a_leaf():
+    model = Unpacks()
+    with pytest.warns(UserWarning, match=r"'iterates'"):
+        gm = asrfx.trace(model, torch.randn(2, 3, 4, 4))
+    assert _call_module_targets(gm) == ["iterates"]
+    x = torch.randn(5, 3, 2, 6)
+    torch.testing.assert_close(gm(x), model(x))
+    assert fx.Proxy.__iter__.__module__ == "torch.fx.proxy"  # fx's own again after the trace
+
+
 def test_untraceable_leaf_does_not_block_conversion_elsewhere():
     model = NestedGate()
     x = torch.randn(2, 3, 8, 8)
