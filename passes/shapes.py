@@ -48,8 +48,11 @@ class ShapeRecorder(fx.Interpreter):
         self.values: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        # fx's run_node without its per-node debug log and current-node context (which only
+        # tracing interpreters read): a third of the interpreter's own time
         self.current = n
-        out = super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        out = getattr(self, n.op)(n.target, args, kwargs)
         meta = _light_meta(out)
         if meta is not None:
             n.meta["tensor_meta"] = meta
