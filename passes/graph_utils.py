@@ -119,7 +119,7 @@ def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 def call_sites(graph: fx.Graph, target: str) -> int:
     """How many call_module nodes call the module ``target``."""
-    return sum(1 for n in graph.find_nodes(op="call_module", sort=False) if n.target == target)
+    return len(graph.find_nodes(op="call_module", target=target, sort=False))
 
 
 def get_attr_path(mod: nn.Module, target: str) -> Any:
@@ -290,8 +290,7 @@ def _copy_tensor(t: torch.Tensor, memo: dict) -> torch.Tensor | None:
         copied = storages.get(storage._cdata)
         if copied is None:
             copied = storages[storage._cdata] = storage.clone()
-        with torch.no_grad():
-            new = t.new_empty([]).set_(copied, t.storage_offset(), t.size(), t.stride())
+        new = t.new_empty([]).set_(copied, t.storage_offset(), t.size(), t.stride())
     else:
         return None
     memo[id(t)] = new
