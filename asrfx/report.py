@@ -73,16 +73,25 @@ class Report:
         def pass_of(site: Site) -> str:
             return site.key.partition(":")[0]
 
+        # (path, kind) -> positions of the "kept" records with a key, in order: each record
+        # finds the one it replaces without scanning every site (linear in the sites)
+        kept: dict[tuple[str, str], list[int]] = {}
+        for i, old in enumerate(self.sites):
+            if old.action == "kept" and old.key:
+                kept.setdefault((old.path, old.kind), []).append(i)
         for rec in records:
             if rec.action != "kept" and rec.key:
-                for i, old in enumerate(self.sites):
-                    if old.action == "kept" and (old.path, old.kind) == (rec.path, rec.kind) \
-                            and old.key and pass_of(old) != pass_of(rec):
+                slots = kept.get((rec.path, rec.kind), [])
+                for j, i in enumerate(slots):
+                    if pass_of(self.sites[i]) != pass_of(rec):
                         self.sites[i] = rec
+                        del slots[j]
                         break
                 else:
                     self.sites.append(rec)
             else:
+                if rec.action == "kept" and rec.key:
+                    kept.setdefault((rec.path, rec.kind), []).append(len(self.sites))
                 self.sites.append(rec)
 
     def count(self, action: str | None = None, kind: str | None = None) -> int:
