@@ -167,8 +167,7 @@ def collapse_batch(gm: fx.GraphModule, nodes: Iterable[fx.Node], outs: Iterable[
     for r in reads:
         with graph.inserting_after(r):
             mapping[r] = graph.call_function(one_row, (r,))
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for c in sorted(region, key=order.__getitem__):
+    for c in sorted(region):  # in graph order (fx nodes compare by position)
         with graph.inserting_after(c):
             mapping[c] = graph.node_copy(c, lambda a: mapping.get(a, a))
     changed = False
