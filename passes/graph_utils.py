@@ -117,9 +117,44 @@ def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return submodule(gm, node.target)
 
 
+_FxNodeTable = getattr(fx.graph, "_FindNodesLookupTable", None)
+
+
+if _FxNodeTable is not None:
+    class _CallSiteTable(_FxNodeTable):  # type: ignore[misc, valid-type]
+        """fx's side table of a graph's nodes (every node added, erased or given a new op or
+        target goes through ``insert`` / ``remove``), also counting the call_module nodes per
+        target."""
+
+        def __init__(self, table: Any):
+            super().__init__()
+            self.table = table.table
+            self.calls = collections.Counter(
+                str(n.target) for n in self.table[("call_module", None)])
+
+        def insert(self, node: fx.Node) -> None:
+            super().insert(node)
+            if node.op == "call_module":
+                self.calls[str(node.target)] += 1
+
+        def remove(self, node: fx.Node) -> None:
+            super().remove(node)
+            if node.op == "call_module":
+                self.calls[str(node.target)] -= 1
+
+
 def call_sites(graph: fx.Graph, target: str) -> int:
-    """How many call_module nodes call the module ``target``."""
-    return len(graph.find_nodes(op="call_module", target=target, sort=False))
+    """How many call_module nodes call the module ``target``.
+
+    Answered from a count kept with fx's node table (installed on the graph at the first
+    question): a fold asks once per fused layer, and counting by a scan made it quadratic in
+    the graph's size. Without that table (another torch), by a scan."""
+    table = getattr(graph, "_find_nodes_lookup_table", None)
+    if _FxNodeTable is None or type(table) not in (_FxNodeTable, _CallSiteTable):
+        return len(graph.find_nodes(op="call_module", target=target, sort=False))
+    if type(table) is _FxNodeTable:
+        table = graph._find_nodes_lookup_table = _CallSiteTable(table)
+    return table.calls[str(target)]
 
 
 def get_attr_path(mod: nn.Module, target: str) -> Any:

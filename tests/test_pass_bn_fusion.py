@@ -142,6 +142,38 @@ def test_a_conv_called_twice_is_cloned_for_the_fused_call_site():
     assert rel_err(ref, out) <= REL_TOL
 
 
+def test_call_site_counts_follow_every_change_to_the_graph():
+    """call_sites answers from counts kept as nodes are added, erased and retargeted; they
+    always equal a scan of the graph."""
+    from asrfx.passes.graph_utils import call_sites
+
+    gm = traced(ConvTwice(), torch.randn(2, C, 5, 5))
+    graph = gm.graph
+
+    def scan(target):
+        return sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target)
+
+    def agree():
+        for target in ("conv", "bn", "conv_site", "tanh"):
+            assert call_sites(graph, target) == scan(target), target
+
+    agree()  # the first question installs the counts
+    first, second = [n for n in graph.nodes if n.op == "call_module" and n.target == "conv"]
+    first.target = "conv_site"  # retargeted
+    agree()
+    with graph.inserting_after(second):
+        extra = graph.call_module("conv", (second,))  # added
+    agree()
+    graph.erase_node(extra)  # erased
+    bn = next(n for n in graph.nodes if n.target == "bn")
+    bn.replace_all_uses_with(bn.args[0])
+    graph.erase_node(bn)
+    agree()
+    second.op = "call_function"  # (an op change goes through the table too)
+    second.target = torch.tanh
+    agree()
+
+
 class ThreePairs(nn.Module):
     def __init__(self):
         super().__init__()
