@@ -36,7 +36,7 @@ from asrfx.passes.branch_merge import merge_branches, merge_sequential
 from asrfx.passes.graph_utils import (clone_module, deepcopy_module, describe_hooks, module_device,
                                       module_path,
                                       reads_shape_only, safe_dce, stable_toposort,
-                                      value_dependent)
+                                      to_eval, value_dependent)
 from asrfx.passes.fuse_gates import fuse_gates, unfuse_gates
 from asrfx.passes.batch_excitations import batch_excitations
 from asrfx.passes.hooks import (hook_fix, protect_hooked_calls, refuse_hooked_sites,
@@ -408,7 +408,7 @@ def eval_graph_module(ctx: Context, compiled: bool = True) -> fx.GraphModule:
             ctx.reference = tr.output
     if compiled:
         gm.recompile()
-    gm.eval()
+    to_eval(gm)
     return gm
 
 

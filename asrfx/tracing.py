@@ -33,7 +33,8 @@ from torch.fx.graph_module import GraphModule, _copy_attr, _forward_from_src
 from .errors import InputError, TraceError
 from .inputs import check_example_inputs, inputs_failure, normalize_inputs, short_error, \
     top_level_hint
-from .passes.graph_utils import describe_hooks, module_hooks, reads_shape_only, submodule
+from .passes.graph_utils import (describe_hooks, module_hooks, reads_shape_only, submodule,
+                                 to_eval)
 from .passes.shapes import ShapeRecorder, propagate_shapes
 
 __all__ = ["trace", "AsrTracer", "preserve_modes", "DualModeGraphModule", "TraceResult",
@@ -596,7 +597,7 @@ def _find_unfaithful_module(model: nn.Module, tr: TraceResult,
 
 def _eager_eval(model: nn.Module, inputs: tuple) -> Any:
     with preserve_modes(model):
-        model.eval()
+        to_eval(model)
         try:
             with torch.no_grad():
                 return model(*inputs)
@@ -611,7 +612,7 @@ def _validate(gm: GraphModule, inputs: tuple, reference: Any, leaves: set[str],
     from torch.utils._pytree import tree_flatten
 
     modes = preserve_modes(gm)
-    gm.eval()
+    to_eval(gm)
     runner = ShapeRecorder(gm)
     try:
         with torch.no_grad():
@@ -718,7 +719,7 @@ def _trace_modes(model: nn.Module, leaf_modules: Sequence[str | type], leaves: s
     name = type(model).__name__
     if not _may_depend_on_mode(model, leaf_modules, leaves):
         try:
-            model.eval()
+            to_eval(model)
             graph = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
         finally:
             modes.__exit__()

@@ -18,7 +18,7 @@ from torch import nn
 __all__ = ["tensor_shape", "value_dependent", "module_path", "is_op", "to_networkx",
            "MUL_OPS", "ADD_OPS", "SUB_OPS", "SHAPE_ATTRS", "SHAPE_METHODS", "call_sites",
            "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "module_device", "shapes_only", "get_attr_path", "unique_name",
-           "module_hooks", "describe_hooks", "deepcopy_module", "submodule"]
+           "module_hooks", "describe_hooks", "deepcopy_module", "submodule", "to_eval"]
 
 MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.Tensor.mul}
 ADD_OPS = {operator.add, operator.iadd, torch.add, "add", "add_", torch.Tensor.add}
@@ -109,6 +109,17 @@ def submodule(root: nn.Module, target: Any) -> nn.Module:
         if mod is None:
             return root.get_submodule(str(target))
     return mod
+
+
+def to_eval(model: nn.Module) -> None:
+    """``model.eval()``, skipped when it would change nothing: every submodule is in eval mode
+    already and none has a ``train`` of its own (which ``eval`` would call). Setting the flag
+    of every module of a large model takes milliseconds; the pipeline asks several times."""
+    train = nn.Module.train
+    for m in model.modules():
+        if m.training or type(m).train is not train:
+            model.eval()
+            return
 
 
 def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

@@ -17,6 +17,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from asrfx.errors import InputError
 from asrfx.inputs import inputs_failure
+from .graph_utils import to_eval
 
 __all__ = ["ShapeRecorder", "propagate_shapes"]
 
@@ -93,7 +94,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
     """
     modes = [(m, m.training) for m in gm.modules()]  # each submodule's own flag
     buffers = [(b, b.clone()) for b in gm.buffers()]
-    gm.eval()
+    to_eval(gm)
     try:
         with torch.no_grad():
             ShapeRecorder(gm).propagate(*example_inputs)
