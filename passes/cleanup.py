@@ -32,7 +32,8 @@ def drop_identities(gm: fx.GraphModule) -> int:
 def cleanup(gm: fx.GraphModule, other_graphs: tuple[fx.Graph, ...] = ()) -> None:
     """Remove dead nodes, then every submodule, parameter and buffer the graph no longer reads
     (nor any of ``other_graphs``: the other mode's graph of a dual-mode model shares them)."""
-    safe_dce(gm)  # (which lints the graph first)
+    safe_dce(gm)
+    gm.graph.lint()
     nodes = [n for g in (gm.graph, *other_graphs) for n in g.nodes]
     used_modules = {str(n.target) for n in nodes if n.op == "call_module"}
     used_attrs = {str(n.target) for n in nodes if n.op == "get_attr"}
