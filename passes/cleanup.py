@@ -38,18 +38,19 @@ def cleanup(gm: fx.GraphModule, other_graphs: tuple[fx.Graph, ...] = ()) -> None
     used_modules = {str(n.target) for n in nodes if n.op == "call_module"}
     used_attrs = {str(n.target) for n in nodes if n.op == "get_attr"}
 
-    def inside_used_module(name: str) -> bool:
-        parts = name.split(".")
-        return any(".".join(parts[:i]) in used_modules for i in range(1, len(parts)))
+    def drop_unread(mod: nn.Module, prefix: str) -> None:
+        """Drop the parameters and buffers no get_attr reads, outside the called modules."""
+        for table in (mod._parameters, mod._buffers):
+            for field in [f for f, t in table.items() if t is not None]:
+                if (f"{prefix}.{field}" if prefix else field) not in used_attrs:
+                    mod._parameters.pop(field, None)
+                    mod._buffers.pop(field, None)
+        for cname, child in mod._modules.items():
+            full = f"{prefix}.{cname}" if prefix else cname
+            if child is not None and full not in used_modules:  # (a called module keeps all)
+                drop_unread(child, full)
 
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + \
-            list(gm.named_buffers(remove_duplicate=False)):
-        if name in used_attrs or inside_used_module(name):
-            continue
-        owner_path, _, field = name.rpartition(".")
-        owner = submodule(gm, owner_path) if owner_path else gm
-        owner._parameters.pop(field, None)
-        owner._buffers.pop(field, None)
+    drop_unread(gm, "")
 
     def prune(mod: nn.Module, prefix: str) -> bool:
         """Drop unused children; True when ``mod`` itself holds nothing and can go."""
