@@ -32,6 +32,11 @@ settings.register_profile("ci", max_examples=150, deadline=None, derandomize=Tru
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=3000, deadline=None, derandomize=False,
                           suppress_health_check=[HealthCheck.too_slow])
+# hunting: as "long", but a failure is reported as found (no shrinking, which can take longer
+# than the search on these models), with its reproduction blob
+settings.register_profile("hunt", max_examples=3000, deadline=None, derandomize=False,
+                          print_blob=True, phases=[Phase.explicit, Phase.generate],
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The models here are small; on a shared 2-core runner intra-op threads that busy-wait for a core

@@ -1265,37 +1265,47 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
 def _fused_agrees(model: nn.Module, prepared: fx.GraphModule, x: torch.Tensor) -> None:
     """``prepare(fused=True)`` (gates through their norms' affine, identical excitations
     batched) against the multiply form with the same parameters: the training-mode output and
-    every gradient, in float64 (a small random model's training-mode norms amplify float32
-    rounding by orders of magnitude; the forms are the same function, so float64 agrees to
-    ~1e-12)."""
+    every gradient, in float64.
+
+    The forms are the same function computed in another order, so they differ by rounding,
+    amplified by the model's conditioning: a random model's training-mode norms over a channel
+    that is constant (a dead ReLU before a biased conv) normalise rounding noise, by ~300x per
+    norm. The allowance is measured, not guessed: the multiply form's own float32-vs-float64
+    difference is that amplification times float32's rounding; float64's is 2**-29 of it (a
+    factor 1000 on top for the different order of operations), plus 1e-7 of the largest
+    value."""
     fused = asrfx.prepare(model, example_inputs=(x,), fused=True)
     notes = " ".join(fused.asrfx_report.notes)
     if "batched call" in notes:
         event("fused form: identical excitations batched")
     if "fused training form: 0 gate(s)" not in notes:
         event("fused form: a gate in a norm's affine")
-    a = copy.deepcopy(prepared).double().train()
-    b = fused.double().train()
-    b.load_state_dict(a.state_dict())
-    xx = x.double()
-    results = []
-    for m in (a, b):
+
+    def run(m: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+        m = m.to(dtype).train()
         torch.manual_seed(6)  # the same dropout masks
-        out = m(xx)
+        out = m(x.to(dtype))
         out = out if isinstance(out, torch.Tensor) else _first_tensor(out)
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5),
                               dtype=out.dtype)
         (out * weights).sum().backward()
-        results.append((out.detach(), {n: p.grad for n, p in m.named_parameters()
-                                       if p.grad is not None}))
-    (oa, ga), (ob, gb) = results
-    tol = 1e-7
-    assert rel_err(oa, ob) <= tol, (rel_err(oa, ob), fused.code)
+        return out.detach().double(), {n: p.grad.double() for n, p in m.named_parameters()
+                                       if p.grad is not None}
+
+    state = prepared.state_dict()
+    o32, g32 = run(copy.deepcopy(prepared), torch.float32)
+    oa, ga = run(copy.deepcopy(prepared), torch.float64)
+    fused.load_state_dict(state)
+    ob, gb = run(fused, torch.float64)
+    ratio = 1000 * torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+    allowed = 1e-7 * float(oa.abs().max()) + ratio * float((o32 - oa).abs().max())
+    assert float((oa - ob).abs().max()) <= allowed, (rel_err(oa, ob), fused.code)
     assert ga.keys() == gb.keys(), set(ga) ^ set(gb)
     scale = max([float(g.abs().max()) for g in ga.values()] + [1e-30])
     for name in ga:
         err = float((ga[name] - gb[name]).abs().max())
-        assert err <= tol * scale, (name, err, scale, fused.code)
+        noise = float((g32[name] - ga[name]).abs().max())
+        assert err <= 1e-7 * scale + ratio * noise, (name, err, scale, noise, fused.code)
 
 
 def _first_tensor(out):
