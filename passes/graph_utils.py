@@ -164,7 +164,11 @@ def call_sites(graph: fx.Graph, target: str) -> int:
     if _FxNodeTable is None or type(table) not in (_FxNodeTable, _CallSiteTable):
         return len(graph.find_nodes(op="call_module", target=target, sort=False))
     if type(table) is _FxNodeTable:
-        table = graph._find_nodes_lookup_table = _CallSiteTable(table)
+        try:
+            counted = _CallSiteTable(table)
+        except (AttributeError, KeyError, TypeError):  # fx's private table changed shape
+            return len(graph.find_nodes(op="call_module", target=target, sort=False))
+        table = graph._find_nodes_lookup_table = counted
     return table.calls[str(target)]
 
 
