@@ -492,7 +492,19 @@ def gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite],
                     "the eval graph: the gate cannot move behind them in both; the "
                     "input-dependent attention is kept", "gate-before-batch-norm"))
             continue
-        names = tuple(sorted({name for f in found for name, _ in f}))
+        pairs = list(dict.fromkeys(pair for f in found for pair in f))
+        others = {k: v for k, v in products.items() if v is not site}
+        for _ in range(len(gm.graph.nodes)):
+            # behind a norm whose output again reaches only training-mode norms (through
+            # ops the gate crosses: another gate, a depthwise conv) it would cancel there too:
+            # it goes on behind those
+            further = [_norms_reading(gm, norm, positive, dying=dying,
+                                      any_mode=expected is not None, products=others)
+                       for _, norm in pairs]
+            if not all(further):
+                break
+            pairs = list(dict.fromkeys(pair for f in further for pair in f))
+        names = tuple(sorted({name for name, _ in pairs}))
         why = _unmovable(site, expected, key, names)
         if why is not None:
             refused.append(site.refused(
@@ -502,7 +514,7 @@ def gates_before_batch_norm(gm: fx.GraphModule, sites: list[AttentionSite],
                 f"kept (ASR belongs after the norm, e.g. insert=..., where='block_output')",
                 "gate-before-batch-norm"))
             continue
-        site.after_norms = list(dict.fromkeys(pair for f in found for pair in f))
+        site.after_norms = pairs
         moved[key] = names
     return moved, refused
 
@@ -534,6 +546,7 @@ def _move_gates_past_norms(gm: fx.GraphModule, sites: list[AttentionSite]) -> No
         x = site.x
         while x in replaced:
             x = replaced[x]
+        site.x = x
         site.mul.replace_all_uses_with(x)
         replaced[site.mul] = x
         graph.erase_node(site.mul)
@@ -543,6 +556,9 @@ def _move_gates_past_norms(gm: fx.GraphModule, sites: list[AttentionSite]) -> No
                 out = graph.call_function(combine[site.fusion], (norm, site.gate))
             out.meta = dict(norm.meta)  # same shape as the norm's output, same module
             norm.replace_all_uses_with(out, delete_user_cb=lambda u, out=out: u is not out)
+            # a later site whose map is this norm's output (two gates in a row) now scales
+            # ``out``: resolved through ``replaced`` like an erased multiply
+            replaced[norm] = out
             applied.append(out)
         site.mul, site.more_muls = applied[0], applied[1:]
     stable_toposort(graph)

@@ -251,8 +251,10 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
     graph = gm.graph
     dep, vdep = _depends_on_input(graph), value_dependent(graph)
     groups: dict[str, list[tuple[fx.Node, _Template]]] = {}
+    alive = set(graph.nodes)
     for site in sites:
-        if site.rows is not None or site.gate is None:
+        # a gate node an earlier rewrite replaced (a module called at two sites) is not asked
+        if site.rows is not None or site.gate not in alive:
             continue
         core = _core(site.gate, vdep)
         if core is None or core.op in ("get_attr", "placeholder") or _is_size(core, dep, vdep):

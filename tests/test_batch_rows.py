@@ -423,3 +423,48 @@ def test_additive_gate_before_a_training_batch_norm_moves_behind_it():
     # a norm behind the context would cancel
     assert grads["1.transform.3.bias"] > 1e-3 * grads["2.bias"] > 0
     assert [n.target for n in deploy.graph.nodes if n.op == "call_module"] == ["0"]
+
+
+class _SE(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+class TwoGatesInARow(nn.Module):
+    """conv -> SE1 -> BN0 -> SE2 -> depthwise conv -> BN1. SE1's gate cancels in BN0; moved
+    behind BN0 it would scale BN0's output, which (through SE2's constant gate and the
+    depthwise conv) only BN1 reads: it would cancel there too. Both gates belong behind BN1."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv, self.se1, self.bn0 = nn.Conv2d(3, c, 3, padding=1), _SE(c), nn.BatchNorm2d(c)
+        self.se2, self.bn1 = _SE(c), nn.BatchNorm2d(c)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        y = self.bn0(self.se1(self.conv(x)))
+        y = self.bn1(self.dw(self.se2(y)))
+        return self.head(torch.relu(y).mean((2, 3)))
+
+
+def test_two_gates_in_a_row_both_move_behind_the_last_norm_and_train():
+    """Found by the fuzzer: the second move rewired the first gate's product away (its gate
+    was silently dropped from the training form); and a gate moved behind a norm whose output
+    only another training-mode norm reads would not train there either."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 8, 8)
+    prepared, deploy, grads = _train_step_and_fold(TwoGatesInARow(), x)
+    sites = {s.path: s for s in prepared.asrfx_report.sites}
+    for path in ("se1", "se2"):
+        assert (sites[path].action, sites[path].code) == ("converted", "gate-after-batch-norm")
+        assert "bn1 (BatchNorm2d)" in sites[path].reason, sites[path].reason
+        assert grads[f"{path}.psi"] > 1e-3 * grads[f"{path}.fc.weight"] > 0
+    # every psi is read by the training graph
+    read = {str(n.target) for n in prepared.graph.nodes if n.op == "get_attr"}
+    assert {"se1.psi", "se2.psi"} <= read
+    assert not any(n.target is torch.sigmoid for n in deploy.graph.nodes)

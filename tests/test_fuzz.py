@@ -1187,6 +1187,12 @@ def check_case(case: Case, dtype: torch.dtype = torch.float32) -> None:
     assert report.count(action="converted") == len(report.sites) - n_cbam - n_refused, report
     assert report.count(action="refused", kind="spatial attention") == n_cbam, report
 
+    # (1a) every converted site's psi is read by the training form (none silently dropped)
+    read = {str(n.target) for n in prepared.graph.nodes if n.op == "get_attr" and n.users}
+    psis = {name for name, _ in prepared.named_parameters() if name.rsplit(".", 1)[-1]
+            .endswith("psi")}
+    assert psis <= read, (psis - read, prepared.code)
+
     # (1b) the fused training form computes what this one computes
     if dtype == torch.float32:
         _fused_agrees(model, prepared, x)
