@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.asrfx-installed
 
-.PHONY: venv test test-all demo bench zoo zoo-sweep clean
+.PHONY: venv test test-all demo bench zoo zoo-sweep zoo-fused clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ zoo-sweep: $(ZOO_STAMP)
 	$(ZOO_PY) -m pip install -q --no-deps -e .
 	$(ZOO_PY) -c "import matplotlib" 2>/dev/null || $(ZOO_PY) -m pip install -q matplotlib
 	$(ZOO_PY) bench/zoo_sweep.py --out bench/results
+
+# the fused training form (prepare(fused=True)) against the multiply form on the sweep's models
+# that have BatchNorm: training step, eval and deploy outputs compared (about 15 min; bench/zoo_fused.py ->
+# bench/results/zoo-fused.{md,json})
+zoo-fused: $(ZOO_STAMP)
+	$(ZOO_PY) -m pip install -q --no-deps -e .
+	$(ZOO_PY) bench/zoo_fused.py --out bench/results
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q
