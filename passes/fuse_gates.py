@@ -13,6 +13,10 @@ is recomputed from psi at every step, so gradients reach psi, the excitation and
 alike. This is online re-parameterization in the sense of OREPA (Hu et al., "Online
 Convolutional Re-parameterization", CVPR 2022): training-time structure collapsed while training.
 
+The gate also crosses what lies between the norm and the map when it commutes with a
+per-channel scale: ``nn.Identity``, torch's dropouts (an elementwise mask) and, for a positive
+gate, (leaky) ReLUs -- timm's ``BatchNormAct2d`` is ``F.batch_norm -> drop -> act``.
+
 A ``torch.nn`` BatchNorm module becomes its ``Gated`` twin in place (same parameters, buffers and
 state_dict names; ``forward(x)`` as before, ``forward(x, scale)`` fused); a traced-through
 ``F.batch_norm`` call gets ``weight * g`` and ``bias * g``. :func:`unfuse_gates` turns a fused
@@ -127,30 +131,53 @@ def _norm_call(gm: fx.GraphModule, n: fx.Node) -> bool:
                                     for k in ("weight", "bias"))
 
 
-def _why_not(gm: fx.GraphModule, site: AttentionSite) -> tuple[str, fx.Node | None]:
-    """Why ``site``'s gate cannot go into a norm's affine ('' when it can), and the norm (whose
-    output is the gated map, or goes through a (leaky) ReLU to it for a positive gate)."""
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _passes_through(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
+    """The input of ``n`` when it is an ``nn.Identity`` or a torch dropout module (a per-channel
+    scale crosses it: dropout multiplies each element by its mask)."""
+    if n.op == "call_module" and len(n.args) == 1 and not n.kwargs and \
+            isinstance(n.args[0], fx.Node):
+        mod = gm.get_submodule(str(n.target))
+        if type(mod) in _PASS_THROUGH and not module_hooks(mod):
+            return n.args[0]
+    return None
+
+
+def _why_not(gm: fx.GraphModule, site: AttentionSite
+             ) -> tuple[str, fx.Node | None, list[fx.Node]]:
+    """Why ``site``'s gate cannot go into a norm's affine ('' when it can), the norm, and the
+    nodes from the norm's output to the gated map (identities, dropouts and, for a positive
+    gate, (leaky) ReLUs, which a per-channel scale crosses: timm's ``BatchNormAct2d`` is
+    ``F.batch_norm`` -> ``drop`` (Identity) -> ``act``)."""
     if site.fusion != "mul" or site.more_muls:
-        return "not one multiply by the gate", None
+        return "not one multiply by the gate", None, []
     if site.rows is not None:
-        return "its excitation runs on psi expanded to the batch", None
+        return "its excitation runs on psi expanded to the batch", None, []
     x = _map_of(site)
     if x is None:
-        return "the multiply is in place or does not read the gate directly", None
+        return "the multiply is in place or does not read the gate directly", None, []
     if _value_readers(x, site.mul) != [site.mul]:
-        return "the norm's output is read elsewhere too", None
+        return "the norm's output is read elsewhere too", None, []
     xs, gs = tensor_shape(x), tensor_shape(site.gate)
     if xs is None or gs is None or len(gs) != len(xs) or gs[1] != xs[1] or \
             any(d != 1 for d in gs[2:]) or tensor_shape(site.mul) != xs:
-        return "the gate is not one value per channel of the norm's output", None
-    if _norm_call(gm, x):
-        return "", x
-    y = _relu_input(gm, x)
-    if y is not None and _norm_call(gm, y) and positive_gate(gm, site.gate) and \
-            [u for u in y.users if not reads_shape_only(u)] == [x]:
-        return "", y  # relu(BN(z)) * g = relu(g * BN(z)) for g > 0
-    return "the gated map is not a torch BatchNorm's output (or a ReLU of one, for a " \
-           "positive gate)", None
+        return "the gate is not one value per channel of the norm's output", None, []
+    chain: list[fx.Node] = []
+    y = x
+    while not _norm_call(gm, y):
+        nxt = _passes_through(gm, y)
+        if nxt is None:
+            nxt = _relu_input(gm, y)  # relu(BN(z)) * g = relu(g * BN(z)) for g > 0
+            if nxt is not None and not positive_gate(gm, site.gate):
+                nxt = None
+        if nxt is None or [u for u in nxt.users if not reads_shape_only(u)] != [y]:
+            return "the gated map is not a torch BatchNorm's output (or one through " \
+                   "identities, dropouts and, for a positive gate, ReLUs)", None, []
+        chain.append(y)
+        y = nxt
+    return "", y, chain
 
 
 def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
@@ -161,16 +188,17 @@ def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
     graph = gm.graph
     notes = []
     for site in sites:
-        why, norm = _why_not(gm, site)
+        why, norm, chain = _why_not(gm, site)
         if norm is None:
             notes.append(f"{site.path or '(top)'}: the gate stays a multiply in the training "
                          f"form ({why})")
             continue
         mul, x = site.mul, _map_of(site)
         source = norm.args[0] if norm.op == "call_module" else batch_norm_args(norm)["input"]
-        # shape reads of the norm and of the ReLU after it (an SE's ``b, c = x.size()[:2]``
-        # sizing its gate, which the fused norm now reads) read the norm's input: same shape
-        for n in {norm, x}:
+        # shape reads of the norm and of what follows it to the map (an SE's ``b, c =
+        # x.size()[:2]`` sizing its gate, which the fused norm now reads) read the norm's
+        # input: same shape
+        for n in [norm, *chain]:
             n.replace_all_uses_with(source, delete_user_cb=reads_shape_only)
         if norm.op == "call_module":
             mod = gm.get_submodule(str(norm.target))
@@ -192,7 +220,7 @@ def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
             norm.args = (args["input"], args["running_mean"], args["running_var"])
             norm.kwargs = dict(kwargs, weight=w, bias=b)
             fused = norm
-        out = fused if x is norm else x  # the ReLU of the fused norm, where there is one
+        out = fused if x is norm else x  # the end of the chain (a ReLU...) reading the norm
         mul.replace_all_uses_with(out)
         graph.erase_node(mul)
         site.mul = out

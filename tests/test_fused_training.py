@@ -414,3 +414,55 @@ def test_a_traced_through_norm_sized_gate_fuses():
     randomize_psi(plain, 34)
     fused.load_state_dict(plain.state_dict())
     _assert_same_training(plain, fused)
+
+
+class _NormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` layout: ``F.batch_norm`` (traced through) -> ``drop`` -> ``act``
+    as modules (Identity / Dropout / ReLU)."""
+
+    def __init__(self, c: int, drop: nn.Module, act: nn.Module):
+        super().__init__(c)
+        self.drop, self.act = drop, act
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class _NormActSE(nn.Module):
+    def __init__(self, drop: nn.Module, act: nn.Module, c: int = 8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1), _NormAct(c, drop, act)
+        self.fc = nn.Conv2d(c, c, 1)
+        self.head = nn.Linear(c, 6)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("drop, act, fused_count", [
+    (nn.Identity(), nn.Identity(), 1), (nn.Identity(), nn.ReLU(), 1),
+    (nn.Dropout(0.2), nn.ReLU(inplace=True), 1), (nn.Identity(), nn.SiLU(), 0)])
+def test_a_gate_crosses_identities_dropouts_and_relus_into_the_norm(drop, act, fused_count):
+    """Found sweeping timm: its norm layers put an Identity (``drop``) between the norm and
+    the activation, which kept every such gate a multiply. Identities and dropouts commute with
+    a per-channel scale (a positive one also with ReLU); SiLU does not."""
+    torch.manual_seed(35)
+    model = randomize_bn(_NormActSE(drop, act), 36)
+    plain, fused = _pair(model)
+    notes = fused.asrfx_report.notes
+    assert any(f"fused training form: {fused_count} gate(s)" in n for n in notes), notes
+    randomize_psi(plain, 37)
+    fused.load_state_dict(plain.state_dict())
+    torch.manual_seed(38)  # the same dropout masks in both forms
+    state = torch.get_rng_state()
+    a, ga = _step(plain)
+    torch.set_rng_state(state)
+    b, gb = _step(fused)
+    assert rel_err(a, b) <= REL_TOL
+    scale = max(float(g.abs().max()) for g in ga.values())
+    for name in ga:
+        assert float((ga[name] - gb[name]).abs().max()) <= REL_TOL * scale, name
