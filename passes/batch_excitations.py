@@ -36,7 +36,7 @@ from .batch_rows import one_row
 from .graph_utils import (module_hooks, reads_shape_only, safe_dce, stable_toposort, unique_name,
                           value_dependent)
 
-__all__ = ["BatchedExcitations", "batch_excitations"]
+__all__ = ["BatchedExcitations", "batch_excitations", "excitation_row"]
 
 _RESHAPES = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand", "expand_as"}
 _CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
@@ -48,13 +48,7 @@ class BatchedExcitations(nn.Module):
     ``forward(*inputs)``: ``template`` applied to each slice of its stacked tensor inputs
     (:func:`torch.func.vmap` over dim 0 of the inputs ``in_dims`` marks 0; the others are sizes,
     the first site's), i.e. ``torch.stack([template(<slice k>) for k in range(count)])``, shape
-    ``(count, *gate shape)``.
-
-    ``forward(*inputs, rows=<its output unbound>, row=k, own=<site k's sizes>)``: site k's
-    value. Sizes are read from the input's shape (``psi.view(b, c)`` with ``b, c`` from
-    ``x.shape``) where each site computes them, after the batched call; where site k's own
-    sizes differ from those the batch used, its value is computed again with its own (one
-    call of ``template``), so the result is always what the site alone computes.
+    ``(count, *gate shape)``. :func:`excitation_row` hands each site its row.
 
     ``template`` is a GraphModule of one site's excitation; it holds no tensors, so this module
     adds nothing to a state_dict."""
@@ -68,19 +62,33 @@ class BatchedExcitations(nn.Module):
         self.in_dims = tuple(in_dims)
         self.count = count
 
-    def forward(self, *inputs: Any, rows: Any = None, row: int = 0,
-                own: Any = ()) -> torch.Tensor:
-        if rows is None:
-            return torch.func.vmap(self.template, in_dims=self.in_dims)(*inputs)
-        used = [a for a, d in zip(inputs, self.in_dims) if d is None]
-        if list(own) == used:
-            return rows[row]
+    def forward(self, *inputs: Any) -> torch.Tensor:
+        return torch.func.vmap(self.template, in_dims=self.in_dims)(*inputs)
+
+    def row(self, k: int, inputs: tuple, own: tuple) -> torch.Tensor:
+        """Site ``k``'s value computed alone, with its own sizes."""
         it = iter(own)
-        return self.template(*(a[row] if d == 0 else next(it)
+        return self.template(*(a[k] if d == 0 else next(it)
                                for a, d in zip(inputs, self.in_dims)))
 
     def extra_repr(self) -> str:
         return f"count={self.count}"
+
+
+def excitation_row(batched: BatchedExcitations, rows: Any, k: int, inputs: tuple,
+                   own: tuple) -> Any:
+    """Site ``k``'s gate: ``rows[k]`` of the batched call (``rows``: its output unbound) when
+    the sizes site ``k`` reads from the input's shape, where it computes them (``own``), are
+    those the batch used (the first site's, in ``inputs``); else its value computed alone
+    (:meth:`BatchedExcitations.row`), so the result is always what the site computes. A plain
+    function, not a module call: it runs once per site and step."""
+    if isinstance(rows, fx.Proxy):  # re-traced (a pickled GraphModule loading back): record it
+        return rows.tracer.create_proxy("call_function", excitation_row,
+                                        (batched, rows, k, inputs, own), {})
+    used = [a for a, d in zip(inputs, batched.in_dims) if d is None]
+    if list(own) == used:
+        return rows[k]
+    return batched.row(k, inputs, own)
 
 
 def _depends_on_input(graph: fx.Graph) -> set[fx.Node]:
@@ -297,8 +305,8 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
                 if k == 0 or not t.sizes:
                     part = graph.call_function(operator.getitem, (parts, k))
                 else:  # checked against the site's own sizes, read where it reads them
-                    part = graph.call_module(name, tuple(inputs), {
-                        "rows": parts, "row": k, "own": tuple(t.sizes)})
+                    part = graph.call_function(excitation_row, (
+                        graph.get_attr(name), parts, k, tuple(inputs), tuple(t.sizes)))
             part.meta = {key: v for key, v in core.meta.items() if key == "tensor_meta"}
             core.replace_all_uses_with(part)
         batched += len(members)
