@@ -227,8 +227,10 @@ def _template(gm: fx.GraphModule, core: fx.Node, cone: list[fx.Node], sizes: lis
             name = f"m{len(t.modules)}"
             t.modules[name] = mod
             env[n] = t.graph.call_module(name, arg(n.args), arg(n.kwargs))
-            t.key.append(("module", type(mod), repr(mod), shape_key(n.args),
-                          shape_key(n.kwargs)))
+            # torch's own modules print their settings; any other module is only the same
+            # computation as itself (its attributes need not show in its repr)
+            same = repr(mod) if type(mod).__module__.startswith("torch.nn") else id(mod)
+            t.key.append(("module", type(mod), same, shape_key(n.args), shape_key(n.kwargs)))
             continue
         if n.op in ("call_function", "call_method"):
             if n.op == "call_method" and str(n.target).endswith("_") or \

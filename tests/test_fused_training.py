@@ -466,3 +466,49 @@ def test_a_gate_crosses_identities_dropouts_and_relus_into_the_norm(drop, act, f
     scale = max(float(g.abs().max()) for g in ga.values())
     for name in ga:
         assert float((ga[name] - gb[name]).abs().max()) <= REL_TOL * scale, name
+
+
+class _Scaled(nn.Module):
+    """A parameter-free module whose setting does not show in its repr."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return torch.sigmoid(self.k * x)
+
+
+class _ScaledSE(nn.Module):
+    def __init__(self, c: int, k: float):
+        super().__init__()
+        self.fc, self.act = nn.Linear(c, c), _Scaled(k)
+
+    def forward(self, x):
+        return x * self.act(self.fc(x.mean((2, 3))))[:, :, None, None]
+
+
+def test_excitations_with_user_modules_of_other_settings_are_not_batched_together():
+    class Net(nn.Module):
+        def __init__(self, c: int = 8):
+            super().__init__()
+            self.conv = nn.Conv2d(3, c, 3, padding=1)
+            self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(2))
+            self.atts = nn.ModuleList([_ScaledSE(c, 1.0), _ScaledSE(c, 5.0)])
+            self.head = nn.Linear(c, 6)
+
+        def forward(self, x):
+            y = self.conv(x)
+            for bn, att in zip(self.bns, self.atts):
+                y = att(bn(y))
+            return self.head(y.mean((2, 3)))
+
+    torch.manual_seed(39)
+    model = randomize_bn(Net(), 40)
+    # kept opaque, the module's setting is not in the graph: only the object tells them apart
+    plain, fused = _pair(model, leaf_modules=[_Scaled])
+    assert any(n.op == "call_module" and "act" in str(n.target) for n in fused.graph.nodes)
+    assert not any("batched call" in n for n in fused.asrfx_report.notes)
+    randomize_psi(plain, 41)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
