@@ -290,8 +290,7 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
         gm.add_module(name, BatchedExcitations(template, tuple(t0.in_dims), len(members)))
         # placed before the first site's use; the topological sort below moves it after the
         # sizes it reads
-        first = min((u for core, _ in members for u in core.users),
-                    key=lambda u: _position(graph, u))
+        first = min(u for core, _ in members for u in core.users)  # fx nodes compare by position
         with graph.inserting_before(first):
             inputs = []
             for j, d in enumerate(t0.in_dims):
@@ -303,7 +302,7 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
             out = graph.call_module(name, tuple(inputs))
             parts = graph.call_method("unbind", (out, 0))
         for k, (core, t) in enumerate(members):
-            with graph.inserting_before(min(core.users, key=lambda u: _position(graph, u))):
+            with graph.inserting_before(min(core.users)):
                 if k == 0 or not t.sizes:
                     part = graph.call_function(operator.getitem, (parts, k))
                 else:  # checked against the site's own sizes, read where it reads them
@@ -318,9 +317,3 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
         stable_toposort(graph)
     return batched, count
 
-
-def _position(graph: fx.Graph, node: fx.Node) -> int:
-    for i, n in enumerate(graph.nodes):
-        if n is node:
-            return i
-    raise ValueError(node)

@@ -379,16 +379,6 @@ class _ReluThenSizedGate(nn.Module):
         return self.head((y * g).mean((2, 3)))
 
 
-def test_a_gate_sized_from_the_relu_output_crosses_it():
-    torch.manual_seed(29)
-    model = randomize_bn(_ReluThenSizedGate(), 30)
-    plain, fused = _pair(model)
-    assert any("fused training form: 1 gate(s)" in n for n in fused.asrfx_report.notes)
-    randomize_psi(plain, 31)
-    fused.load_state_dict(plain.state_dict())
-    _assert_same_training(plain, fused)
-
-
 class _TracedNormSizedGate(nn.Module):
     """A traced-through norm (an ``F.batch_norm`` call in the graph) whose output's shape sizes
     the gate applied to it."""
@@ -406,12 +396,15 @@ class _TracedNormSizedGate(nn.Module):
         return self.head(torch.relu(y).mean((2, 3)))
 
 
-def test_a_traced_through_norm_sized_gate_fuses():
-    torch.manual_seed(32)
-    model = randomize_bn(_TracedNormSizedGate(), 33)
+@pytest.mark.parametrize("net, seed", [(_ReluThenSizedGate, 29), (_TracedNormSizedGate, 32)])
+def test_a_gate_sized_from_the_fused_norms_output_fuses(net, seed):
+    """The gate's sizes are read from the ReLU's or the traced norm's output shape; fused, they
+    read the norm's input (no cycle), and the form trains like the multiply form."""
+    torch.manual_seed(seed)
+    model = randomize_bn(net(), seed + 1)
     plain, fused = _pair(model)
     assert any("fused training form: 1 gate(s)" in n for n in fused.asrfx_report.notes)
-    randomize_psi(plain, 34)
+    randomize_psi(plain, seed + 2)
     fused.load_state_dict(plain.state_dict())
     _assert_same_training(plain, fused)
 
