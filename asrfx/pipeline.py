@@ -264,12 +264,13 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
                          f"{e.args[0] if e.args else e}") from None
     safe_dce(gm)
     replaced = [s for s, m in zip(sites, site_modes) if m == "replace"]
-    fused_notes = fuse_gates(gm, replaced) if opts.fused else []
+    inserted_sites = {id(s) for s in sites if s.mul in new}  # before fusion moves s.mul
+    fused_notes, into_convs = fuse_gates(gm, replaced) if opts.fused else ([], 0)
     batched = batch_excitations(gm, replaced) if opts.fused else (0, 0)
     actions = {"replace": "converted", "both": "added", "keep": "kept"}
     records = []
     for site, psis, m in zip(sites, names, site_modes):
-        inserted = site.mul in new
+        inserted = id(site) in inserted_sites
         reason, code = ("existing attention kept (mode='keep')", "mode-keep") if m == "keep" \
             else ("", "")
         if site.after_norms and m == "replace" and not inserted:
@@ -288,9 +289,12 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
                 for path, reason, code in found.found_refused]
     records += [rec for _, rec in found.refused] + also
     if opts.fused:
-        done = sum(1 for m in site_modes if m == "replace") - len(fused_notes)
+        done = sum(1 for m in site_modes if m == "replace") - len(fused_notes) - into_convs
         fused_notes.insert(0, f"fused training form: {done} gate(s) applied through their "
-                              f"BatchNorm's affine (one multiply per channel)")
+                              f"BatchNorm's affine (one multiply per channel)" +
+                           (f", {into_convs} through the input columns of the convolutions "
+                            f"reading their map (one multiply per weight)" if into_convs
+                            else ""))
         if batched[0]:
             fused_notes.insert(1, f"fused training form: the excitations of {batched[0]} "
                                   f"site(s) run as {batched[1]} batched call(s) "

@@ -17,10 +17,23 @@ The gate also crosses what lies between the norm and the map when it commutes wi
 per-channel scale: ``nn.Identity``, torch's dropouts (an elementwise mask) and, for a positive
 gate, (leaky) ReLUs -- timm's ``BatchNormAct2d`` is ``F.batch_norm -> drop -> act``.
 
-A ``torch.nn`` BatchNorm module becomes its ``Gated`` twin in place (same parameters, buffers and
-state_dict names; ``forward(x)`` as before, ``forward(x, scale)`` fused); a traced-through
-``F.batch_norm`` call gets ``weight * g`` and ``bias * g``. :func:`unfuse_gates` turns a fused
-graph back into ``BN(x) * g`` (fold does, then folds as usual).
+A gated map that no norm produces (the SE of an inverted-residual block scales the map after
+its SiLU / hard-swish, which no scale crosses) but that only convolutions read goes into their
+kernels' input columns instead: with ``C_g = C_in / groups`` input channels per group, output
+channel ``o`` reads input channel ``(o // (C_out / groups)) * C_g + j`` through ``W[o, j]``, so
+
+    conv(x * g, W) = conv(x, W'),   W'[o, j, ...] = W[o, j, ...] * g[(o // (C_out/groups)) * C_g + j]
+
+for every padding mode (a padded value is a copy of a channel's value or zero, scaled alike).
+One multiply per weight instead of per element, and the map ``x * g`` is never stored for the
+backward pass; the bias is unchanged. The identity behind the fold of a scale into a consuming
+conv (:func:`asrfx.foldmath.fold_scale_into_conv_in`), applied at every step.
+
+A ``torch.nn`` BatchNorm or convolution module becomes its ``Gated`` twin in place (same
+parameters, buffers and state_dict names; ``forward(x)`` as before, ``forward(x, scale)``
+fused); a traced-through ``F.batch_norm`` call gets ``weight * g`` and ``bias * g``.
+:func:`unfuse_gates` turns a fused graph back into ``BN(x) * g`` and ``conv(x * g)`` (fold
+does, then folds as usual).
 """
 
 from __future__ import annotations
@@ -37,8 +50,9 @@ from .find_attention import AttentionSite
 from .graph_utils import module_hooks, reads_shape_only, safe_dce, stable_toposort, tensor_shape
 from .layers import batch_norm_args
 
-__all__ = ["GatedBatchNorm1d", "GatedBatchNorm2d", "GatedBatchNorm3d", "fuse_gates",
-           "unfuse_gates", "GATED", "PLAIN"]
+__all__ = ["GatedBatchNorm1d", "GatedBatchNorm2d", "GatedBatchNorm3d", "GatedConv1d",
+           "GatedConv2d", "GatedConv3d", "fuse_gates", "unfuse_gates", "GATED", "GATED_CONV",
+           "PLAIN"]
 
 
 class _Gated:
@@ -80,9 +94,50 @@ class GatedBatchNorm3d(_Gated, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` that also takes a per-channel ``scale`` (see :class:`_Gated`)."""
 
 
+def column_scale(scale: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The factor of each weight of a conv whose input is scaled per channel by ``scale``
+    (``in_channels`` values, any shape), broadcastable against ``weight`` (``(C_out, C_in /
+    groups, *kernel)``): ``weight * column_scale(...)`` is the kernel computing ``conv(x *
+    scale)`` from ``x`` (see the module docstring). Differentiable in ``scale``."""
+    out, cg = weight.shape[0], weight.shape[1]
+    tail = [1] * (weight.dim() - 2)
+    if groups == 1:
+        return scale.reshape(1, cg, *tail)
+    col = scale.reshape(groups, 1, cg).expand(groups, out // groups, cg)
+    return col.reshape(out, cg, *tail)
+
+
+class _GatedConv:
+    """``forward(x, scale)``: the convolution of ``x * scale`` (``scale``: one value per input
+    channel, any shape with ``in_channels`` elements) computed as the convolution of ``x`` with
+    the kernel's input columns scaled (:func:`column_scale`); without ``scale`` exactly the
+    convolution."""
+
+    def forward(self, input: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if scale is None:
+            return super().forward(input)  # type: ignore[misc]
+        weight = self.weight  # type: ignore[attr-defined]
+        return self._conv_forward(  # type: ignore[attr-defined]
+            input, weight * column_scale(scale, weight, self.groups),  # type: ignore[attr-defined]
+            self.bias)  # type: ignore[attr-defined]
+
+
+class GatedConv1d(_GatedConv, nn.Conv1d):
+    """``nn.Conv1d`` that also takes a per-input-channel ``scale`` (see :class:`_GatedConv`)."""
+
+
+class GatedConv2d(_GatedConv, nn.Conv2d):
+    """``nn.Conv2d`` that also takes a per-input-channel ``scale`` (see :class:`_GatedConv`)."""
+
+
+class GatedConv3d(_GatedConv, nn.Conv3d):
+    """``nn.Conv3d`` that also takes a per-input-channel ``scale`` (see :class:`_GatedConv`)."""
+
+
 GATED = {nn.BatchNorm1d: GatedBatchNorm1d, nn.BatchNorm2d: GatedBatchNorm2d,
          nn.BatchNorm3d: GatedBatchNorm3d}
-PLAIN = {v: k for k, v in GATED.items()}
+GATED_CONV = {nn.Conv1d: GatedConv1d, nn.Conv2d: GatedConv2d, nn.Conv3d: GatedConv3d}
+PLAIN = {v: k for k, v in [*GATED.items(), *GATED_CONV.items()]}
 
 
 def _map_of(site: AttentionSite) -> fx.Node | None:
@@ -124,8 +179,8 @@ def _norm_call(gm: fx.GraphModule, n: fx.Node) -> bool:
     second input) or an ``F.batch_norm`` whose affine is nodes."""
     if n.op == "call_module":
         mod = gm.get_submodule(str(n.target))
-        return type(mod) in GATED and len(n.args) == 1 and not n.kwargs and \
-            not module_hooks(mod)
+        return (type(mod) in GATED or type(mod) in PLAIN) and len(n.args) == 1 and \
+            not n.kwargs and not module_hooks(mod) and not isinstance(mod, _GatedConv)
     args = batch_norm_args(n)
     return args is not None and all(args[k] is None or isinstance(args[k], fx.Node)
                                     for k in ("weight", "bias"))
@@ -160,9 +215,7 @@ def _why_not(gm: fx.GraphModule, site: AttentionSite
         return "the multiply is in place or does not read the gate directly", None, []
     if _value_readers(x, site.mul) != [site.mul]:
         return "the norm's output is read elsewhere too", None, []
-    xs, gs = tensor_shape(x), tensor_shape(site.gate)
-    if xs is None or gs is None or len(gs) != len(xs) or gs[1] != xs[1] or \
-            any(d != 1 for d in gs[2:]) or tensor_shape(site.mul) != xs:
+    if not _per_channel(site, x):
         return "the gate is not one value per channel of the norm's output", None, []
     chain: list[fx.Node] = []
     y = x
@@ -180,18 +233,122 @@ def _why_not(gm: fx.GraphModule, site: AttentionSite
     return "", y, chain
 
 
-def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
+def _per_channel(site: AttentionSite, x: fx.Node) -> bool:
+    """The gate is one value per channel of ``x`` (``(1 or N, C, 1, ...)``) and the multiply
+    has ``x``'s shape."""
+    xs, gs = tensor_shape(x), tensor_shape(site.gate)
+    return xs is not None and gs is not None and len(gs) == len(xs) and gs[1] == xs[1] and \
+        all(d == 1 for d in gs[2:]) and tensor_shape(site.mul) == xs
+
+
+def gate_affine(param: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """A norm's ``weight`` or ``bias`` (None: the weight of a norm without one, 1) times the
+    per-channel ``scale`` (any shape with ``num_features`` elements): the affine of ``scale *
+    BN(x)``. A function, so that a fused ``F.batch_norm`` call's gate can be found again
+    (:func:`unfuse_gates`)."""
+    s = scale.reshape(-1)
+    return s if param is None else param * s
+
+
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2,
+                   torch.conv3d: 3}
+
+
+def scaled_kernel(weight: torch.Tensor, scale: torch.Tensor, groups: int) -> torch.Tensor:
+    """``weight`` with its input columns scaled by ``scale``: the kernel for which
+    ``conv(x, scaled_kernel(w, g, groups)) == conv(x * g, w)`` (see :func:`column_scale`). A
+    function, so that a fused functional conv (``F.conv2d(x, w)`` of a traced-through layer) is
+    ``F.conv2d(x, scaled_kernel(w, g, groups))``: constant once psi is, which fold evaluates."""
+    return weight * column_scale(scale, weight, groups)
+
+
+def _functional_conv(n: fx.Node) -> tuple[fx.Node, int] | None:
+    """(the weight node, groups) of an ``F.conv{1,2,3}d`` call with a node weight and constant
+    groups, else None."""
+    if n.op != "call_function" or n.target not in _CONV_FUNCTIONS:
+        return None
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    args = dict(zip(names, n.args), **n.kwargs)
+    weight, groups = args.get("weight"), args.get("groups", 1)
+    if not isinstance(weight, fx.Node) or not isinstance(groups, int):
+        return None
+    return weight, groups
+
+
+def _conv_readers(gm: fx.GraphModule, site: AttentionSite
+                  ) -> tuple[list[tuple[fx.Node, list[fx.Node]]], str]:
+    """([(conv call, the identities / dropouts from the gated map to it)] for every reader of
+    the map's values, when each is a ``torch.nn`` convolution module (without hooks) or an
+    ``F.conv*d`` call, reached directly or through modules a per-channel scale crosses, each
+    read by nothing else; [] otherwise; why not)."""
+    if site.fusion != "mul" or site.more_muls or site.rows is not None:
+        return [], "not one multiply of a per-channel gate"
+    x = _map_of(site)
+    if x is None or not _per_channel(site, x):
+        return [], "not one multiply of a per-channel gate"
+    why = "nor do only torch convolutions read the gated map"
+    found = []
+    for r in [u for u in site.mul.users if not reads_shape_only(u)]:
+        chain, prev = [], site.mul
+        while _passes_through(gm, r) is prev:
+            readers = [u for u in r.users if not reads_shape_only(u)]
+            if len(readers) != 1:
+                return [], why
+            chain.append(r)
+            prev, r = r, readers[0]
+        if r.op == "call_module":
+            mod = gm.get_submodule(str(r.target))
+            if not (type(mod) in GATED_CONV or isinstance(mod, _GatedConv)) or \
+                    module_hooks(mod) or r.args != (prev,) or r.kwargs:
+                return [], why
+        elif _functional_conv(r) is None or (r.args[0] if r.args else
+                                             r.kwargs.get("input")) is not prev:
+            return [], why
+        found.append((r, chain))
+    return (found, "") if found else ([], why)
+
+
+def _fuse_into_convs(gm: fx.GraphModule, site: AttentionSite,
+                     convs: list[tuple[fx.Node, list[fx.Node]]]) -> None:
+    """``conv(x * g)`` -> ``gated_conv(x, g)`` (``F.conv2d(x * g, w)`` -> ``F.conv2d(x,
+    scaled_kernel(w, g))``) for every conv reading the gated map, through its chain."""
+    graph = gm.graph
+    x = _map_of(site)
+    site.mul.replace_all_uses_with(x)  # shape readers and chain heads: same shape, no gate
+    for conv, chain in convs:
+        src = chain[-1] if chain else x
+        if conv.op == "call_module":
+            mod = gm.get_submodule(str(conv.target))
+            mod.__class__ = GATED_CONV.get(type(mod), type(mod))  # same object, names kept
+            conv.args = (src, site.gate)
+            continue
+        weight, groups = _functional_conv(conv)  # type: ignore[misc]
+        with graph.inserting_before(conv):
+            w = graph.call_function(scaled_kernel, (weight, site.gate, groups))
+        conv.replace_input_with(weight, w)
+    graph.erase_node(site.mul)
+    site.mul = convs[0][0]
+
+
+def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[list[str], int]:
     """Fold each converted site's gate into the affine of the BatchNorm producing its map (also
-    through a ReLU for a positive gate), in the training graph ``gm`` (shapes recorded before
-    the ASR rewrite). Returns a note per site left as a multiply, saying why (the form is exact
-    either way)."""
+    through a ReLU for a positive gate), else into the kernels of the convolutions reading it,
+    in the training graph ``gm`` (shapes recorded before the ASR rewrite). Returns a note per
+    site left as a multiply, saying why (the form is exact either way), and how many sites went
+    into convolutions."""
     graph = gm.graph
     notes = []
+    into_convs = 0
     for site in sites:
         why, norm, chain = _why_not(gm, site)
         if norm is None:
+            convs, why_conv = _conv_readers(gm, site)
+            if convs:
+                _fuse_into_convs(gm, site, convs)
+                into_convs += 1
+                continue
             notes.append(f"{site.path or '(top)'}: the gate stays a multiply in the training "
-                         f"form ({why})")
+                         f"form ({why}; {why_conv})")
             continue
         mul, x = site.mul, _map_of(site)
         source = norm.args[0] if norm.op == "call_module" else batch_norm_args(norm)["input"]
@@ -202,7 +359,8 @@ def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
             n.replace_all_uses_with(source, delete_user_cb=reads_shape_only)
         if norm.op == "call_module":
             mod = gm.get_submodule(str(norm.target))
-            mod.__class__ = GATED[type(mod)]  # same object: parameters and names kept
+            # same object: parameters and names kept (already gated by the other mode's graph)
+            mod.__class__ = GATED.get(type(mod), type(mod))
             with graph.inserting_before(mul):
                 fused = graph.call_module(str(norm.target), (norm.args[0], site.gate))
             fused.meta = dict(norm.meta)
@@ -211,11 +369,9 @@ def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
         else:
             args = batch_norm_args(norm)
             with graph.inserting_before(mul):
-                s = graph.call_method("reshape", (site.gate, -1))
-                w = s if args["weight"] is None else graph.call_function(
-                    operator.mul, (args["weight"], s))
+                w = graph.call_function(gate_affine, (args["weight"], site.gate))
                 b = None if args["bias"] is None else graph.call_function(
-                    operator.mul, (args["bias"], s))
+                    gate_affine, (args["bias"], site.gate))
             kwargs = {k: args[k] for k in ("training", "momentum", "eps")}
             norm.args = (args["input"], args["running_mean"], args["running_var"])
             norm.kwargs = dict(kwargs, weight=w, bias=b)
@@ -226,7 +382,7 @@ def fuse_gates(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[str]:
         site.mul = out
     stable_toposort(graph)  # a scaled affine reads a gate computed after the norm call
     safe_dce(gm)
-    return notes
+    return notes, into_convs
 
 
 def _erase_with_dead_readers(n: fx.Node) -> None:
@@ -240,24 +396,68 @@ def _erase_with_dead_readers(n: fx.Node) -> None:
         n.graph.erase_node(n)
 
 
+def _unfuse_functional(graph: fx.Graph) -> int:
+    """``F.batch_norm(x, ..., gate_affine(w, g), gate_affine(b, g))`` -> ``F.batch_norm(x, ...,
+    w, b) * g`` and ``F.conv2d(x, scaled_kernel(w, g, groups), ...)`` -> ``F.conv2d(x * g, w,
+    ...)``; the number of calls rewritten."""
+    count = 0
+    for n in list(graph.nodes):
+        args = batch_norm_args(n)
+        if args is not None:
+            aff = [args[k] for k in ("weight", "bias") if isinstance(args[k], fx.Node) and
+                   args[k].target is gate_affine]
+            gates = {a.args[1] for a in aff}
+            if not aff or len(gates) != 1 or (args["bias"] is not None and len(aff) != 2):
+                continue
+            gate = gates.pop()
+            n.args = (args["input"], args["running_mean"], args["running_var"])
+            n.kwargs = {k: (args[k].args[0] if args[k] in aff else args[k])
+                        for k in ("weight", "bias", "training", "momentum", "eps")}
+            with graph.inserting_after(n):
+                scaled = graph.call_function(operator.mul, (n, gate))
+            n.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+            count += 1
+        elif _functional_conv(n) is not None and _functional_conv(n)[0].target is scaled_kernel:
+            kernel = _functional_conv(n)[0]
+            weight, gate, _ = kernel.args
+            x = n.args[0] if n.args else n.kwargs["input"]
+            with graph.inserting_before(n):
+                scaled = graph.call_function(operator.mul, (x, gate))
+            n.replace_input_with(x, scaled)
+            n.replace_input_with(kernel, weight)
+            count += 1
+    for n in reversed(list(graph.nodes)):  # the scaled parameters nothing reads any more
+        if n.op == "call_function" and n.target in (gate_affine, scaled_kernel) and \
+                not n.users:
+            graph.erase_node(n)
+    return count
+
+
 def unfuse_gates(gm: fx.GraphModule) -> int:
-    """Turn every fused norm call of ``gm`` back into ``BN(x) * scale`` with the plain
-    BatchNorm class (what fold's passes read); the number of calls rewritten. Fused
-    ``F.batch_norm`` calls need nothing: their ``weight * g`` is a constant to fold."""
+    """Turn every fused norm call of ``gm`` back into ``BN(x) * scale`` and every fused conv
+    call into ``conv(x * scale)``, with the plain classes (what fold's passes read; the gate
+    folds and is reported as in the multiply form); the number of calls rewritten."""
     graph = gm.graph
     count = 0
     gated = set()
     for n in list(graph.nodes):
         if n.op != "call_module" or type(gm.get_submodule(str(n.target))) not in PLAIN:
             continue
-        gated.add(gm.get_submodule(str(n.target)))
+        mod = gm.get_submodule(str(n.target))
+        gated.add(mod)
         if len(n.args) < 2:
             continue
-        with graph.inserting_after(n):
-            scaled = graph.call_function(operator.mul, (n, n.args[1]))
-        n.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
-        n.args = (n.args[0],)
+        if isinstance(mod, _GatedConv):
+            with graph.inserting_before(n):
+                scaled = graph.call_function(operator.mul, (n.args[0], n.args[1]))
+            n.args = (scaled,)
+        else:
+            with graph.inserting_after(n):
+                scaled = graph.call_function(operator.mul, (n, n.args[1]))
+            n.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+            n.args = (n.args[0],)
         count += 1
+    count += _unfuse_functional(graph)
     for mod in gated:  # after every call is rewritten: a module may be called more than once
         mod.__class__ = PLAIN[type(mod)]
     if count:

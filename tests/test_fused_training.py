@@ -4,14 +4,17 @@ with the same gradients, parameter names, statistics and deploy model."""
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 import asrfx
 from asrfx.passes.batch_excitations import BatchedExcitations
-from asrfx.passes.fuse_gates import GatedBatchNorm2d
+from asrfx.passes.fuse_gates import GatedBatchNorm2d, GatedConv2d
 from asrfx.zoo import cifar_resnet
 from helpers import REL_TOL, pickled_copy, randomize_bn, randomize_psi, rel_err
 
@@ -30,6 +33,7 @@ def _pair(model: nn.Module, x: torch.Tensor = X, **kw):
 def _step(model: nn.Module, x: torch.Tensor = X) -> tuple[torch.Tensor, dict]:
     model.train()
     model.zero_grad()
+    torch.manual_seed(0)  # dropouts draw the same masks in both forms
     out = model(x)
     F.cross_entropy(out, Y[: len(x)] % out.shape[1]).backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
@@ -505,3 +509,101 @@ def test_excitations_with_user_modules_of_other_settings_are_not_batched_togethe
     randomize_psi(plain, 41)
     fused.load_state_dict(plain.state_dict())
     _assert_same_training(plain, fused)
+
+
+# ----------------------------------------------------------------- gates into consuming convs
+
+class _SE(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, max(2, c // 4), 1), nn.Conv2d(max(2, c // 4), c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 / EfficientNet's block: expand -> BN -> SiLU -> depthwise -> BN -> SiLU -> SE
+    -> project -> BN. The SE scales a SiLU output (no scale crosses a SiLU) that only the
+    projection reads: its gate goes into the projection's kernel."""
+
+    def __init__(self, c: int, project_groups: int = 1, project_kernel: int = 1,
+                 padding_mode: str = "zeros", between: str = "", also_read: bool = False):
+        super().__init__()
+        e = 3 * c
+        self.expand, self.bn1 = nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e)
+        self.dw, self.bn2 = nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False), \
+            nn.BatchNorm2d(e)
+        self.se = _SE(e)
+        self.between = nn.Dropout(0.3) if between == "dropout" else \
+            nn.Identity() if between == "identity" else None
+        self.project = nn.Conv2d(e, c, project_kernel, padding=project_kernel // 2,
+                                 padding_mode=padding_mode, groups=project_groups, bias=True)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.also_read = also_read
+
+    def forward(self, x):
+        y = F.silu(self.bn2(self.dw(F.silu(self.bn1(self.expand(x))))))
+        y = self.se(y)
+        out = x + self.bn3(self.project(y if self.between is None else self.between(y)))
+        return out + y[:, : x.shape[1]] if self.also_read else out
+
+
+class Mobile(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.Sequential(InvertedResidual(4, **kw), InvertedResidual(4, **kw))
+        self.head = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kw", [{}, {"project_groups": 2},
+                                {"project_kernel": 3, "padding_mode": "reflect"},
+                                {"between": "dropout"}, {"between": "identity"}],
+                         ids=["1x1", "grouped", "3x3-reflect", "dropout", "identity"])
+def test_a_gate_only_convolutions_read_goes_into_their_kernels(kw):
+    torch.manual_seed(30)
+    model = randomize_bn(Mobile(**kw), 31)
+    plain, fused = _pair(model)
+    notes = fused.asrfx_report.notes
+    assert any("2 through the input columns of the convolutions" in n for n in notes), notes
+    assert not any("stays a multiply" in n for n in notes), notes
+    assert sum(isinstance(m, GatedConv2d) for m in fused.modules()) == 2
+    # no multiply by a gate is left on a feature map in the training graph
+    assert not [n for n in fused.graph.nodes
+                if n.op == "call_function" and n.target in (operator.mul, torch.mul) and
+                any(isinstance(a, fx.Node) and a.op == "call_function" and
+                    a.target is torch.sigmoid for a in n.args)]
+    randomize_psi(plain, 32)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+
+
+@pytest.mark.parametrize("case", ["also-read", "hooked"])
+def test_a_gated_map_read_by_more_than_convolutions_keeps_the_multiply(case):
+    torch.manual_seed(33)
+    model = randomize_bn(Mobile(also_read=case == "also-read"), 34)
+    seen = []
+    if case == "hooked":
+        for block in model.blocks:
+            block.project.register_forward_hook(lambda m, i, o: seen.append(len(i)))
+    plain, fused = _pair(model)
+    notes = fused.asrfx_report.notes
+    assert sum("nor do only torch convolutions read the gated map" in n for n in notes) == 2, \
+        notes
+    assert not any(isinstance(m, GatedConv2d) for m in fused.modules())
+    randomize_psi(plain, 35)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+    assert not seen or set(seen) == {1}  # a hook sees what it always saw
+
+
+def test_inserted_attention_is_reported_as_inserted_when_fused():
+    model = cifar_resnet(8, attention=None, block="basic", num_classes=6)
+    fused = asrfx.prepare(model, example_inputs=(X,), insert="se", fused=True)
+    assert any("fused training form: 3 gate(s)" in n for n in fused.asrfx_report.notes)
+    assert [s.action for s in fused.asrfx_report.sites] == ["inserted"] * 3
+    assert all(s.kind == "channel-attention (inserted)" for s in fused.asrfx_report.sites)

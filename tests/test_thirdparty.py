@@ -409,3 +409,43 @@ def test_efficientnet_b0_modes_differ_only_by_drop_connect(effnet):
                 m.eval()
         torch.manual_seed(5)
         torch.testing.assert_close(dup(x), a)
+
+
+def test_efficientnet_b0_fused_form_scales_the_projection_kernels():
+    """The SE of every MBConv block scales a swish output that only the block's projection
+    reads, an ``F.conv2d`` behind static-same padding (an ``nn.Identity``): in the fused form
+    each gate goes into that call's kernel (``scaled_kernel``), no gated map is stored, and a
+    training step computes what the multiply form computes; both fold to the same model."""
+    from asrfx.passes.fuse_gates import scaled_kernel
+
+    torch.manual_seed(40)
+    # no drop-connect / dropout: the two forms' steps are compared value by value
+    model = EfficientNet.from_name("efficientnet-b0", num_classes=10, dropout_rate=0.0,
+                                   drop_connect_rate=0.0)
+    randomize_bn(model, 41)
+    gen = torch.Generator().manual_seed(42)
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    xb, yb = torch.randn(4, 3, 64, 64, generator=gen), torch.tensor([1, 3, 5, 7])
+    plain = asrfx.prepare(model, example_inputs=(x,))
+    fused = asrfx.prepare(model, example_inputs=(x,), fused=True)
+    notes = fused.asrfx_report.notes
+    assert any("16 through the input columns of the convolutions" in n for n in notes), notes
+    assert sum(n.target is scaled_kernel for n in fused.graph.nodes) == 16
+    randomize_psi(plain, 43)
+    fused.load_state_dict(plain.state_dict())
+    outs, grads = [], []
+    for m in (plain, fused):
+        m.train()
+        out = m(xb)
+        F.cross_entropy(out, yb).backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert rel_err(outs[0], outs[1]) <= REL_TOL
+    assert grads[0].keys() == grads[1].keys()
+    largest = max(float(g.abs().max()) for g in grads[0].values())
+    for name, g in grads[0].items():  # float32 rounding of the two orders, against the largest
+        assert float((g - grads[1][name]).abs().max()) <= REL_TOL * largest, name
+    deploy = [asrfx.fold(m.eval(), example_inputs=(x,)) for m in (plain, fused)]
+    with torch.no_grad():
+        assert rel_err(deploy[0](xb), deploy[1](xb)) <= REL_TOL
+    assert deploy[1].asrfx_report.count(action="folded") == 16
