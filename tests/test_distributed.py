@@ -475,9 +475,23 @@ class _TinySE(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def _tiny_prepared(fused: bool = False) -> torch.fx.GraphModule:
+class _TinyMBConv(_TinySE):
+    """The same with each block's SE after a SiLU and before a 1x1 projection (the fused form
+    puts its gate into the projection's kernel)."""
+
+    def __init__(self, c: int = 16, num_classes: int = 10) -> None:
+        super().__init__(c, num_classes)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                          nn.SiLU(), SEModule(c, reduction=4), nn.Conv2d(c, c, 1))
+            for _ in range(2))
+
+
+def _tiny_prepared(fused: bool | str = False) -> torch.fx.GraphModule:
     torch.manual_seed(0)
-    return asrfx.prepare(_TinySE(), example_inputs=(rand_images(2, 0, size=8),), fused=fused)
+    model = _TinyMBConv() if fused == "conv" else _TinySE()
+    return asrfx.prepare(model, example_inputs=(rand_images(2, 0, size=8),),
+                         fused=bool(fused))
 
 
 def _need_inductor() -> None:
@@ -486,10 +500,14 @@ def _need_inductor() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fused", [False, True], ids=["multiply", "fused"])
+@pytest.mark.parametrize("fused", [False, True, "conv"],
+                         ids=["multiply", "fused", "fused-into-conv"])
 def test_prepared_model_trains_under_torch_compile(fused):
     _need_inductor()
     eager, model = _tiny_prepared(fused), _tiny_prepared(fused)
+    if fused == "conv":
+        from asrfx.passes.fuse_gates import GatedConv2d
+        assert sum(isinstance(m, GatedConv2d) for m in model.modules()) == 2
     psis = psi_names(model)
     assert len(psis) == 2 and not _dead_psis(model)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
