@@ -192,8 +192,13 @@ def prepare(model: nn.Module, *, example_inputs: Any = None, mode: str | None = 
             norm's affine, ``F.batch_norm(x, ..., weight * g, bias * g)`` (exactly ``g *
             BN(x)`` in training and eval mode), one multiply per channel instead of per
             element; the norm module becomes its ``Gated`` twin with the same parameters and
-            names. Other sites keep the multiply (the report's notes say why). Not with
-            ``SyncBatchNorm``: convert to it before ``prepare`` (a SyncBatchNorm is not fused).
+            names. A gated map that no such norm produces but only convolutions read (an SE
+            after a SiLU, before a projection) goes into their kernels' input columns
+            instead: ``conv(x * g, W) = conv(x, W * g)`` per input channel, one multiply per
+            weight (the conv becomes its ``Gated`` twin; an ``F.conv2d`` call gets
+            ``scaled_kernel(W, g, groups)``). Other sites keep the multiply (the report's notes
+            say why). Not with ``SyncBatchNorm``: convert to it before ``prepare`` (a
+            SyncBatchNorm is not fused).
         leaf_modules: module names or types to keep opaque while tracing.
 
     Returns:

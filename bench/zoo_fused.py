@@ -73,7 +73,8 @@ TRAIN_BATCH = 8
 RESULTS_MD = "zoo-fused.md"
 RESULTS_JSON = "zoo-fused.json"
 
-_GATES_NOTE = re.compile(r"fused training form: (\d+) gate\(s\)")
+_GATES_NOTE = re.compile(r"fused training form: (\d+) gate\(s\)[^,]*"
+                         r"(?:, (\d+) through the input columns)?")
 _BATCHED_NOTE = re.compile(r"the excitations of (\d+) site\(s\) run as (\d+) batched call\(s\)")
 _STAYS_NOTE = re.compile(r"stays a multiply in the training form \((.*)\)$")
 
@@ -179,17 +180,18 @@ def judge_training_float64(plain, fused, state0: dict, xb, yb, out32: tuple, gra
 def fused_counts(report) -> dict[str, Any]:
     """What the fused prepare's report says: gates fused, sites batched, groups, and why the
     other gates stay multiplies (``{reason: count}``)."""
-    gates = batched = groups = 0
+    gates = batched = groups = into_convs = 0
     stays: collections.Counter = collections.Counter()
     for note in report.notes:
         if m := _GATES_NOTE.search(note):
-            gates = int(m.group(1))
+            into_convs = int(m.group(2) or 0)
+            gates = int(m.group(1)) + into_convs
         if m := _BATCHED_NOTE.search(note):
             batched, groups = int(m.group(1)), int(m.group(2))
         if m := _STAYS_NOTE.search(note.strip()):
             stays[m.group(1)] += 1
-    return {"gates_fused": gates, "sites_batched": batched, "batched_groups": groups,
-            "stays_multiply": dict(stays.most_common())}
+    return {"gates_fused": gates, "gates_into_convs": into_convs, "sites_batched": batched,
+            "batched_groups": groups, "stays_multiply": dict(stays.most_common())}
 
 
 class _Failed(Exception):
@@ -383,6 +385,8 @@ def summarise(results: list[dict]) -> dict[str, Any]:
         "models_done": len(done), "models_ok": sum(outcome(r) == "ok" for r in swept),
         "models_with_gates_fused": sum(1 for r in swept if r.get("gates_fused")),
         "gates_fused": sum(r.get("gates_fused", 0) for r in swept),
+        "gates_into_convs": sum(r.get("gates_into_convs", 0) for r in swept),
+        "models_with_gates_into_convs": sum(1 for r in swept if r.get("gates_into_convs")),
         "sites_converted": sum(r.get("converted", 0) for r in swept),
         "models_batched": sum(1 for r in swept if r.get("sites_batched")),
         "sites_batched": sum(r.get("sites_batched", 0) for r in swept),
@@ -407,7 +411,9 @@ def summary_lines(s: dict) -> list[str]:
         f"models with BatchNorm swept: {s['models']} ({s['models_ok']} ok, "
         f"{len(s['failures'])} failed; {s['skipped_no_batchnorm']} without BatchNorm skipped)",
         f"models with gates fused: {s['models_with_gates_fused']}; gates fused: "
-        f"{s['gates_fused']} of {s['sites_converted']} converted sites",
+        f"{s['gates_fused']} of {s['sites_converted']} converted sites "
+        f"({s.get('gates_into_convs', 0)} of them into the kernels of the convolutions reading "
+        f"their map, in {s.get('models_with_gates_into_convs', 0)} models)",
         f"sites batched: {s['sites_batched']} in {s['batched_groups']} batched calls "
         f"({s['models_batched']} models)",
         f"max errors: training output {s['max_train_out_err']:.1e}, gradients (of the largest "
@@ -460,7 +466,8 @@ def markdown(results: list[dict], s: dict, meta: dict) -> str:
             "training-mode outputs; *grad*: the largest per-parameter gradient difference over "
             "the largest gradient of the model; *state*: running statistics and counters after "
             "the step; *eval*, *deploy*: eval outputs of the prepared and of the folded forms. "
-            "*fused*: gates applied through a BatchNorm's affine / sites converted; *batched*: "
+            "*fused*: gates applied through a BatchNorm's affine or a reading conv's kernel "
+            "/ sites converted; *batched*: "
             "sites whose excitations run batched (in calls); *train s*: one training step of each form "
             "(wall clock, one sample on a shared machine: noisy). An error over TOL marked (f64) "
             "was judged float32 rounding in float64 (see the module docstring).", ""]

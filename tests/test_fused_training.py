@@ -579,6 +579,9 @@ def test_a_gate_only_convolutions_read_goes_into_their_kernels(kw):
                     a.target is torch.sigmoid for a in n.args)]
     randomize_psi(plain, 32)
     fused.load_state_dict(plain.state_dict())
+    again = pickled_copy(fused).eval()  # the gated convs and scaled kernels pickle
+    with torch.no_grad():
+        assert rel_err(fused.eval()(X), again(X)) <= REL_TOL
     _assert_same_training(plain, fused)
 
 
