@@ -366,6 +366,25 @@ def _wrap_factory(fn: Any) -> Any:
     return wrapper
 
 
+class OpaqueAutogradFunction(RuntimeError):
+    """Raised while tracing when a ``torch.autograd.Function`` is applied to a traced value: fx
+    would record the operations of its ``forward`` and a graph training with them would run
+    autograd's backward of those operations instead of the Function's own ``backward`` (a
+    gradient-reversal layer's sign, a straight-through estimator, a memory-saving swish). The
+    submodule calling it becomes an opaque leaf, which calls the Function as the model does."""
+
+
+_FUNCTION_APPLY = torch.autograd.Function.__dict__["apply"]
+
+
+def _guarded_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+    if _proxy_in((args, kwargs)) is not None:
+        raise OpaqueAutogradFunction(
+            f"it applies the autograd Function {cls.__module__}.{cls.__qualname__}, whose own "
+            f"backward a graph of its forward's operations would not run")
+    return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
+
+
 def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | type],
                 example_inputs: tuple | None = None) -> fx.Graph:
     tracer = AsrTracer(list(user_leaves) + sorted(leaves), example_inputs)
@@ -382,6 +401,7 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
         setattr(torch, name, _wrap_factory(fn))
     fx.Proxy.__setitem__ = _proxy_setitem
     fx.Proxy.__iter__ = _proxy_iter
+    torch.autograd.Function.apply = classmethod(_guarded_apply)  # type: ignore[assignment]
     try:
         graph = tracer.trace(model)
         for node in graph.nodes:
@@ -392,6 +412,7 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
                 node.type = None
         return graph
     finally:
+        torch.autograd.Function.apply = _FUNCTION_APPLY  # type: ignore[assignment]
         for name, fn in originals.items():
             setattr(torch, name, fn)
         fx.Proxy.__len__ = _fx_len
@@ -428,8 +449,20 @@ def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
                 continue  # from example values
             if f.path in leaves:  # cannot happen unless the tracer misbehaves; avoid a loop
                 raise TraceError(f.path, str(f.error), "pass leaf_modules=[...] naming it") from None
+            cls = type(model.get_submodule(f.path))
+            if isinstance(f.error, OpaqueAutogradFunction):
+                # every module of the class applies it: one warning, one retrace
+                same = [p for p, m in model.named_modules() if type(m) is cls and p and
+                        p not in leaves and not any(p.startswith(q + ".") for q in leaves)]
+                warnings.warn(
+                    f"asrfx: {len(same)} submodule(s) of type {cls.__name__} ('{same[0]}'"
+                    f"{', ...' if len(same) > 1 else ''}) are kept as opaque leaves: "
+                    f"{short_error(f.error)}. They run as in the model; nothing inside them "
+                    f"will be converted.", stacklevel=3)
+                leaves.update(same)
+                continue
             warnings.warn(
-                f"asrfx: submodule '{f.path}' ({type(model.get_submodule(f.path)).__name__}) "
+                f"asrfx: submodule '{f.path}' ({cls.__name__}) "
                 f"cannot be traced symbolically ({short_error(f.error)}); it is kept as an opaque leaf "
                 f"and nothing inside it will be converted.", stacklevel=3)
             leaves.add(f.path)
@@ -437,6 +470,11 @@ def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
             if example_inputs is not None and not with_values and _needs_values(e):
                 with_values = True
                 continue
+            if isinstance(e, OpaqueAutogradFunction):
+                raise TraceError(
+                    "", f"{short_error(e)} (in {name}.forward)",
+                    "apply the Function inside a submodule: a submodule that applies one stays "
+                    "an opaque call, trained with the Function's own backward") from None
             hint = top_level_hint(model, example_inputs)
             raise TraceError(
                 "", f"{type(e).__name__}: {short_error(e)} (in {name}.forward)",

@@ -3,6 +3,7 @@ subclasses, idempotence, bad inputs, shared modules, and the fold check."""
 
 from __future__ import annotations
 
+import copy
 import operator
 import re
 import warnings
@@ -676,3 +677,99 @@ def test_prepared_and_folded_models_pickle_whole():
         back.eval()
         with torch.no_grad():
             torch.testing.assert_close(model(x), back(x))
+
+
+# ------------------------------------------------------------- custom autograd Functions
+
+
+class _GradReverse(torch.autograd.Function):
+    """Identity forward, negated gradient (the gradient-reversal layer of domain-adversarial
+    training, Ganin & Lempitsky, 2015)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class _Reverse(nn.Module):
+    def forward(self, x):
+        return _GradReverse.apply(x)
+
+
+class _ReversedSE(nn.Module):
+    """conv -> BN -> SE, then two heads, each behind its own gradient reversal (two modules of
+    one class; one reversal on every path, so a lost reversal flips every gradient)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.fc = nn.Conv2d(c, c, 1)
+        self.rev1, self.rev2 = _Reverse(), _Reverse()
+        self.head, self.head2 = nn.Linear(c, 2), nn.Linear(c, 2)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+        return self.head(torch.relu(self.rev1(y)).mean((2, 3))) + \
+            self.head2(self.rev2(y).amax((2, 3)))
+
+
+def test_a_module_applying_an_autograd_function_stays_opaque_and_keeps_its_backward():
+    """fx would record the Function's forward (an identity here) and train with autograd's
+    backward of it: the gradient's sign silently flipped. Its module becomes a leaf instead
+    (one warning for the class), and prepare trains with the Function's own backward."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _ReversedSE()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = asrfx.prepare(model, example_inputs=(x,))
+    said = [str(w.message) for w in caught if "autograd Function" in str(w.message)]
+    assert len(said) == 1 and "2 submodule(s) of type _Reverse" in said[0], said
+    called = {str(n.target) for n in prepared.graph.nodes if n.op == "call_module"}
+    assert {"rev1", "rev2"} <= called
+    assert prepared.asrfx_report.count(action="converted") == 1
+    # the traced graph trains with the eager model's gradients (not their negation)
+    traced = asrfx.trace(copy.deepcopy(model), (x,))
+    grads = []
+    for m in (model, traced):
+        m.train()
+        m(x).sum().backward()
+        grads.append(m.get_submodule("conv").weight.grad)
+    assert rel_err(grads[0], grads[1]) <= 1e-5 and grads[0].abs().max() > 0
+    # and the prepared form: psi's gradient is minus the finite-difference slope
+    prepared.train()
+    psi = [p for n, p in prepared.named_parameters() if n.endswith("psi")][0]
+    loss = prepared(x).sum()
+    loss.backward()
+    bump = torch.zeros_like(psi)
+    bump.view(-1)[0] = 1e-2
+    with torch.no_grad():
+        psi += bump
+        up = prepared(x).sum()
+        psi -= 2 * bump
+        down = prepared(x).sum()
+        psi += bump
+    slope = float(up - down) / 2e-2
+    assert abs(slope) > 1e-3  # the test can see a sign flip
+    assert abs(float(psi.grad.view(-1)[0]) + slope) <= 0.05 * abs(slope)
+
+
+def test_an_autograd_function_in_the_top_level_forward_is_refused_with_the_fix():
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return _GradReverse.apply(self.conv(x))
+
+    with pytest.raises(asrfx.TraceError, match="(?s)autograd Function .*_GradReverse.*"
+                                               "apply the Function inside a submodule"):
+        asrfx.trace(Top(), (torch.randn(1, 3, 4, 4),))
