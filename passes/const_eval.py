@@ -20,7 +20,7 @@ import torch.fx as fx
 from asrfx.report import Site
 
 from .batch_rows import collapse_batch
-from .graph_utils import (_mutates, safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op, module_path,
+from .graph_utils import (drop_dead, safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op, module_path,
                           set_attr_path, stable_toposort, unique_name, value_dependent)
 from .protocol import PassContext, record
 from .shapes import ShapeRecorder
@@ -172,20 +172,9 @@ def evaluate_constants(gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
     records = [r for n in frontier if (r := _bake(gm, n, rec.values.get(n), n in shape_dep,
                                                   rows)) is not None]
     safe_dce(gm)
-    _drop_evaluated(gm, evaluated)
+    # the calls that computed the baked values ran: opaque ones too go once nothing reads them
+    drop_dead(gm, evaluated)
     return records
-
-
-def _drop_evaluated(gm: fx.GraphModule, region: set[fx.Node]) -> None:
-    """Erase the calls of ``region`` (what computed the baked values from parameters alone)
-    that nothing reads any more, opaque module calls included: dead-code elimination keeps a
-    call of a module from outside ``torch.nn`` in case it has side effects (a memory-saving
-    swish kept opaque for its autograd Function), but these ran when the values were
-    evaluated. An in-place write into a parameter or buffer stays."""
-    for n in reversed(list(gm.graph.nodes)):
-        if n in region and not n.users and \
-                n.op in ("call_module", "call_function", "call_method") and not _mutates(n, gm):
-            gm.graph.erase_node(n)
 
 
 def _frontier(graph: fx.Graph) -> tuple[set, set, list]:

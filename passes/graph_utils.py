@@ -18,7 +18,8 @@ from torch import nn
 __all__ = ["tensor_shape", "value_dependent", "module_path", "is_op", "to_networkx",
            "MUL_OPS", "ADD_OPS", "SUB_OPS", "SHAPE_ATTRS", "SHAPE_METHODS", "call_sites",
            "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "module_device", "shapes_only", "get_attr_path", "unique_name",
-           "module_hooks", "describe_hooks", "deepcopy_module", "submodule", "to_eval"]
+           "module_hooks", "describe_hooks", "deepcopy_module", "submodule", "to_eval",
+           "drop_dead"]
 
 MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.Tensor.mul}
 ADD_OPS = {operator.add, operator.iadd, torch.add, "add", "add_", torch.Tensor.add}
@@ -498,6 +499,17 @@ def has_side_effects(node: fx.Node, gm: nn.Module | None = None) -> bool:
         pure = type(mod).__module__.startswith("torch.nn") or getattr(mod, "asrfx_pure", False)
         return not pure or bool(module_hooks(mod))
     return False
+
+
+def drop_dead(gm: fx.GraphModule, region: set[fx.Node]) -> None:
+    """Erase the calls of ``region`` that nothing reads, opaque module calls included (which
+    :func:`safe_dce` keeps in case they have side effects): for a caller that knows what the
+    region was (an attention branch it bypassed, calls constant evaluation ran). An in-place
+    write stays. Last to first, so dead chains go in one pass."""
+    for n in reversed(list(gm.graph.nodes)):
+        if n in region and not n.users and \
+                n.op in ("call_module", "call_function", "call_method") and not _mutates(n, gm):
+            gm.graph.erase_node(n)
 
 
 def safe_dce(gm: fx.GraphModule) -> bool:

@@ -18,7 +18,7 @@ from asrfx.report import Site
 
 from .cleanup import cleanup
 from .find_attention import find_attention_sites, unexpand
-from .graph_utils import safe_dce
+from .graph_utils import drop_dead, safe_dce
 from .protocol import record
 
 __all__ = ["strip_attention"]
@@ -59,6 +59,8 @@ def strip_attention(graphs: fx.GraphModule | Sequence[fx.GraphModule]) -> list[S
                 gm.graph.erase_node(mul)
             records.append(record(site.mul.name, site.path, "channel-attention", site.channels,
                                   action="removed"))
+            # the branch goes, opaque calls in it too (a memory-saving swish module)
+            drop_dead(gm, set(site.branch) | set(site.stats))
         safe_dce(gm)
     for gm in gms:
         cleanup(gm, tuple(g.graph for g in gms if g is not gm))
