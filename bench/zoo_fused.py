@@ -15,7 +15,8 @@ fixed seeds:
 
 1. build with random weights and 10 classes; norms and all-zero weights randomised; the sweep's
    example input (2 images at :data:`zoo_sweep.EXAMPLE_SIZE`, or the pretrained size where that
-   fails). A model without BatchNorm is skipped (nothing to fuse).
+   fails). A model without BatchNorm is skipped (its gates could still go into convolution
+   kernels; not swept here).
 2. ``plain = asrfx.prepare(model, example_inputs=(x,))`` and ``fused = asrfx.prepare(model,
    example_inputs=(x,), fused=True)``; norms and psi of ``plain`` randomised;
    ``fused.load_state_dict(plain.state_dict())`` (strict).
