@@ -24,6 +24,7 @@ __all__ = [
     "fold_scale_into_conv_out",
     "fold_scale_into_conv_transpose_out",
     "fold_scale_into_conv_in",
+    "column_scale",
     "fold_scale_into_linear_in",
     "compose_affine",
     "pad_kernel",
@@ -194,16 +195,27 @@ def fold_scale_into_conv_in(weight: Tensor, bias: Tensor | None, scale: Tensor,
     dtype = weight.dtype
     w = _f64(weight)
     out, cg = w.shape[0], w.shape[1]
-    s = _f64(scale).reshape(-1).expand(cg * groups)
-    # column scale for each output row: rows of group g use s[g*cg:(g+1)*cg]
-    col = s.reshape(groups, 1, cg).expand(groups, out // groups, cg).reshape(out, cg)
-    w2 = w * col.reshape(out, cg, *([1] * (w.dim() - 2)))
+    w2 = w * column_scale(_f64(scale).reshape(-1).expand(cg * groups), w, groups)
     b = torch.zeros(out, dtype=torch.float64, device=w.device) if bias is None else _f64(bias)
     if shift is not None:
         t = _f64(shift).reshape(-1).expand(cg * groups)
-        tcol = t.reshape(groups, 1, cg).expand(groups, out // groups, cg).reshape(out, cg)
-        b = b + (w * tcol.reshape(out, cg, *([1] * (w.dim() - 2)))).flatten(1).sum(1)
+        b = b + (w * column_scale(t, w, groups)).flatten(1).sum(1)
     return _out(w2, dtype), _out(b, dtype)
+
+
+def column_scale(scale: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """The factor of each weight of a conv whose input is scaled per channel by ``scale``
+    (``in_channels`` values, any shape), broadcastable against ``weight`` (``(C_out, C_in /
+    groups, *kernel)``): with ``C_g = C_in / groups``, output channel ``o`` reads input channel
+    ``(o // (C_out / groups)) * C_g + j`` through ``W[o, j]``, so ``weight * column_scale(...)``
+    is the kernel computing ``conv(x * scale)`` from ``x``. Differentiable in ``scale`` (the
+    fused training form scales kernels with it at every step)."""
+    out, cg = weight.shape[0], weight.shape[1]
+    tail = [1] * (weight.dim() - 2)
+    if groups == 1:
+        return scale.reshape(1, cg, *tail)
+    col = scale.reshape(groups, 1, cg).expand(groups, out // groups, cg)
+    return col.reshape(out, cg, *tail)
 
 
 def fold_scale_into_linear_in(weight: Tensor, bias: Tensor | None, scale: Tensor,

@@ -45,10 +45,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from asrfx.foldmath import column_scale
 from .asr_rewrite import positive_gate
 from .find_attention import AttentionSite
 from .graph_utils import module_hooks, reads_shape_only, safe_dce, stable_toposort, tensor_shape
-from .layers import batch_norm_args
+from .layers import FUNCTIONAL_CONVS, batch_norm_args, functional_conv_arg
 
 __all__ = ["GatedBatchNorm1d", "GatedBatchNorm2d", "GatedBatchNorm3d", "GatedConv1d",
            "GatedConv2d", "GatedConv3d", "fuse_gates", "unfuse_gates", "GATED", "GATED_CONV",
@@ -94,23 +95,10 @@ class GatedBatchNorm3d(_Gated, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` that also takes a per-channel ``scale`` (see :class:`_Gated`)."""
 
 
-def column_scale(scale: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """The factor of each weight of a conv whose input is scaled per channel by ``scale``
-    (``in_channels`` values, any shape), broadcastable against ``weight`` (``(C_out, C_in /
-    groups, *kernel)``): ``weight * column_scale(...)`` is the kernel computing ``conv(x *
-    scale)`` from ``x`` (see the module docstring). Differentiable in ``scale``."""
-    out, cg = weight.shape[0], weight.shape[1]
-    tail = [1] * (weight.dim() - 2)
-    if groups == 1:
-        return scale.reshape(1, cg, *tail)
-    col = scale.reshape(groups, 1, cg).expand(groups, out // groups, cg)
-    return col.reshape(out, cg, *tail)
-
-
 class _GatedConv:
     """``forward(x, scale)``: the convolution of ``x * scale`` (``scale``: one value per input
     channel, any shape with ``in_channels`` elements) computed as the convolution of ``x`` with
-    the kernel's input columns scaled (:func:`column_scale`); without ``scale`` exactly the
+    the kernel's input columns scaled (:func:`asrfx.foldmath.column_scale`); without ``scale`` exactly the
     convolution."""
 
     def forward(self, input: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,13 +238,9 @@ def gate_affine(param: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor
     return s if param is None else param * s
 
 
-_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2,
-                   torch.conv3d: 3}
-
-
 def scaled_kernel(weight: torch.Tensor, scale: torch.Tensor, groups: int) -> torch.Tensor:
     """``weight`` with its input columns scaled by ``scale``: the kernel for which
-    ``conv(x, scaled_kernel(w, g, groups)) == conv(x * g, w)`` (see :func:`column_scale`). A
+    ``conv(x, scaled_kernel(w, g, groups)) == conv(x * g, w)`` (see :func:`asrfx.foldmath.column_scale`). A
     function, so that a fused functional conv (``F.conv2d(x, w)`` of a traced-through layer) is
     ``F.conv2d(x, scaled_kernel(w, g, groups))``: constant once psi is, which fold evaluates."""
     return weight * column_scale(scale, weight, groups)
@@ -265,11 +249,10 @@ def scaled_kernel(weight: torch.Tensor, scale: torch.Tensor, groups: int) -> tor
 def _functional_conv(n: fx.Node) -> tuple[fx.Node, int] | None:
     """(the weight node, groups) of an ``F.conv{1,2,3}d`` call with a node weight and constant
     groups, else None."""
-    if n.op != "call_function" or n.target not in _CONV_FUNCTIONS:
+    if n.op != "call_function" or n.target not in FUNCTIONAL_CONVS:
         return None
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    args = dict(zip(names, n.args), **n.kwargs)
-    weight, groups = args.get("weight"), args.get("groups", 1)
+    weight = functional_conv_arg(n, 1, "weight", None)
+    groups = functional_conv_arg(n, 6, "groups", 1)
     if not isinstance(weight, fx.Node) or not isinstance(groups, int):
         return None
     return weight, groups
@@ -301,8 +284,7 @@ def _conv_readers(gm: fx.GraphModule, site: AttentionSite
             if not (type(mod) in GATED_CONV or isinstance(mod, _GatedConv)) or \
                     module_hooks(mod) or r.args != (prev,) or r.kwargs:
                 return [], why
-        elif _functional_conv(r) is None or (r.args[0] if r.args else
-                                             r.kwargs.get("input")) is not prev:
+        elif _functional_conv(r) is None or functional_conv_arg(r, 0, "input", None) is not prev:
             return [], why
         found.append((r, chain))
     return (found, "") if found else ([], why)
@@ -417,10 +399,12 @@ def _unfuse_functional(graph: fx.Graph) -> int:
                 scaled = graph.call_function(operator.mul, (n, gate))
             n.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
             count += 1
-        elif _functional_conv(n) is not None and _functional_conv(n)[0].target is scaled_kernel:
-            kernel = _functional_conv(n)[0]
+            continue
+        conv = _functional_conv(n)
+        if conv is not None and conv[0].target is scaled_kernel:
+            kernel = conv[0]
             weight, gate, _ = kernel.args
-            x = n.args[0] if n.args else n.kwargs["input"]
+            x = functional_conv_arg(n, 0, "input", None)
             with graph.inserting_before(n):
                 scaled = graph.call_function(operator.mul, (x, gate))
             n.replace_input_with(x, scaled)

@@ -51,6 +51,7 @@ def strip_attention(graphs: fx.GraphModule | Sequence[fx.GraphModule]) -> list[S
     records: list[Site] = []
     for gm in gms:
         sites, _ = find_attention_sites(gm)
+        branches: set[fx.Node] = set()
         for site in sites:
             for mul in [site.mul] + site.more_muls:
                 mul.replace_all_uses_with(_map_operand(mul, site.gate))
@@ -59,8 +60,9 @@ def strip_attention(graphs: fx.GraphModule | Sequence[fx.GraphModule]) -> list[S
                 gm.graph.erase_node(mul)
             records.append(record(site.mul.name, site.path, "channel-attention", site.channels,
                                   action="removed"))
-            # the branch goes, opaque calls in it too (a memory-saving swish module)
-            drop_dead(gm, set(site.branch) | set(site.stats))
+            branches.update(site.branch, site.stats)
+        # the branches go, opaque calls in them too (a memory-saving swish module)
+        drop_dead(gm, branches)
         safe_dce(gm)
     for gm in gms:
         cleanup(gm, tuple(g.graph for g in gms if g is not gm))
