@@ -31,13 +31,13 @@ from typing import Sequence
 
 from torch import nn
 
-from .tracing import TraceResult, trace_modes
+from .tracing import TraceResult, trace_eval, trace_modes
 
 __all__ = ["capture"]
 
 
 def capture(model: nn.Module, example_inputs: tuple | None,
-            leaf_modules: Sequence[str | type] = ()) -> TraceResult:
+            leaf_modules: Sequence[str | type] = (), *, checked: bool = True) -> TraceResult:
     """The graphs of ``model`` in train and in eval mode.
 
     Args:
@@ -47,6 +47,9 @@ def capture(model: nn.Module, example_inputs: tuple | None,
             checked against the eager model and submodules that capture unfaithfully become
             leaves; without, the graphs are unchecked and carry no shape metadata.
         leaf_modules: qualified module names or module types to keep as opaque calls.
+        checked: False: the eval graph alone, neither run nor checked (``shaped`` False), for
+            a caller that checks its own end result against the eager model and captures
+            again, checked, when that fails (fold).
 
     Returns:
         A :class:`~asrfx.tracing.TraceResult` (see the module docstring for what it holds).
@@ -55,4 +58,6 @@ def capture(model: nn.Module, example_inputs: tuple | None,
         TraceError: the top level of ``model`` cannot be captured (names the reason and the fix).
         InputError: ``model`` fails on ``example_inputs`` in eval mode.
     """
+    if not checked:
+        return trace_eval(model, leaf_modules, example_inputs)
     return trace_modes(model, leaf_modules, example_inputs)

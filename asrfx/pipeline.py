@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -43,7 +44,7 @@ from asrfx.passes.hooks import (hook_fix, protect_hooked_calls, refuse_hooked_si
                                 restore_hooked_calls)
 from asrfx.passes.insertion import insert_modules, insertion_points
 from asrfx.passes.protocol import PassContext
-from asrfx.passes.shapes import ShapeRecorder, propagate_shapes
+from asrfx.passes.shapes import ShapeRecorder, defer_shapes, drop_deferred, propagate_shapes
 from asrfx.passes.stacked import flatten_stacked_gates
 
 from .capture import capture
@@ -51,7 +52,7 @@ from .check import first_nonfinite, half_precision, nonfinite, relative_error, t
 from .errors import FoldMismatch, InputError, NonFiniteError
 from .inputs import describe_inputs, forward_signature, inputs_failure
 from .report import Report, Site
-from .tracing import (AsrTracer, DualModeGraphModule, TraceResult, preserve_modes,
+from .tracing import (AsrTracer, DualModeGraphModule, TraceResult, eager_eval, preserve_modes,
                       uncompiled_graph_module, warn_own_hooks)
 
 __all__ = ["Context", "PrepareOptions", "prepare_model", "fold_model", "eval_graph_module",
@@ -97,7 +98,20 @@ class Context:
 
 
 def count_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+    """``sum(p.numel() for p in m.parameters())`` (each shared module and parameter once),
+    walked through ``_modules`` / ``_parameters`` without the generators: 3x faster."""
+    modules, params, total, stack = set(), set(), 0, [m]
+    while stack:
+        mod = stack.pop()
+        if id(mod) in modules:
+            continue
+        modules.add(id(mod))
+        for p in mod._parameters.values():
+            if p is not None and id(p) not in params:
+                params.add(id(p))
+                total += p.numel()
+        stack.extend(c for c in mod._modules.values() if c is not None)
+    return total
 
 
 def input_specs(inputs: tuple) -> list:
@@ -367,22 +381,91 @@ def calibrated_init(ctx: Context, gm: fx.GraphModule, calibration_data: Any
 def fold_model(model: nn.Module, inputs: tuple, check: bool, fuse_bn: bool, tol: float,
                leaf_modules: Sequence[str | type]) -> fx.GraphModule:
     """The deploy form of ``model`` (see :func:`asrfx.fold`), checked when ``check``."""
+    if check and not isinstance(model, fx.GraphModule):
+        gm = _fold_checked_end_to_end(model, inputs, fuse_bn, tol, leaf_modules)
+        if gm is not None:
+            return gm
     ctx = Context(model, inputs, leaf_modules)
     gm = eval_graph_module(ctx, compiled=False)  # the passes end with cleanup's recompile
     check_arity(gm, inputs)
     recs = run_fold_passes(gm, ctx, fuse_bn)
+    report = _fold_report(model, gm, recs)
+    if check:
+        _check(ctx, gm, report, recs, tol, fuse_bn)
+    _attach_fold(model, inputs, gm, report)
+    return gm
+
+
+def _fold_checked_end_to_end(model: nn.Module, inputs: tuple, fuse_bn: bool, tol: float,
+                             leaf_modules: Sequence[str | type]) -> fx.GraphModule | None:
+    """The checked fold of an ``nn.Module`` with one model run fewer, or None.
+
+    The full path runs three graphs on the inputs: the eager model (the reference), the traced
+    graph (checking the trace against it and recording the shapes the passes read) and the
+    folded graph (checking the fold). Here the traced graph does not run by itself: the folded
+    graph is compared with the eager model directly, which checks trace and fold at once, and
+    shapes are recorded only when a pass first reads one (:func:`defer_shapes`; on a plain conv
+    net none does, and the folded graph's run records them for the report).
+
+    Anything short of a passing check (an exception, an error above the tolerance, a
+    non-finite reference) returns None, and :func:`fold_model` takes the full path, which
+    makes unfaithfully traced submodules leaves, names the site that breaks a fold or raises,
+    exactly as without this attempt; the attempt's warnings are then dropped (the full path
+    gives its own), else they are re-issued.
+    """
+    gm = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            clone = clone_module(model)
+            reference = eager_eval(clone, inputs)
+            if any(nonfinite(t) for t in tree_flatten(reference)[0]):
+                return None
+            gm = capture(clone, inputs, leaf_modules, checked=False).eval
+            to_eval(gm)
+            defer_shapes(gm, inputs)
+            ctx = Context(model, inputs, leaf_modules, reference=reference)
+            ctx.fresh.add(gm)  # (its shapes: deferred) the reference: the eager model's output
+            check_arity(gm, inputs)
+            recs = run_fold_passes(gm, ctx, fuse_bn)
+            with torch.no_grad():
+                out = ShapeRecorder(gm).propagate(*inputs)
+            err, limit = relative_error(reference, out), tolerance(tol, out)
+            if not err <= limit:
+                return None
+            report = _fold_report(model, gm, recs)
+        except Exception:  # noqa: BLE001 - the full path reports it properly
+            return None
+        finally:
+            if gm is not None:
+                drop_deferred(gm.graph)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    report.notes.append(_checked_note(err, limit))
+    _attach_fold(model, inputs, gm, report)
+    return gm
+
+
+def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: list[Site]) -> Report:
+    """Fold's report before its check: the passes' records, attention left, constants left."""
     report = Report("fold", params_before=count_params(model), params_after=count_params(gm))
     report.extend(recs + _attention_left(gm))
     audit_constants(gm, report)
-    if check:
-        _check(ctx, gm, report, recs, tol, fuse_bn)
+    return report
+
+
+def _attach_fold(model: nn.Module, inputs: tuple, gm: fx.GraphModule, report: Report) -> None:
     if not any(s.action in ("folded", "fused", "merged") for s in report.sites):
         report.notes.append("nothing was folded, fused or merged: the result computes what the "
                             "model computes in eval mode")
     info = {k: v for k, v in meta_of(model).items() if k != "stage"}
     info["input_specs"] = input_specs(inputs)
     attach_report(gm, report, **info)
-    return gm
+
+
+def _checked_note(err: float, tol: float) -> str:
+    return (f"checked against the unfolded model in eval mode: relative error {err:.2e} "
+            f"(tolerance {tol:.0e})")
 
 
 def meta_of(model: nn.Module) -> dict:
@@ -517,8 +600,7 @@ def _check(ctx: Context, gm: fx.GraphModule, report: Report, recs: list[Site], t
                                f"({type(e).__name__}: {msg}). ") from None
         err = relative_error(ref, out)
     tol = tolerance(tol, out)
-    report.notes.append(f"checked against the unfolded model in eval mode: relative error "
-                        f"{err:.2e} (tolerance {tol:.0e})")
+    report.notes.append(_checked_note(err, tol))
     if err <= tol:
         return
     dtype = half_precision(out) or _float32(out)

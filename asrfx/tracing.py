@@ -568,6 +568,32 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
     raise TraceError("", "could not find a faithful graph", "pass leaf_modules=[...]")
 
 
+def trace_eval(model: nn.Module, leaf_modules: Sequence[str | type] = (),
+               example_inputs: tuple | None = None) -> TraceResult:
+    """The eval-mode graph of ``model`` alone, not run: ``train`` and ``eval`` are that one
+    graph, ``shaped`` is False. The example inputs only answer shape questions while tracing.
+
+    For a caller that checks the end result against the eager model itself (fold): a graph
+    that traced unfaithfully fails that check, and the caller then captures with
+    :func:`trace_modes`, which finds and names the culprit.
+    """
+    leaves: set[str] = set()
+    with preserve_modes(model):
+        to_eval(model)
+        graph = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
+    gm = uncompiled_graph_module(model, graph, type(model).__name__)
+    return _report_hooks(model, TraceResult(model, gm, gm, leaves), leaf_modules)
+
+
+def eager_eval(model: nn.Module, inputs: tuple) -> Any:
+    """``model``'s eval-mode output on ``inputs`` without gradients (its mode kept).
+
+    Raises:
+        InputError: the model fails on the inputs (names its signature and the inputs).
+    """
+    return _eager_eval(model, inputs)
+
+
 def hooked_leaves(tr: TraceResult, leaf_modules: Sequence[str | type] = ()
                   ) -> dict[str, list[str]]:
     """The submodules the graphs of ``tr`` call only because they have hooks (a module that is

@@ -48,7 +48,8 @@ from torch import nn
 from asrfx.foldmath import column_scale
 from .asr_rewrite import positive_gate
 from .find_attention import AttentionSite
-from .graph_utils import module_hooks, reads_shape_only, safe_dce, stable_toposort, tensor_shape
+from .graph_utils import (module_hooks, reads_shape_only, safe_dce, stable_toposort, submodule,
+                          tensor_shape)
 from .layers import FUNCTIONAL_CONVS, batch_norm_args, functional_conv_arg
 
 __all__ = ["GatedBatchNorm1d", "GatedBatchNorm2d", "GatedBatchNorm3d", "GatedConv1d",
@@ -383,6 +384,9 @@ def _unfuse_functional(graph: fx.Graph) -> int:
     w, b) * g`` and ``F.conv2d(x, scaled_kernel(w, g, groups), ...)`` -> ``F.conv2d(x * g, w,
     ...)``; the number of calls rewritten."""
     count = 0
+    if not any(n.op == "call_function" and n.target in (gate_affine, scaled_kernel)
+               for n in graph.nodes):
+        return 0  # (nothing fused: the common case, a scan instead of a parse of every call)
     for n in list(graph.nodes):
         args = batch_norm_args(n)
         if args is not None:
@@ -425,9 +429,11 @@ def unfuse_gates(gm: fx.GraphModule) -> int:
     count = 0
     gated = set()
     for n in list(graph.nodes):
-        if n.op != "call_module" or type(gm.get_submodule(str(n.target))) not in PLAIN:
+        if n.op != "call_module":
             continue
-        mod = gm.get_submodule(str(n.target))
+        mod = submodule(gm, n.target)
+        if type(mod) not in PLAIN:
+            continue
         gated.add(mod)
         if len(n.args) < 2:
             continue

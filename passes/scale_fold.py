@@ -143,6 +143,9 @@ def _collect_chains(gm: fx.GraphModule) -> list[Chain]:
     for n in gm.graph.nodes:
         if n.op not in ("call_function", "call_method") or len(n.args) != 2 or n.kwargs:
             continue
+        if not any(isinstance(k, fx.Node) and (k.op == "get_attr" or k in chains)
+                   for k in n.args):
+            continue  # a chain starts at a constant operand or continues one (shapes unread)
         shape = tensor_shape(n)
         if shape is None or len(shape) < 2 or n not in dep:
             continue
@@ -610,6 +613,8 @@ def _leftovers(gm: fx.GraphModule, covered: set[str]) -> list[Site]:
             continue
         if not (is_op(n, MUL_OPS) or is_op(n, ADD_OPS) or is_op(n, SUB_OPS) or is_op(n, DIV_OPS)):
             continue
+        if not any(isinstance(k, fx.Node) and k.op == "get_attr" for k in n.args):
+            continue  # only a constant operand (a get_attr, see _const) is reported
         shape = tensor_shape(n)
         if shape is None or len(shape) < 2:
             continue

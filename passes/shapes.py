@@ -4,6 +4,8 @@ The passes read shapes from that metadata (:func:`graph_utils.tensor_shape`), so
 once on example inputs before them, and again after an edit that adds nodes.
 :func:`propagate_shapes` does that for a whole module; :class:`ShapeRecorder` is the interpreter
 underneath, for callers that also want some nodes' values or to know which node failed.
+:func:`defer_shapes` puts off that run until a pass first reads a shape: fold's passes read
+none on most graphs (a plain ResNet's), and then the run is saved.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from asrfx.errors import InputError
 from asrfx.inputs import inputs_failure
 from .graph_utils import to_eval
 
-__all__ = ["ShapeRecorder", "propagate_shapes"]
+__all__ = ["ShapeRecorder", "propagate_shapes", "defer_shapes", "drop_deferred"]
 
 
 def _light_meta(obj: Any) -> Any:
@@ -62,7 +64,9 @@ class ShapeRecorder(fx.Interpreter):
         return out
 
     def propagate(self, *args: Any) -> Any:
-        return self.run(*args)
+        out = self.run(*args)
+        drop_deferred(self.graph)  # every tensor node now has its shape; the rest has none
+        return out
 
     def fetch_attr(self, target: str) -> Any:
         """The submodule, parameter or buffer ``target`` names, looked up in the registered
@@ -106,3 +110,60 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple) -> None:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
+
+
+class _Deferred:
+    """The one shape-recording run owed to the nodes of ``gm`` (see :func:`defer_shapes`)."""
+
+    def __init__(self, gm: GraphModule, inputs: tuple):
+        self.gm, self.inputs, self.done = gm, inputs, False
+
+    def resolve(self) -> None:
+        if not self.done:
+            self.done = True
+            propagate_shapes(self.gm, self.inputs)  # drops every deferred entry
+
+
+class DeferredTensorMeta:
+    """Stands in ``node.meta["tensor_meta"]`` for metadata not yet recorded.
+
+    Reading any attribute (``.shape``, ``.dtype``; ``getattr(meta, "shape", None)``,
+    ``hasattr``) first runs the graph once on the example inputs (:func:`propagate_shapes`),
+    which replaces this entry on every tensor-valued node and removes it from the others, and
+    then answers from the recorded metadata: a reader sees what it would have seen had the
+    shapes been recorded up front, or an ``AttributeError`` for a node without a tensor.
+    """
+
+    __slots__ = ("_deferred", "_node")
+
+    def __init__(self, deferred: _Deferred, node: fx.Node):
+        self._deferred, self._node = deferred, node
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy / pickle protocol probes read no shape
+            raise AttributeError(name)
+        self._deferred.resolve()
+        meta = self._node.meta.get("tensor_meta")
+        if meta is None or isinstance(meta, DeferredTensorMeta):
+            raise AttributeError(name)
+        return getattr(meta, name)
+
+
+def defer_shapes(gm: GraphModule, example_inputs: tuple) -> None:
+    """Give every node of ``gm`` a :class:`DeferredTensorMeta`: the graph runs on
+    ``example_inputs`` (as :func:`propagate_shapes`) only when a shape is first read, or not at
+    all. A :class:`ShapeRecorder` run of ``gm`` in the meantime records them as well.
+
+    The caller must be able to stand a failure at the first read (the graph may fail to run,
+    with :class:`~asrfx.errors.InputError`) and should call :func:`drop_deferred` when done.
+    """
+    deferred = _Deferred(gm, example_inputs)
+    for n in gm.graph.nodes:
+        n.meta["tensor_meta"] = DeferredTensorMeta(deferred, n)
+
+
+def drop_deferred(graph: fx.Graph) -> None:
+    """Remove the :class:`DeferredTensorMeta` entries still on ``graph``'s nodes."""
+    for n in graph.nodes:
+        if isinstance(n.meta.get("tensor_meta"), DeferredTensorMeta):
+            del n.meta["tensor_meta"]
