@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.asrfx-installed
 
-.PHONY: venv test test-all demo bench zoo zoo-sweep zoo-fused clean
+.PHONY: venv test test-all demo bench zoo zoo-sweep zoo-fused zoo-fold-paths clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ zoo-sweep: $(ZOO_STAMP)
 zoo-fused: $(ZOO_STAMP)
 	$(ZOO_PY) -m pip install -q --no-deps -e .
 	$(ZOO_PY) bench/zoo_fused.py --out bench/results
+
+zoo-fold-paths: $(ZOO_STAMP)
+	$(ZOO_PY) -m pip install -q --no-deps -e .
+	$(ZOO_PY) bench/zoo_fold_paths.py --out bench/results
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q

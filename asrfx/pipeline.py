@@ -413,14 +413,14 @@ def _fold_checked_end_to_end(model: nn.Module, inputs: tuple, fuse_bn: bool, tol
     exactly as without this attempt; the attempt's warnings are then dropped (the full path
     gives its own), else they are re-issued.
     """
+    clone = clone_module(model)
+    reference = eager_eval(clone, inputs)  # (the full path's first step too: its errors stand)
+    if any(nonfinite(t) for t in tree_flatten(reference)[0]):
+        return None
     gm = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            clone = clone_module(model)
-            reference = eager_eval(clone, inputs)
-            if any(nonfinite(t) for t in tree_flatten(reference)[0]):
-                return None
             gm = capture(clone, inputs, leaf_modules, checked=False).eval
             to_eval(gm)
             defer_shapes(gm, inputs)
