@@ -117,11 +117,18 @@ class _Deferred:
 
     def __init__(self, gm: GraphModule, inputs: tuple):
         self.gm, self.inputs, self.done = gm, inputs, False
+        self.error: Exception | None = None
 
     def resolve(self) -> None:
+        if self.error is not None:  # every later read fails too: never a silent "no shape"
+            raise InputError(f"the shapes of this graph could not be recorded: {self.error}")
         if not self.done:
             self.done = True
-            propagate_shapes(self.gm, self.inputs)  # drops every deferred entry
+            try:
+                propagate_shapes(self.gm, self.inputs)  # drops every deferred entry
+            except Exception as e:
+                self.error = e
+                raise
 
 
 class DeferredTensorMeta:
@@ -131,7 +138,10 @@ class DeferredTensorMeta:
     ``hasattr``) first runs the graph once on the example inputs (:func:`propagate_shapes`),
     which replaces this entry on every tensor-valued node and removes it from the others, and
     then answers from the recorded metadata: a reader sees what it would have seen had the
-    shapes been recorded up front, or an ``AttributeError`` for a node without a tensor.
+    shapes been recorded up front, or an ``AttributeError`` for a node without a tensor. When
+    that run fails, this read and every later one raises
+    :class:`~asrfx.errors.InputError` (never an ``AttributeError``, which
+    ``getattr(meta, "shape", None)`` would turn into a silent "no shape").
     """
 
     __slots__ = ("_deferred", "_node")

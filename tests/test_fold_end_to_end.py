@@ -242,3 +242,7 @@ def test_a_graph_that_fails_at_the_first_read_raises_an_input_error():
     node = next(n for n in gm.graph.nodes if n.op == "call_module")
     with pytest.raises(asrfx.InputError):
         tensor_shape(node)
+    # and so does every later read, of any node: never a silent "no shape"
+    for n in list(gm.graph.nodes)[-3:]:
+        with pytest.raises(asrfx.InputError):
+            getattr(n.meta["tensor_meta"], "shape", None)
