@@ -113,14 +113,17 @@ def submodule(root: nn.Module, target: Any) -> nn.Module:
 
 
 def to_eval(model: nn.Module) -> None:
-    """``model.eval()``, skipped when it would change nothing: every submodule is in eval mode
-    already and none has a ``train`` of its own (which ``eval`` would call). Setting the flag
-    of every module of a large model takes milliseconds; the pipeline asks several times."""
+    """``model.eval()``: when no submodule has a ``train`` of its own (which ``eval`` would
+    call), only the flags still True are set. Setting the flag of every module of a large model
+    takes milliseconds; the pipeline asks several times."""
     train = nn.Module.train
-    for m in model.modules():
-        if m.training or type(m).train is not train:
-            model.eval()
-            return
+    mods = list(model.modules())
+    if any(type(m).train is not train for m in mods):
+        model.eval()
+        return
+    for m in mods:  # what eval() does, setting only the flags that change (a new GraphModule
+        if m.training:  # over eval-mode modules: its own flag alone)
+            m.training = False
 
 
 def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
