@@ -246,3 +246,33 @@ def test_a_graph_that_fails_at_the_first_read_raises_an_input_error():
     for n in list(gm.graph.nodes)[-3:]:
         with pytest.raises(asrfx.InputError):
             getattr(n.meta["tensor_meta"], "shape", None)
+
+
+class _ClipsInForward(nn.Module):
+    """Weight clipping inside ``forward`` (as some GAN critics do): every run writes into the
+    parameter. Fold's runs must write into its working copy, never the caller's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            self.conv.weight.mul_(50)  # well outside the clipping range
+
+    def forward(self, x):
+        self.conv.weight.data.clamp_(-0.01, 0.01)
+        return self.bn(self.conv(x))
+
+
+def test_a_model_writing_into_its_parameters_is_not_touched_by_fold():
+    model = randomize_bn(_ClipsInForward(), 11).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            asrfx.fold(model, example_inputs=(x,))
+        except asrfx.ASRError:
+            pass  # refusing is fine; touching the caller's weights is not
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
