@@ -6,7 +6,9 @@ when they differ) -> one module with a report.
 
 ``fold``: the eval graph -> evaluate constant branches -> revert SyncBatchNorm -> fold
 per-channel scales -> fuse Conv/BatchNorm -> merge branches -> clean up -> check against the
-unfolded graph (on a miss, re-run one site at a time to name the culprit).
+unfolded graph (on a miss, re-run one site at a time to name the culprit). An ``nn.Module``
+is first folded from an unchecked trace with its shapes deferred and the result compared with
+the eager model directly, one graph run fewer; anything short of a pass takes that full path.
 
 A :class:`Context` carries what the stages share: the caller's model, the inputs, the captured
 graphs, which graphs' shape metadata is current for the inputs, and the reference output. Each
