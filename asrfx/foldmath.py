@@ -142,8 +142,8 @@ def fold_scale_into_conv_out(weight: Tensor, bias: Tensor | None, scale: Tensor,
         (W', b'), new tensors; ``b'`` is always a tensor (zeros-based when the layer had no bias).
     """
     dtype = weight.dtype
-    w = _f64(weight)
-    out = w.shape[0]
+    w = weight.detach()  # times a float64 scale: computed in float64 (type promotion converts
+    out = w.shape[0]  # each weight exactly, as _f64 would, without a float64 copy of them all)
     s = _f64(scale).reshape(-1).expand(out)
     t = torch.zeros_like(s) if shift is None else _f64(shift).reshape(-1).expand(out)
     b = torch.zeros_like(s) if bias is None else _f64(bias)
