@@ -412,3 +412,16 @@ def pickled_copy(model: nn.Module) -> nn.Module:
     torch.save(model, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=False)
+
+
+class TypeCheck(nn.Module):
+    """Traces without error but wrongly: ``isinstance(proxy, Tensor)`` is False while tracing."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):
+            return self.conv(x) * 2
+        return x

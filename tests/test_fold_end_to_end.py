@@ -23,22 +23,9 @@ from asrfx.passes.graph_utils import tensor_shape
 from asrfx.passes.shapes import (DeferredTensorMeta, ShapeRecorder, defer_shapes,
                                  drop_deferred, propagate_shapes)
 from asrfx.zoo import build_model
-from helpers import SENet, DropPathNet, randomize_bn, rel_err, REL_TOL
+from helpers import REL_TOL, DropPathNet, SENet, TypeCheck, randomize_bn, rel_err
 
 torch.set_num_threads(1)
-
-
-class _TypeCheck(nn.Module):
-    """Traces without error but wrongly: ``isinstance(proxy, Tensor)`` is False while tracing."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        if isinstance(x, torch.Tensor):
-            return self.conv(x) * 2
-        return x
 
 
 class _Unfaithful(nn.Module):
@@ -48,7 +35,7 @@ class _Unfaithful(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, c, 3, padding=1)
         self.bn = nn.BatchNorm2d(c)
-        self.body = nn.Sequential(nn.ReLU(), _TypeCheck(c))
+        self.body = nn.Sequential(nn.ReLU(), TypeCheck(c))
 
     def forward(self, x):
         return self.body(self.bn(self.stem(x)))

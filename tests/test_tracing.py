@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import asrfx
-from helpers import (REL_TOL, SE, DropPathNet, SENet, pickled_copy, psi_names, randomize_bn,
-                     randomize_psi, rel_err)
+from helpers import (REL_TOL, SE, DropPathNet, SENet, TypeCheck, pickled_copy, psi_names,
+                     randomize_bn, randomize_psi, rel_err)
 import asrfx.foldmath
 
 
@@ -195,19 +195,6 @@ def test_deeply_nested_untraceable_modules_become_leaves_innermost():
     assert "body.0.gate" in targets and "body.1.gate" in targets
     assert "body.0" not in targets  # only the innermost offender is opaque
     assert sorted(psi_names(prepared)) == ["body.0.se.psi", "body.1.se.psi"]
-
-
-class TypeCheck(nn.Module):
-    """Traces without error but wrongly: ``isinstance(proxy, Tensor)`` is False while tracing."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        if isinstance(x, torch.Tensor):
-            return self.conv(x) * 2
-        return x
 
 
 class NestedTypeCheck(nn.Module):
