@@ -69,7 +69,8 @@ class Context:
         model: the caller's model (never modified).
         inputs: the example inputs, a tuple.
         leaf_modules: module names or types kept opaque when capturing.
-        trace: the captured graphs (prepare), else None.
+        trace: the captured graphs (prepare; fold of a model that is not a GraphModule),
+            else None.
         fresh: the graph modules whose shape metadata was recorded with ``inputs`` and is still
             current (a pass that changes shapes must call :meth:`stale`).
         reference: the unfolded eval graph's output on ``inputs`` (fold).
@@ -121,11 +122,13 @@ def input_specs(inputs: tuple) -> list:
 
 
 def attach_report(gm: fx.GraphModule, report: Report, **info: Any) -> None:
-    """Attach ``report`` (``gm.asrfx_report``) and ``info`` (``gm.meta["asrfx"]``), kept by
+    """Attach ``report`` (``gm.asrfx_report``) and ``info`` (``gm.meta["asrfx"]``, and the
+    attribute ``gm.asrfx_info`` that pickling keeps: it drops ``meta``), kept by
     ``copy.deepcopy`` and pickling."""
     gm.meta["asrfx"] = dict(info, stage=report.stage)
-    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["asrfx_report"] = report
-    gm.asrfx_report = report
+    kept = gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+    kept["asrfx_report"], kept["asrfx_info"] = report, gm.meta["asrfx"]
+    gm.asrfx_report, gm.asrfx_info = report, gm.meta["asrfx"]
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -151,7 +154,7 @@ def prepare_model(model: nn.Module, work: nn.Module, inputs: tuple, opts: Prepar
     ctx.captured(capture(work, inputs, leaf_modules))
     tr = ctx.trace
     report = Report("prepare", params_before=count_params(model))
-    report.extend(_hooked_leaf_records(tr.hooked))
+    report.extend(_hooked_leaf_records(tr.hooked) + opaque_leaf_records(tr, "converted"))
     for gm in tr.modules():  # SK / split attention: a gate over stacked branches, flattened
         ctx.shapes(gm)
         if flatten_stacked_gates(gm):
@@ -194,7 +197,38 @@ def prepare_model(model: nn.Module, work: nn.Module, inputs: tuple, opts: Prepar
         report.notes.append("no channel attention found; the model is returned unchanged "
                             "(use fold() for BN fusion)")
     attach_report(out, report, mode=opts.mode, input_specs=input_specs(inputs),
-                  psi=[n for n in created if n.endswith("psi")])
+                  psi=[n for n in created if n.endswith("psi")], opaque=_opaque_paths(tr))
+    return out
+
+
+def _opaque_paths(tr: TraceResult) -> dict[str, str]:
+    why = getattr(tr.leaves, "why", {})
+    return {p: why.get(p, "kept opaque while tracing") for p in sorted(tr.leaves)}
+
+
+def opaque_leaf_records(tr: TraceResult | dict[str, str], done: str,
+                        root: nn.Module | None = None) -> list[Site]:
+    """A "kept" record (code ``untraceable-module``) for every submodule the trace kept as an
+    opaque call because it could not be captured faithfully (``tr.leaves``, or the
+    ``{path: why}`` a prepared model carries): nothing inside it is ``done`` (converted,
+    folded), and the record counts the BatchNorm layers it hides. ``root`` holds the
+    submodules (default: the traced model)."""
+    paths = tr if isinstance(tr, dict) else _opaque_paths(tr)
+    root = root if root is not None else getattr(tr, "root", None)
+    out = []
+    for path, why in paths.items():
+        try:
+            inner = root.get_submodule(path) if root is not None else None
+        except AttributeError:
+            inner = None
+        norms = 0 if inner is None else sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                            for m in inner.modules())
+        hidden = f"; it hides {norms} BatchNorm layer(s)" if norms else ""
+        out.append(Site(path, "opaque module", 0, "kept", "",
+                        f"{why}: kept as an opaque call, run as the model runs it; nothing inside "
+                        f"it is {done}{hidden} (make it traceable, e.g. move the Python logic "
+                        f"on tensor values out of its forward, to include it)",
+                        code="untraceable-module"))
     return out
 
 
@@ -391,7 +425,9 @@ def fold_model(model: nn.Module, inputs: tuple, check: bool, fuse_bn: bool, tol:
     gm = eval_graph_module(ctx, compiled=False)  # the passes end with cleanup's recompile
     check_arity(gm, inputs)
     recs = run_fold_passes(gm, ctx, fuse_bn)
-    report = _fold_report(model, gm, recs)
+    opaque = opaque_leaf_records(ctx.trace, "folded") if ctx.trace is not None else \
+        opaque_leaf_records(meta_of(model).get("opaque") or {}, "folded", model)
+    report = _fold_report(model, gm, opaque + recs)
     if check:
         _check(ctx, gm, report, recs, tol, fuse_bn)
     _attach_fold(model, inputs, gm, report)
@@ -423,7 +459,8 @@ def _fold_checked_end_to_end(model: nn.Module, inputs: tuple, fuse_bn: bool, tol
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            gm = capture(clone, inputs, leaf_modules, checked=False).eval
+            tr = capture(clone, inputs, leaf_modules, checked=False)
+            gm = tr.eval
             to_eval(gm)
             defer_shapes(gm, inputs)
             ctx = Context(model, inputs, leaf_modules, reference=reference)
@@ -435,7 +472,7 @@ def _fold_checked_end_to_end(model: nn.Module, inputs: tuple, fuse_bn: bool, tol
             err, limit = relative_error(reference, out), tolerance(tol, out)
             if not err <= limit:
                 return None
-            report = _fold_report(model, gm, recs)
+            report = _fold_report(model, gm, opaque_leaf_records(tr, "folded") + recs)
         except Exception:  # noqa: BLE001 - the full path reports it properly
             return None
         finally:
@@ -471,9 +508,13 @@ def _checked_note(err: float, tol: float) -> str:
 
 
 def meta_of(model: nn.Module) -> dict:
-    """What asrfx recorded on a model it made (``model.meta["asrfx"]``), else {}."""
+    """What asrfx recorded on a model it made (``model.meta["asrfx"]``; after pickling, which
+    drops ``meta``, ``model.asrfx_info``), else {}."""
     meta = getattr(model, "meta", None)
-    return meta.get("asrfx", {}) if isinstance(meta, dict) else {}
+    found = meta.get("asrfx") if isinstance(meta, dict) else None
+    if found is None:
+        found = model.__dict__.get("asrfx_info")
+    return found if isinstance(found, dict) else {}
 
 
 def eval_graph_module(ctx: Context, compiled: bool = True) -> fx.GraphModule:
@@ -491,6 +532,7 @@ def eval_graph_module(ctx: Context, compiled: bool = True) -> fx.GraphModule:
         warn_own_hooks(model)
     else:
         tr = capture(clone_module(model), ctx.inputs, ctx.leaf_modules)
+        ctx.trace = tr
         gm = tr.eval
         if tr.shaped:
             ctx.fresh.add(gm)

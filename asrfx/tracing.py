@@ -37,7 +37,7 @@ from .passes.graph_utils import (describe_hooks, module_hooks, reads_shape_only,
                                  to_eval)
 from .passes.shapes import ShapeRecorder, propagate_shapes
 
-__all__ = ["trace", "AsrTracer", "preserve_modes", "DualModeGraphModule", "TraceResult",
+__all__ = ["trace", "AsrTracer", "preserve_modes", "DualModeGraphModule", "TraceResult", "Leaves",
            "trace_modes", "hooked_leaves", "warn_own_hooks"]
 
 # Norm and dropout layers decide their behaviour on self.training at run time; a subclass of
@@ -385,6 +385,21 @@ def _guarded_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
     return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
 
 
+class Leaves(set):
+    """The paths of the submodules a trace keeps as opaque calls because they could not be
+    captured faithfully, with why (``why[path]``): they run as the model calls them, and no
+    pass sees inside them, which fold and prepare report (``untraceable-module``)."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.why: dict[str, str] = {}
+
+    def keep(self, paths: Iterable[str], reason: str) -> None:
+        for p in paths:
+            self.add(p)
+            self.why[p] = reason
+
+
 def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | type],
                 example_inputs: tuple | None = None) -> fx.Graph:
     tracer = AsrTracer(list(user_leaves) + sorted(leaves), example_inputs)
@@ -459,13 +474,13 @@ def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
                     f"{', ...' if len(same) > 1 else ''}) are kept as opaque leaves: "
                     f"{short_error(f.error)}. They run as in the model; nothing inside them "
                     f"will be converted.", stacklevel=3)
-                leaves.update(same)
+                _keep(leaves, same, short_error(f.error))
                 continue
             warnings.warn(
                 f"asrfx: submodule '{f.path}' ({cls.__name__}) "
                 f"cannot be traced symbolically ({short_error(f.error)}); it is kept as an opaque leaf "
                 f"and nothing inside it will be converted.", stacklevel=3)
-            leaves.add(f.path)
+            _keep(leaves, [f.path], f"cannot be traced symbolically ({short_error(f.error)})")
         except Exception as e:  # noqa: BLE001 - the top level itself failed
             if example_inputs is not None and not with_values and _needs_values(e):
                 with_values = True
@@ -540,7 +555,7 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
     tracing), so a graph can trace fine and compute something else. A submodule whose traced
     graph fails or disagrees is retraced as a leaf, innermost first, with a warning.
     """
-    leaves: set[str] = set()
+    leaves = Leaves()
     if example_inputs is None:
         return _report_hooks(model, _trace_modes(model, leaf_modules, leaves), leaf_modules)
     reference = _eager_eval(model, example_inputs)
@@ -564,8 +579,15 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
         warnings.warn(f"asrfx: submodule '{path}' ({type(model.get_submodule(path)).__name__}) "
                       f"traces to a graph that {why}; it is kept as an opaque leaf and nothing "
                       f"inside it will be converted.", stacklevel=3)
-        leaves.add(path)
+        _keep(leaves, [path], f"traces to a graph that {why}")
     raise TraceError("", "could not find a faithful graph", "pass leaf_modules=[...]")
+
+
+def _keep(leaves: set[str], paths: Iterable[str], reason: str) -> None:
+    if isinstance(leaves, Leaves):
+        leaves.keep(paths, reason)
+    else:
+        leaves.update(paths)
 
 
 def trace_eval(model: nn.Module, leaf_modules: Sequence[str | type] = (),
@@ -577,7 +599,7 @@ def trace_eval(model: nn.Module, leaf_modules: Sequence[str | type] = (),
     that traced unfaithfully fails that check, and the caller then captures with
     :func:`trace_modes`, which finds and names the culprit.
     """
-    leaves: set[str] = set()
+    leaves = Leaves()
     with preserve_modes(model):
         to_eval(model)
         graph = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)

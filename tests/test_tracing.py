@@ -760,3 +760,76 @@ def test_an_autograd_function_in_the_top_level_forward_is_refused_with_the_fix()
     with pytest.raises(asrfx.TraceError, match="(?s)autograd Function .*_GradReverse.*"
                                                "apply the Function inside a submodule"):
         asrfx.trace(Top(), (torch.randn(1, 3, 4, 4),))
+
+
+# --------------------------------------------------------------------------------------------
+# opaque submodules are reported, with what they hide
+
+
+class _TfSamePadBlock(nn.Module):
+    """Pads with ``int()`` of the input's width, as TF-style "same" padding does in
+    transformers' MobileNetV2: fx cannot trace ``int()`` of a traced value, so the block is
+    kept opaque, and the BatchNorm and SE inside it with it."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3)
+        self.bn = nn.BatchNorm2d(c)
+        self.se = SE(c)
+
+    def forward(self, x):
+        pad = 2 - int(x.shape[-1]) % 2
+        x = F.pad(x, (1, pad - 1, 1, pad - 1))
+        return self.se(torch.relu(self.bn(self.conv(x))))
+
+
+class _NetWithOpaqueBlock(nn.Module):
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.block = _TfSamePadBlock(c)
+        self.head = nn.Conv2d(c, 5, 1)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.bn(self.stem(x)))))
+
+
+def _opaque(report) -> list:
+    return [s for s in report.sites if s.code == "untraceable-module"]
+
+
+@pytest.mark.parametrize("path", ["end-to-end", "full"])
+def test_fold_reports_an_opaque_submodule_and_the_norms_it_hides(path, monkeypatch):
+    import asrfx.pipeline
+
+    if path == "full":
+        monkeypatch.setattr(asrfx.pipeline, "_fold_checked_end_to_end", lambda *a, **k: None)
+    model = randomize_bn(_NetWithOpaqueBlock(), 21).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with pytest.warns(UserWarning, match=r"'block'.*cannot be traced"):
+        deploy = asrfx.fold(model, example_inputs=(x,))
+    rep = deploy.asrfx_report
+    [rec] = _opaque(rep)
+    assert (rec.path, rec.action) == ("block", "kept")
+    assert "cannot be traced symbolically" in rec.reason and "int()" in rec.reason
+    assert "1 BatchNorm" in rec.reason and "folded" in rec.reason
+    assert any(s.path == "bn" and s.action == "fused" for s in rep.sites)  # outside: fused
+    with torch.no_grad():
+        assert rel_err(model(x), deploy(x)) <= REL_TOL
+
+
+def test_prepare_reports_an_opaque_submodule_and_fold_of_its_result_again():
+    model = randomize_bn(_NetWithOpaqueBlock(), 22).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with pytest.warns(UserWarning, match=r"'block'"):
+        prepared = asrfx.prepare(model, example_inputs=(x,))
+    [rec] = _opaque(prepared.asrfx_report)
+    assert rec.path == "block" and "nothing inside it is converted" in rec.reason
+    assert not psi_names(prepared)  # the SE inside the opaque block is not converted
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    [rec] = _opaque(deploy.asrfx_report)
+    assert rec.path == "block" and "1 BatchNorm" in rec.reason
+    # pickled and loaded back, the prepared model still knows (the report's source is meta)
+    again = asrfx.fold(pickled_copy(prepared), example_inputs=(x,))
+    assert [s.path for s in _opaque(again.asrfx_report)] == ["block"]
