@@ -154,7 +154,8 @@ def prepare_model(model: nn.Module, work: nn.Module, inputs: tuple, opts: Prepar
     ctx.captured(capture(work, inputs, leaf_modules))
     tr = ctx.trace
     report = Report("prepare", params_before=count_params(model))
-    report.extend(_hooked_leaf_records(tr.hooked) + opaque_leaf_records(tr, "converted"))
+    report.extend(_hooked_leaf_records(tr.hooked) +
+                  opaque_leaf_records(tr.leaves.why, tr.root, "converted"))
     for gm in tr.modules():  # SK / split attention: a gate over stacked branches, flattened
         ctx.shapes(gm)
         if flatten_stacked_gates(gm):
@@ -197,37 +198,29 @@ def prepare_model(model: nn.Module, work: nn.Module, inputs: tuple, opts: Prepar
         report.notes.append("no channel attention found; the model is returned unchanged "
                             "(use fold() for BN fusion)")
     attach_report(out, report, mode=opts.mode, input_specs=input_specs(inputs),
-                  psi=[n for n in created if n.endswith("psi")], opaque=_opaque_paths(tr))
+                  psi=[n for n in created if n.endswith("psi")], opaque=dict(tr.leaves.why))
     return out
 
 
-def _opaque_paths(tr: TraceResult) -> dict[str, str]:
-    why = getattr(tr.leaves, "why", {})
-    return {p: why.get(p, "kept opaque while tracing") for p in sorted(tr.leaves)}
-
-
-def opaque_leaf_records(tr: TraceResult | dict[str, str], done: str,
-                        root: nn.Module | None = None) -> list[Site]:
+def opaque_leaf_records(why: dict[str, str], root: nn.Module, done: str) -> list[Site]:
     """A "kept" record (code ``untraceable-module``) for every submodule the trace kept as an
-    opaque call because it could not be captured faithfully (``tr.leaves``, or the
-    ``{path: why}`` a prepared model carries): nothing inside it is ``done`` (converted,
-    folded), and the record counts the BatchNorm layers it hides. ``root`` holds the
-    submodules (default: the traced model)."""
-    paths = tr if isinstance(tr, dict) else _opaque_paths(tr)
-    root = root if root is not None else getattr(tr, "root", None)
+    opaque call because it could not be captured faithfully (``why``: path -> reason, a
+    trace's ``leaves.why`` or what a prepared model carries; ``root`` holds the submodules):
+    nothing inside it is ``done`` (converted, folded), and the record counts the BatchNorm
+    layers it hides."""
     out = []
-    for path, why in paths.items():
+    for path, reason in sorted(why.items()):
         try:
-            inner = root.get_submodule(path) if root is not None else None
+            inner = root.get_submodule(path)
         except AttributeError:
             inner = None
         norms = 0 if inner is None else sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                             for m in inner.modules())
         hidden = f"; it hides {norms} BatchNorm layer(s)" if norms else ""
         out.append(Site(path, "opaque module", 0, "kept", "",
-                        f"{why}: kept as an opaque call, run as the model runs it; nothing inside "
-                        f"it is {done}{hidden} (make it traceable, e.g. move the Python logic "
-                        f"on tensor values out of its forward, to include it)",
+                        f"{reason}: kept as an opaque call, run as the model runs it; nothing "
+                        f"inside it is {done}{hidden} (make it traceable, e.g. move the Python "
+                        f"logic on tensor values out of its forward, to include it)",
                         code="untraceable-module"))
     return out
 
@@ -425,9 +418,7 @@ def fold_model(model: nn.Module, inputs: tuple, check: bool, fuse_bn: bool, tol:
     gm = eval_graph_module(ctx, compiled=False)  # the passes end with cleanup's recompile
     check_arity(gm, inputs)
     recs = run_fold_passes(gm, ctx, fuse_bn)
-    opaque = opaque_leaf_records(ctx.trace, "folded") if ctx.trace is not None else \
-        opaque_leaf_records(meta_of(model).get("opaque") or {}, "folded", model)
-    report = _fold_report(model, gm, opaque + recs)
+    report = _fold_report(model, gm, _folded_opaque(model, ctx.trace) + recs)
     if check:
         _check(ctx, gm, report, recs, tol, fuse_bn)
     _attach_fold(model, inputs, gm, report)
@@ -472,7 +463,7 @@ def _fold_checked_end_to_end(model: nn.Module, inputs: tuple, fuse_bn: bool, tol
             err, limit = relative_error(reference, out), tolerance(tol, out)
             if not err <= limit:
                 return None
-            report = _fold_report(model, gm, opaque_leaf_records(tr, "folded") + recs)
+            report = _fold_report(model, gm, _folded_opaque(model, tr) + recs)
         except Exception:  # noqa: BLE001 - the full path reports it properly
             return None
         finally:
@@ -483,6 +474,14 @@ def _fold_checked_end_to_end(model: nn.Module, inputs: tuple, fuse_bn: bool, tol
     report.notes.append(_checked_note(err, limit))
     _attach_fold(model, inputs, gm, report)
     return gm
+
+
+def _folded_opaque(model: nn.Module, tr: TraceResult | None) -> list[Site]:
+    """Fold's records of opaque submodules: those of its own trace, else (a GraphModule)
+    those the prepared model carries."""
+    if tr is not None:
+        return opaque_leaf_records(tr.leaves.why, tr.root, "folded")
+    return opaque_leaf_records(meta_of(model).get("opaque") or {}, model, "folded")
 
 
 def _fold_report(model: nn.Module, gm: fx.GraphModule, recs: list[Site]) -> Report:

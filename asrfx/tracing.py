@@ -451,7 +451,7 @@ def _needs_values(e: BaseException) -> bool:
 
 
 def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
-                         leaves: set[str], example_inputs: tuple | None = None) -> fx.Graph:
+                         leaves: Leaves, example_inputs: tuple | None = None) -> fx.Graph:
     name = type(model).__name__
     with_values = False
     for _ in range(1000):
@@ -474,13 +474,13 @@ def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
                     f"{', ...' if len(same) > 1 else ''}) are kept as opaque leaves: "
                     f"{short_error(f.error)}. They run as in the model; nothing inside them "
                     f"will be converted.", stacklevel=3)
-                _keep(leaves, same, short_error(f.error))
+                leaves.keep(same, short_error(f.error))
                 continue
             warnings.warn(
                 f"asrfx: submodule '{f.path}' ({cls.__name__}) "
                 f"cannot be traced symbolically ({short_error(f.error)}); it is kept as an opaque leaf "
                 f"and nothing inside it will be converted.", stacklevel=3)
-            _keep(leaves, [f.path], f"cannot be traced symbolically ({short_error(f.error)})")
+            leaves.keep([f.path], f"cannot be traced symbolically ({short_error(f.error)})")
         except Exception as e:  # noqa: BLE001 - the top level itself failed
             if example_inputs is not None and not with_values and _needs_values(e):
                 with_values = True
@@ -558,7 +558,7 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
     leaves = Leaves()
     if example_inputs is None:
         return _report_hooks(model, _trace_modes(model, leaf_modules, leaves), leaf_modules)
-    reference = _eager_eval(model, example_inputs)
+    reference = eager_eval(model, example_inputs)
     for _ in range(200):
         tr = _trace_modes(model, leaf_modules, leaves, example_inputs)
         culprit, out = _validate(tr.eval, example_inputs, reference, leaves, leaf_modules)
@@ -579,15 +579,8 @@ def trace_modes(model: nn.Module, leaf_modules: Sequence[str | type] = (),
         warnings.warn(f"asrfx: submodule '{path}' ({type(model.get_submodule(path)).__name__}) "
                       f"traces to a graph that {why}; it is kept as an opaque leaf and nothing "
                       f"inside it will be converted.", stacklevel=3)
-        _keep(leaves, [path], f"traces to a graph that {why}")
+        leaves.keep([path], f"traces to a graph that {why}")
     raise TraceError("", "could not find a faithful graph", "pass leaf_modules=[...]")
-
-
-def _keep(leaves: set[str], paths: Iterable[str], reason: str) -> None:
-    if isinstance(leaves, Leaves):
-        leaves.keep(paths, reason)
-    else:
-        leaves.update(paths)
 
 
 def trace_eval(model: nn.Module, leaf_modules: Sequence[str | type] = (),
@@ -599,21 +592,8 @@ def trace_eval(model: nn.Module, leaf_modules: Sequence[str | type] = (),
     that traced unfaithfully fails that check, and the caller then captures with
     :func:`trace_modes`, which finds and names the culprit.
     """
-    leaves = Leaves()
-    with preserve_modes(model):
-        to_eval(model)
-        graph = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
-    gm = uncompiled_graph_module(model, graph, type(model).__name__)
-    return _report_hooks(model, TraceResult(model, gm, gm, leaves), leaf_modules)
-
-
-def eager_eval(model: nn.Module, inputs: tuple) -> Any:
-    """``model``'s eval-mode output on ``inputs`` without gradients (its mode kept).
-
-    Raises:
-        InputError: the model fails on the inputs (names its signature and the inputs).
-    """
-    return _eager_eval(model, inputs)
+    return _report_hooks(model, _trace_eval_mode(model, leaf_modules, Leaves(), example_inputs),
+                         leaf_modules)
 
 
 def hooked_leaves(tr: TraceResult, leaf_modules: Sequence[str | type] = ()
@@ -675,13 +655,19 @@ def _find_unfaithful_module(model: nn.Module, tr: TraceResult,
                 name == c or name.startswith(c + ".") for c in called):
             paths.add(name)
     for path in sorted(paths, key=lambda p: (-p.count("."), p))[:limit]:
-        trial = _trace_modes(model, leaf_modules, leaves | {path}, inputs)
-        if _validate(trial.eval, inputs, reference, leaves | {path}, leaf_modules)[0] is None:
+        trial_leaves = Leaves(leaves | {path})
+        trial = _trace_modes(model, leaf_modules, trial_leaves, inputs)
+        if _validate(trial.eval, inputs, reference, trial_leaves, leaf_modules)[0] is None:
             return path
     return None
 
 
-def _eager_eval(model: nn.Module, inputs: tuple) -> Any:
+def eager_eval(model: nn.Module, inputs: tuple) -> Any:
+    """``model``'s eval-mode output on ``inputs`` without gradients (its mode kept).
+
+    Raises:
+        InputError: the model fails on the inputs (names its signature and the inputs).
+    """
     with preserve_modes(model):
         to_eval(model)
         try:
@@ -799,18 +785,22 @@ def uncompiled_graph_module(root: nn.Module, graph: fx.Graph, name: str) -> Grap
         GraphModule.recompile = original  # type: ignore[method-assign]
 
 
-def _trace_modes(model: nn.Module, leaf_modules: Sequence[str | type], leaves: set[str],
+def _trace_eval_mode(model: nn.Module, leaf_modules: Sequence[str | type], leaves: Leaves,
+                     example_inputs: tuple | None = None) -> TraceResult:
+    """The graph of ``model`` in eval mode, as both graphs of the result (its modes kept)."""
+    with preserve_modes(model):
+        to_eval(model)
+        graph = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
+    gm = uncompiled_graph_module(model, graph, type(model).__name__)
+    return TraceResult(model, gm, gm, leaves)
+
+
+def _trace_modes(model: nn.Module, leaf_modules: Sequence[str | type], leaves: Leaves,
                  example_inputs: tuple | None = None) -> TraceResult:
+    if not _may_depend_on_mode(model, leaf_modules, leaves):
+        return _trace_eval_mode(model, leaf_modules, leaves, example_inputs)
     modes = preserve_modes(model)
     name = type(model).__name__
-    if not _may_depend_on_mode(model, leaf_modules, leaves):
-        try:
-            to_eval(model)
-            graph = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)
-        finally:
-            modes.__exit__()
-        gm = uncompiled_graph_module(model, graph, name)
-        return TraceResult(model, gm, gm, leaves)
     try:
         model.train()
         g_train = _trace_with_fallback(model, leaf_modules, leaves, example_inputs)

@@ -20,8 +20,9 @@ import torch.fx as fx
 from asrfx.report import Site
 
 from .batch_rows import collapse_batch
-from .graph_utils import (drop_dead, safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op, module_path,
-                          set_attr_path, stable_toposort, unique_name, value_dependent)
+from .graph_utils import (drop_dead, safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op,
+                          module_path, set_attr_path, stable_toposort, unique_name,
+                          value_dependent)
 from .protocol import PassContext, record
 from .shapes import ShapeRecorder
 

@@ -99,15 +99,14 @@ class GatedBatchNorm3d(_Gated, nn.BatchNorm3d):
 class _GatedConv:
     """``forward(x, scale)``: the convolution of ``x * scale`` (``scale``: one value per input
     channel, any shape with ``in_channels`` elements) computed as the convolution of ``x`` with
-    the kernel's input columns scaled (:func:`asrfx.foldmath.column_scale`); without ``scale`` exactly the
+    the kernel's input columns scaled (:func:`scaled_kernel`); without ``scale`` exactly the
     convolution."""
 
     def forward(self, input: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         if scale is None:
             return super().forward(input)  # type: ignore[misc]
-        weight = self.weight  # type: ignore[attr-defined]
         return self._conv_forward(  # type: ignore[attr-defined]
-            input, weight * column_scale(scale, weight, self.groups),  # type: ignore[attr-defined]
+            input, scaled_kernel(self.weight, scale, self.groups),  # type: ignore[attr-defined]
             self.bias)  # type: ignore[attr-defined]
 
 
@@ -127,6 +126,7 @@ GATED = {nn.BatchNorm1d: GatedBatchNorm1d, nn.BatchNorm2d: GatedBatchNorm2d,
          nn.BatchNorm3d: GatedBatchNorm3d}
 GATED_CONV = {nn.Conv1d: GatedConv1d, nn.Conv2d: GatedConv2d, nn.Conv3d: GatedConv3d}
 PLAIN = {v: k for k, v in [*GATED.items(), *GATED_CONV.items()]}
+_GATED_NORMS = frozenset(GATED.values())  # (a norm the other mode's graph already gated)
 
 
 def _map_of(site: AttentionSite) -> fx.Node | None:
@@ -167,9 +167,9 @@ def _norm_call(gm: fx.GraphModule, n: fx.Node) -> bool:
     """``n`` is a torch BatchNorm module call (without hooks: they would see the scale as a
     second input) or an ``F.batch_norm`` whose affine is nodes."""
     if n.op == "call_module":
-        mod = gm.get_submodule(str(n.target))
-        return (type(mod) in GATED or type(mod) in PLAIN) and len(n.args) == 1 and \
-            not n.kwargs and not module_hooks(mod) and not isinstance(mod, _GatedConv)
+        mod = submodule(gm, n.target)
+        return (type(mod) in GATED or type(mod) in _GATED_NORMS) and len(n.args) == 1 and \
+            not n.kwargs and not module_hooks(mod)
     args = batch_norm_args(n)
     return args is not None and all(args[k] is None or isinstance(args[k], fx.Node)
                                     for k in ("weight", "bias"))
@@ -241,9 +241,10 @@ def gate_affine(param: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor
 
 def scaled_kernel(weight: torch.Tensor, scale: torch.Tensor, groups: int) -> torch.Tensor:
     """``weight`` with its input columns scaled by ``scale``: the kernel for which
-    ``conv(x, scaled_kernel(w, g, groups)) == conv(x * g, w)`` (see :func:`asrfx.foldmath.column_scale`). A
-    function, so that a fused functional conv (``F.conv2d(x, w)`` of a traced-through layer) is
-    ``F.conv2d(x, scaled_kernel(w, g, groups))``: constant once psi is, which fold evaluates."""
+    ``conv(x, scaled_kernel(w, g, groups)) == conv(x * g, w)`` (see
+    :func:`asrfx.foldmath.column_scale`). A function, so that a fused functional conv
+    (``F.conv2d(x, w)`` of a traced-through layer) is ``F.conv2d(x, scaled_kernel(w, g,
+    groups))``: constant once psi is, which fold evaluates."""
     return weight * column_scale(scale, weight, groups)
 
 
@@ -281,7 +282,7 @@ def _conv_readers(gm: fx.GraphModule, site: AttentionSite
             chain.append(r)
             prev, r = r, readers[0]
         if r.op == "call_module":
-            mod = gm.get_submodule(str(r.target))
+            mod = submodule(gm, r.target)
             if not (type(mod) in GATED_CONV or isinstance(mod, _GatedConv)) or \
                     module_hooks(mod) or r.args != (prev,) or r.kwargs:
                 return [], why
@@ -301,7 +302,7 @@ def _fuse_into_convs(gm: fx.GraphModule, site: AttentionSite,
     for conv, chain in convs:
         src = chain[-1] if chain else x
         if conv.op == "call_module":
-            mod = gm.get_submodule(str(conv.target))
+            mod = submodule(gm, conv.target)
             mod.__class__ = GATED_CONV.get(type(mod), type(mod))  # same object, names kept
             conv.args = (src, site.gate)
             continue
