@@ -68,19 +68,24 @@ class _Gated:
             return super().forward(input)  # type: ignore[misc]
         self._check_input_dim(input)  # type: ignore[attr-defined]
         s = scale.reshape(-1)
-        factor = 0.0 if self.momentum is None else self.momentum  # type: ignore[attr-defined]
-        tracked = self.training and self.track_running_stats  # type: ignore[attr-defined]
-        if tracked and self.num_batches_tracked is not None:  # type: ignore[attr-defined]
-            self.num_batches_tracked.add_(1)  # type: ignore[attr-defined]
-            if self.momentum is None:  # type: ignore[attr-defined]
-                factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
-        stats = not self.training or self.track_running_stats  # type: ignore[attr-defined]
-        mean = self.running_mean if stats else None  # type: ignore[attr-defined]
-        var = self.running_var if stats else None  # type: ignore[attr-defined]
-        use_batch = self.training or (mean is None and var is None)
-        weight = s if self.weight is None else self.weight * s  # type: ignore[attr-defined]
-        bias = None if self.bias is None else self.bias * s  # type: ignore[attr-defined]
-        return F.batch_norm(input, mean, var, weight, bias, use_batch, factor,
+        # each parameter and buffer read once (a module attribute read costs a Python call)
+        training, momentum = self.training, self.momentum  # type: ignore[attr-defined]
+        factor = 0.0 if momentum is None else momentum
+        tracked = self.track_running_stats  # type: ignore[attr-defined]
+        if training and tracked:
+            counter = self.num_batches_tracked  # type: ignore[attr-defined]
+            if counter is not None:
+                counter.add_(1)
+                if momentum is None:
+                    factor = 1.0 / float(counter)
+        if not training or tracked:
+            mean, var = self.running_mean, self.running_var  # type: ignore[attr-defined]
+        else:
+            mean = var = None
+        use_batch = training or (mean is None and var is None)
+        weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
+        return F.batch_norm(input, mean, var, s if weight is None else weight * s,
+                            None if bias is None else bias * s, use_batch, factor,
                             self.eps)  # type: ignore[attr-defined]
 
 

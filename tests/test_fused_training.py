@@ -308,6 +308,55 @@ def test_batched_excitations_pickle_and_keep_the_state_dict():
         assert rel_err(fused(X), again(X)) <= REL_TOL
 
 
+def _traced_entries(model: nn.Module) -> list:
+    return [g for m in model.modules() if isinstance(m, BatchedExcitations)
+            for g in m.__dict__.get("_asrfx_traced", {}).values()]
+
+
+@pytest.mark.parametrize("attention", ["se", "eca", "eca_transpose", "srm", "gct", "ese",
+                                       "cbam_channel", "spa"])
+def test_batched_excitations_run_a_traced_graph_equal_to_the_vmap_call(attention):
+    """The batched call runs the aten graph vmap dispatches to, traced once per input
+    signature: same outputs and gradients as the vmap call itself."""
+    torch.manual_seed(25)
+    model = randomize_bn(cifar_resnet(14, attention=attention, block="basic", num_classes=6),
+                         26)
+    _, fused = _pair(model)
+    randomize_psi(fused, 27)
+    with torch.no_grad():
+        fused.eval()(X)  # traced for eval mode
+    assert len(_traced_entries(fused)) == 3
+    vmapped = pickled_copy(fused)
+    assert _traced_entries(vmapped) == []  # the traces are not pickled
+    for m in vmapped.modules():
+        if isinstance(m, BatchedExcitations):
+            m._traced = lambda inputs: None  # the vmap call on every step
+    a, ga = _step(fused)
+    b, gb = _step(vmapped)
+    traced = _traced_entries(fused)
+    assert len(traced) == 6 and all(isinstance(g, fx.GraphModule) for g in traced)
+    assert _traced_entries(vmapped) == []
+    assert rel_err(a, b) <= REL_TOL
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        tol = REL_TOL * float(ga[name].abs().max()) + torch.finfo(torch.float32).tiny
+        assert float((ga[name] - gb[name]).abs().max()) <= tol, name
+
+
+def test_a_new_input_signature_is_traced_again():
+    model = randomize_bn(cifar_resnet(14, attention="se", block="basic", num_classes=6), 28)
+    _, fused = _pair(model)
+    _step(fused)
+    assert len(_traced_entries(fused)) == 3
+    fused.eval()
+    with torch.no_grad():
+        out32 = fused(X)
+        assert len(_traced_entries(fused)) == 6  # eval mode: traced for its own mode
+        out64 = fused.double()(X.double())
+    assert len(_traced_entries(fused)) == 9  # float64: its own trace
+    assert rel_err(out32.double(), out64) <= REL_TOL
+
+
 class _ScaledByHeight(nn.Module):
     """An excitation that reads the map's height: equal weights shapes, different sizes."""
 
