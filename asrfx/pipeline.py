@@ -341,7 +341,7 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
         if batched[0]:
             fused_notes.insert(1, f"fused training form: the excitations of {batched[0]} "
                                   f"site(s) run as {batched[1]} batched call(s) "
-                                  f"(identical excitations, stacked parameters, torch.func.vmap)")
+                                  f"(identical excitations, stacked parameters, torch.func.vmap traced once)")
     return records, _site_notes(sites) + fused_notes, len(sites)
 
 

@@ -425,7 +425,7 @@ def summary_lines(s: dict) -> list[str]:
            if s.get("rounding_judged_float64") and "max_grad_err_f32" in s else ""),
         "failures: " + (", ".join(f"`{m}`" for m in s["failures"]) or "none"),
         "outcomes: " + ", ".join(f"{k} {v}" for k, v in s["outcomes"].items()),
-        f"training step time, sum over models: multiply form {s['train_s_plain']:.1f} s, "
+        f"first training step time (with the one-time traces), sum over models: multiply form {s['train_s_plain']:.1f} s, "
         f"fused form {s['train_s_fused']:.1f} s",
     ]
     if s["rounding_judged_float64"]:
@@ -469,8 +469,10 @@ def markdown(results: list[dict], s: dict, meta: dict) -> str:
             "the step; *eval*, *deploy*: eval outputs of the prepared and of the folded forms. "
             "*fused*: gates applied through a BatchNorm's affine or a reading conv's kernel "
             "/ sites converted; *batched*: "
-            "sites whose excitations run batched (in calls); *train s*: one training step of each form "
-            "(wall clock, one sample on a shared machine: noisy). An error over TOL marked (f64) "
+            "sites whose excitations run batched (in calls); *train s*: the first training step "
+            "of each form (wall clock, one sample on a shared machine: noisy), with its one-time "
+            "work: in the fused form each batched call traces its aten graph then (about "
+            "0.02-0.1 s per call). An error over TOL marked (f64) "
             "was judged float32 rounding in float64 (see the module docstring).", ""]
     out += ["## Models", ""]
     out += ["| family | model | BN | fused | batched | train out | grad | state | eval | deploy "
