@@ -327,8 +327,8 @@ def _convert(gm: fx.GraphModule, root: nn.Module, opts: PrepareOptions, init: An
                             "inserted" if inserted else actions[m],
                             "" if m == "keep" else ", ".join(psis), reason, code,
                             form=forms[id(site)]))
-    records += [Site(path, "spatial attention" if code == "spatial-attention" else
-                     "channel-attention?", 0, "refused", "", reason, code)
+    records += [Site(path, _NOT_CHANNEL.get(code, "channel-attention?"), 0, "refused", "",
+                     reason, code)
                 for path, reason, code in found.found_refused]
     records += [rec for _, rec in found.refused] + also
     if opts.fused:
@@ -619,8 +619,13 @@ def _attention_left(gm: fx.GraphModule) -> list[Site]:
     return [Site(s.path, "channel-attention", s.channels, "kept", "",
                  "input-dependent attention (prepare() converts it)", "not-prepared")
             for s in left] + \
-        [Site(path, "spatial attention", 0, "kept", "", reason, code)
-         for path, reason, code in refused if code == "spatial-attention"]
+        [Site(path, _NOT_CHANNEL[code], 0, "kept", "", reason, code)
+         for path, reason, code in refused if code in _NOT_CHANNEL]
+
+
+#: the kinds of input-dependent attention that are not channel attention (refusal code -> kind)
+_NOT_CHANNEL = {"spatial-attention": "spatial attention",
+                "element-attention": "element-wise attention"}
 
 
 def _check(ctx: Context, gm: fx.GraphModule, report: Report, recs: list[Site], tol: float,

@@ -775,6 +775,91 @@ def unexpand(g: Any, x: Any) -> Any:
     return g
 
 
+_CONTEXT_MODULES = _REDUCE_MODULES + (nn.Upsample, nn.UpsamplingNearest2d,
+                                       nn.UpsamplingBilinear2d)
+_CONTEXT_FUNCTIONS = _REDUCE_FUNCTIONS | {F.interpolate, F.upsample, F.upsample_nearest,
+                                          F.upsample_bilinear}
+_CONSTANT_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
+                 torch.sub, torch.mul, "add", "sub", "mul", "div"}
+
+
+def _gate_core(gm: fx.GraphModule, g: fx.Node, dep: set) -> fx.Node | None:
+    """The sigmoid-like node (sigmoid, hard sigmoid, softmax, tanh, in any spelling) ``g`` is
+    made of, through reshapes and arithmetic with input-independent operands (``1 + s``,
+    ``s / 6``), else None."""
+    for _ in range(8):
+        if g.op == "call_module":
+            return g if type(submodule(gm, g.target)) in _MODULE_FORMS else None
+        if g.op not in ("call_function", "call_method"):
+            return None
+        try:
+            if g.target in _FORMS:
+                return g
+        except TypeError:  # an unhashable target
+            return None
+        ins = [a for a in g.all_input_nodes if a in dep]
+        if len(ins) != 1 or not (g.target in _SHAPE_OPS or g.target in _CONSTANT_OPS):
+            return None
+        g = ins[0]
+    return None
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it is computed from."""
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _is_context(gm: fx.GraphModule, n: fx.Node, dep: set) -> bool:
+    """A node that gathers values across positions: pooling (global or not), a reduction, an
+    interpolation / upsampling."""
+    if n.op == "call_module":
+        return isinstance(submodule(gm, n.target), _CONTEXT_MODULES)
+    if n.op == "call_method":
+        return n.target in _REDUCE_METHODS
+    try:
+        return n.op == "call_function" and n.target in _CONTEXT_FUNCTIONS or \
+            is_statistic(gm, n, dep)
+    except TypeError:
+        return False
+
+
+def _element_gate(gm: fx.GraphModule, x: fx.Node, g: fx.Node, dep: set, xs: tuple,
+                  gs: tuple) -> bool:
+    """``x * g`` is element-wise attention: ``g`` has ``x``'s channels and varies over some of
+    its positions (``x``'s full shape, or a coordinate attention's ``(N, C, H, 1)``), is
+    sigmoid-like (:func:`_gate_core`), and the part of its computation that
+    ``x`` does not share pools, reduces or resamples (BAM's ``1 + sigmoid(channel * spatial)``,
+    a self-calibrated convolution's ``sigmoid(x + up(down(x)))``, the soft mask of a residual
+    attention network). A self-gating activation (``x * sigmoid(x)``, a GLU) has no such
+    context, and is not attention."""
+    if len(xs) < 3 or len(gs) != len(xs) or xs[1] < 2 or gs[1] != xs[1] or \
+            gs[0] not in (1, xs[0]) or prod(gs[2:]) < 2 or \
+            any(a not in (1, b) for a, b in zip(gs[2:], xs[2:])):
+        return False
+    core = _gate_core(gm, g, dep)
+    if core is None:
+        return False
+    shared = _ancestors(x)
+    seen: set[fx.Node] = set()
+    todo = [core]
+    while todo and len(seen) < 2000:
+        n = todo.pop()
+        if n in seen or n in shared or n not in dep:
+            continue
+        seen.add(n)
+        if n is not core and _is_context(gm, n, dep):
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
+
+
 def _examine(gm: fx.GraphModule, node: fx.Node, x: fx.Node, g: fx.Node, dep: set,
              pooled: Callable[[], set]) -> Any:
     """What ``node`` (``x * g`` or ``x + g``) is, read with ``x`` the map and ``g`` the gate:
@@ -796,6 +881,10 @@ def _examine(gm: fx.GraphModule, node: fx.Node, x: fx.Node, g: fx.Node, dep: set
                           "channel): it stays as it is", "spatial-attention")
         return False
     if xs is None or gs is None or not _per_channel(xs, gs, last, first):
+        if is_mul and g in dep and x in dep and _element_gate(gm, x, g, dep, xs, gs):
+            return (path, "element-wise attention (an input-dependent gate per channel and "
+                          "position, computed from pooled or resampled context): not channel "
+                          "attention, it stays as it is", "element-attention")
         return None
     if not is_mul and (_spatial_size(xs, last) == 1 or x not in dep):
         return None  # an additive site modulates a feature map
@@ -832,7 +921,8 @@ def find_attention_sites(gm: fx.GraphModule
     Returns:
         (sites, refusals) where refusals are ``(module path, reason, code)`` for multiplies
         that look like attention but cannot be converted safely. Codes: ``spatial-attention``
-        (a gate per position or token), ``gate-reads-input``, ``gate-scores-positions``, ``gate-not-pooled`` (no global
+        (a gate per position or token), ``element-attention`` (a gate per channel and
+        position from pooled or resampled context), ``gate-reads-input``, ``gate-scores-positions``, ``gate-not-pooled`` (no global
         reduction), ``gate-reads-map`` (the gate depends on x other than by pooling),
         ``statistic-extent`` (a statistic that is not one value per channel),
         ``in-place-gate``.

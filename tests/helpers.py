@@ -425,3 +425,18 @@ class TypeCheck(nn.Module):
         if isinstance(x, torch.Tensor):
             return self.conv(x) * 2
         return x
+
+
+class BAMGate(nn.Module):
+    """BAM (Park et al., BMVC 2018): ``x * (1 + sigmoid(channel(x) * spatial(x)))``, a gate per
+    channel and position from a pooled channel branch and a dilated spatial branch."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(c, 2), nn.ReLU(), nn.Linear(2, c))
+        self.sp = nn.Sequential(nn.Conv2d(c, 2, 1), nn.Conv2d(2, 2, 3, padding=2, dilation=2),
+                                nn.Conv2d(2, 1, 1))
+
+    def forward(self, x):
+        ch = self.fc(x.mean((2, 3))).view(x.shape[0], -1, 1, 1)
+        return x * (1 + torch.sigmoid(ch * self.sp(x)))

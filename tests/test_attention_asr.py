@@ -16,8 +16,8 @@ from torch import nn
 
 import asrfx
 from asrfx.attention import ATTENTIONS, SPA, SRM
-from asrfx.zoo import cifar_resnet
-from helpers import (assert_outputs_close, assert_prepare_changes_nothing, node_kinds, randomize_bn,
+from asrfx.zoo import SEModule, cifar_resnet
+from helpers import (BAMGate, assert_outputs_close, assert_prepare_changes_nothing, node_kinds, randomize_bn,
                      randomize_psi, rel_err)
 
 X16 = (4, 3, 16, 16)
@@ -293,3 +293,36 @@ def test_library_module_inserted_by_prepare_into_resnet56(name):
         assert deploy.asrfx_report.count(action="kept", kind="spatial attention") == n
     else:
         assert node_kinds(deploy) == node_kinds(plain)
+
+
+class _BamThenSE(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.bam = BAMGate(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.se = SEModule(c, reduction=4)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.bam(torch.relu(self.b1(self.c1(x))))
+        x = self.se(self.b2(self.c2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_element_wise_attention_is_reported_by_prepare_and_fold():
+    """BAM's gate is per channel and position: refused with a reason by prepare, kept and named
+    by fold, while the SE beside it converts and folds."""
+    x = torch.randn(2, 3, 16, 16)
+    model = randomize_bn(_BamThenSE(), 3).eval()
+    prepared = asrfx.prepare(model, example_inputs=(x,))
+    report = prepared.asrfx_report
+    assert report.count(action="converted") == 1
+    (bam,) = [s for s in report.sites if s.kind == "element-wise attention"]
+    assert (bam.path, bam.action, bam.code) == ("bam", "refused", "element-attention")
+    assert "per channel and position" in bam.reason
+    randomize_psi(prepared, 4)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert deploy.asrfx_report.count(action="kept", kind="element-wise attention") == 1
+    assert deploy.asrfx_report.count(action="folded", kind="channel scale") == 1
+    assert_outputs_close(prepared, deploy, x, torch.randn(3, 3, 24, 20))

@@ -15,7 +15,7 @@ from torch import nn
 
 from asrfx.passes import find_attention_sites
 from asrfx.passes.graph_utils import tensor_shape
-from helpers import SE, SENet, SharedGate, UnknownLayoutScores, asr_traced
+from helpers import SE, BAMGate, SENet, SharedGate, UnknownLayoutScores, asr_traced
 
 
 def _find(model: nn.Module, *inputs: torch.Tensor):
@@ -302,6 +302,47 @@ class ChannelMixingPool(nn.Module):
         return x * torch.sigmoid(self.fc(self.pool(x)))
 
 
+class SelfCalibrated(nn.Module):
+    """A self-calibrated convolution (Liu et al., CVPR 2020): ``conv(x) * sigmoid(x +
+    up(conv(down(x))))``, the gate from a downsampled view of the block's input."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.down = nn.AvgPool2d(4, 4)
+        self.k2 = nn.Conv2d(c, c, 3, padding=1)
+        self.k3 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        w = torch.sigmoid(x + F.interpolate(self.k2(self.down(x)), size=x.shape[2:]))
+        return self.k3(x) * w
+
+
+class SoftMask(nn.Module):
+    """The soft mask of a residual attention network (Wang et al., CVPR 2017): ``(1 + mask) *
+    trunk``, the mask down- and upsampled."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.trunk = nn.Conv2d(c, c, 3, padding=1)
+        self.mask = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(c, c, 1),
+                                  nn.Upsample(scale_factor=2), nn.Sigmoid())
+
+    def forward(self, x):
+        return (1 + self.mask(x)) * self.trunk(x)
+
+
+class CoordinateGate(nn.Module):
+    """Coordinate attention (Hou et al., CVPR 2021), one direction: a gate per channel and row,
+    ``(N, C, H, 1)``, from the map pooled along its width."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.conv(x.mean(3, keepdim=True)))
+
+
 #: code -> (model, input shape, module path of the refused multiply)
 REFUSALS = {
     "spatial-attention": (lambda: Wrap(SpatialGate()), IMAGES, "att"),
@@ -309,6 +350,10 @@ REFUSALS = {
     "gate-reads-map": (lambda: Wrap(PooledMapGate()), IMAGES, "att"),
     "statistic-extent": (lambda: Wrap(ChannelMixingPool(), c=2, conv=nn.Conv1d), (2, 3, 10),
                          "att"),
+    "element-attention": (lambda: Wrap(BAMGate()), IMAGES, "att"),
+    "element-attention (self-calibrated)": (lambda: Wrap(SelfCalibrated()), IMAGES, "att"),
+    "element-attention (soft mask)": (lambda: Wrap(SoftMask()), IMAGES, "att"),
+    "element-attention (coordinate)": (lambda: Wrap(CoordinateGate()), IMAGES, "att"),
 }
 
 
@@ -317,7 +362,7 @@ def test_look_alike_is_refused_with_its_code(code):
     make, shape, path = REFUSALS[code]
     _, sites, refusals = _find(make(), torch.randn(*shape))
     assert sites == []
-    assert [(p, c) for p, _, c in refusals] == [(path, code)]
+    assert [(p, c) for p, _, c in refusals] == [(path, code.split(" ")[0])]
     assert all(isinstance(reason, str) and reason for _, reason, _ in refusals)
 
 
@@ -437,3 +482,38 @@ def test_finding_sites_leaves_the_graph_as_it_is():
     before = gm.graph.python_code("self").src
     find_attention_sites(gm)
     assert gm.graph.python_code("self").src == before
+
+
+class SelfGating(nn.Module):
+    """Gates without context: swish spelled out, a GLU over channels, a gated convolution's
+    per-pixel gate (``conv_a(x) * sigmoid(conv_b(x))``) -- activations, not attention."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1)
+        self.b = nn.Conv2d(c, c, 3, padding=1)
+        self.glu = nn.Conv2d(c, 2 * c, 1)
+
+    def forward(self, x):
+        x = x * torch.sigmoid(x)
+        h, z = self.glu(x).chunk(2, dim=1)
+        x = h * torch.sigmoid(z)
+        return self.a(x) * torch.sigmoid(self.b(x))
+
+
+def test_self_gating_without_context_is_not_reported():
+    _, sites, refusals = _find(Wrap(SelfGating()), torch.randn(*IMAGES))
+    assert sites == [] and refusals == []
+
+
+def test_element_wise_attention_after_a_pooling_stem_is_still_told_from_self_gating():
+    """The context must lie on the gate's own branch: a max-pooling stem before a swish does not
+    make the swish attention, and a BAM behind the same stem is still found."""
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2))
+    _, sites, refusals = _find(nn.Sequential(stem, nn.SiLU(), SelfGating()),
+                               torch.randn(2, 3, 16, 16))
+    assert refusals == []
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2))
+    _, sites, refusals = _find(nn.Sequential(stem, SelfGating(), BAMGate()),
+                               torch.randn(2, 3, 16, 16))
+    assert [(p, c) for p, _, c in refusals] == [("2", "element-attention")]
