@@ -301,8 +301,30 @@ def _proxy_iter(self: fx.Proxy) -> Any:
             inst.opname == "UNPACK_SEQUENCE" else None
     n = tracer.unpack_at[key]
     if n is None:
-        return tracer.iter(self)
+        parts = _parts_of(tracer, self)
+        return tracer.iter(self) if parts is None else iter(parts)
     return (self[i] for i in range(n))
+
+
+def _parts_of(tracer: AsrTracer, proxy: fx.Proxy) -> list[fx.Proxy] | None:
+    """The items of a traced tuple or list of tensors iterated in Python (``for p in
+    torch.split(x, sizes, 1)``, ``zip(x.chunk(4, 1), self.convs)``): as many items as its
+    example value has, with a guard in the graph -- ``torch._assert`` -- that fails, naming the
+    count, on an input that makes another number of parts (a split along a spatial dim at
+    another size). None without an example value (the trace is retried with one) or for
+    anything else."""
+    value = tracer.value_of(proxy.node)
+    if not isinstance(value, (tuple, list)) or \
+            not all(isinstance(v, torch.Tensor) for v in value):
+        return None
+    count = len(value)
+    length = tracer.create_proxy("call_function", len, (proxy,), {})
+    same = tracer.create_proxy("call_function", operator.eq, (length, count), {})
+    tracer.create_proxy("call_function", torch._assert, (
+        same, f"asrfx: the traced graph iterates over the {count} parts of {proxy.node.name} "
+              f"(as for the example inputs); this input makes another number of parts: "
+              f"trace/prepare with inputs of this shape"), {})
+    return [proxy[i] for i in range(count)]
 
 
 def _proxy_ceil(self: fx.Proxy) -> fx.Proxy:
@@ -443,11 +465,12 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
 
 
 def _needs_values(e: BaseException) -> bool:
-    """A trace failed on what example values can answer: ``len()`` of a shape, or a Python
-    condition on a traced value (answered when it is computed from shapes alone)."""
+    """A trace failed on what example values can answer: ``len()`` of a shape, a Python
+    condition on a traced value (answered when it is computed from shapes alone), an iteration
+    over the parts of a split."""
     text = str(e)
     return "'len'" in text or "control flow" in text or "__ceil__" in text or \
-        "__floor__" in text
+        "__floor__" in text or "cannot be iterated" in text
 
 
 def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],

@@ -145,6 +145,67 @@ def test_unpacking_traced_shapes_traces_and_iterating_a_tensor_makes_a_leaf():
     assert fx.Proxy.__iter__.__module__ == "torch.fx.proxy"  # fx's own again after the trace
 
 
+class _MixConv(nn.Module):
+    """A mixed depthwise convolution (Tan & Le, BMVC 2019) as pytorchcv writes it: the channel
+    groups of ``torch.split`` iterated in Python, each with its own kernel size."""
+
+    def __init__(self, c: int = 8, splits: tuple[int, ...] = (4, 2, 2)):
+        super().__init__()
+        self.splits = list(splits)
+        self.convs = nn.ModuleList(nn.Conv2d(k, k, 2 * i + 1, padding=i, groups=k)
+                                   for i, k in enumerate(splits))
+
+    def forward(self, x):
+        parts = [conv(p) for p, conv in zip(torch.split(x, self.splits, dim=1), self.convs)]
+        return torch.cat(tuple(parts), dim=1)
+
+
+class _MixNet(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.mix, self.bn2 = _MixConv(c), nn.BatchNorm2d(c)
+        self.se = SE(c)
+
+    def forward(self, x):
+        return self.se(self.bn2(self.mix(torch.relu(self.bn(self.stem(x))))))
+
+
+def test_iterating_the_parts_of_a_split_traces_from_example_values():
+    """Iterating a split (zip with the convs) used to make the module an opaque leaf: its parts
+    are now as many as the example makes, guarded in the graph."""
+    model = randomize_bn(_MixNet(), 5).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = asrfx.trace(model, x)
+        prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert {"mix.convs.0", "mix.convs.1", "mix.convs.2"} <= set(_call_module_targets(gm))
+    assert not any(s.code == "untraceable-module" for s in prepared.asrfx_report.sites)
+    assert prepared.asrfx_report.count(action="converted") == 1
+    other = torch.randn(3, 3, 12, 10)
+    torch.testing.assert_close(gm(other), model(other))
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    prepared.eval()
+    with torch.no_grad():
+        assert rel_err(prepared(other), deploy(other)) <= REL_TOL
+
+
+class _RowSplit(nn.Module):
+    def forward(self, x):
+        return torch.cat([p * (i + 1) for i, p in enumerate(x.split(4, dim=2))], dim=2)
+
+
+def test_a_split_into_another_number_of_parts_fails_loudly():
+    """Split along the height in rows of 4: two parts at height 8, three at 12. The graph
+    traced at 8 refuses the 12 with the reason, never computes something else."""
+    gm = asrfx.trace(_RowSplit(), torch.randn(1, 2, 8, 8))
+    x = torch.randn(3, 2, 8, 5)
+    torch.testing.assert_close(gm(x), _RowSplit()(x))
+    with pytest.raises(AssertionError, match="iterates over the 2 parts"):
+        gm(torch.randn(1, 2, 12, 8))
+
+
 def test_untraceable_leaf_does_not_block_conversion_elsewhere():
     model = NestedGate()
     x = torch.randn(2, 3, 8, 8)
