@@ -307,15 +307,16 @@ def _proxy_iter(self: fx.Proxy) -> Any:
 
 
 def _parts_of(tracer: AsrTracer, proxy: fx.Proxy) -> list[fx.Proxy] | None:
-    """The items of a traced tuple or list of tensors iterated in Python (``for p in
-    torch.split(x, sizes, 1)``, ``zip(x.chunk(4, 1), self.convs)``): as many items as its
-    example value has, with a guard in the graph -- ``torch._assert`` -- that fails, naming the
-    count, on an input that makes another number of parts (a split along a spatial dim at
-    another size). None without an example value (the trace is retried with one) or for
-    anything else."""
+    """The items of a traced tuple or list of tensors, or of a traced shape, iterated in Python
+    (``for p in torch.split(x, sizes, 1)``, ``zip(x.chunk(4, 1), self.convs)``, ``tuple(2 * s
+    for s in x.shape[2:])``): as many items as its example value has, each read from the
+    traced value (a size stays computed from the input), with a guard in the graph --
+    ``torch._assert`` -- that fails, naming the count, on an input that makes another number
+    of parts (a split along a spatial dim at another size). None without an example value
+    (the trace is retried with one) or for anything else."""
     value = tracer.value_of(proxy.node)
-    if not isinstance(value, (tuple, list)) or \
-            not all(isinstance(v, torch.Tensor) for v in value):
+    if not isinstance(value, (tuple, list)) or not all(
+            isinstance(v, torch.Tensor) for v in value) and not isinstance(value, torch.Size):
         return None
     count = len(value)
     length = tracer.create_proxy("call_function", len, (proxy,), {})

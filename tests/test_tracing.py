@@ -191,6 +191,25 @@ def test_iterating_the_parts_of_a_split_traces_from_example_values():
         assert rel_err(prepared(other), deploy(other)) <= REL_TOL
 
 
+class _Resize(nn.Module):
+    """pytorchcv's ``InterpolationBlock``: the output size as a tuple built by iterating the
+    traced shape."""
+
+    def forward(self, x):
+        return F.interpolate(x, size=tuple(2 * s for s in x.shape[2:]), mode="nearest")
+
+
+def test_iterating_a_traced_shape_keeps_its_sizes_computed_from_the_input():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Resize())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = asrfx.trace(model, torch.randn(1, 3, 4, 6))
+    assert "1" not in _call_module_targets(gm)  # traced through, not a leaf
+    x = torch.randn(2, 3, 5, 3)
+    assert gm(x).shape == (2, 4, 10, 6)
+    torch.testing.assert_close(gm(x), model(x))
+
+
 class _RowSplit(nn.Module):
     def forward(self, x):
         return torch.cat([p * (i + 1) for i, p in enumerate(x.split(4, dim=2))], dim=2)
