@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.asrfx-installed
 
-.PHONY: venv test test-all demo bench zoo zoo-sweep zoo-fused zoo-fold-paths clean
+.PHONY: venv test test-all demo bench zoo zoo-sweep zoo-fused zoo-fold-paths zoo-pytorchcv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,13 @@ zoo-fused: $(ZOO_STAMP)
 zoo-fold-paths: $(ZOO_STAMP)
 	$(ZOO_PY) -m pip install -q --no-deps -e .
 	$(ZOO_PY) bench/zoo_fold_paths.py --out bench/results
+
+# pytorchcv's attention models (one per family), with the steps and verdicts of zoo-sweep
+# (about 5 min; bench/zoo_pytorchcv.py -> bench/results/zoo-pytorchcv.{md,json})
+zoo-pytorchcv: $(ZOO_STAMP)
+	$(ZOO_PY) -m pip install -q --no-deps -e .
+	$(ZOO_PY) -c "import pytorchcv" 2>/dev/null || $(ZOO_PY) -m pip install -q --no-deps pytorchcv
+	$(ZOO_PY) bench/zoo_pytorchcv.py --out bench/results
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q

@@ -88,6 +88,21 @@ ATTENTION_CLASSES: dict[str, tuple[str, ...]] = {
     "timm.layers.split_attn": ("SplitAttn",),
     # torchvision's SE (EfficientNet, MobileNetV3, RegNetY, MaxViT)
     "torchvision.ops.misc": ("SqueezeExcitation",),
+    # pytorchcv (bench/zoo_pytorchcv.py): its own SE and split attention, DIA's shared LSTM,
+    # selective kernels, the channel half of CBAM, BiSeNet's attention refinement, and the
+    # attention that is not per channel (BAM, self-calibrated convs, AirNet, residual attention)
+    "pytorchcv.models.common.att": ("SEBlock", "SABlock"),
+    "pytorchcv.models.diaresnet": ("DIAAttention",),
+    "pytorchcv.models.sknet": ("SKConvBlock",),
+    "pytorchcv.models.cbamresnet": ("ChannelGate",),
+    "pytorchcv.models.bisenet": ("AttentionRefinementBlock",),
+    "pytorchcv.models.sinet": ("SEBlock",),
+    "pytorchcv.models.dicenet": ("DiceAttBlock",),
+    "pytorchcv.models.fishnet": ("PreSEAttBlock",),
+    "pytorchcv.models.bamresnet": ("BamBlock",),
+    "pytorchcv.models.scnet": ("ScConv",),
+    "pytorchcv.models.airnet": ("AirBlock",),
+    "pytorchcv.models.resattnet": ("AttBlock",),
 }
 
 #: Looked at and left out, with the reason (a gate per position, or attention between
@@ -291,6 +306,10 @@ def _build(source: str, name: str, num_classes: int | None = 10):
         import timm
 
         return timm.create_model(name, pretrained=False, **kwargs)
+    if source == "pytorchcv":
+        from pytorchcv.model_provider import get_model
+
+        return get_model(name, pretrained=False, **kwargs)
     import torchvision
 
     return torchvision.models.get_model(name, weights=None, **kwargs)
