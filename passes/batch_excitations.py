@@ -105,8 +105,10 @@ class BatchedExcitations(nn.Module):
 
 def _signature(inputs: tuple, in_dims: tuple[int | None, ...]) -> tuple | None:
     """What a traced batched graph is specific to: each stacked tensor's shape, strides, dtype
-    and device, each size's value; None if one is anything else or a compiler or tracer runs."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    and device, each size's value; None if one is anything else, or a compiler, a tracer or
+    autocast runs (autocast's casts would be baked into the trace)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or \
+            _autocast_on():
         return None
     key: list[Any] = []
     for a, d in zip(inputs, in_dims):
@@ -120,6 +122,17 @@ def _signature(inputs: tuple, in_dims: tuple[int | None, ...]) -> tuple | None:
         else:
             return None
     return tuple(key)
+
+
+def _autocast_on() -> bool:
+    """Autocast is enabled for some device type."""
+    for device in ("cpu", "cuda", "xpu", "mps"):
+        try:
+            if torch.is_autocast_enabled(device):
+                return True
+        except (TypeError, RuntimeError):  # a build without that device type's autocast
+            continue
+    return False
 
 
 _ATEN = torch.ops.aten

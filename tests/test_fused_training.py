@@ -357,6 +357,24 @@ def test_a_new_input_signature_is_traced_again():
     assert rel_err(out32.double(), out64) <= REL_TOL
 
 
+def test_under_autocast_the_batched_calls_run_vmap():
+    """A trace would bake autocast's casts in: under autocast nothing is traced, and the
+    result is what the vmap call gives."""
+    model = randomize_bn(cifar_resnet(14, attention="se", block="basic", num_classes=6), 29)
+    _, fused = _pair(model)
+    vmapped = pickled_copy(fused)
+    for m in vmapped.modules():
+        if isinstance(m, BatchedExcitations):
+            m._traced = lambda inputs: None
+    fused.eval()
+    vmapped.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = fused(X), vmapped(X)
+    assert _traced_entries(fused) == []
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert rel_err(a.float(), b.float()) <= 4 * torch.finfo(torch.bfloat16).eps
+
+
 class _ScaledByHeight(nn.Module):
     """An excitation that reads the map's height: equal weights shapes, different sizes."""
 
