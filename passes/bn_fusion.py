@@ -3,7 +3,8 @@
 An eval-mode BatchNorm is a per-channel affine map (:func:`asrfx.foldmath.batchnorm_affine`),
 so fusing it is folding that map into the producer's output rows: the same producer fold
 targets as :mod:`.scale_fold` (:mod:`.targets`), restricted to those marked
-``fuses_batchnorm`` (convolutions and Linear layers, module or functional). Preconditions: an
+``fuses_batchnorm`` (convolutions and Linear layers, module or functional), also when the
+norm reads a channel concatenation of such layers (each takes its slice). Preconditions: an
 exact BatchNorm type with running statistics, and a producer whose output nothing else reads. A
 layer called at several places is cloned for the fused call site.
 """
@@ -20,8 +21,8 @@ from asrfx.report import Site
 from .graph_utils import module_path, reads_shape_only, submodule
 from .layers import BATCH_NORM_TYPES, batch_norm_call
 from .protocol import PassContext, Step, record, run_steps
-from .scale_fold import forward_folds, apply_plan
-from .targets import Refusal, producer_target
+from .scale_fold import Parts, cat_parts, apply_plan, forward_folds
+from .targets import Fold, Refusal, producer_target
 
 __all__ = ["fuse_batchnorm", "batchnorm_steps"]
 
@@ -53,8 +54,11 @@ def _fuse_affine(gm: fx.GraphModule, bn_node: fx.Node, src: fx.Node, s: torch.Te
     BatchNorm fusion), else forward into every layer reading the norm (a BatchNorm1d before a
     Linear head: its input columns), and drop the norm; or say why not."""
     target = producer_target(gm, src)
+    parts = None
     if target is not None and target.fuses_batchnorm and not target.check(gm, src, s, t, 1):
         rec.target = target.apply(gm, src, s, t).rpartition(" (")[0]
+    elif (parts := _concatenated_convs(gm, src, s, t)) is not None:
+        rec.target = apply_plan(gm, parts)
     else:
         sinks = forward_folds(gm, bn_node, s, t, 0, set())
         if isinstance(sinks, Refusal):
@@ -65,6 +69,26 @@ def _fuse_affine(gm: fx.GraphModule, bn_node: fx.Node, src: fx.Node, s: torch.Te
     gm.graph.erase_node(bn_node)
     rec.action, rec.path = "fused", path
     return [rec]
+
+
+def _concatenated_convs(gm: fx.GraphModule, src: fx.Node, s: torch.Tensor, t: torch.Tensor
+                        ) -> Parts | None:
+    """A norm after a channel concatenation of layers only the concatenation reads
+    (``BN(cat([conv_a(x), conv_b(y)], 1))``, MixNet's mixed depthwise convolutions): each
+    layer takes its slice of the affine map, ``cat([conv_a'(x), conv_b'(y)], 1)``. All parts
+    or none; None when a part is not such a layer."""
+    parts = cat_parts(src, s, t)
+    if parts is None:
+        return None
+    folds = []
+    for p, sp, tp in parts:
+        if sum(1 for u in p.users if not reads_shape_only(u)) != 1:
+            return None
+        target = producer_target(gm, p)
+        if target is None or not target.fuses_batchnorm or target.check(gm, p, sp, tp, 1):
+            return None
+        folds.append(Fold(target, p, sp, tp))
+    return Parts(folds, total=False)
 
 
 def _norm(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, str] | None:

@@ -38,7 +38,7 @@ from .protocol import PassContext, Step, record, run_steps
 from .targets import Fold, Refusal, consumer_target, producer_target
 
 __all__ = ["fold_scales", "scale_steps", "Chain", "plan_producer", "plan_consumers",
-           "apply_plan", "forward_folds"]
+           "apply_plan", "forward_folds", "cat_parts", "Parts"]
 
 _MAX_DEPTH = 8
 # refusals that say only that no target was reached; a more specific one names the reason
@@ -257,7 +257,7 @@ def plan_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> Plan | Re
     if not isinstance(inner, Refusal):
         return inner
     if chain.axis == 1 and deeper:
-        parts = _sum_parts(x, chain.scale, chain.shift) or _cat_parts(x, chain.scale, chain.shift)
+        parts = _sum_parts(x, chain.scale, chain.shift) or cat_parts(x, chain.scale, chain.shift)
         if parts is not None:
             return _plan_parts(gm, x, parts, depth)
     target = producer_target(gm, x)
@@ -375,7 +375,7 @@ def _sum_parts(x: fx.Node, s: torch.Tensor, t: torch.Tensor
     return [(a, s, t), (b, s, zero)]
 
 
-def _cat_parts(x: fx.Node, s: torch.Tensor, t: torch.Tensor
+def cat_parts(x: fx.Node, s: torch.Tensor, t: torch.Tensor
                ) -> list[tuple[fx.Node, torch.Tensor, torch.Tensor]] | None:
     """``cat([a, b], 1) * s + t = cat([a * s_a + t_a, b * s_b + t_b], 1)``: the parts of a
     concatenation over the channels, each with its slice of the chain."""

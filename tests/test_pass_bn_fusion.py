@@ -240,3 +240,43 @@ def test_a_weight_buffer_read_by_another_call_is_not_changed_under_it():
     gm, records, ref, out = _fuse(SharedBufferConvBN(), x)
     assert [r.action for r in records] in (["fused"], ["kept"])
     assert rel_err(ref, out) <= REL_TOL
+
+
+class _CatThenNorm(nn.Module):
+    """``BN(cat([conv_a(x), conv_b(x), other(x)], 1))``: mixed kernel sizes as in MixNet;
+    ``other`` another conv, a max-pooling (no layer to take the map) or a conv whose output is
+    also read elsewhere."""
+
+    def __init__(self, other: str = "conv"):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.c = nn.Conv2d(3, 3, 5, padding=2) if other != "pool" else nn.MaxPool2d(3, 1, 1)
+        self.other = other
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        c = self.c(x)
+        y = self.bn(torch.cat([self.a(x), self.b(x), c], 1))
+        return y + c.sum() if self.other == "read" else y
+
+
+def test_batchnorm_after_a_concatenation_of_convs_fuses_into_each():
+    x = torch.randn(2, 3, 6, 6)
+    gm, records, ref, out = _fuse(_CatThenNorm(), x)
+    assert [(r.action, r.target) for r in records] == \
+        [("fused", "cat(a (output rows), b (output rows), c (output rows))")]
+    assert bn_call_nodes(gm) == []
+    assert rel_err(ref, out) <= REL_TOL
+    # a bias-free conv gains the bias its slice of the norm's shift needs
+    assert gm.get_submodule("b").bias is not None
+
+
+@pytest.mark.parametrize("other, code", [("pool", "no-conv-producer"),
+                                         ("read", "no-conv-producer")])
+def test_batchnorm_after_a_concatenation_stays_unless_every_part_is_a_layer_it_alone_feeds(
+        other, code):
+    x = torch.randn(2, 3, 6, 6)
+    gm, records, ref, out = _fuse(_CatThenNorm(other), x)
+    assert [(r.action, r.code) for r in records] == [("kept", code)]
+    assert len(bn_call_nodes(gm)) == 1
+    assert rel_err(ref, out) <= REL_TOL
