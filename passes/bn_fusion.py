@@ -54,7 +54,6 @@ def _fuse_affine(gm: fx.GraphModule, bn_node: fx.Node, src: fx.Node, s: torch.Te
     BatchNorm fusion), else forward into every layer reading the norm (a BatchNorm1d before a
     Linear head: its input columns), and drop the norm; or say why not."""
     target = producer_target(gm, src)
-    parts = None
     if target is not None and target.fuses_batchnorm and not target.check(gm, src, s, t, 1):
         rec.target = target.apply(gm, src, s, t).rpartition(" (")[0]
     elif (parts := _concatenated_convs(gm, src, s, t)) is not None:
