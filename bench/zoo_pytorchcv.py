@@ -45,9 +45,7 @@ RESULTS_MD, RESULTS_JSON = "zoo-pytorchcv.md", "zoo-pytorchcv.json"
 
 
 def _codes(r: dict) -> str:
-    rows = r.get("prepare_sites", []) + r.get("fold_sites", [])
-    counts = collections.Counter(f"{s['action']} {s['code']}" for s in rows)
-    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "-"
+    return zoo_sweep._codes(r) or "-"
 
 
 def markdown(results: list[dict], meta: dict) -> str:

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from asrfx import foldmath
 from asrfx.report import Site
-from .graph_utils import module_path, reads_shape_only, submodule
+from .graph_utils import module_path, submodule, value_readers
 from .layers import BATCH_NORM_TYPES, batch_norm_call
 from .protocol import PassContext, Step, record, run_steps
 from .scale_fold import Parts, cat_parts, apply_plan, forward_folds
@@ -40,7 +40,7 @@ def _fuse(gm: fx.GraphModule, bn_node: fx.Node, bn: Any, path: str) -> list[Site
     if not isinstance(src, fx.Node):
         rec.reason, rec.code = "no input node", "no-input-node"
         return [rec]
-    if sum(1 for u in src.users if not reads_shape_only(u)) != 1:
+    if value_readers(src) != 1:
         rec.reason, rec.code = "its input is read elsewhere too", "producer-read-elsewhere"
         return [rec]
     s, t = foldmath.batchnorm_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight,
@@ -81,7 +81,7 @@ def _concatenated_convs(gm: fx.GraphModule, src: fx.Node, s: torch.Tensor, t: to
         return None
     folds = []
     for p, sp, tp in parts:
-        if sum(1 for u in p.users if not reads_shape_only(u)) != 1:
+        if value_readers(p) != 1:
             return None
         target = producer_target(gm, p)
         if target is None or not target.fuses_batchnorm or target.check(gm, p, sp, tp, 1):

@@ -19,7 +19,7 @@ from torch import nn
 
 from asrfx import foldmath
 from asrfx.report import Site
-from .graph_utils import (ADD_OPS, get_attr_path, is_op, module_path, reads_shape_only,
+from .graph_utils import (ADD_OPS, get_attr_path, is_op, module_path, value_readers,
                           safe_dce, set_attr_path, submodule, tensor_shape, unique_name)
 from .layers import AVG_POOLS, BATCH_NORM_TYPES as NORM_TYPES, CONV_TYPES, batch_norm_call
 from .protocol import PassContext, Step, record, run_steps
@@ -162,7 +162,7 @@ def _mergeable(gm: fx.GraphModule, ops: list[fx.Node], branches: list, x: fx.Nod
     for o, (kind, mod, inp) in zip(ops, branches):
         if inp is not x:
             return "branches-read-different-inputs", "the branches do not read the same input"
-        if kind != "id" and sum(1 for u in o.users if not reads_shape_only(u)) != 1:
+        if kind != "id" and value_readers(o) != 1:
             return "branch-read-elsewhere", "a branch's output is read elsewhere too"
         if kind == "conv":
             if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
@@ -322,7 +322,7 @@ def padding_steps(gm: fx.GraphModule) -> Iterator[Step]:
         if not _pointwise(conv, groups=True) or any(p != 0 for p in conv.padding):
             continue
         pad = _padding_of(node, len(conv.kernel_size))
-        if pad is None or sum(1 for u in src.users if not reads_shape_only(u)) != 1:
+        if pad is None or value_readers(src) != 1:
             continue
         yield Step(f"pad:{node.name}", lambda node=node, src=src, conv=conv, pad=pad:
                    _absorb_padding(gm, node, src, conv, pad))
@@ -400,7 +400,7 @@ def _merge_pair(gm: fx.GraphModule, node: fx.Node, src: fx.Node, first: nn.Modul
                 second: nn.Module) -> list[Site]:
     rec = record(f"seq:{node.name}", str(node.target), "sequential merge", first.out_channels)
     rec.group = PAIRS_KEPT  # cleared below when the pair merges
-    if sum(1 for u in src.users if not reads_shape_only(u)) != 1:
+    if value_readers(src) != 1:
         rec.code, rec.reason = "pointwise-read-elsewhere", \
             "the 1x1 conv's output is read elsewhere too"
         return [rec]

@@ -56,6 +56,12 @@ def reads_shape_only(node: fx.Node) -> bool:
     return False
 
 
+def value_readers(node: fx.Node) -> int:
+    """How many users of ``node`` read its values, not only its shape
+    (:func:`reads_shape_only`): a layer whose output only one op reads can take a fold."""
+    return sum(1 for u in node.users if not reads_shape_only(u))
+
+
 def shapes_only(node: fx.Node) -> bool:
     """Every reader of ``node`` reads only its shape (``torch.stack(parts).shape`` in an
     assertion): a fold that keeps shapes cannot change what they see."""

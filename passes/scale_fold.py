@@ -29,7 +29,7 @@ from asrfx.report import Site
 from .find_attention import permute_dims
 from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, get_attr_path, is_op, module_path,
                           reads_shape_only, shapes_only, submodule, tensor_shape,
-                          value_dependent)
+                          value_dependent, value_readers)
 from .layers import (CATS, DIV_OPS, ELEMENTWISE, FLATTENS, GLOBAL_AVG_FUNCTIONS,
                      GLOBAL_AVG_MODULES, LINEAR_FUNCTIONS, LINEAR_MODULES, PASS_THROUGH,
                      POSITIVE_HOMOGENEOUS_FUNCTIONS, POSITIVE_HOMOGENEOUS_MODULES, exact,
@@ -152,7 +152,7 @@ def _collect_chains(gm: fx.GraphModule) -> list[Chain]:
         a, b = n.args
         chain = None
         if in_place(n) and isinstance(a, fx.Node) and \
-                sum(1 for u in a.users if not reads_shape_only(u)) > 1:
+                value_readers(a) > 1:
             continue  # later readers of a would see the in-place result: not a local chain
         for x, k in ((a, b), (b, a)):
             if not (isinstance(x, fx.Node) and x in dep and tensor_shape(x) == shape):
