@@ -355,7 +355,7 @@ def _site_notes(sites: list) -> list[str]:
             notes.append(f"{norm}: a norm inside the ASR branch of {site.path} now always "
                          f"normalises with its running statistics (psi is one value for the "
                          f"whole batch)")
-    return notes
+    return list(dict.fromkeys(notes))  # sites sharing a branch (radix gates) say it once
 
 
 def calibrated_init(ctx: Context, gm: fx.GraphModule, calibration_data: Any

@@ -33,8 +33,8 @@ from torch.fx.graph_module import GraphModule, _copy_attr, _forward_from_src
 from .errors import InputError, TraceError
 from .inputs import check_example_inputs, inputs_failure, normalize_inputs, short_error, \
     top_level_hint
-from .passes.graph_utils import (describe_hooks, module_hooks, reads_shape_only, submodule,
-                                 to_eval)
+from .passes.graph_utils import (PARTS_GUARD, describe_hooks, module_hooks, reads_shape_only,
+                                 submodule, to_eval)
 from .passes.shapes import ShapeRecorder, propagate_shapes
 
 __all__ = ["trace", "AsrTracer", "preserve_modes", "DualModeGraphModule", "TraceResult", "Leaves",
@@ -322,7 +322,7 @@ def _parts_of(tracer: AsrTracer, proxy: fx.Proxy) -> list[fx.Proxy] | None:
     length = tracer.create_proxy("call_function", len, (proxy,), {})
     same = tracer.create_proxy("call_function", operator.eq, (length, count), {})
     tracer.create_proxy("call_function", torch._assert, (
-        same, f"asrfx: the traced graph iterates over the {count} parts of {proxy.node.name} "
+        same, f"{PARTS_GUARD} {count} parts of {proxy.node.name} "
               f"(as for the example inputs); this input makes another number of parts: "
               f"trace/prepare with inputs of this shape"), {})
     return [proxy[i] for i in range(count)]

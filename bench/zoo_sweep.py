@@ -310,6 +310,25 @@ def _build(source: str, name: str, num_classes: int | None = 10):
         from pytorchcv.model_provider import get_model
 
         return get_model(name, pretrained=False, **kwargs)
+    if source == "pretrainedmodels":
+        import pretrainedmodels
+
+        return pretrainedmodels.__dict__[name](pretrained=None, **kwargs)
+    if source == "resnest":
+        import resnest.torch
+
+        return getattr(resnest.torch, name)(pretrained=False, **kwargs)
+    if source == "geffnet":
+        import geffnet
+
+        return geffnet.create_model(name, pretrained=False, **kwargs)
+    if source == "smp":  # "<architecture>:<encoder>[:<decoder attention>]"
+        import segmentation_models_pytorch as smp
+
+        arch, encoder, *att = name.split(":")
+        extra = {"decoder_attention_type": att[0]} if att else {}
+        return getattr(smp, arch)(encoder_name=encoder, encoder_weights=None,
+                                  classes=num_classes or 1, **extra)
     import torchvision
 
     return torchvision.models.get_model(name, weights=None, **kwargs)

@@ -155,6 +155,9 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
     # gates that share a statistic (selective-kernel attention: one pooled descriptor, a softmax
     # over branches) share its psi: one statistic, one constant
     shared: dict[fx.Node, tuple[fx.Node, str]] = {}
+    # norms frozen so far -> their new calls: sites sharing a branch (split attention's radix
+    # gates, one excitation for every branch) freeze its norms once
+    frozen_calls: dict[fx.Node, fx.Node] = {}
     for i, (site, names, mode) in enumerate(zip(sites, all_names, modes)):
         if mode == "keep":
             continue
@@ -180,7 +183,7 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
                     for user in list(stat.users):
                         if user in branch or (stat is site.gate and user in appliers):
                             user.replace_input_with(stat, e)
-                site.frozen_norms = _freeze_norms(gm, site.branch)
+                site.frozen_norms = _freeze_norms(gm, site.branch, frozen_calls)
             elif mode == "both":
                 _add_copy(gm, site, psis, created, root)
             else:
@@ -564,17 +567,26 @@ def _move_gates_past_norms(gm: fx.GraphModule, sites: list[AttentionSite]) -> No
     stable_toposort(graph)
 
 
-def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[str]:
+def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node],
+                  frozen_calls: dict[fx.Node, fx.Node] | None = None) -> list[str]:
     """Batch norms inside an ASR branch normalise with their running statistics, always.
 
     The branch's input is psi, the same for every sample: batch statistics of identical rows
     have zero variance, would map every value to beta and give psi no gradient. With running
     statistics the norm is a fixed affine map of psi (gamma and beta still train), the same in
     train and eval mode, and fold evaluates it exactly.
+
+    ``frozen_calls`` maps each norm call already replaced (by another site sharing the branch)
+    to its replacement; ``nodes`` then lists the replacement, and new ones are added to it.
+    Returns the paths of the norms this call froze.
     """
     frozen = []
     graph = gm.graph
-    for n in list(nodes):
+    frozen_calls = {} if frozen_calls is None else frozen_calls
+    for i, n in enumerate(list(nodes)):
+        if n in frozen_calls:
+            nodes[i] = frozen_calls[n]
+            continue
         if batch_norm_args(n) is not None:
             name = _freeze_batch_norm_call(n)
             if name is not None:
@@ -595,7 +607,7 @@ def _freeze_norms(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[str]:
         new.meta = dict(n.meta)
         n.replace_all_uses_with(new)
         graph.erase_node(n)
-        nodes[nodes.index(n)] = new  # the site's branch lists the norm's call from now on
+        nodes[i] = frozen_calls[n] = new  # the site's branch lists the norm's call from now on
         frozen.append(t)
     return frozen
 

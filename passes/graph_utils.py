@@ -532,10 +532,32 @@ def safe_dce(gm: fx.GraphModule) -> bool:
     graph = gm.graph
     changed = False
     for node in reversed(graph.nodes):
-        if not node.users and not has_side_effects(node, gm):
+        if not node.users and (not has_side_effects(node, gm) or _moot_parts_guard(node)):
             graph.erase_node(node)
             changed = True
     return changed
+
+
+#: how the message of the guard the tracer adds for a tuple iterated in Python begins (see
+#: ``asrfx.tracing``: ``torch._assert(len(parts) == n, ...)``)
+PARTS_GUARD = "asrfx: the traced graph iterates over the"
+
+
+def _moot_parts_guard(node: fx.Node) -> bool:
+    """``node`` is the tracer's guard on the number of parts of a split (or other tuple) that
+    nothing reads parts of any more (a constant branch baked away): it guards no iteration."""
+    if not (node.op == "call_function" and node.target is torch._assert and
+            len(node.args) == 2 and isinstance(node.args[1], str) and
+            node.args[1].startswith(PARTS_GUARD)):
+        return False
+    same = node.args[0]
+    length = same.args[0] if isinstance(same, fx.Node) and same.target is operator.eq and \
+        same.args else None
+    if not (isinstance(length, fx.Node) and length.target is builtins.len and
+            isinstance(length.args[0], fx.Node)):
+        return False
+    return all(u.op == "call_function" and u.target is builtins.len
+               for u in length.args[0].users)
 
 
 def module_device(mod: nn.Module) -> torch.device:

@@ -63,6 +63,9 @@ GLOBAL_AVG_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive
                         torch.adaptive_avg_pool1d, torch.mean, "mean"}
 FLATTENS = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze}
 CATS = {torch.cat, torch.concat}
+# ops splitting a tensor into parts along a dim (args: tensor, sizes / chunks / sections, dim)
+SPLITS = {torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split",
+          "split_with_sizes"}
 
 
 def exact(mod: Any, types: tuple) -> bool:

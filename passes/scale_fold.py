@@ -17,6 +17,7 @@ Planning is pure: :func:`plan_producer` and :func:`plan_consumers` return a plan
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
@@ -30,7 +31,7 @@ from .find_attention import permute_dims
 from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, get_attr_path, is_op, module_path,
                           reads_shape_only, shapes_only, submodule, tensor_shape,
                           value_dependent, value_readers)
-from .layers import (CATS, DIV_OPS, ELEMENTWISE, FLATTENS, GLOBAL_AVG_FUNCTIONS,
+from .layers import (CATS, DIV_OPS, SPLITS, ELEMENTWISE, FLATTENS, GLOBAL_AVG_FUNCTIONS,
                      GLOBAL_AVG_MODULES, LINEAR_FUNCTIONS, LINEAR_MODULES, PASS_THROUGH,
                      POSITIVE_HOMOGENEOUS_FUNCTIONS, POSITIVE_HOMOGENEOUS_MODULES, exact,
                      in_place, mutates_its_input)
@@ -260,6 +261,11 @@ def plan_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> Plan | Re
         parts = _sum_parts(x, chain.scale, chain.shift) or cat_parts(x, chain.scale, chain.shift)
         if parts is not None:
             return _plan_parts(gm, x, parts, depth)
+        whole = split_whole(x, chain.scale, chain.shift)
+        if whole is not None:
+            z, s, t = whole
+            inner = plan_producer(gm, Chain(z, s, t, [x.args[0]]), depth + 1)
+            return inner if isinstance(inner, Refusal) else Through(inner, "split")
     target = producer_target(gm, x)
     if target is None:
         return inner if inner.reason else \
@@ -398,6 +404,57 @@ def cat_parts(x: fx.Node, s: torch.Tensor, t: torch.Tensor
         out.append((p, s[start:start + w], t[start:start + w]))
         start += w
     return out
+
+
+def split_whole(x: fx.Node, s: torch.Tensor, t: torch.Tensor
+                ) -> tuple[fx.Node, torch.Tensor, torch.Tensor] | None:
+    """``split(z, sizes, 1)[i] * s + t``: the same part of ``split(z * s' + t', sizes, 1)``
+    with ``s'`` (``t'``) ``s`` (``t``) on part ``i``'s channels of ``z`` and 1 (0) on the
+    others, which leaves every other part as it was; ``(z, s', t')``, or None when ``x`` is not
+    a part of a channel split (``torch.split`` / ``chunk`` / ``tensor_split`` or their method
+    forms) with recorded part shapes. The parts are consecutive channel ranges in order, their
+    widths the recorded ones (the sizes may be computed from ``z.shape`` in the graph).
+    ResNeSt's split attention scales each radix part of one conv's output this way (Zhang et
+    al., "ResNeSt: Split-Attention Networks", 2022)."""
+    if not (x.op == "call_function" and x.target is operator.getitem and len(x.args) == 2 and
+            isinstance(x.args[1], int) and isinstance(x.args[0], fx.Node)):
+        return None
+    sp, i = x.args
+    if sp.op not in ("call_function", "call_method") or not _hashable_in(sp.target, SPLITS) \
+            or not sp.args or not isinstance(sp.args[0], fx.Node):
+        return None
+    z = sp.args[0]
+    shape = tensor_shape(z)
+    dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
+    metas = sp.meta.get("tensor_meta")
+    if shape is None or len(shape) < 2 or not isinstance(dim, int) or \
+            dim % len(shape) != 1 or not isinstance(metas, (list, tuple)) or \
+            not -len(metas) <= i < len(metas):
+        return None
+    widths = [getattr(m, "shape", (None, None))[1] for m in metas]
+    if any(not isinstance(w, int) for w in widths) or sum(widths) != shape[1] or \
+            widths[i] != s.numel():
+        return None
+    i %= len(widths)
+    # every other reader of the split must read another part (or only the count of parts):
+    # a second read of part i (Python iterating the parts twice) would be scaled too
+    for u in sp.users:
+        if u is not x and not reads_shape_only(u) and not (
+                u.op == "call_function" and u.target is operator.getitem and
+                isinstance(u.args[1], int) and u.args[1] % len(widths) != i):
+            return None
+    start = sum(widths[:i])
+    whole_s = torch.ones(shape[1], dtype=s.dtype, device=s.device)
+    whole_t = torch.zeros(shape[1], dtype=t.dtype, device=t.device)
+    whole_s[start:start + s.numel()], whole_t[start:start + t.numel()] = s, t
+    return z, whole_s, whole_t
+
+
+def _hashable_in(target: Any, table: set) -> bool:
+    try:
+        return target in table
+    except TypeError:  # an unhashable target
+        return False
 
 
 def plan_consumers(gm: fx.GraphModule, chain: Chain) -> Plan | Refusal:

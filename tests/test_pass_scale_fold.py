@@ -509,3 +509,53 @@ def test_a_shift_crosses_an_identity_into_the_producer(functional):
     assert records[0].target.startswith("conv (output rows) through")
     assert _consts_left(gm) == []
     assert rel_err(ref, out) <= REL_TOL
+
+
+# ------------------------------------------------------------------ parts of a channel split
+
+class SplitScaled(nn.Module):
+    """``conv(x)`` (7 channels) split into parts of ``sizes`` along the channels (``how``:
+    ``torch.split`` with sizes, the ``split`` method with one size, ``chunk``, ``tensor_split``
+    at indices); part ``k`` times a constant (plus a shift), the others as they are, then
+    concatenated back in another order so every part is read. ``also``: the conv's output is
+    read by something else too."""
+
+    def __init__(self, how: str, k: int, also: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 7, 3, padding=1)
+        self.how, self.k, self.also = how, k, also
+        widths = {"sizes": [2, 4, 1], "method": [3, 3, 1], "chunk": [3, 3, 1],
+                  "tensor_split": [1, 4, 2]}[how]
+        self.register_buffer("s", _const((1, widths[k], 1, 1), -1.5, 1.5, 8))
+        self.register_buffer("t", _const((1, widths[k], 1, 1), -0.5, 0.5, 9))
+
+    def forward(self, x):
+        y = self.conv(x)
+        split = {"sizes": lambda: torch.split(y, [2, 4, 1], dim=1),
+                 "method": lambda: y.split(3, 1),
+                 "chunk": lambda: torch.chunk(y, 3, dim=1),
+                 "tensor_split": lambda: torch.tensor_split(y, [1, 5], dim=1)}[self.how]()
+        parts = [split[0], split[1], split[2]]
+        parts[self.k] = parts[self.k] * self.s + self.t
+        out = torch.cat(parts[::-1], 1)
+        return out + y.mean() if self.also else out
+
+
+@pytest.mark.parametrize("how", ["sizes", "method", "chunk", "tensor_split"])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_a_scale_on_a_part_of_a_channel_split_folds_into_its_rows(how, k):
+    """``split(z)[k] * s + t`` is part ``k`` of ``split(z * s' + t')`` (``s'`` = 1 and ``t'`` = 0
+    on the other parts' channels): the conv producing ``z`` takes it in part ``k``'s rows."""
+    x = torch.randn(2, 3, 5, 5)
+    gm, records, ref, out = _fold(SplitScaled(how, k), x)
+    assert [(r.action, r.target) for r in records] == \
+        [("folded", "conv (output rows) through split")], records
+    assert _consts_left(gm) == []
+    assert rel_err(ref, out) <= REL_TOL
+
+
+def test_a_scale_on_a_split_part_stays_when_the_whole_is_read_elsewhere():
+    x = torch.randn(2, 3, 5, 5)
+    gm, records, ref, out = _fold(SplitScaled("sizes", 1, also=True), x)
+    assert [r.action for r in records] == ["kept"] and records[0].code, records
+    assert rel_err(ref, out) <= REL_TOL
