@@ -271,6 +271,33 @@ _patch_keyword_targets()
 
 _fx_len = fx.Proxy.__len__
 _fx_iter = fx.Proxy.__iter__
+_JIT_ISINSTANCE = torch.jit.isinstance
+
+
+def _traced_jit_isinstance(obj: Any, target_type: Any) -> bool:
+    """``torch.jit.isinstance`` while tracing: a traced value is answered by its example
+    value's type (MONAI's ``UpCat`` tests ``torch.jit.isinstance(x_e, torch.Tensor)``, which is
+    False for any proxy, and fx would trace the branch without the skip connection). The type
+    of a traced value does not depend on the input, so no guard is needed. Without example
+    values it fails as control flow on a traced value does (the trace is retried with them)."""
+    found: list[fx.Proxy] = []
+    fx.node.map_aggregate(obj, lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+    if not found:
+        return _JIT_ISINSTANCE(obj, target_type)
+    tracer = found[0].tracer
+    missing = object()
+
+    def value(p: fx.Proxy) -> Any:
+        v = tracer.value_of(p.node) if isinstance(tracer, AsrTracer) else None
+        return missing if v is None else v
+
+    values = fx.node.map_aggregate(obj, lambda a: value(a) if isinstance(a, fx.Proxy) else a)
+    flat: list[Any] = []
+    fx.node.map_aggregate(values, lambda a: flat.append(a))
+    if any(v is missing for v in flat):
+        raise fx.proxy.TraceError("torch.jit.isinstance of a traced value: symbolically traced "
+                                  "variables cannot be used as inputs to control flow")
+    return _JIT_ISINSTANCE(values, target_type)
 
 
 def _proxy_len(self: fx.Proxy) -> int:
@@ -369,7 +396,11 @@ def _proxy_setitem(self: fx.Proxy, index: Any, value: Any) -> None:
 # Tensor factories take sizes, not tensors, so a size read from a traced shape
 # (``torch.rand(x.shape[0], 1, 1, 1)`` in drop-path code) reaches them as a Proxy that torch's
 # argument parser rejects. While tracing, these names are wrapped to record a call instead.
-_FACTORIES = ("rand", "randn", "zeros", "ones", "empty", "full", "randint", "arange")
+_FACTORIES = ("rand", "randn", "zeros", "ones", "empty", "full", "randint", "arange",
+              "as_tensor")
+
+
+_AS_TENSOR = torch.as_tensor
 
 
 def _proxy_in(obj: Any) -> fx.Proxy | None:
@@ -379,10 +410,17 @@ def _proxy_in(obj: Any) -> fx.Proxy | None:
 
 
 def _wrap_factory(fn: Any) -> Any:
+    """``fn`` recording a call in the graph when it is given a traced value (torch's own
+    dispatch does not: ``torch.zeros(x.shape)``, or ``torch.as_tensor(x)``, which would read a
+    proxy as an array). ``torch.as_tensor`` of a traced tensor alone is that tensor (MONAI's
+    HighResNet wraps its blocks' outputs in it)."""
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         proxy = _proxy_in((args, kwargs))
         if proxy is None:
             return fn(*args, **kwargs)
+        if fn is _AS_TENSOR and len(args) == 1 and args[0] is proxy and \
+                all(v is None for v in kwargs.values()):
+            return proxy
         return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
 
     wrapper.__wrapped__ = fn
@@ -440,6 +478,7 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
     fx.Proxy.__setitem__ = _proxy_setitem
     fx.Proxy.__iter__ = _proxy_iter
     torch.autograd.Function.apply = classmethod(_guarded_apply)  # type: ignore[assignment]
+    torch.jit.isinstance = _traced_jit_isinstance
     try:
         graph = tracer.trace(model)
         for node in graph.nodes:
@@ -451,6 +490,7 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
         return graph
     finally:
         torch.autograd.Function.apply = _FUNCTION_APPLY  # type: ignore[assignment]
+        torch.jit.isinstance = _JIT_ISINSTANCE
         for name, fn in originals.items():
             setattr(torch, name, fn)
         fx.Proxy.__len__ = _fx_len

@@ -411,43 +411,52 @@ def split_whole(x: fx.Node, s: torch.Tensor, t: torch.Tensor
     """``split(z, sizes, 1)[i] * s + t``: the same part of ``split(z * s' + t', sizes, 1)``
     with ``s'`` (``t'``) ``s`` (``t``) on part ``i``'s channels of ``z`` and 1 (0) on the
     others, which leaves every other part as it was; ``(z, s', t')``, or None when ``x`` is not
-    a part of a channel split (``torch.split`` / ``chunk`` / ``tensor_split`` or their method
-    forms) with recorded part shapes. The parts are consecutive channel ranges in order, their
-    widths the recorded ones (the sizes may be computed from ``z.shape`` in the graph).
-    ResNeSt's split attention scales each radix part of one conv's output this way (Zhang et
-    al., "ResNeSt: Split-Attention Networks", 2022)."""
+    a part of a channel split (:func:`split_ranges`) or another reader of the split reads part
+    ``i`` too. ResNeSt's split attention scales each radix part of one conv's output this way
+    (Zhang et al., "ResNeSt: Split-Attention Networks", 2022)."""
     if not (x.op == "call_function" and x.target is operator.getitem and len(x.args) == 2 and
             isinstance(x.args[1], int) and isinstance(x.args[0], fx.Node)):
         return None
     sp, i = x.args
-    if sp.op not in ("call_function", "call_method") or not _hashable_in(sp.target, SPLITS) \
-            or not sp.args or not isinstance(sp.args[0], fx.Node):
+    ranges = split_ranges(sp)
+    if ranges is None or not -len(ranges) <= i < len(ranges) or ranges[i][1] != s.numel():
         return None
-    z = sp.args[0]
-    shape = tensor_shape(z)
-    dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
-    metas = sp.meta.get("tensor_meta")
-    if shape is None or len(shape) < 2 or not isinstance(dim, int) or \
-            dim % len(shape) != 1 or not isinstance(metas, (list, tuple)) or \
-            not -len(metas) <= i < len(metas):
-        return None
-    widths = [getattr(m, "shape", (None, None))[1] for m in metas]
-    if any(not isinstance(w, int) for w in widths) or sum(widths) != shape[1] or \
-            widths[i] != s.numel():
-        return None
-    i %= len(widths)
+    i %= len(ranges)
     # every other reader of the split must read another part (or only the count of parts):
     # a second read of part i (Python iterating the parts twice) would be scaled too
     for u in sp.users:
         if u is not x and not reads_shape_only(u) and not (
                 u.op == "call_function" and u.target is operator.getitem and
-                isinstance(u.args[1], int) and u.args[1] % len(widths) != i):
+                isinstance(u.args[1], int) and u.args[1] % len(ranges) != i):
             return None
-    start = sum(widths[:i])
-    whole_s = torch.ones(shape[1], dtype=s.dtype, device=s.device)
-    whole_t = torch.zeros(shape[1], dtype=t.dtype, device=t.device)
-    whole_s[start:start + s.numel()], whole_t[start:start + t.numel()] = s, t
+    z, (start, width) = sp.args[0], ranges[i]
+    c = tensor_shape(z)[1]
+    whole_s = torch.ones(c, dtype=s.dtype, device=s.device)
+    whole_t = torch.zeros(c, dtype=t.dtype, device=t.device)
+    whole_s[start:start + width], whole_t[start:start + width] = s, t
     return z, whole_s, whole_t
+
+
+def split_ranges(sp: fx.Node) -> list[tuple[int, int]] | None:
+    """``(start, width)`` of each part's channels when ``sp`` splits a tensor along its
+    channels (dim 1; ``torch.split`` / ``chunk`` / ``tensor_split`` or their method forms) and
+    the parts' shapes were recorded; else None. The parts are consecutive channel ranges in
+    order; their widths are the recorded ones (the sizes may be computed from the input's
+    shape in the graph, and channels do not change with the input)."""
+    if sp.op not in ("call_function", "call_method") or not _hashable_in(sp.target, SPLITS) \
+            or not sp.args or not isinstance(sp.args[0], fx.Node):
+        return None
+    shape = tensor_shape(sp.args[0])
+    dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
+    metas = sp.meta.get("tensor_meta")
+    if shape is None or len(shape) < 2 or not isinstance(dim, int) or \
+            dim % len(shape) != 1 or not isinstance(metas, (list, tuple)) or not metas:
+        return None
+    widths = [getattr(m, "shape", (None, None))[1] for m in metas]
+    if any(not isinstance(w, int) for w in widths) or sum(widths) != shape[1]:
+        return None
+    starts = [sum(widths[:k]) for k in range(len(widths))]
+    return list(zip(starts, widths))
 
 
 def _hashable_in(target: Any, table: set) -> bool:
@@ -511,6 +520,12 @@ def forward_folds(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.T
         if isinstance(sink, Fold):
             out.append(sink)
             continue
+        if (ranges := split_ranges(u)) is not None and _only_first_arg(u, node):
+            more = _split_folds(gm, u, ranges, s, t, depth, seen)
+            if isinstance(more, Refusal):
+                return more
+            out += more
+            continue
         step = _forward_step(gm, u, node, s, t)
         if step is None:
             return sink or Refusal("no-consumer-target", f"{_describe(gm, u)} does not take it")
@@ -520,6 +535,28 @@ def forward_folds(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, t: torch.T
             return more
         out += [Fold(f.target, f.node, f.scale, f.shift, (what,) + f.via) for f in more]
     return out or Refusal("no-consumer-target", "nothing reads it")
+
+
+def _split_folds(gm: fx.GraphModule, sp: fx.Node, ranges: list[tuple[int, int]],
+                 s: torch.Tensor, t: torch.Tensor, depth: int, seen: set
+                 ) -> list[Fold] | Refusal:
+    """``split(x * s + t, sizes, 1)[k] = split(x, sizes, 1)[k] * s_k + t_k``: each part read
+    takes its slice of the map to its own consumers (MixNet's mixed convolutions: one kernel
+    size per part)."""
+    out: list[Fold] = []
+    for g in sp.users:
+        if reads_shape_only(g):
+            continue
+        if not (g.op == "call_function" and g.target is operator.getitem and
+                isinstance(g.args[1], int) and -len(ranges) <= g.args[1] < len(ranges)):
+            return Refusal("no-consumer-target", f"{g.name} reads the split other than a part")
+        start, width = ranges[g.args[1]]
+        more = forward_folds(gm, g, s[start:start + width], t[start:start + width], depth + 1,
+                             seen)
+        if isinstance(more, Refusal):
+            return more
+        out += [Fold(f.target, f.node, f.scale, f.shift, ("split",) + f.via) for f in more]
+    return out or Refusal("no-consumer-target", "nothing reads the split's parts")
 
 
 def _token_sinks(gm: fx.GraphModule, chain: Chain) -> list[Fold] | Refusal:

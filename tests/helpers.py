@@ -68,7 +68,11 @@ def randomize_psi(model: nn.Module, seed: int) -> nn.Module:
 
 
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """max |ref - out| / max |ref|, in float64."""
+    """max |ref - out| / max |ref|, in float64; of lists or tuples of tensors (deep
+    supervision heads), the largest over the pairs."""
+    if isinstance(ref, (list, tuple)):
+        assert isinstance(out, (list, tuple)) and len(out) == len(ref)
+        return max(rel_err(a, b) for a, b in zip(ref, out))
     ref, out = ref.detach().double(), out.detach().double()
     assert ref.shape == out.shape, (ref.shape, out.shape)
     return (ref - out).abs().max().item() / max(ref.abs().max().item(), 1e-12)

@@ -559,3 +559,40 @@ def test_a_scale_on_a_split_part_stays_when_the_whole_is_read_elsewhere():
     gm, records, ref, out = _fold(SplitScaled("sizes", 1, also=True), x)
     assert [r.action for r in records] == ["kept"] and records[0].code, records
     assert rel_err(ref, out) <= REL_TOL
+
+
+class SplitFeeds(nn.Module):
+    """``tanh(x) * s + t`` split into channel parts of 3 and 4, each read by its own conv (a
+    mixed depthwise convolution, MixNet's ``MixedConv2d``), the outputs concatenated.
+    ``plain_part``: the second part is read by a tanh instead (no consumer target)."""
+
+    def __init__(self, plain_part: bool = False):
+        super().__init__()
+        # unpadded: a shift would meet zero padding (see the padded-conv refusals)
+        self.a = nn.Conv2d(3, 3, 3, groups=3)
+        self.b = nn.Conv2d(4, 8, 3, groups=2)
+        self.plain_part = plain_part
+        self.register_buffer("s", _const((1, 7, 1, 1), -1.5, 1.5, 10))
+        self.register_buffer("t", _const((1, 7, 1, 1), -0.5, 0.5, 11))
+
+    def forward(self, x):
+        y = torch.tanh(x) * self.s + self.t
+        parts = torch.split(y, [3, 4], dim=1)
+        second = torch.tanh(parts[1][:, :, 1:-1, 1:-1]) if self.plain_part else self.b(parts[1])
+        return torch.cat([self.a(parts[0]), second], 1)
+
+
+def test_a_scale_before_a_channel_split_goes_into_each_parts_consumer():
+    x = torch.randn(2, 7, 6, 6)
+    gm, records, ref, out = _fold(SplitFeeds(), x)
+    assert [(r.action, sorted(r.target.split(", "))) for r in records] == \
+        [("folded", ["a (input columns) after split", "b (input columns) after split"])], records
+    assert _consts_left(gm) == []
+    assert rel_err(ref, out) <= REL_TOL
+
+
+def test_a_scale_before_a_split_stays_when_a_part_reaches_no_consumer_target():
+    x = torch.randn(2, 7, 6, 6)
+    gm, records, ref, out = _fold(SplitFeeds(plain_part=True), x)
+    assert [r.action for r in records] == ["kept"] and records[0].code, records
+    assert rel_err(ref, out) <= REL_TOL

@@ -913,3 +913,76 @@ def test_prepare_reports_an_opaque_submodule_and_fold_of_its_result_again():
     # pickled and loaded back, the prepared model still knows (the report's source is meta)
     again = asrfx.fold(pickled_copy(prepared), example_inputs=(x,))
     assert [s.path for s in _opaque(again.asrfx_report)] == ["block"]
+
+
+class JitTypeTests(nn.Module):
+    """``torch.jit.isinstance`` on traced values, as MONAI's ``UpCat`` writes it: a skip
+    connection concatenated only when one is given, a list checked as ``List[Tensor]``, and a
+    size (an int) checked as a tensor (False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.fuse = nn.Conv2d(8, 4, 1)
+
+    def up(self, x, skip):
+        if skip is not None and torch.jit.isinstance(skip, torch.Tensor):
+            return self.fuse(torch.cat([skip, x], 1))
+        return x
+
+    def forward(self, x):
+        from typing import List
+
+        y = self.conv(x)
+        parts = [y, x]
+        if torch.jit.isinstance(parts, List[torch.Tensor]):
+            y = y + 1
+        if torch.jit.isinstance(x.shape[1], torch.Tensor):
+            y = y * 0
+        return self.up(y, x) + self.up(y, None)
+
+
+def test_torch_jit_isinstance_of_traced_values_is_answered_from_their_types():
+    model = JitTypeTests().eval()
+    x = torch.randn(2, 4, 5, 5)
+    original = torch.jit.isinstance
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (an unfaithful trace would make a leaf and warn)
+        gm = asrfx.trace(model, x)
+    assert torch.jit.isinstance is original  # restored after tracing
+    assert sum(1 for n in gm.graph.nodes if n.target is torch.cat) == 1
+    assert not any(n.target is operator.mul for n in gm.graph.nodes)
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 4, 7, 2)):
+            assert rel_err(model(xi), gm(xi)) <= REL_TOL
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    with torch.no_grad():
+        assert rel_err(model(x), deploy(x)) <= REL_TOL
+
+
+class AsTensor(nn.Module):
+    """``torch.as_tensor`` of traced tensors: alone (the tensor itself), with a dtype (a
+    conversion the graph keeps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.as_tensor(self.bn(self.conv(x)))
+        return y + torch.as_tensor(x.mean(1, keepdim=True), dtype=torch.float64).float()
+
+
+def test_torch_as_tensor_of_traced_values_traces():
+    model = randomize_bn(AsTensor(), 1).eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = asrfx.trace(model, x)
+    calls = [n for n in gm.graph.nodes if n.target is torch.as_tensor]
+    assert len(calls) == 1 and calls[0].kwargs == {"dtype": torch.float64}
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+    with torch.no_grad():
+        for xi in (x, torch.randn(1, 3, 4, 9)):
+            assert rel_err(model(xi), gm(xi)) <= REL_TOL
+            assert rel_err(model(xi), deploy(xi)) <= REL_TOL
