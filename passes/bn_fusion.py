@@ -21,7 +21,7 @@ from asrfx.report import Site
 from .graph_utils import module_path, submodule, value_readers
 from .layers import BATCH_NORM_TYPES, batch_norm_call
 from .protocol import PassContext, Step, record, run_steps
-from .scale_fold import Parts, cat_parts, apply_plan, forward_folds
+from .scale_fold import Parts, cat_parts, apply_plan, forward_folds, rows_source
 from .targets import Fold, Refusal, producer_target
 
 __all__ = ["fuse_batchnorm", "batchnorm_steps"]
@@ -54,7 +54,14 @@ def _fuse_affine(gm: fx.GraphModule, bn_node: fx.Node, src: fx.Node, s: torch.Te
     BatchNorm fusion), else forward into every layer reading the norm (a BatchNorm1d before a
     Linear head: its input columns), and drop the norm; or say why not."""
     target = producer_target(gm, src)
-    if target is not None and target.fuses_batchnorm and not target.check(gm, src, s, t, 1):
+    tokens = rows_source(src)
+    if tokens is not None:  # (M, C) rows of a layer's (..., C) tokens: its last dim
+        target = producer_target(gm, tokens)
+    if target is not None and tokens is not None and target.fuses_batchnorm and \
+            value_readers(tokens) == 1 and not target.check(gm, tokens, s, t, -1):
+        rec.target = target.apply(gm, tokens, s, t).rpartition(" (")[0]
+    elif tokens is None and target is not None and target.fuses_batchnorm and \
+            not target.check(gm, src, s, t, 1):
         rec.target = target.apply(gm, src, s, t).rpartition(" (")[0]
     elif (parts := _concatenated_convs(gm, src, s, t)) is not None:
         rec.target = apply_plan(gm, parts)

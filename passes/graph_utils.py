@@ -56,10 +56,25 @@ def reads_shape_only(node: fx.Node) -> bool:
     return False
 
 
+#: methods reading their second argument's shape only (``y.reshape_as(x)``)
+_AS_SHAPE_OF = {"reshape_as", "view_as", "expand_as"}
+
+
+def reads_shape_of(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` reads only the shape of ``node``: :func:`reads_shape_only`, or ``node`` is only
+    the shape template of ``y.reshape_as(node)`` (LeViT's ``bn(y.flatten(0, 1)).reshape_as(y)``
+    reads ``y``'s values through the norm and its shape here)."""
+    if reads_shape_only(user):
+        return True
+    return user.op == "call_method" and user.target in _AS_SHAPE_OF and \
+        len(user.args) == 2 and user.args[1] is node and user.args[0] is not node and \
+        not user.kwargs
+
+
 def value_readers(node: fx.Node) -> int:
     """How many users of ``node`` read its values, not only its shape
-    (:func:`reads_shape_only`): a layer whose output only one op reads can take a fold."""
-    return sum(1 for u in node.users if not reads_shape_only(u))
+    (:func:`reads_shape_of`): a layer whose output only one op reads can take a fold."""
+    return sum(1 for u in node.users if not reads_shape_of(u, node))
 
 
 def shapes_only(node: fx.Node) -> bool:

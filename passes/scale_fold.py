@@ -29,8 +29,8 @@ from torch import nn
 from asrfx.report import Site
 from .find_attention import permute_dims
 from .graph_utils import (ADD_OPS, MUL_OPS, SUB_OPS, get_attr_path, is_op, module_path,
-                          reads_shape_only, shapes_only, submodule, tensor_shape,
-                          value_dependent, value_readers)
+                          reads_shape_of, reads_shape_only, shapes_only, submodule,
+                          tensor_shape, value_dependent, value_readers)
 from .layers import (CATS, DIV_OPS, SPLITS, ELEMENTWISE, FLATTENS, GLOBAL_AVG_FUNCTIONS,
                      GLOBAL_AVG_MODULES, LINEAR_FUNCTIONS, LINEAR_MODULES, PASS_THROUGH,
                      POSITIVE_HOMOGENEOUS_FUNCTIONS, POSITIVE_HOMOGENEOUS_MODULES, exact,
@@ -39,7 +39,8 @@ from .protocol import PassContext, Step, record, run_steps
 from .targets import Fold, Refusal, consumer_target, producer_target
 
 __all__ = ["fold_scales", "scale_steps", "Chain", "plan_producer", "plan_consumers",
-           "apply_plan", "forward_folds", "cat_parts", "Parts"]
+           "apply_plan", "forward_folds", "cat_parts", "Parts", "split_whole", "split_ranges",
+           "rows_source"]
 
 _MAX_DEPTH = 8
 # refusals that say only that no target was reached; a more specific one names the reason
@@ -246,7 +247,7 @@ def plan_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> Plan | Re
     members = set(chain.members)
     # shape reads (x.shape, x.size(), or a stack read only for its shape) see the same shape
     # after the fold
-    if any(u not in members and not reads_shape_only(u) and not shapes_only(u)
+    if any(u not in members and not reads_shape_of(u, x) and not shapes_only(u)
            for u in x.users):
         return Refusal("producer-read-elsewhere", f"{x.name} is read elsewhere too")
     deeper = depth < _MAX_DEPTH
@@ -266,6 +267,11 @@ def plan_producer(gm: fx.GraphModule, chain: Chain, depth: int = 0) -> Plan | Re
             z, s, t = whole
             inner = plan_producer(gm, Chain(z, s, t, [x.args[0]]), depth + 1)
             return inner if isinstance(inner, Refusal) else Through(inner, "split")
+        tokens = rows_source(x)
+        if tokens is not None:
+            inner = plan_producer(gm, Chain(tokens, chain.scale, chain.shift, [x], axis=-1),
+                                  depth + 1)
+            return inner if isinstance(inner, Refusal) else Through(inner, "flatten")
     target = producer_target(gm, x)
     if target is None:
         return inner if inner.reason else \
@@ -435,6 +441,24 @@ def split_whole(x: fx.Node, s: torch.Tensor, t: torch.Tensor
     whole_t = torch.zeros(c, dtype=t.dtype, device=t.device)
     whole_s[start:start + width], whole_t[start:start + width] = s, t
     return z, whole_s, whole_t
+
+
+def rows_source(x: fx.Node) -> fx.Node | None:
+    """``z`` when ``x`` is ``z`` (rank >= 3, channels last) with its leading dims merged into
+    rows, ``(M, C)`` (``z.flatten(0, -2)``, a reshape or view to ``(-1, C)``): a map over
+    ``x``'s channels (dim 1) is one over ``z``'s last dim. LeViT normalises each Linear's
+    tokens this way, ``bn(linear(x).flatten(0, 1)).reshape_as(...)`` (Graham et al., 2021)."""
+    if x.op not in ("call_function", "call_method") or not _hashable_in(x.target, FLATTENS) \
+            or not x.args or not isinstance(x.args[0], fx.Node):
+        return None
+    z = x.args[0]
+    xs, zs = tensor_shape(x), tensor_shape(z)
+    if xs is None or zs is None or len(xs) != 2 or len(zs) < 3 or xs[1] != zs[-1]:
+        return None
+    rows = 1
+    for d in zs[:-1]:
+        rows *= d
+    return z if rows == xs[0] else None
 
 
 def split_ranges(sp: fx.Node) -> list[tuple[int, int]] | None:

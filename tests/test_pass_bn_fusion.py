@@ -60,6 +60,44 @@ def test_a_batchnorm1d_over_the_tokens_of_a_linear_is_not_fused():
     assert rel_err(ref, out) <= REL_TOL
 
 
+class LinearNorm(nn.Module):
+    """LeViT's Linear + BatchNorm over tokens (Graham et al., "LeViT", ICCV 2021): the tokens'
+    rows normalised, ``bn(linear(x).flatten(0, 1)).reshape_as(linear(x))``. ``how``: that, a
+    reshape to ``(-1, C)``, or a Conv1d over ``(N, C, L)`` flattened the same way (its rows are
+    positions, not channels: no fusion). ``also``: the layer's output is read by another op."""
+
+    def __init__(self, how: str = "flatten", also: bool = False):
+        super().__init__()
+        self.how, self.also = how, also
+        self.layer = nn.Conv1d(6, 5, 1) if how == "conv" else nn.Linear(6, C, bias=False)
+        self.bn = nn.BatchNorm1d(5 if how == "conv" else C)
+
+    def forward(self, x):
+        y = self.layer(x)
+        rows = y.reshape(-1, y.shape[-1]) if self.how == "reshape" else y.flatten(0, 1)
+        out = self.bn(rows).reshape_as(y)
+        return out + y if self.also else out
+
+
+@pytest.mark.parametrize("how", ["flatten", "reshape"])
+def test_a_batchnorm1d_over_a_linears_token_rows_fuses_into_it(how):
+    x = torch.randn(2, 5, 6)
+    gm, records, ref, out = _fuse(LinearNorm(how), x)
+    assert [(r.action, r.target) for r in records] == [("fused", "layer")], records
+    assert bn_call_nodes(gm) == []
+    assert gm.layer.bias is not None  # (a bias-free Linear gains the norm's shift)
+    assert rel_err(ref, out) <= REL_TOL
+
+
+@pytest.mark.parametrize("how, also", [("conv", False), ("flatten", True)])
+def test_a_batchnorm1d_over_token_rows_stays_unless_a_linear_alone_feeds_it(how, also):
+    x = torch.randn(2, 6, 5) if how == "conv" else torch.randn(2, 5, 6)
+    gm, records, ref, out = _fuse(LinearNorm(how, also), x)
+    assert [r.action for r in records] == ["kept"] and records[0].code, records
+    assert len(bn_call_nodes(gm)) == 1
+    assert rel_err(ref, out) <= REL_TOL
+
+
 class FunctionalConvBN(nn.Module):
     def __init__(self):
         super().__init__()

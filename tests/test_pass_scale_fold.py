@@ -596,3 +596,26 @@ def test_a_scale_before_a_split_stays_when_a_part_reaches_no_consumer_target():
     gm, records, ref, out = _fold(SplitFeeds(plain_part=True), x)
     assert [r.action for r in records] == ["kept"] and records[0].code, records
     assert rel_err(ref, out) <= REL_TOL
+
+
+class TokenRowsScaled(nn.Module):
+    """A Linear over tokens ``(N, L, C)``, its rows ``(N * L, C)`` times a per-channel
+    constant (plus a shift), then a tanh (no consumer target)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(6, C)
+        self.register_buffer("s", _const((C,), -1.5, 1.5, 12))
+        self.register_buffer("t", _const((C,), -0.5, 0.5, 13))
+
+    def forward(self, x):
+        return torch.tanh(self.layer(x).flatten(0, 1) * self.s + self.t)
+
+
+def test_a_scale_on_token_rows_folds_into_the_linear():
+    x = torch.randn(2, 5, 6)
+    gm, records, ref, out = _fold(TokenRowsScaled(), x)
+    assert [(r.action, r.target) for r in records] == \
+        [("folded", "layer (output rows) through flatten")], records
+    assert _consts_left(gm) == []
+    assert rel_err(ref, out) <= REL_TOL
