@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.asrfx-installed
 
-.PHONY: venv test test-all demo bench zoo zoo-sweep zoo-fused zoo-fold-paths zoo-pytorchcv clean
+.PHONY: venv test test-all demo bench zoo zoo-sweep zoo-fused zoo-fold-paths zoo-collections clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,12 +62,16 @@ zoo-fold-paths: $(ZOO_STAMP)
 	$(ZOO_PY) -m pip install -q --no-deps -e .
 	$(ZOO_PY) bench/zoo_fold_paths.py --out bench/results
 
-# pytorchcv's attention models (one per family), with the steps and verdicts of zoo-sweep
-# (about 5 min; bench/zoo_pytorchcv.py -> bench/results/zoo-pytorchcv.{md,json})
-zoo-pytorchcv: $(ZOO_STAMP)
+# attention models of other collections (pytorchcv, resnest, pretrainedmodels, geffnet,
+# segmentation_models_pytorch), with the steps and verdicts of zoo-sweep (about 10 min;
+# bench/zoo_collections.py -> bench/results/zoo-collections.{md,json}); the collections are
+# pure Python and install without their dependencies (torch and timm are there)
+ZOO_COLLECTIONS := pytorchcv resnest pretrainedmodels munch six geffnet segmentation-models-pytorch
+zoo-collections: $(ZOO_STAMP)
 	$(ZOO_PY) -m pip install -q --no-deps -e .
-	$(ZOO_PY) -c "import pytorchcv" 2>/dev/null || $(ZOO_PY) -m pip install -q --no-deps pytorchcv
-	$(ZOO_PY) bench/zoo_pytorchcv.py --out bench/results
+	$(ZOO_PY) -c "import pytorchcv, resnest, pretrainedmodels, geffnet, segmentation_models_pytorch" \
+		2>/dev/null || $(ZOO_PY) -m pip install -q --no-deps $(ZOO_COLLECTIONS)
+	$(ZOO_PY) bench/zoo_collections.py --out bench/results
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q

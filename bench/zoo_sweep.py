@@ -88,7 +88,7 @@ ATTENTION_CLASSES: dict[str, tuple[str, ...]] = {
     "timm.layers.split_attn": ("SplitAttn",),
     # torchvision's SE (EfficientNet, MobileNetV3, RegNetY, MaxViT)
     "torchvision.ops.misc": ("SqueezeExcitation",),
-    # pytorchcv (bench/zoo_pytorchcv.py): its own SE and split attention, DIA's shared LSTM,
+    # pytorchcv (bench/zoo_collections.py): its own SE and split attention, DIA's shared LSTM,
     # selective kernels, the channel half of CBAM, BiSeNet's attention refinement, and the
     # attention that is not per channel (BAM, self-calibrated convs, AirNet, residual attention)
     "pytorchcv.models.common.att": ("SEBlock", "SABlock"),
@@ -103,6 +103,15 @@ ATTENTION_CLASSES: dict[str, tuple[str, ...]] = {
     "pytorchcv.models.scnet": ("ScConv",),
     "pytorchcv.models.airnet": ("AirBlock",),
     "pytorchcv.models.resattnet": ("AttBlock",),
+    # the other collections of bench/zoo_collections.py: ResNeSt's own split attention, the
+    # SENet port, geffnet's SE, and segmentation_models_pytorch's concurrent spatial and
+    # channel SE (its spatial half is refused) and MA-Net's attention blocks (channel: MFAB;
+    # position: PAB, refused)
+    "resnest.torch.splat": ("SplAtConv2d",),
+    "pretrainedmodels.models.senet": ("SEModule",),
+    "geffnet.efficientnet_builder": ("SqueezeExcite",),
+    "segmentation_models_pytorch.base.modules": ("SCSEModule",),
+    "segmentation_models_pytorch.decoders.manet.decoder": ("MFABBlock", "PABBlock"),
 }
 
 #: Looked at and left out, with the reason (a gate per position, or attention between

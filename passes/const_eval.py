@@ -20,8 +20,9 @@ import torch.fx as fx
 from asrfx.report import Site
 
 from .batch_rows import collapse_batch
+from .find_attention import channels_last
 from .graph_utils import (drop_dead, safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op,
-                          module_path, set_attr_path, stable_toposort, unique_name,
+                          module_path, set_attr_path, stable_toposort, tensor_shape, unique_name,
                           value_dependent)
 from .protocol import PassContext, record
 from .shapes import ShapeRecorder
@@ -170,8 +171,10 @@ def evaluate_constants(gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         with torch.no_grad():
             rec.propagate(*ctx.inputs)
     evaluated = _region(list(frontier), dep)
-    records = [r for n in frontier if (r := _bake(gm, n, rec.values.get(n), n in shape_dep,
-                                                  rows)) is not None]
+    records = [r for n in frontier
+               if (r := _bake(gm, n, rec.values.get(n), n in shape_dep, rows,
+                              n in shape_dep and _reads_varying_extent(gm, n, dep)))
+               is not None]
     safe_dce(gm)
     # the calls that computed the baked values ran: opaque ones too go once nothing reads them
     drop_dead(gm, evaluated)
@@ -206,17 +209,110 @@ def _drop_constant_guards(graph: fx.Graph, dep: set, shape_dep: set) -> bool:
     return bool(found)
 
 
+def _reads_varying_extent(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node]) -> bool:
+    """Whether constant ``n`` is computed from an extent of a value-dependent tensor other than
+    its batch (which :func:`~.batch_rows.collapse_batch` made one row, or the rows check
+    covers) and its channels (fixed by the layers): a spatial size or a sequence length,
+    which another input changes (EdgeNeXt's Fourier position encoding is computed from
+    ``torch.zeros(x.shape)``). The rank, dtype and device are fixed too. A shape read whole
+    counts by the items its readers take (``b, c = x.shape[:2]``), else as every extent."""
+    ancestors: set[fx.Node] = set()
+    stack = [n]
+    while stack:
+        a = stack.pop()
+        if a in ancestors or a in dep:
+            continue
+        ancestors.add(a)
+        if not reads_shape_only(a):
+            stack.extend(a.all_input_nodes)
+    for r in ancestors:
+        if not reads_shape_only(r) or not r.args or r.args[0] not in dep:
+            continue
+        shape = tensor_shape(r.args[0])
+        if shape is None:
+            return True
+        fixed = {0, _channel_dim(gm, r.args[0], len(shape))}
+        if any(d not in fixed for d in _extents_read(r, len(shape), ancestors)):
+            return True
+    return False
+
+
+def _channel_dim(gm: fx.GraphModule, x: fx.Node, ndim: int) -> int:
+    """The channel dim of ``x``: 1, or the last for channels-last maps and tokens."""
+    if ndim <= 2:
+        return ndim - 1
+    return ndim - 1 if channels_last(gm, x) else 1
+
+
+def _extents_read(r: fx.Node, ndim: int, within: set[fx.Node]) -> set[int]:
+    """The dims whose extents shape read ``r`` passes on to the nodes in ``within``."""
+    everything = set(range(ndim))
+    if r.op == "call_method" and r.target in ("dim", "ndimension", "get_device"):
+        return set()
+    if r.op == "call_function" and r.target is getattr and r.args[1] != "shape":
+        return set()  # ndim, dtype, device, layout
+    if r.op == "call_method" and r.target == "size":
+        dim = r.args[1] if len(r.args) > 1 else r.kwargs.get("dim")
+        if isinstance(dim, int):
+            return {dim % ndim}
+        if dim is not None:
+            return everything
+    elif r.op == "call_function" and r.target is len:
+        return {0}
+    elif not (r.op == "call_function" and r.target is getattr):
+        return everything  # numel and the like
+    return _items_taken(r, ndim, within)
+
+
+def _items_taken(shape: fx.Node, ndim: int, within: set[fx.Node]) -> set[int]:
+    """The items of a whole shape value that its readers in ``within`` take."""
+    out: set[int] = set()
+    for u in shape.users:
+        if u not in within:
+            continue
+        if u.op == "call_function" and u.target is operator.getitem and u.args[0] is shape:
+            index = u.args[1]
+            if isinstance(index, int):
+                out.add(index % ndim)
+                continue
+            if isinstance(index, slice):
+                taken = list(range(ndim))[index]
+                out |= _items_of_slice(u, taken, within)
+                continue
+            return set(range(ndim))
+        if u.op == "call_function" and getattr(u.target, "__name__", "") == "one_row":
+            out |= _items_taken(u, ndim, within) - {0}
+            continue
+        if u.op == "call_function" and u.target is len:
+            continue
+        return set(range(ndim))
+    return out
+
+
+def _items_of_slice(part: fx.Node, taken: list[int], within: set[fx.Node]) -> set[int]:
+    """The dims (of the original shape) a slice ``part`` of it passes on: those its readers
+    index, or all it holds."""
+    sub = _items_taken(part, len(taken), within) if taken else set()
+    return {taken[i] for i in sub if i < len(taken)}
+
+
 def _broadcast_only(n: fx.Node) -> bool:
     return all(is_op(u, _BROADCAST_OPS) for u in n.users)
 
 
-def _bake(gm: fx.GraphModule, n: fx.Node, v: Any, shape_dep: bool, rows: str | None
-          ) -> Site | None:
-    """Replace constant ``n`` (value ``v``) by a buffer; a record when it has to stay."""
+def _bake(gm: fx.GraphModule, n: fx.Node, v: Any, shape_dep: bool, rows: str | None,
+          varying: bool = False) -> Site | None:
+    """Replace constant ``n`` (value ``v``) by a buffer; a record when it has to stay
+    (``varying``: it reads an extent of the input that another input may change)."""
     if not isinstance(v, torch.Tensor):
         return None
     path = module_path(n)
     if shape_dep:
+        if varying:
+            return record(f"const:{n.name}", path, "constant branch", 0,
+                          reason="computed from parameters and the input's spatial size or "
+                                 "length, which another input changes; kept as computed",
+                          code="shape-follows-input")
         if not _broadcast_only(n):
             return record(f"const:{n.name}", path, "constant branch", 0,
                           reason="its shape follows the input's; kept as computed",

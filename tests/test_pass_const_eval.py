@@ -216,3 +216,53 @@ def test_rows_agree_within_rounding_only():
     ints = torch.arange(3).view(1, 3).expand(2, 3)
     assert rows_agree(ints)
     assert not rows_agree(torch.tensor([[1, 2], [1, 3]]))
+
+
+class SpatialConstant(nn.Module):
+    """Constants computed from parameters and the input's extents, added to or multiplied
+    into it: ``kind`` "position" a position code over ``torch.zeros(x.shape[2:])`` (EdgeNeXt's
+    Fourier encoding), "scale" a per-channel gate times the input's width, "tokens" a code over
+    a sequence's length; and "channels" reads only ``b, c = x.shape[:2]`` (an SE's
+    ``y.view(b, c, 1, 1)``), which stays bakeable."""
+
+    def __init__(self, kind: str, c: int = 4):
+        super().__init__()
+        self.kind = kind
+        self.w = nn.Parameter(torch.randn(1, c, 1, 1))
+
+    def forward(self, x):
+        if self.kind == "position":
+            grid = torch.zeros(x.shape[2:]).cumsum(0) + 1
+            return x + self.w * grid.cos()
+        if self.kind == "scale":
+            return x * (torch.sigmoid(self.w) * x.shape[-1])
+        if self.kind == "tokens":
+            n, length, c = x.shape
+            code = torch.arange(length, dtype=x.dtype).reshape(1, length, 1).expand(1, length, c)
+            return x + self.w.reshape(1, 1, -1) * code
+        b, c = x.shape[:2]
+        return x * torch.sigmoid(self.w).view(1, -1).expand(b, c).view(b, c, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["position", "scale", "tokens"])
+def test_a_constant_computed_from_the_inputs_extent_is_kept_computed(kind):
+    """Baked at the example's size it would be wrong, or the wrong shape, at another size."""
+    model = SpatialConstant(kind)
+    x = torch.randn(2, 5, 4) if kind == "tokens" else torch.randn(2, 4, 5, 6)
+    gm, _, ref, records = _evaluate(model, x)
+    assert [(r.action, r.code) for r in records] == [("kept", "shape-follows-input")], records
+    assert _const_buffers(gm) == {}
+    other = torch.randn(3, 7, 4) if kind == "tokens" else torch.randn(3, 4, 7, 3)
+    with torch.no_grad():
+        for xi in (x, other):
+            assert rel_err(model(xi), run_graph(gm, xi)) <= 1e-6
+
+
+def test_a_constant_reading_only_the_batch_and_channels_is_baked():
+    model = SpatialConstant("channels")
+    gm, _, ref, records = _evaluate(model, torch.randn(2, 4, 5, 6))
+    assert records == []
+    assert list(_const_buffers(gm).values()) == [(1, 4, 1, 1)]
+    other = torch.randn(3, 4, 7, 3)
+    with torch.no_grad():
+        assert rel_err(model(other), run_graph(gm, other)) <= 1e-6
