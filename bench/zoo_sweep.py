@@ -105,13 +105,13 @@ ATTENTION_CLASSES: dict[str, tuple[str, ...]] = {
     "pytorchcv.models.resattnet": ("AttBlock",),
     # the other collections of bench/zoo_collections.py: ResNeSt's own split attention, the
     # SENet port, geffnet's SE, and segmentation_models_pytorch's concurrent spatial and
-    # channel SE (its spatial half is refused) and MA-Net's attention blocks (channel: MFAB;
-    # position: PAB, refused)
+    # channel SE (its spatial half is refused) and MA-Net's multi-scale fusion attention (two
+    # SE gates summed; its position attention block, PAB, is self-attention: left out)
     "resnest.torch.splat": ("SplAtConv2d",),
     "pretrainedmodels.models.senet": ("SEModule",),
     "geffnet.efficientnet_builder": ("SqueezeExcite",),
     "segmentation_models_pytorch.base.modules": ("SCSEModule",),
-    "segmentation_models_pytorch.decoders.manet.decoder": ("MFABBlock", "PABBlock"),
+    "segmentation_models_pytorch.decoders.manet.decoder": ("MFABBlock",),
 }
 
 #: Looked at and left out, with the reason (a gate per position, or attention between
