@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from asrfx.report import Site
 
-from .batch_rows import collapse_batch
+from .batch_rows import collapse_batch, one_row
 from .find_attention import channels_last
 from .graph_utils import (drop_dead, safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op,
                           module_path, set_attr_path, stable_toposort, tensor_shape, unique_name,
@@ -280,7 +280,7 @@ def _items_taken(shape: fx.Node, ndim: int, within: set[fx.Node]) -> set[int]:
                 out |= _items_of_slice(u, taken, within)
                 continue
             return set(range(ndim))
-        if u.op == "call_function" and getattr(u.target, "__name__", "") == "one_row":
+        if u.op == "call_function" and u.target is one_row:
             out |= _items_taken(u, ndim, within) - {0}
             continue
         if u.op == "call_function" and u.target is len:
