@@ -145,7 +145,18 @@ def top_level_hint(model: nn.Module, inputs: tuple | None) -> str:
                          f"on them (e.g. `if mask is None`) cannot be traced: give them in "
                          f"example_inputs, or wrap the model in a module whose forward(x) calls "
                          f"model(x)")
+    trunks = [n for n, _ in model.named_children() if n in _TRUNK_NAMES]
+    if trunks:
+        hints.append(f"or convert the traceable part alone, e.g. model.{trunks[0]} = "
+                     f"asrfx.prepare(model.{trunks[0]}, example_inputs=...) (then asrfx.fold "
+                     f"it the same way): detectors and other models with data-dependent "
+                     f"heads keep their attention in the {trunks[0]}")
     return "; ".join(hints)
+
+
+#: names of the child that holds a model's feature extractor in torchvision's detection and
+#: segmentation models, segmentation_models_pytorch, MONAI and others
+_TRUNK_NAMES = ("backbone", "encoder", "body", "features", "trunk")
 
 
 def infer_example_inputs(model: nn.Module, size: int = 32, batch: int = 2) -> tuple:

@@ -77,6 +77,19 @@ class TopLevelBranch(nn.Module):
         return self.conv(x) if x.sum() > 0 else self.conv(-x)
 
 
+class Detector(nn.Module):
+    """A traceable ``backbone`` with attention under a head whose control flow depends on the
+    values (a detector's box selection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = SENet()
+
+    def forward(self, x):
+        scores = self.backbone(x)
+        return scores[scores > 0] if bool((scores > 0).any()) else scores
+
+
 class Gate(nn.Module):
     def __init__(self, c: int):
         super().__init__()
@@ -199,7 +212,8 @@ def test_bad_example_inputs_of_a_prepared_model_are_input_errors():
 @pytest.mark.parametrize("entry", ["trace", "prepare", "fold"])
 def test_top_level_failures_are_trace_errors_with_the_fix(entry):
     for model, fix in [(TopLevelBranch(), "leaf_modules"),
-                       (OptionalArg(), "optional arguments ['mask']")]:
+                       (OptionalArg(), "optional arguments ['mask']"),
+                       (Detector(), "model.backbone = asrfx.prepare(model.backbone")]:
         with pytest.raises(asrfx.TraceError) as info:
             _call(entry, model, (X,))
         _assert_clean(info.value)
@@ -851,3 +865,14 @@ def test_fold_cli_with_a_zoo_name(tmp_path, capsys):
     assert _fold_cli("resnet20-se", ckpt, out) == 0
     assert "9 folded" in capsys.readouterr().out  # one SE per block
     _check_deploy_files(out, prepared.eval())
+
+
+def test_the_backbone_of_an_untraceable_model_converts_and_folds_as_the_error_says():
+    model = Detector().eval()
+    prepared = asrfx.prepare(model.backbone, example_inputs=(X,))
+    assert prepared.asrfx_report.count(action="converted") > 0
+    deploy = asrfx.fold(prepared, example_inputs=(X,))
+    model.backbone = deploy
+    with torch.no_grad():
+        assert rel_err(prepared.eval()(X), deploy(X)) <= REL_TOL
+        assert model(X).dim() == 1  # the head runs on the folded backbone's scores
