@@ -272,6 +272,17 @@ _patch_keyword_targets()
 _fx_len = fx.Proxy.__len__
 _fx_iter = fx.Proxy.__iter__
 _JIT_ISINSTANCE = torch.jit.isinstance
+_VARIABLE = torch.autograd.variable.Variable
+
+
+def _traced_variable(cls: type, data: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """``torch.autograd.Variable(x)`` while tracing (the pre-0.4 wrapper, still in older model
+    code: CondenseNet's ``index_select(x, 1, Variable(self.index))``): of a traced tensor
+    without other arguments it is ``x.detach()``, as in eager mode (a new tensor sharing
+    ``x``'s data, no gradient); anything else as torch does it."""
+    if isinstance(data, fx.Proxy) and not args and not kwargs:
+        return data.tracer.create_proxy("call_method", "detach", (data,), {})
+    return torch._C._LegacyVariableBase.__new__(cls, data, *args, **kwargs)
 
 
 def _traced_jit_isinstance(obj: Any, target_type: Any) -> bool:
@@ -479,6 +490,7 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
     fx.Proxy.__iter__ = _proxy_iter
     torch.autograd.Function.apply = classmethod(_guarded_apply)  # type: ignore[assignment]
     torch.jit.isinstance = _traced_jit_isinstance
+    _VARIABLE.__new__ = _traced_variable  # type: ignore[method-assign]
     try:
         graph = tracer.trace(model)
         for node in graph.nodes:
@@ -491,6 +503,8 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
     finally:
         torch.autograd.Function.apply = _FUNCTION_APPLY  # type: ignore[assignment]
         torch.jit.isinstance = _JIT_ISINSTANCE
+        if "__new__" in vars(_VARIABLE):
+            del _VARIABLE.__new__
         for name, fn in originals.items():
             setattr(torch, name, fn)
         fx.Proxy.__len__ = _fx_len

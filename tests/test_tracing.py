@@ -986,3 +986,38 @@ def test_torch_as_tensor_of_traced_values_traces():
         for xi in (x, torch.randn(1, 3, 4, 9)):
             assert rel_err(model(xi), gm(xi)) <= REL_TOL
             assert rel_err(model(xi), deploy(xi)) <= REL_TOL
+
+
+class LegacyVariable(nn.Module):
+    """The pre-0.4 ``Variable`` wrapper on a traced buffer (CondenseNet's learned channel
+    selection, ``torch.index_select(x, 1, Variable(self.index))``), and on a traced tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("index", torch.tensor([2, 0, 1]))
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        from torch.autograd import Variable
+
+        y = self.bn(self.conv(torch.index_select(x, 1, Variable(self.index))))
+        return y + Variable(y).mean()
+
+
+def test_a_legacy_variable_of_a_traced_value_traces_as_detach():
+    model = randomize_bn(LegacyVariable(), 2).eval()
+    x = torch.randn(2, 3, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (an untraceable module would warn and stay opaque)
+        gm = asrfx.trace(model, x)
+    assert sum(1 for n in gm.graph.nodes if n.target == "detach") == 2
+    from torch.autograd import Variable
+
+    t = torch.arange(3.0)
+    assert "__new__" not in vars(Variable) and Variable(t).data_ptr() == t.data_ptr()
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+    with torch.no_grad():
+        for xi in (x, torch.randn(1, 3, 7, 4)):
+            assert rel_err(model(xi), deploy(xi)) <= REL_TOL
