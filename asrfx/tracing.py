@@ -291,11 +291,10 @@ def _traced_jit_isinstance(obj: Any, target_type: Any) -> bool:
     False for any proxy, and fx would trace the branch without the skip connection). The type
     of a traced value does not depend on the input, so no guard is needed. Without example
     values it fails as control flow on a traced value does (the trace is retried with them)."""
-    found: list[fx.Proxy] = []
-    fx.node.map_aggregate(obj, lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
-    if not found:
+    proxy = _proxy_in(obj)
+    if proxy is None:
         return _JIT_ISINSTANCE(obj, target_type)
-    tracer = found[0].tracer
+    tracer = proxy.tracer
     missing = object()
 
     def value(p: fx.Proxy) -> Any:

@@ -53,16 +53,13 @@ def _fuse_affine(gm: fx.GraphModule, bn_node: fx.Node, src: fx.Node, s: torch.Te
     """Fold the norm's affine map ``x * s + t`` into the layer producing ``src`` (Conv ->
     BatchNorm fusion), else forward into every layer reading the norm (a BatchNorm1d before a
     Linear head: its input columns), and drop the norm; or say why not."""
-    target = producer_target(gm, src)
+    # (M, C) rows of a layer's (..., C) tokens: the norm's channels are the layer's last dim
     tokens = rows_source(src)
-    if tokens is not None:  # (M, C) rows of a layer's (..., C) tokens: its last dim
-        target = producer_target(gm, tokens)
-    if target is not None and tokens is not None and target.fuses_batchnorm and \
-            value_readers(tokens) == 1 and not target.check(gm, tokens, s, t, -1):
-        rec.target = target.apply(gm, tokens, s, t).rpartition(" (")[0]
-    elif tokens is None and target is not None and target.fuses_batchnorm and \
-            not target.check(gm, src, s, t, 1):
-        rec.target = target.apply(gm, src, s, t).rpartition(" (")[0]
+    layer, axis = (src, 1) if tokens is None else (tokens, -1)
+    target = producer_target(gm, layer)
+    if target is not None and target.fuses_batchnorm and value_readers(layer) == 1 and \
+            not target.check(gm, layer, s, t, axis):
+        rec.target = target.apply(gm, layer, s, t).rpartition(" (")[0]
     elif (parts := _concatenated_convs(gm, src, s, t)) is not None:
         rec.target = apply_plan(gm, parts)
     else:

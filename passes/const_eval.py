@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from asrfx.report import Site
 
-from .batch_rows import collapse_batch, one_row
+from .batch_rows import _shape_feeds, collapse_batch, one_row
 from .find_attention import channels_last
 from .graph_utils import (drop_dead, safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op,
                           module_path, set_attr_path, stable_toposort, tensor_shape, unique_name,
@@ -216,15 +216,7 @@ def _reads_varying_extent(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node]) -> 
     which another input changes (EdgeNeXt's Fourier position encoding is computed from
     ``torch.zeros(x.shape)``). The rank, dtype and device are fixed too. A shape read whole
     counts by the items its readers take (``b, c = x.shape[:2]``), else as every extent."""
-    ancestors: set[fx.Node] = set()
-    stack = [n]
-    while stack:
-        a = stack.pop()
-        if a in ancestors or a in dep:
-            continue
-        ancestors.add(a)
-        if not reads_shape_only(a):
-            stack.extend(a.all_input_nodes)
+    ancestors = _shape_feeds({n}, dep) | {n}
     for r in ancestors:
         if not reads_shape_only(r) or not r.args or r.args[0] not in dep:
             continue

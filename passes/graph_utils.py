@@ -29,12 +29,14 @@ SHAPE_METHODS = {"size", "dim", "numel", "type_as_shape", "get_device", "ndimens
 
 
 def is_op(node: fx.Node, ops: set) -> bool:
-    """True when ``node`` is a call_function or call_method whose target is in ``ops``."""
-    if node.op == "call_function":
+    """True when ``node`` is a call_function or call_method whose target is in ``ops`` (never
+    for an unhashable target, e.g. a bound method of an unhashable object)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    try:
         return node.target in ops
-    if node.op == "call_method":
-        return node.target in ops
-    return False
+    except TypeError:
+        return False
 
 
 def tensor_shape(node: Any) -> tuple[int, ...] | None:

@@ -448,8 +448,7 @@ def rows_source(x: fx.Node) -> fx.Node | None:
     rows, ``(M, C)`` (``z.flatten(0, -2)``, a reshape or view to ``(-1, C)``): a map over
     ``x``'s channels (dim 1) is one over ``z``'s last dim. LeViT normalises each Linear's
     tokens this way, ``bn(linear(x).flatten(0, 1)).reshape_as(...)`` (Graham et al., 2021)."""
-    if x.op not in ("call_function", "call_method") or not _hashable_in(x.target, FLATTENS) \
-            or not x.args or not isinstance(x.args[0], fx.Node):
+    if not is_op(x, FLATTENS) or not x.args or not isinstance(x.args[0], fx.Node):
         return None
     z = x.args[0]
     xs, zs = tensor_shape(x), tensor_shape(z)
@@ -467,8 +466,7 @@ def split_ranges(sp: fx.Node) -> list[tuple[int, int]] | None:
     the parts' shapes were recorded; else None. The parts are consecutive channel ranges in
     order; their widths are the recorded ones (the sizes may be computed from the input's
     shape in the graph, and channels do not change with the input)."""
-    if sp.op not in ("call_function", "call_method") or not _hashable_in(sp.target, SPLITS) \
-            or not sp.args or not isinstance(sp.args[0], fx.Node):
+    if not is_op(sp, SPLITS) or not sp.args or not isinstance(sp.args[0], fx.Node):
         return None
     shape = tensor_shape(sp.args[0])
     dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
@@ -481,13 +479,6 @@ def split_ranges(sp: fx.Node) -> list[tuple[int, int]] | None:
         return None
     starts = [sum(widths[:k]) for k in range(len(widths))]
     return list(zip(starts, widths))
-
-
-def _hashable_in(target: Any, table: set) -> bool:
-    try:
-        return target in table
-    except TypeError:  # an unhashable target
-        return False
 
 
 def plan_consumers(gm: fx.GraphModule, chain: Chain) -> Plan | Refusal:
