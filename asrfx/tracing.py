@@ -36,6 +36,7 @@ from .inputs import check_example_inputs, inputs_failure, normalize_inputs, shor
 from .passes.graph_utils import (PARTS_GUARD, describe_hooks, module_hooks, reads_shape_only,
                                  submodule, to_eval)
 from .passes.shapes import ShapeRecorder, propagate_shapes
+from .tracing_einops import RANK_UNKNOWN, traced_ndim, tracing_backend
 
 __all__ = ["trace", "AsrTracer", "preserve_modes", "DualModeGraphModule", "TraceResult", "Leaves",
            "trace_modes", "hooked_leaves", "warn_own_hooks"]
@@ -490,8 +491,10 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
     torch.autograd.Function.apply = classmethod(_guarded_apply)  # type: ignore[assignment]
     torch.jit.isinstance = _traced_jit_isinstance
     _VARIABLE.__new__ = _traced_variable  # type: ignore[method-assign]
+    fx.Proxy.ndim = property(traced_ndim)  # type: ignore[attr-defined]
     try:
-        graph = tracer.trace(model)
+        with tracing_backend():  # einops functions on traced values
+            graph = tracer.trace(model)
         for node in graph.nodes:
             # a forward annotated under `from __future__ import annotations` gives placeholders
             # the annotation as a string, which breaks pickling the GraphModule (torch.save of
@@ -508,7 +511,7 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
             setattr(torch, name, fn)
         fx.Proxy.__len__ = _fx_len
         fx.Proxy.__iter__ = _fx_iter
-        for name in ("__ceil__", "__floor__", "__setitem__"):
+        for name in ("__ceil__", "__floor__", "__setitem__", "ndim"):
             if name in vars(fx.Proxy):
                 delattr(fx.Proxy, name)
         if saved is not None:
@@ -521,10 +524,10 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
 def _needs_values(e: BaseException) -> bool:
     """A trace failed on what example values can answer: ``len()`` of a shape, a Python
     condition on a traced value (answered when it is computed from shapes alone), an iteration
-    over the parts of a split."""
+    over the parts of a split, the rank of a traced tensor (``x.ndim``, einops)."""
     text = str(e)
     return "'len'" in text or "control flow" in text or "__ceil__" in text or \
-        "__floor__" in text or "cannot be iterated" in text
+        "__floor__" in text or "cannot be iterated" in text or RANK_UNKNOWN in text
 
 
 def _trace_with_fallback(model: nn.Module, user_leaves: Sequence[str | type],
