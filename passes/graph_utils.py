@@ -290,10 +290,23 @@ _EMPTY_COPIES = (dict, set, list, collections.OrderedDict)  # copied empty as ne
 CALL_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
+def inert_hook(hook: Any) -> bool:
+    """``hook`` does nothing unless the model's own forward asks it to while that forward runs:
+    transformers' output-capturing hooks (``transformers.utils.output_capturing``, installed by
+    every model whose forward is decorated with ``capture_outputs``, e.g. each backbone's
+    hidden states) record a layer's output only while the decorated forward has a collector
+    active, and return nothing. Traced through, such a hook runs while the forward is traced
+    (it records the traced value, which the forward returns); called by a graph, it finds no
+    collector and does nothing."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing" and \
+        getattr(hook, "__name__", None) == "output_capturing_hook"
+
+
 def module_hooks(mod: nn.Module) -> list[str]:
     """What runs when ``mod`` is called besides its ``forward``: its forward (pre-)hooks and
     backward (pre-)hooks, described in words (``"forward hook"``, ``"legacy weight_norm"``...);
-    empty when there are none. Global hooks (``register_module_forward_hook``) are not counted.
+    empty when there are none. Global hooks (``register_module_forward_hook``) are not counted,
+    nor inert ones (:func:`inert_hook`).
     """
     if not any(getattr(mod, attr, None) for attr in CALL_HOOK_DICTS):
         return []
@@ -305,6 +318,8 @@ def module_hooks(mod: nn.Module) -> list[str]:
     for attr, word in zip(CALL_HOOK_DICTS, ("forward pre-hook", "forward hook",
                                             "backward pre-hook", "backward hook")):
         for hook in (getattr(mod, attr, None) or {}).values():
+            if inert_hook(hook):
+                continue
             kind = "legacy weight_norm" if isinstance(hook, WeightNorm) else \
                 "legacy spectral_norm" if isinstance(hook, SpectralNorm) else \
                 "pruning" if isinstance(hook, BasePruningMethod) else word
