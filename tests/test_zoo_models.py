@@ -142,3 +142,78 @@ def test_zoo_model_folds_exactly_and_completely(source, name):
     with torch.no_grad():
         for xi in (x, other):
             assert rel_err(prepared(xi), deploy(xi)) <= 1e-4
+
+
+class _FeatureMaps(nn.Module):
+    """A transformers backbone's feature maps as a tuple (its forward returns a dataclass)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return tuple(self.backbone(x).feature_maps)
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def _other(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """(model, example input) of the models of other collections below."""
+    if name.startswith("vit_pytorch:"):
+        pytest.importorskip("einops")
+        from vit_pytorch.max_vit import MaxViT
+
+        model = MaxViT(num_classes=10, dim_conv_stem=16, dim=16, dim_head=8, depth=(1, 1),
+                       window_size=4)
+        return model, torch.randn(2, 3, 32, 32)
+    transformers = pytest.importorskip("transformers")
+    cls = name.split(":")[1]
+    if cls == "EfficientNet":
+        cfg = transformers.EfficientNetConfig(width_coefficient=1.0, depth_coefficient=1.0,
+                                              hidden_dim=1280, num_labels=10)  # B0
+        return _Logits(transformers.EfficientNetForImageClassification(cfg)), \
+            torch.randn(2, 3, 64, 64)
+    backbone = getattr(transformers, cls)(getattr(transformers, cls[:-len("Backbone")] +
+                                                  "Config")())
+    return _FeatureMaps(backbone), torch.randn(2, 3, 64, 64)
+
+
+# (model, SE sites it has): einops layers spell MaxViT's SE; transformers' backbones record their
+# feature maps with forward hooks installed by the forward itself (capture_outputs)
+OTHERS = [("vit_pytorch:MaxViT", 2), ("transformers:EfficientNet", 16),
+          ("transformers:PPLCNetV3Backbone", 2), ("transformers:PPLCNetV4Backbone", 5),
+          ("transformers:ResNetBackbone", 0)]
+
+
+@pytest.mark.parametrize("name,sites", OTHERS)
+def test_other_collections_trace_whole_and_fold(name, sites):
+    """Models of other collections are captured whole (no opaque submodule), their attention
+    converted, and the fold exact at another batch and size."""
+    import warnings
+
+    torch.manual_seed(0)
+    model, x = _other(name)
+    model.eval()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        prepared = asrfx.prepare(model, example_inputs=(x,))
+    assert not [str(w.message) for w in record if "opaque" in str(w.message)]
+    assert prepared.asrfx_report.count(action="converted") == sites, prepared.asrfx_report
+    _randomize_norms(prepared, 1)
+    randomize_psi(prepared, 2)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert not [n for n, _ in deploy.named_parameters() if n.endswith("psi")]
+    assert _batchnorms_after_convs(deploy) == [], deploy.asrfx_report
+    other = torch.randn(3, *x.shape[1:-2], 2 * x.shape[-2], 2 * x.shape[-1])
+    with torch.no_grad():
+        for xi in (x, other):
+            a, b = prepared(xi), deploy(xi)
+            for u, v in zip(*((a, b) if isinstance(a, tuple) else ((a,), (b,)))):
+                assert rel_err(u, v) <= 1e-4
