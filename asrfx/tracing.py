@@ -454,7 +454,9 @@ def _guarded_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
         raise OpaqueAutogradFunction(
             f"it applies the autograd Function {cls.__module__}.{cls.__qualname__}, whose own "
             f"backward a graph of its forward's operations would not run")
-    return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
+    # a classmethod in some torch releases, a C classmethod_descriptor (no __func__) in others:
+    # bind it to cls as attribute lookup would
+    return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
 
 
 class Leaves(set):

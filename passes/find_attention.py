@@ -521,7 +521,13 @@ def psi_extent(gm: fx.GraphModule, stat: fx.Node, dep: set) -> str | None:
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Identity,
                         nn.Dropout, nn.Tanh, nn.Sigmoid)
 _ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, F.leaky_relu, F.dropout,
-                          torch.tanh, torch.sigmoid, "relu", "gelu", "contiguous"}
+                          torch.tanh, torch.sigmoid, "relu", "gelu", "contiguous",
+                          # casts and copies keep the layout (a block computed in float64, as
+                          # an orthogonal residual update does)
+                          "double", "float", "half", "bfloat16", "to", "type", "type_as",
+                          "clone", "detach", torch.clone,
+                          # shape-preserving along the channels: the layout stays
+                          F.normalize}
 _PERMUTES = {torch.permute, "permute"}
 
 

@@ -122,6 +122,39 @@ def test_scores_against_a_learned_vector_are_refused_with_a_reason():
     assert refused.code == "gate-scores-positions"
 
 
+class OrthogonalUpdate(nn.Module):
+    """A residual update split into its parts along and across the residual, per token
+    (orthogonal residual updates, Oh et al. 2025, as vit-pytorch writes them): the projection
+    ``(out * unit).sum(-1, keepdim=True) * unit`` weights each *token*, computed in float64
+    through a cast and ``F.normalize``. The casts must not hide that the tensors are tokens."""
+
+    def __init__(self, dim: int = 16, cast: str = "double"):
+        super().__init__()
+        self.cast = cast
+        self.embed = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.block = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        x = self.embed(t)
+        out = self.block(x)
+        if self.cast == "double":
+            r, o = x.double(), out.double()
+        else:
+            r, o = x.to(torch.float64), out.to(dtype=torch.float64)
+        unit = F.normalize(r, dim=-1)
+        parallel = (o * unit).sum(dim=-1, keepdim=True) * unit
+        return x + (o - parallel).to(x.dtype)
+
+
+@pytest.mark.parametrize("cast", ["double", "to"])
+def test_a_per_token_projection_behind_casts_is_refused_as_per_token(cast):
+    torch.manual_seed(0)
+    report = _assert_not_converted(OrthogonalUpdate(cast=cast), torch.randn(2, 10, 16),
+                                   torch.randn(3, 7, 16))
+    (refused,) = [s for s in report.sites if s.action == "refused"]
+    assert refused.code == "spatial-attention", str(report)
+
+
 class FlatPositionGate(nn.Module):
     """A flattened map ``(N, C, HW)`` gated by its mean over the channels, ``(N, 1, HW)``: one
     value per position. The flatten shows the layout; read as tokens, psi would have been
