@@ -842,6 +842,45 @@ def test_an_autograd_function_in_the_top_level_forward_is_refused_with_the_fix()
         asrfx.trace(Top(), (torch.randn(1, 3, 4, 4),))
 
 
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_an_autograd_function_runs_while_example_values_are_computed():
+    """An opaque submodule that applies a Function runs it on real tensors when a later
+    question (``len(y.shape)``) needs its example value: the guard on Function.apply must call
+    the Function then (in every torch release: apply is a classmethod in some, a C
+    classmethod_descriptor without ``__func__`` in others)."""
+    class Inner(nn.Module):
+        def forward(self, x):
+            if x.sum() > -1e9:  # control flow on a value: an opaque leaf
+                return _Square.apply(x)
+            return x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.conv, self.bn = Inner(), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.inner(x)
+            return self.bn(self.conv(y)).flatten(len(y.shape) - 3)
+
+    model = randomize_bn(Net(), 3).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="'inner'"):
+        deploy = asrfx.fold(model, example_inputs=(x,))
+    assert deploy.asrfx_report.count(action="fused") == 1
+    with torch.no_grad():
+        assert rel_err(model(x), deploy(x)) <= REL_TOL
+
+
 # --------------------------------------------------------------------------------------------
 # opaque submodules are reported, with what they hide
 
