@@ -128,6 +128,8 @@ class AsrTracer(fx.Tracer):
         # (code, instruction offset) -> how many items an unpacking there takes (None: it is
         # no unpacking), see _proxy_iter
         self.unpack_at: dict[tuple[Any, int], int | None] = {}
+        # the items of traced tuples iterated in Python, each read once (see _parts_of)
+        self.parts: dict[fx.Node, list[fx.Proxy]] = {}
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None,
                     type_expr: Any = None) -> fx.Node:
@@ -312,11 +314,17 @@ def _traced_jit_isinstance(obj: Any, target_type: Any) -> bool:
 
 
 def _proxy_len(self: fx.Proxy) -> int:
+    """``len()`` of a traced shape (its rank) or of a traced tuple of tensors (``chunk``,
+    ``split``; asked by ``(q, *t.chunk(2, -1))`` before it iterates), from the example value;
+    fx's error for anything else."""
     tracer = self.tracer
     if isinstance(tracer, AsrTracer):
         n = tracer.rank_of(self)
         if n is not None:
             return n
+        parts = _parts_of(tracer, self)
+        if parts is not None:
+            return len(parts)
     return _fx_len(self)
 
 
@@ -352,6 +360,8 @@ def _parts_of(tracer: AsrTracer, proxy: fx.Proxy) -> list[fx.Proxy] | None:
     ``torch._assert`` -- that fails, naming the count, on an input that makes another number
     of parts (a split along a spatial dim at another size). None without an example value
     (the trace is retried with one) or for anything else."""
+    if proxy.node in tracer.parts:  # asked before (len(), then the iteration)
+        return tracer.parts[proxy.node]
     value = tracer.value_of(proxy.node)
     if not isinstance(value, (tuple, list)) or not all(
             isinstance(v, torch.Tensor) for v in value) and not isinstance(value, torch.Size):
@@ -363,7 +373,8 @@ def _parts_of(tracer: AsrTracer, proxy: fx.Proxy) -> list[fx.Proxy] | None:
         same, f"{PARTS_GUARD} {count} parts of {proxy.node.name} "
               f"(as for the example inputs); this input makes another number of parts: "
               f"trace/prepare with inputs of this shape"), {})
-    return [proxy[i] for i in range(count)]
+    tracer.parts[proxy.node] = [proxy[i] for i in range(count)]
+    return tracer.parts[proxy.node]
 
 
 def _proxy_ceil(self: fx.Proxy) -> fx.Proxy:

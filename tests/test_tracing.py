@@ -881,6 +881,39 @@ def test_an_autograd_function_runs_while_example_values_are_computed():
         assert rel_err(model(x), deploy(x)) <= REL_TOL
 
 
+class _StarChunkAttention(nn.Module):
+    """Self-attention whose keys and values come from one projection, unpacked with a star in
+    a tuple display (``q, k, v = (q, *kv.chunk(2, dim=-1))``: CaiT, CvT, CrossViT, Twins in
+    vit-pytorch), after a conv + BatchNorm that fold should fuse."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(c, c, 3, padding=1), nn.BatchNorm1d(c)
+        self.q, self.kv = nn.Linear(c, c), nn.Linear(c, 2 * c)
+
+    def forward(self, x):
+        t = self.bn(self.conv(x)).transpose(1, 2)
+        q, k, v = (self.q(t), *self.kv(t).chunk(2, dim=-1))
+        return torch.softmax(q @ k.transpose(1, 2), -1) @ v
+
+
+def test_a_star_unpacked_chunk_is_traced():
+    """``(q, *t.chunk(2, -1))`` asks ``len()`` of the traced tuple before iterating it: both
+    are answered from the example value (with one guard on the count), so the module is traced
+    and its conv + BatchNorm fused, exact at another length."""
+    model = randomize_bn(nn.Sequential(_StarChunkAttention()), 4).eval()
+    x = torch.randn(2, 8, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no opaque-module warning
+        deploy = asrfx.fold(model, example_inputs=(x,))
+    assert deploy.asrfx_report.count(action="fused") == 1
+    guards = [n for n in deploy.graph.nodes if n.target is torch._assert]
+    assert len(guards) <= 1
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 8, 17)):
+            assert rel_err(model(xi), deploy(xi)) <= REL_TOL
+
+
 # --------------------------------------------------------------------------------------------
 # opaque submodules are reported, with what they hide
 
