@@ -36,7 +36,7 @@ from .inputs import check_example_inputs, inputs_failure, normalize_inputs, shor
 from .passes.graph_utils import (PARTS_GUARD, describe_hooks, module_hooks, reads_shape_only,
                                  submodule, to_eval)
 from .passes.shapes import ShapeRecorder, propagate_shapes
-from .tracing_einops import RANK_UNKNOWN, traced_ndim, tracing_backend
+from .tracing_einops import RANK_UNKNOWN, einops_autowrap, traced_ndim, tracing_backend
 
 __all__ = ["trace", "AsrTracer", "preserve_modes", "DualModeGraphModule", "TraceResult", "Leaves",
            "trace_modes", "hooked_leaves", "warn_own_hooks"]
@@ -116,7 +116,13 @@ class AsrTracer(fx.Tracer):
     proxy_buffer_attributes = True
 
     def __init__(self, leaf_modules: Iterable[str | type] = (), example_inputs: tuple | None = None):
-        super().__init__()
+        # einops' pack / unpack compute their split sizes in Python: recorded as calls, whether
+        # a forward calls them by name (``from einops import pack``) or as ``einops.pack``
+        wrap, modules = einops_autowrap()
+        super().__init__(autowrap_functions=wrap)
+        search = getattr(self, "_autowrap_search", None)
+        if isinstance(search, list):
+            search.extend(modules)
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.example_inputs = list(example_inputs) if example_inputs is not None else None

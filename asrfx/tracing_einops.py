@@ -13,11 +13,12 @@ was found.
 While :class:`asrfx.tracing.AsrTracer` traces, :func:`tracing_backend` registers a backend for
 fx proxies in einops' backend table (and removes it afterwards): it does what einops' torch
 backend does -- ``reshape``, ``permute``, ``mean`` / ``sum`` / ``amax`` ..., ``unsqueeze`` +
-``expand``, ``repeat``, ``cat``, ``einsum`` -- as recorded operations on the proxy. The sizes it
-hands einops are read from the traced shape (``x.shape[i]``, nodes of the graph), so a
-reshape that splits or merges axes follows the input's size; only the *rank* (how many axes)
-is taken from the example inputs, as for ``len(x.shape)``. ``x.ndim`` of a traced tensor is
-answered the same way (:func:`traced_ndim`).
+``expand``, ``repeat``, ``cat``, ``einsum`` -- as recorded operations on the proxy; ``pack`` and
+``unpack`` are recorded as one call each (:func:`einops_autowrap`). The sizes the backend hands
+einops are read from the traced shape (``x.shape[i]``, nodes of the graph), so a reshape that
+splits or merges axes follows the input's size; only the *rank* (how many axes) is taken from the
+example inputs, as for ``len(x.shape)``. ``x.ndim`` of a traced tensor is answered the same way
+(:func:`traced_ndim`).
 
 Errors: without example inputs the rank is unknown; einops code then fails with a trace error
 that makes the tracer retry with the example values, or, with none given, keeps the submodule
@@ -33,7 +34,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-__all__ = ["tracing_backend", "traced_ndim", "RANK_UNKNOWN"]
+__all__ = ["tracing_backend", "traced_ndim", "einops_autowrap", "RANK_UNKNOWN"]
 
 #: the start of the trace error raised when a rank is needed and no example value gives it;
 #: :func:`asrfx.tracing._needs_values` retries the trace with example values on it
@@ -126,6 +127,20 @@ class _ProxyBackend:
 
     def einsum(self, pattern: str, *x: Any) -> fx.Proxy:
         return torch.einsum(pattern, *x)
+
+
+def einops_autowrap() -> tuple[tuple, list]:
+    """einops' ``pack`` and ``unpack`` (when einops is imported) for fx's ``autowrap_functions``,
+    and the einops modules that hold them (where fx also patches them, for ``einops.pack(...)``).
+
+    Called on traced values, each is recorded as one call, run by the graph on the real
+    tensors: they work out the sizes of the packed parts in Python (``int(size == -1)``), which
+    a traced size cannot answer; as calls, the parts follow the input's sizes."""
+    einops = sys.modules.get("einops")
+    fns = tuple(f for f in (getattr(einops, "pack", None), getattr(einops, "unpack", None))
+                if callable(f))
+    modules = [m for m in (einops, sys.modules.get("einops.packing")) if m is not None]
+    return fns, (modules if fns else [])
 
 
 def _proxy_types() -> list[type]:

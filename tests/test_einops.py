@@ -174,3 +174,38 @@ def test_einops_without_example_inputs_stays_opaque_with_a_warning():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert rel_err(model(x), gm(x)) <= 1e-6
+
+
+class RegisterTokens(nn.Module):
+    """Register tokens packed beside the patch tokens and split off again (einops ``pack`` /
+    ``unpack``, as vit-pytorch's ViTs with registers write it), after a conv stem with an
+    einops SE."""
+
+    def __init__(self, c: int = 8, registers: int = 2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.se = EinSE(c)
+        self.registers = nn.Parameter(torch.randn(registers, c))
+        self.mix = nn.Linear(c, c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        t = rearrange(self.se(self.stem(x)), "b c h w -> b (h w) c")
+        r = repeat(self.registers, "n d -> b n d", b=t.shape[0])
+        t, ps = einops.pack([r, t], "b * d")
+        t = self.mix(t)
+        r, t = einops.unpack(t, ps, "b * d")
+        return self.head(t.mean(1) + r.mean(1))
+
+
+def test_pack_and_unpack_are_recorded_as_calls():
+    torch.manual_seed(3)
+    model = RegisterTokens().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        prepared, deploy = roundtrip(model, x, torch.randn(3, 3, 12, 10))
+    _no_opaque(record)
+    assert prepared.asrfx_report.count(action="converted") == 1
+    assert {n.target for n in deploy.graph.nodes if n.op == "call_function"} >= \
+        {einops.pack, einops.unpack}
