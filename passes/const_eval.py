@@ -311,8 +311,9 @@ def _bake(gm: fx.GraphModule, n: fx.Node, v: Any, shape_dep: bool, rows: str | N
                           code="shape-follows-input")
         if v.dim() >= 1 and v.shape[0] > 1:
             if not rows_agree(v):
+                why = f" ({rows})" if rows else ""
                 return record(f"const:{n.name}", path, "constant branch", 0,
-                              reason=f"differs across the batch ({rows}); kept as computed",
+                              reason=f"differs across the batch{why}; kept as computed",
                               code="batch-dependent")
             v = v[:1].clone()
     name = unique_name(gm, f"{path}.asrfx_const" if path else "asrfx_const")
