@@ -209,3 +209,34 @@ def test_pack_and_unpack_are_recorded_as_calls():
     assert prepared.asrfx_report.count(action="converted") == 1
     assert {n.target for n in deploy.graph.nodes if n.op == "call_function"} >= \
         {einops.pack, einops.unpack}
+
+
+class SlicedPositions(nn.Module):
+    """Learned positions sliced to the number of tokens, ``x + pos[:, :n]`` with ``n`` read from
+    tokens that ``pack`` returned (XCiT in vit-pytorch): nothing in the graph says whether dim
+    1 of those tokens holds channels or positions, so the slice must stay computed."""
+
+    def __init__(self, c: int = 8, most: int = 64):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 2, 2)
+        self.pos = nn.Parameter(torch.randn(1, most, c))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, img):
+        x = rearrange(self.embed(img), "b c h w -> b h w c")
+        x, ps = einops.pack([x], "b * d")
+        b, n, _ = x.shape
+        x = x + self.pos[:, :n]
+        return self.head(x.mean(1))
+
+
+def test_a_constant_sliced_to_a_token_count_of_unknown_layout_stays_computed():
+    torch.manual_seed(4)
+    model = SlicedPositions().eval()
+    x = torch.randn(2, 3, 8, 8)
+    deploy = asrfx.fold(model, example_inputs=(x,))
+    kept = [s for s in deploy.asrfx_report.sites if s.kind == "constant branch"]
+    assert [s.code for s in kept] == ["shape-follows-input"], deploy.asrfx_report
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 3, 4, 6), torch.randn(1, 3, 12, 10)):
+            assert rel_err(model(xi), deploy(xi)) <= 1e-5
