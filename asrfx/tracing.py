@@ -134,8 +134,9 @@ class AsrTracer(fx.Tracer):
         # (code, instruction offset) -> how many items an unpacking there takes (None: it is
         # no unpacking), see _proxy_iter
         self.unpack_at: dict[tuple[Any, int], int | None] = {}
-        # the items of traced tuples iterated in Python, each read once (see _parts_of)
-        self.parts: dict[fx.Node, list[fx.Proxy]] = {}
+        # (node, code, instruction offset) -> the items iter() / len() read there, see
+        # _site_parts
+        self.parts: dict[tuple[fx.Node, Any, int], list[fx.Proxy] | None] = {}
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None,
                     type_expr: Any = None) -> fx.Node:
@@ -328,10 +329,20 @@ def _proxy_len(self: fx.Proxy) -> int:
         n = tracer.rank_of(self)
         if n is not None:
             return n
-        parts = _parts_of(tracer, self)
+        parts = _site_parts(tracer, self, sys._getframe(1))
         if parts is not None:
             return len(parts)
     return _fx_len(self)
+
+
+def _site_parts(tracer: "AsrTracer", proxy: fx.Proxy, frame: Any) -> list[fx.Proxy] | None:
+    """:func:`_parts_of`, read once per traced tuple and bytecode instruction: a star in a
+    display (``(q, *t.chunk(2, -1))``) or ``list(t)`` asks ``iter()`` and ``len()`` of it at one
+    instruction, and both take the same items (one guard)."""
+    key = (proxy.node, frame.f_code, frame.f_lasti)
+    if key not in tracer.parts:
+        tracer.parts[key] = _parts_of(tracer, proxy)
+    return tracer.parts[key]
 
 
 def _proxy_iter(self: fx.Proxy) -> Any:
@@ -353,7 +364,7 @@ def _proxy_iter(self: fx.Proxy) -> Any:
             inst.opname == "UNPACK_SEQUENCE" else None
     n = tracer.unpack_at[key]
     if n is None:
-        parts = _parts_of(tracer, self)
+        parts = _site_parts(tracer, self, frame)
         return tracer.iter(self) if parts is None else iter(parts)
     return (self[i] for i in range(n))
 
@@ -366,8 +377,6 @@ def _parts_of(tracer: AsrTracer, proxy: fx.Proxy) -> list[fx.Proxy] | None:
     ``torch._assert`` -- that fails, naming the count, on an input that makes another number
     of parts (a split along a spatial dim at another size). None without an example value
     (the trace is retried with one) or for anything else."""
-    if proxy.node in tracer.parts:  # asked before (len(), then the iteration)
-        return tracer.parts[proxy.node]
     value = tracer.value_of(proxy.node)
     if not isinstance(value, (tuple, list)) or not all(
             isinstance(v, torch.Tensor) for v in value) and not isinstance(value, torch.Size):
@@ -379,8 +388,7 @@ def _parts_of(tracer: AsrTracer, proxy: fx.Proxy) -> list[fx.Proxy] | None:
         same, f"{PARTS_GUARD} {count} parts of {proxy.node.name} "
               f"(as for the example inputs); this input makes another number of parts: "
               f"trace/prepare with inputs of this shape"), {})
-    tracer.parts[proxy.node] = [proxy[i] for i in range(count)]
-    return tracer.parts[proxy.node]
+    return [proxy[i] for i in range(count)]
 
 
 def _proxy_ceil(self: fx.Proxy) -> fx.Proxy:
