@@ -88,8 +88,21 @@ def _fresh_param(root: nn.Module | None, target: str, current: torch.Tensor) -> 
     return value
 
 
+def _batch_source(site: AttentionSite, stat: fx.Node, both: bool) -> fx.Node:
+    """The node whose batch size psi is expanded to: the statistic's input; in mode "both" the
+    site's ``x`` where it has the same batch, because the original attention will read
+    ``x * A(psi)`` and a pooled map computed from ``x`` (split attention's ``sum(parts)`` over
+    parts that are also the sites' ``x``) would then depend on psi's own expansion."""
+    src = stat.args[0]
+    if both:
+        xs, ss = tensor_shape(site.x), tensor_shape(src)
+        if xs and ss and xs[0] == ss[0]:
+            return site.x
+    return src
+
+
 def _psi_node(gm: fx.GraphModule, site: AttentionSite, stat: fx.Node, name: str,
-              init: Any, created: dict[str, Any]) -> fx.Node:
+              init: Any, created: dict[str, Any], both: bool = False) -> fx.Node:
     shape = tensor_shape(stat)
     assert shape is not None
     psi_shape = (1, *shape[1:])
@@ -106,7 +119,7 @@ def _psi_node(gm: fx.GraphModule, site: AttentionSite, stat: fx.Node, name: str,
     set_attr_path(gm, name, psi)
     g = gm.graph
     p = g.get_attr(name)
-    n = g.call_method("size", (stat.args[0], 0))
+    n = g.call_method("size", (_batch_source(site, stat, both), 0))
     e = g.call_method("expand", (p, n, *([-1] * (len(psi_shape) - 1))))
     return e
 
@@ -170,7 +183,7 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
                 if mode == "replace" and stat in shared:
                     psis[stat] = shared[stat][0]
                     continue
-                psis[stat] = _psi_node(gm, site, stat, name, init, created)
+                psis[stat] = _psi_node(gm, site, stat, name, init, created, mode == "both")
                 if mode == "replace":
                     shared[stat] = (psis[stat], name)
             if mode == "replace":

@@ -220,3 +220,43 @@ def test_split_attention_over_split_parts_other_forms(options):
     with torch.no_grad():
         for xi in (x, torch.randn(3, 3, 10, 6)):
             assert rel_err(prepared(xi), deploy(xi)) <= REL_TOL
+
+
+class SplitAttentionListedParts(SplitAttentionParts):
+    """The same split attention with its parts kept in a list: the pooled sum and the products
+    read the *same* part nodes (the parts are iterated once)."""
+
+    def forward(self, x):
+        x = self.relu(self.bn0(self.conv(x)))
+        batch, rchannel = x.shape[:2]
+        parts = list(torch.split(x, rchannel // self.radix, dim=1))
+        gap = F.adaptive_avg_pool2d(sum(parts), 1)
+        att = self.fc2(self.relu(self.bn1(self.fc1(gap))))
+        att = att.view(batch, self.cardinality, self.radix, -1).transpose(1, 2)
+        att = F.softmax(att, dim=1).reshape(batch, -1).view(batch, -1, 1, 1)
+        atts = torch.split(att, rchannel // self.radix, dim=1)
+        return sum(a * p for a, p in zip(atts, parts)).contiguous()
+
+
+@pytest.mark.parametrize("mode", ["replace", "both"])
+def test_split_attention_whose_pooled_sum_reads_the_gated_parts(mode):
+    """In mode "both" the original attention reads each part times its ASR gate, its pooled sum
+    included; psi's batch size was read from that sum, which then depended on psi's own
+    expansion (a cycle: networkx's error out of prepare). psi now takes the batch of the part
+    it gates."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    prepared = asrfx.prepare(Net(lambda c: SplitAttentionListedParts(c, 2, 2)),
+                             example_inputs=(x,), mode=mode)
+    action = "converted" if mode == "replace" else "added"
+    assert prepared.asrfx_report.count(action=action) == 2, prepared.asrfx_report
+    prepared.train()
+    prepared(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    randomize_bn(prepared, 1)
+    randomize_psi(prepared, 2)
+    deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert_coded(deploy.asrfx_report)
+    prepared.eval()
+    with torch.no_grad():
+        for xi in (x, torch.randn(3, 3, 10, 6)):
+            assert rel_err(prepared(xi), deploy(xi)) <= REL_TOL
