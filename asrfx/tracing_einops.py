@@ -51,7 +51,10 @@ def rank(x: fx.Proxy) -> int:
     value_of = getattr(tracer, "value_of", None)
     value = value_of(x.node) if value_of is not None else None
     if not isinstance(value, torch.Tensor):
-        raise fx.proxy.TraceError(f"einops on {x.node.name}: {RANK_UNKNOWN}; give "
+        what = (f"{x.node.name}, a forward argument the example inputs do not give"
+                if x.node.op == "placeholder" and getattr(tracer, "values", None) is not None
+                else x.node.name)
+        raise fx.proxy.TraceError(f"einops on {what}: {RANK_UNKNOWN}; give "
                                   f"example_inputs=(...)")
     return value.dim()
 

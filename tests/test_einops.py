@@ -240,3 +240,19 @@ def test_a_constant_sliced_to_a_token_count_of_unknown_layout_stays_computed():
     with torch.no_grad():
         for xi in (x, torch.randn(3, 3, 4, 6), torch.randn(1, 3, 12, 10)):
             assert rel_err(model(xi), deploy(xi)) <= 1e-5
+
+
+def test_einops_on_an_argument_the_example_does_not_give_names_it():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x, mask=None):
+            if mask is not None:
+                x = x * reduce(mask, "b n d -> b n 1", "max")
+            return self.fc(x)
+
+    with pytest.raises(asrfx.TraceError, match="einops on mask, a forward argument the "
+                                               "example inputs do not give"):
+        asrfx.prepare(Masked(), example_inputs=(torch.randn(2, 5, 8),))
