@@ -63,13 +63,14 @@ zoo-fold-paths: $(ZOO_STAMP)
 	$(ZOO_PY) bench/zoo_fold_paths.py --out bench/results
 
 # attention models of other collections (pytorchcv, resnest, pretrainedmodels, geffnet,
-# segmentation_models_pytorch), with the steps and verdicts of zoo-sweep (about 10 min;
+# segmentation_models_pytorch, vit_pytorch), with the steps and verdicts of zoo-sweep (about 10 min;
 # bench/zoo_collections.py -> bench/results/zoo-collections.{md,json}); the collections are
 # pure Python and install without their dependencies (torch and timm are there)
-ZOO_COLLECTIONS := pytorchcv resnest pretrainedmodels munch six geffnet segmentation-models-pytorch
+ZOO_COLLECTIONS := pytorchcv resnest pretrainedmodels munch six geffnet segmentation-models-pytorch \
+	vit-pytorch einops
 zoo-collections: $(ZOO_STAMP)
 	$(ZOO_PY) -m pip install -q --no-deps -e .
-	$(ZOO_PY) -c "import pytorchcv, resnest, pretrainedmodels, geffnet, segmentation_models_pytorch" \
+	$(ZOO_PY) -c "import pytorchcv, resnest, pretrainedmodels, geffnet, segmentation_models_pytorch, vit_pytorch" \
 		2>/dev/null || $(ZOO_PY) -m pip install -q --no-deps $(ZOO_COLLECTIONS)
 	$(ZOO_PY) bench/zoo_collections.py --out bench/results
 

@@ -14,7 +14,9 @@ attention, so each finds what the others do not:
 * geffnet: the EfficientNet / MobileNetV3 / MixNet family before timm (SE on mixed
   convolutions, memory-efficient activations as autograd Functions, CondConv);
 * segmentation_models_pytorch: encoders with SE, split and selective-kernel attention under
-  U-Net / FPN / MA-Net decoders, and the decoders' own concurrent spatial and channel SE.
+  U-Net / FPN / MA-Net decoders, and the decoders' own concurrent spatial and channel SE;
+* vit_pytorch: MaxViT, whose SE is written with einops layers (and, with registers, einops
+  ``pack`` / ``unpack`` at the top level).
 
 Every model runs through the steps and verdicts of ``bench/zoo_sweep.py``
 (:func:`zoo_sweep.run_one`, in a subprocess each): random weights, norms randomised, prepare, one
@@ -66,13 +68,15 @@ MODELS: list[tuple[str, str, list[int] | None]] = [
                                  "MAnet:resnet18", "PAN:resnet18", "Unet:se_resnet50",
                                  "Unet:timm-resnest14d", "Unet:timm-skresnet18",
                                  "Unet:timm-efficientnet-b0", "FPN:timm-regnety_004")],
+    *[("vit_pytorch", m, None) for m in ("max_vit.MaxViT", "max_vit_with_registers.MaxViT")],
 ]
 #: the import name and the distribution name of each collection (its version goes into the
 #: report)
 PACKAGES = {"pytorchcv": ("pytorchcv", "pytorchcv"), "resnest": ("resnest", "resnest"),
             "pretrainedmodels": ("pretrainedmodels", "pretrainedmodels"),
             "geffnet": ("geffnet", "geffnet"),
-            "smp": ("segmentation_models_pytorch", "segmentation-models-pytorch")}
+            "smp": ("segmentation_models_pytorch", "segmentation-models-pytorch"),
+            "vit_pytorch": ("vit_pytorch", "vit-pytorch")}
 RESULTS_MD, RESULTS_JSON = "zoo-collections.md", "zoo-collections.json"
 
 

@@ -112,6 +112,9 @@ ATTENTION_CLASSES: dict[str, tuple[str, ...]] = {
     "geffnet.efficientnet_builder": ("SqueezeExcite",),
     "segmentation_models_pytorch.base.modules": ("SCSEModule",),
     "segmentation_models_pytorch.decoders.manet.decoder": ("MFABBlock",),
+    # vit-pytorch's MaxViT: SE written with einops layers (Reduce ... Rearrange)
+    "vit_pytorch.max_vit": ("SqueezeExcitation",),
+    "vit_pytorch.max_vit_with_registers": ("SqueezeExcitation",),
 }
 
 #: Looked at and left out, with the reason (a gate per position, or attention between
@@ -123,6 +126,15 @@ ATTENTION_CLASSES: dict[str, tuple[str, ...]] = {
 NOT_CHANNEL_ATTENTION = ("BottleneckAttn", "HaloAttn", "LambdaLayer", "NonLocalAttn",
                          "BatNonLocalAttn", "CoordAttn", "SimpleCoordAttn", "EfficientLocalAttn",
                          "StripAttn", "SpatialAttn", "ChannelAttention", "CondConv2d")
+
+#: vit-pytorch's models take their sizes as arguments and have no registry: small configs of
+#: the ones with channel attention (window 4: any input side divisible by 32)
+VIT_PYTORCH: dict[str, dict] = {
+    "max_vit.MaxViT": dict(dim_conv_stem=16, dim=16, dim_head=8, depth=(1, 1), window_size=4,
+                           dropout=0.0),
+    "max_vit_with_registers.MaxViT": dict(dim_conv_stem=16, dim=16, dim_head=8, depth=(1, 1),
+                                          window_size=4, dropout=0.0),
+}
 
 TOL = 1e-4
 DEFAULT_TIMEOUT = 240.0
@@ -331,6 +343,10 @@ def _build(source: str, name: str, num_classes: int | None = 10):
         import geffnet
 
         return geffnet.create_model(name, pretrained=False, **kwargs)
+    if source == "vit_pytorch":  # "<module>.<class>", built with the small VIT_PYTORCH config
+        module, cls = name.rsplit(".", 1)
+        mod = importlib.import_module(f"vit_pytorch.{module}")
+        return getattr(mod, cls)(**VIT_PYTORCH[name], num_classes=num_classes or 1000)
     if source == "smp":  # "<architecture>:<encoder>[:<decoder attention>]"
         import segmentation_models_pytorch as smp
 
