@@ -459,6 +459,8 @@ def _rank3_layout(gm: fx.GraphModule, node, depth: int = 6) -> str | None:
     for _ in range(depth):
         if _layout_op(gm, node) is not None and node.op != "call_module":
             return _chain_layout(gm, node)
+        if node.op == "call_function" and node.target in (torch.cat, torch.concat):
+            return _cat_layout(gm, node)
         if node.op == "call_module":
             mod = submodule(gm, node.target)
             if isinstance(mod, nn.LayerNorm):
@@ -482,6 +484,23 @@ def _rank3_layout(gm: fx.GraphModule, node, depth: int = 6) -> str | None:
             return None
         node = nxt
     return None
+
+
+def _cat_layout(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The layout of a concatenation of rank-3 tensors: the one its parts of known layout
+    share, whatever the dim (a class token and register tokens put before the patch tokens,
+    ``torch.cat([cls, reg, tokens], dim=1)``, are tokens); None when none is known or they
+    disagree."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    if not isinstance(parts, (list, tuple)):
+        return None
+    known = set()
+    for a in parts:
+        if isinstance(a, fx.Node) and (s := tensor_shape(a)) is not None and len(s) == 3:
+            lay = layouts(gm, a)
+            if len(lay) == 1:
+                known.add(lay[0])
+    return known.pop() if len(known) == 1 else None
 
 
 def _stat_source(gm: fx.GraphModule, stat: fx.Node, dep: set):
@@ -915,6 +934,13 @@ def _examine(gm: fx.GraphModule, node: fx.Node, x: fx.Node, g: fx.Node, dep: set
         return (path, f"per-channel multiply whose statistic {extent}", "statistic-extent")
     if node.op == "call_method" and node.target in ("mul_", "add_") and node.args[0] is g:
         return (path, "in-place op into the gate", "in-place-gate")
+    if is_mul and not first and _token_gate(xs, gs) and layouts(gm, x) != ("first",):
+        # (N, A, 1) * (N, A, B) where nothing shows a channels-first 1-D map: rank-3 tensors
+        # are tokens unless the graph shows otherwise, and this is one value per token (a
+        # per-token norm after a class token is concatenated, Sapiens2's RMSNorm)
+        return (path, "spatial attention (an input-dependent gate per token, not per channel; "
+                      "nothing in the graph shows an (N, C, L) map, such as a Conv1d or a 1-D "
+                      "norm before it): it stays as it is", "spatial-attention")
     return AttentionSite(mul=node, x=x, gate=g, stats=stats, branch=list(branch), path=path,
                          channels=int(xs[channel_axis(xs, gs, last, first) or 1]),
                          fusion="mul" if is_mul else "add")

@@ -155,6 +155,45 @@ def test_a_per_token_projection_behind_casts_is_refused_as_per_token(cast):
     assert refused.code == "spatial-attention", str(report)
 
 
+class TokenRMSNorm(nn.Module):
+    """Patch tokens with a class token and register tokens put before them
+    (``torch.cat(..., dim=1)``), then an RMS norm written out
+    (``h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)``: Sapiens2 in transformers): one value
+    per token. ``rolled`` passes the tokens through an op that shows no layout at all."""
+
+    def __init__(self, c: int = 16, joined: str = "cat"):
+        super().__init__()
+        self.joined = joined
+        self.patch = nn.Conv2d(3, c, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+        self.reg = nn.Parameter(torch.randn(1, 2, c))
+        self.weight = nn.Parameter(torch.rand(c) + 0.5)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        n = x.shape[0]
+        if self.joined == "cat":
+            t = torch.cat([self.cls.expand(n, -1, -1), self.reg.expand(n, -1, -1), t], dim=1)
+        else:
+            t = torch.roll(t, 1, dims=1)
+        h = t.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.fc((self.weight * h).mean(1))
+
+
+@pytest.mark.parametrize("joined", ["cat", "roll"])
+def test_a_per_token_norm_after_tokens_of_unshown_layout_is_not_converted(joined):
+    """Converted, the norm's per-token scale was taken for a channel gate over an (N, C, L) map
+    with C = the token count: the prepared model computed something else, and both it and the
+    deploy model failed at another image size."""
+    torch.manual_seed(0)
+    report = _assert_not_converted(TokenRMSNorm(joined=joined), torch.randn(2, 3, 16, 16),
+                                   torch.randn(3, 3, 24, 20))
+    (refused,) = [s for s in report.sites if s.action == "refused"]
+    assert refused.code == "spatial-attention", str(report)
+
+
 class FlatPositionGate(nn.Module):
     """A flattened map ``(N, C, HW)`` gated by its mean over the channels, ``(N, 1, HW)``: one
     value per position. The flatten shows the layout; read as tokens, psi would have been
