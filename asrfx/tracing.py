@@ -519,6 +519,7 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
     torch.jit.isinstance = _traced_jit_isinstance
     _VARIABLE.__new__ = _traced_variable  # type: ignore[method-assign]
     fx.Proxy.ndim = property(traced_ndim)  # type: ignore[attr-defined]
+    attrs = _module_attributes(model)
     try:
         with tracing_backend():  # einops functions on traced values
             graph = tracer.trace(model)
@@ -541,11 +542,41 @@ def _trace_once(model: nn.Module, leaves: set[str], user_leaves: Sequence[str | 
         for name in ("__ceil__", "__floor__", "__setitem__", "ndim"):
             if name in vars(fx.Proxy):
                 delattr(fx.Proxy, name)
+        _drop_traced_attributes(attrs)
         if saved is not None:
             state = model.state_dict(keep_vars=True)
             with torch.no_grad():
                 for k, v in saved.items():
                     state[k].copy_(v)
+
+
+def _module_attributes(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    """Each submodule with a shallow copy of its plain attributes (see
+    :func:`_drop_traced_attributes`)."""
+    return [(m, dict(vars(m))) for m in model.modules()]
+
+
+def _drop_traced_attributes(saved: list[tuple[nn.Module, dict]]) -> None:
+    """Undo what a trace wrote into the model: an attribute a forward set to a traced value
+    (transformers' Swin stores ``self.window_size = min(input_resolution)`` when the input is
+    small) holds a proxy of a finished trace, which the next trace (the other mode's) or a
+    call would read. Such attributes get their value from before the trace back (or go, if
+    the trace added them); others stay as the forward left them."""
+    for m, before in saved:
+        now = vars(m)
+        for key in [k for k, v in now.items() if v is not before.get(k, _MISSING)]:
+            found: list = []
+            fx.node.map_aggregate(now[key], lambda a: found.append(a)
+                                  if isinstance(a, fx.Proxy) else None)
+            if not found:
+                continue
+            if key in before:
+                now[key] = before[key]
+            else:
+                del now[key]
+
+
+_MISSING = object()
 
 
 def _needs_values(e: BaseException) -> bool:

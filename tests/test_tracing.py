@@ -914,6 +914,42 @@ def test_a_star_unpacked_chunk_is_traced():
             assert rel_err(model(xi), deploy(xi)) <= REL_TOL
 
 
+class _ShrinkingWindow(nn.Module):
+    """A forward that stores a value computed from the input's shape in the module (Swin in
+    transformers: ``self.window_size = min(input_resolution)`` for small inputs), with a
+    train-only branch so that both modes are traced."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.window = 8
+        self.conv, self.bn = nn.Conv1d(c, c, 1), nn.BatchNorm1d(c)
+
+    def forward(self, x):
+        if x.shape[-1] <= self.window:
+            self.window = x.shape[-1]
+        y = self.bn(self.conv(x))
+        if self.training:
+            y = y * 0.5
+        return y * self.window
+
+
+def test_a_traced_value_stored_in_the_model_does_not_outlive_its_trace():
+    """The train-mode trace stored a proxy in ``window``; the eval-mode trace then read it and
+    failed, and the block became an opaque call. The attribute gets its value back after each
+    trace: the block traces in both modes, its conv + norm fuse, and the model keeps its int."""
+    model = randomize_bn(nn.Sequential(_ShrinkingWindow()), 5)
+    x = torch.randn(2, 8, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no opaque-module warning
+        prepared = asrfx.prepare(model, example_inputs=(x,))
+        deploy = asrfx.fold(prepared, example_inputs=(x,))
+    assert model[0].window == 8 and type(model[0].window) is int
+    assert deploy.asrfx_report.count(action="fused") == 1
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(model(x), deploy(x)) <= REL_TOL
+
+
 # --------------------------------------------------------------------------------------------
 # opaque submodules are reported, with what they hide
 
