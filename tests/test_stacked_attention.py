@@ -65,8 +65,10 @@ class SplitAttentionParts(nn.Module):
     excitation, a radix softmax per cardinal group ("rSoftMax"), the attention split the same
     way and each part scaled by its own share, the products summed."""
 
-    def __init__(self, c: int = 8, radix: int = 2, cardinality: int = 1, hidden: int = 4):
+    def __init__(self, c: int = 8, radix: int = 2, cardinality: int = 1, hidden: int = 4,
+                 listed: bool = False):
         super().__init__()
+        self.listed = listed  # the parts kept in one list: iterated once, their nodes shared
         self.conv = nn.Conv2d(c, c * radix, 3, padding=1, groups=cardinality * radix,
                               bias=False)
         self.bn0 = nn.BatchNorm2d(c * radix)
@@ -80,6 +82,8 @@ class SplitAttentionParts(nn.Module):
         x = self.relu(self.bn0(self.conv(x)))
         batch, rchannel = x.shape[:2]
         parts = torch.split(x, rchannel // self.radix, dim=1)
+        if self.listed:
+            parts = list(parts)
         gap = F.adaptive_avg_pool2d(sum(parts), 1)
         att = self.fc2(self.relu(self.bn1(self.fc1(gap))))
         att = att.view(batch, self.cardinality, self.radix, -1).transpose(1, 2)
@@ -222,31 +226,16 @@ def test_split_attention_over_split_parts_other_forms(options):
             assert rel_err(prepared(xi), deploy(xi)) <= REL_TOL
 
 
-class SplitAttentionListedParts(SplitAttentionParts):
-    """The same split attention with its parts kept in a list: the pooled sum and the products
-    read the *same* part nodes (the parts are iterated once)."""
-
-    def forward(self, x):
-        x = self.relu(self.bn0(self.conv(x)))
-        batch, rchannel = x.shape[:2]
-        parts = list(torch.split(x, rchannel // self.radix, dim=1))
-        gap = F.adaptive_avg_pool2d(sum(parts), 1)
-        att = self.fc2(self.relu(self.bn1(self.fc1(gap))))
-        att = att.view(batch, self.cardinality, self.radix, -1).transpose(1, 2)
-        att = F.softmax(att, dim=1).reshape(batch, -1).view(batch, -1, 1, 1)
-        atts = torch.split(att, rchannel // self.radix, dim=1)
-        return sum(a * p for a, p in zip(atts, parts)).contiguous()
-
-
 @pytest.mark.parametrize("mode", ["replace", "both"])
 def test_split_attention_whose_pooled_sum_reads_the_gated_parts(mode):
-    """In mode "both" the original attention reads each part times its ASR gate, its pooled sum
-    included; psi's batch size was read from that sum, which then depended on psi's own
+    """Split attention with its parts in one list: the pooled sum and the products read the
+    same part nodes. In mode "both" the original attention reads each part times its ASR gate,
+    its pooled sum included; psi's batch size was read from that sum, which then depended on psi's own
     expansion (a cycle: networkx's error out of prepare). psi now takes the batch of the part
     it gates."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    prepared = asrfx.prepare(Net(lambda c: SplitAttentionListedParts(c, 2, 2)),
+    prepared = asrfx.prepare(Net(lambda c: SplitAttentionParts(c, 2, 2, listed=True)),
                              example_inputs=(x,), mode=mode)
     action = "converted" if mode == "replace" else "added"
     assert prepared.asrfx_report.count(action=action) == 2, prepared.asrfx_report
