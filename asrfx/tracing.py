@@ -565,10 +565,7 @@ def _drop_traced_attributes(saved: list[tuple[nn.Module, dict]]) -> None:
     for m, before in saved:
         now = vars(m)
         for key in [k for k, v in now.items() if v is not before.get(k, _MISSING)]:
-            found: list = []
-            fx.node.map_aggregate(now[key], lambda a: found.append(a)
-                                  if isinstance(a, fx.Proxy) else None)
-            if not found:
+            if _proxy_in(now[key]) is None:
                 continue
             if key in before:
                 now[key] = before[key]

@@ -41,18 +41,22 @@ __all__ = ["tracing_backend", "traced_ndim", "einops_autowrap", "RANK_UNKNOWN"]
 RANK_UNKNOWN = "the rank of a traced value is read from the example inputs"
 
 
+def _example(x: fx.Proxy) -> Any:
+    """The example value of the traced ``x`` (None without one, or under another tracer)."""
+    value_of = getattr(x.tracer, "value_of", None)
+    return value_of(x.node) if value_of is not None else None
+
+
 def rank(x: fx.Proxy) -> int:
     """How many axes the traced tensor ``x`` has, from its example value.
 
     Raises:
         torch.fx.proxy.TraceError: no example value (a trace without example inputs).
     """
-    tracer = x.tracer
-    value_of = getattr(tracer, "value_of", None)
-    value = value_of(x.node) if value_of is not None else None
+    value = _example(x)
     if not isinstance(value, torch.Tensor):
         what = (f"{x.node.name}, a forward argument the example inputs do not give"
-                if x.node.op == "placeholder" and getattr(tracer, "values", None) is not None
+                if x.node.op == "placeholder" and getattr(x.tracer, "values", None) is not None
                 else x.node.name)
         raise fx.proxy.TraceError(f"einops on {what}: {RANK_UNKNOWN}; give "
                                   f"example_inputs=(...)")
@@ -62,12 +66,10 @@ def rank(x: fx.Proxy) -> int:
 def traced_ndim(self: fx.Proxy) -> Any:
     """``x.ndim`` of a traced value: its example value's rank (an int), as ``len(x.shape)`` is
     answered; a proxy of the attribute, as in fx, where the value is no tensor (a shape)."""
-    tracer = self.tracer
-    value_of = getattr(tracer, "value_of", None)
-    if value_of is None or getattr(tracer, "values", None) is None:
+    if getattr(self.tracer, "values", None) is None:  # no example values in this trace
         raise fx.proxy.TraceError(f"ndim of {self.node.name}: {RANK_UNKNOWN}; give "
                                   f"example_inputs=(...)")
-    value = value_of(self.node)
+    value = _example(self)
     if isinstance(value, torch.Tensor):
         return value.dim()
     return fx.proxy.Attribute(self, "ndim")
@@ -124,7 +126,7 @@ class _ProxyBackend:
         return torch.cat(tensors, dim=axis)
 
     def is_float_type(self, x: fx.Proxy) -> bool:
-        value = x.tracer.value_of(x.node) if hasattr(x.tracer, "value_of") else None
+        value = _example(x)
         # without an example value: a mean of an integer tensor fails when the graph runs
         return value.is_floating_point() if isinstance(value, torch.Tensor) else True
 

@@ -934,7 +934,7 @@ def _examine(gm: fx.GraphModule, node: fx.Node, x: fx.Node, g: fx.Node, dep: set
         return (path, f"per-channel multiply whose statistic {extent}", "statistic-extent")
     if node.op == "call_method" and node.target in ("mul_", "add_") and node.args[0] is g:
         return (path, "in-place op into the gate", "in-place-gate")
-    if is_mul and not first and _token_gate(xs, gs) and layouts(gm, x) != ("first",):
+    if is_mul and not first and _token_gate(xs, gs):
         # (N, A, 1) * (N, A, B) where nothing shows a channels-first 1-D map: rank-3 tensors
         # are tokens unless the graph shows otherwise, and this is one value per token (a
         # per-token norm after a class token is concatenated, Sapiens2's RMSNorm)
