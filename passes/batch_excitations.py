@@ -39,8 +39,9 @@ from torch import nn
 
 from .find_attention import AttentionSite
 from .batch_rows import one_row
-from .graph_utils import (module_hooks, reads_shape_only, safe_dce, stable_toposort, unique_name,
-                          value_dependent)
+from .const_eval import channel_dims
+from .graph_utils import (module_hooks, reads_shape_only, safe_dce, stable_toposort, tensor_shape,
+                          unique_name, value_dependent)
 
 __all__ = ["BatchedExcitations", "batch_excitations", "excitation_row"]
 
@@ -216,6 +217,78 @@ def _is_size(n: fx.Node, dep: set[fx.Node], vdep: set[fx.Node]) -> bool:
         all(_is_size(a, dep, vdep) for a in n.all_input_nodes)
 
 
+#: the value of a size that another input may change (see :func:`_fixed_size`)
+_VARIES = object()
+_ARITHMETIC = {operator.add: operator.add, operator.sub: operator.sub,
+               operator.mul: operator.mul, operator.floordiv: operator.floordiv,
+               operator.truediv: operator.truediv}
+
+
+def _fixed_size(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node], memo: dict) -> Any:
+    """The value of size ``n`` (see :func:`_is_size`) when it is the same for every input the
+    model accepts, else ``_VARIES``. Fixed are the extents the layers set (a map's channels,
+    :func:`~.const_eval.channel_dims`), the rank, and the batch extent :func:`one_row` sets to
+    1; a batch size read otherwise, a spatial size or a sequence length varies. A shape may be
+    partly fixed (``one_row(x.shape)[:2]`` of a conv's output is ``(1, C)`` at every size).
+
+    Such a size needs no reading at every call: the batched excitation takes it as a constant,
+    and the per-site check that the batch used each site's own sizes (:func:`excitation_row`)
+    is settled once, here."""
+    if n in memo:
+        return memo[n]
+    v: Any = _VARIES
+    if reads_shape_only(n) and n.args and n.args[0] in dep:
+        shape = tensor_shape(n.args[0])
+        v = _VARIES if shape is None else _read_extents(gm, n, shape)
+    elif n.op == "call_function" and n.target is one_row and len(n.args) == 1 and \
+            isinstance(n.args[0], fx.Node):
+        s = _fixed_size(gm, n.args[0], dep, memo)
+        v = 1 if type(s) is int else (1, *s[1:]) if isinstance(s, tuple) and s else _VARIES
+    elif n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and \
+            isinstance(n.args[0], fx.Node) and isinstance(n.args[1], (int, slice)):
+        s = _fixed_size(gm, n.args[0], dep, memo)
+        if isinstance(s, tuple):
+            try:
+                v = s[n.args[1]]
+            except IndexError:
+                v = _VARIES
+    elif n.op == "call_function" and n.target in _ARITHMETIC and len(n.args) == 2 and \
+            not n.kwargs:
+        a, b = (_fixed_size(gm, x, dep, memo) if isinstance(x, fx.Node) else x for x in n.args)
+        if type(a) in (int, float) and type(b) in (int, float):
+            try:
+                v = _ARITHMETIC[n.target](a, b)
+            except ZeroDivisionError:
+                v = _VARIES
+    memo[n] = v
+    return v
+
+
+def _read_extents(gm: fx.GraphModule, n: fx.Node, shape: tuple[int, ...]) -> Any:
+    """What shape read ``n`` returns, its varying extents ``_VARIES``; a whole shape as a tuple
+    (``torch.Size`` once no item of it varies)."""
+    ndim = len(shape)
+    fixed = channel_dims(gm, n.args[0], ndim) - {0}  # dim 0: a batch, or a rank-1 length
+    extents = tuple(e if d in fixed else _VARIES for d, e in enumerate(shape))
+    if n.op == "call_function" and n.target is getattr:
+        return extents if n.args[1] == "shape" else ndim if n.args[1] == "ndim" else _VARIES
+    if n.op == "call_method" and n.target in ("dim", "ndimension"):
+        return ndim
+    if n.op == "call_method" and n.target == "size":
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if dim is None:
+            return extents
+        return extents[dim] if isinstance(dim, int) and -ndim <= dim < ndim else _VARIES
+    return _VARIES  # numel, len (the batch), dtype, device
+
+
+def _constant(v: Any) -> Any:
+    """A fixed size as the program holds it (a shape as ``torch.Size``), or ``_VARIES``."""
+    if isinstance(v, tuple):
+        return _VARIES if any(e is _VARIES for e in v) else torch.Size(v)
+    return v
+
+
 def _core(gate: fx.Node, vdep: set[fx.Node]) -> fx.Node | None:
     """The last parameter-only value on the way to ``gate``: ``gate`` itself, or what a chain of
     reshapes reading the input's values (``g.expand_as(x)``) starts from."""
@@ -278,9 +351,10 @@ class _Template:
         return [a for a, d in zip(self.inputs, self.in_dims) if d is None]
 
 
-def _template(gm: fx.GraphModule, core: fx.Node, cone: list[fx.Node], sizes: list[fx.Node]
-              ) -> _Template | str:
-    """``core``'s excitation as a :class:`_Template`, or why it cannot be batched."""
+def _template(gm: fx.GraphModule, core: fx.Node, cone: list[fx.Node], sizes: list[fx.Node],
+              fixed: dict[fx.Node, Any]) -> _Template | str:
+    """``core``'s excitation as a :class:`_Template`, or why it cannot be batched. A size in
+    ``fixed`` (its value for every input) is a constant of the template and part of its key."""
     t = _Template()
     env: dict[fx.Node, fx.Node] = {}
     index = {n: i for i, n in enumerate(sizes + cone)}
@@ -292,7 +366,11 @@ def _template(gm: fx.GraphModule, core: fx.Node, cone: list[fx.Node], sizes: lis
         return repr(fx.map_arg(a, lambda n: f"%{index[n]}"))
 
     for n in sizes:
-        env[n] = t.size(n)
+        if n in fixed:
+            env[n] = fixed[n]
+            t.key.append(("fixed", repr(fixed[n])))
+        else:
+            env[n] = t.size(n)
     for n in cone:
         if n.op == "get_attr":
             try:
@@ -363,6 +441,7 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
     dep, vdep = _depends_on_input(graph), value_dependent(graph)
     groups: dict[str, list[tuple[fx.Node, _Template]]] = {}
     alive = set(graph.nodes)
+    memo: dict[fx.Node, Any] = {}
     for site in sites:
         # a gate node an earlier rewrite replaced (a module called at two sites) is not asked
         if site.rows is not None or site.gate not in alive:
@@ -374,7 +453,9 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
         if any(n in vdep or n.op == "placeholder" for n in cone) or \
                 not _exclusive(cone, core):
             continue
-        t = _template(gm, core, cone, sizes)
+        fixed = {n: v for n in sizes
+                 if (v := _constant(_fixed_size(gm, n, dep, memo))) is not _VARIES}
+        t = _template(gm, core, cone, sizes, fixed)
         if isinstance(t, str):
             continue
         groups.setdefault(repr(t.key), []).append((core, t))

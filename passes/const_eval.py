@@ -27,7 +27,7 @@ from .graph_utils import (drop_dead, safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_
 from .protocol import PassContext, record
 from .shapes import ShapeRecorder
 
-__all__ = ["evaluate_constants", "rows_agree"]
+__all__ = ["evaluate_constants", "rows_agree", "channel_dims"]
 
 _BROADCAST_OPS = MUL_OPS | ADD_OPS | SUB_OPS | {operator.truediv, torch.div, "div", "div_",
                                                  operator.itruediv}
@@ -223,13 +223,13 @@ def _reads_varying_extent(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node]) -> 
         shape = tensor_shape(r.args[0])
         if shape is None:
             return True
-        fixed = {0} | _channel_dims(gm, r.args[0], len(shape))
+        fixed = {0} | channel_dims(gm, r.args[0], len(shape))
         if any(d not in fixed for d in _extents_read(r, len(shape), ancestors)):
             return True
     return False
 
 
-def _channel_dims(gm: fx.GraphModule, x: fx.Node, ndim: int) -> set[int]:
+def channel_dims(gm: fx.GraphModule, x: fx.Node, ndim: int) -> set[int]:
     """The dim of ``x`` that holds its channels, where the graph tells: 1, or the last for
     channels-last maps and tokens. A rank-3 tensor whose layout the graph does not show
     (:func:`~.find_attention.layouts`: ``(N, C, L)`` or tokens ``(N, L, C)``) has none known:

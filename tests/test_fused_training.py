@@ -419,6 +419,87 @@ def test_a_site_whose_sizes_differ_from_the_batch_gets_its_own_value():
         assert rel_err(plain(x), fused(x)) <= REL_TOL
 
 
+class _ReadsSizes(nn.Module):
+    """SE written with the sizes third-party code reads: ``b, c = x.shape[:2]``, ``x.size(1)``
+    and arithmetic on them (c // 2 hidden units are a fixed count, not an input size)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, c // 2), nn.Linear(c // 2, c)
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        y = x.mean((2, 3)).view(b, x.size(1))
+        y = torch.relu(self.fc1(y)).view(b, c // 2)
+        return x * torch.sigmoid(self.fc2(y)).view(b, c, 1, 1)
+
+
+class _SizesNet(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, c, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(3))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(3))
+        self.att = nn.ModuleList(_ReadsSizes(c) for _ in range(3))
+        self.head = nn.Linear(c, 6)
+
+    def forward(self, x):
+        y = self.c0(x)
+        for conv, norm, att in zip(self.convs, self.norms, self.att):
+            y = torch.relu(att(norm(conv(y))) + y)
+        return self.head(y.mean((2, 3)))
+
+
+def _shape_reads(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is getattr and n.args[1] == "shape"
+            or n.op == "call_method" and n.target == "size"]
+
+
+def test_sizes_the_layers_fix_are_constants_of_the_batched_call():
+    """The channel count read from a conv's output and the batch extent psi's row has are the
+    same at every input: the batched excitation takes them as constants, so the fused graph
+    reads no shape at all and no site checks its sizes at every call (``excitation_row``).
+    The result is still exact at other batch and spatial sizes, where a baked batch or
+    height would fail or differ."""
+    from asrfx.passes.batch_excitations import excitation_row
+    torch.manual_seed(40)
+    model = randomize_bn(_SizesNet(), 41)
+    plain, fused = _pair(model)
+    assert any("excitations of 3 site(s) run as 1 batched call(s)" in n
+               for n in fused.asrfx_report.notes), fused.asrfx_report.notes
+    assert _shape_reads(plain), "the multiply form reads the sizes"
+    assert _shape_reads(fused) == []
+    assert not any(n.target is excitation_row for n in fused.graph.nodes)
+    (batched,) = [n for n in fused.graph.nodes if n.op == "call_module"
+                  and isinstance(fused.get_submodule(str(n.target)), BatchedExcitations)]
+    assert all(isinstance(a, fx.Node) and a.target is torch.stack for a in batched.args)
+    randomize_psi(plain, 42)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+    for shape in [(1, 3, 12, 12), (5, 3, 7, 9)]:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(43))
+        plain.train()
+        fused.train()
+        a, b = plain(x), fused(x)
+        assert rel_err(a, b) <= REL_TOL, shape
+        plain.eval()
+        fused.eval()
+        with torch.no_grad():
+            assert rel_err(plain(x), fused(x)) <= REL_TOL, shape
+
+
+def test_a_size_other_inputs_change_stays_read():
+    """A height (and a batch size read without being made one row) is not fixed: the site
+    keeps reading it, and the batch checks it against its own (here the heights differ, 12
+    and 6, so the second site computes its own value)."""
+    from asrfx.passes.batch_excitations import excitation_row
+    model = randomize_bn(_TwoResolutions(), 44)
+    _, fused = _pair(model)
+    assert _shape_reads(fused)
+    assert any(n.target is excitation_row for n in fused.graph.nodes)
+
+
 def test_an_excitation_with_hooks_keeps_its_own_call():
     model = cifar_resnet(14, attention="se", block="basic", num_classes=6)
     seen = []
