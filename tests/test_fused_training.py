@@ -489,6 +489,53 @@ def test_sizes_the_layers_fix_are_constants_of_the_batched_call():
             assert rel_err(plain(x), fused(x)) <= REL_TOL, shape
 
 
+def test_the_batched_gates_are_computed_first():
+    """Computed from parameters only, every batched call runs at the start of the step, before
+    the first convolution, not between the stages' large maps."""
+    model = randomize_bn(cifar_resnet(14, attention="se", block="basic", num_classes=6), 45)
+    _, fused = _pair(model)
+    order = list(fused.graph.nodes)
+    calls = [i for i, n in enumerate(order) if n.op == "call_module"
+             and isinstance(fused.get_submodule(str(n.target)), BatchedExcitations)]
+    first_conv = next(i for i, n in enumerate(order) if n.op == "call_module"
+                      and isinstance(fused.get_submodule(str(n.target)), nn.Conv2d))
+    assert len(calls) == 3 and max(calls) < first_conv
+
+
+class _DropSE(nn.Module):
+    """SE with a dropout inside its excitation: it draws random numbers."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(c, c), nn.Dropout(0.3), nn.Linear(c, c)
+
+    def forward(self, x):
+        y = self.fc2(self.drop(torch.relu(self.fc1(x.mean((2, 3))))))
+        return x * torch.sigmoid(y)[:, :, None, None]
+
+
+class _DropNet(_SizesNet):
+    def __init__(self, c: int = 8):
+        super().__init__(c)
+        self.att = nn.ModuleList(_DropSE(c) for _ in range(3))
+
+
+def test_an_excitation_that_draws_random_numbers_is_not_batched():
+    """A dropout in the excitation draws a mask per site, in the multiply form's order; one
+    batched call would draw one mask over the stacked sites (and vmap refuses a random op in
+    its default mode: training failed with a RuntimeError). Such excitations keep their own
+    per-site computation, and the fused form trains like the multiply form with the same
+    seed."""
+    model = randomize_bn(_DropNet(), 46)
+    plain, fused = _pair(model)
+    assert not any(isinstance(m, BatchedExcitations) for m in fused.modules())
+    called = {str(n.target) for n in fused.graph.nodes if n.op == "call_module"}
+    assert {f"att.{i}.drop" for i in range(3)} <= called, called
+    randomize_psi(plain, 47)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+
+
 def test_a_size_other_inputs_change_stays_read():
     """A height (and a batch size read without being made one row) is not fixed: the site
     keeps reading it, and the batch checks it against its own (here the heights differ, 12
