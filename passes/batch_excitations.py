@@ -180,18 +180,19 @@ def _trace_batched(template: fx.GraphModule, in_dims: tuple[int | None, ...], in
 _RANDOM_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                      F.feature_alpha_dropout, torch.dropout, torch.bernoulli, torch.rand,
                      torch.randn, torch.rand_like, torch.randn_like, torch.randint,
-                     torch.randint_like, torch.normal, torch.multinomial, torch.randperm}
+                     torch.randint_like, torch.normal, torch.multinomial, torch.randperm,
+                     torch.poisson, F.rrelu, torch.rrelu, F.gumbel_softmax}
 _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_",
                    "geometric_", "log_normal_", "cauchy_"}
 
 
 def _draws_random(n: fx.Node, mod: nn.Module | None = None) -> bool:
-    """Template node ``n`` (calling ``mod``) draws random numbers: a dropout, a sampling
-    function or method. Batched, it would draw one mask or sample over the stacked sites
+    """Template node ``n`` (calling ``mod``) draws random numbers: a dropout, RReLU, a
+    sampling function or method. Batched, it would draw one mask or sample over the stacked sites
     (``vmap`` refuses it in its default randomness mode), not each site's own in the
     multiply form's order; such an excitation keeps its own per-site computation."""
     if n.op == "call_module":
-        return isinstance(mod, nn.modules.dropout._DropoutNd)
+        return isinstance(mod, (nn.modules.dropout._DropoutNd, nn.RReLU))
     return n.op == "call_function" and n.target in _RANDOM_FUNCTIONS or \
         n.op == "call_method" and n.target in _RANDOM_METHODS
 
