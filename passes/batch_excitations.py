@@ -18,6 +18,14 @@ Horizontal fusion of identical small subgraphs is what deep-learning compilers d
 multi-branch and multi-head models (e.g. TVM/Relay's ``CombineParallelConv2D`` / ``CombineParallelDense``
 passes); here it needs no new parameters, so checkpoints are unchanged.
 
+Sizes an excitation reads from its map (``b, c = x.shape[:2]`` ... ``view(b, c)``) that no input
+changes -- the channel count the layers fix, the batch extent :func:`~.batch_rows.one_row` made
+1 -- are constants of the batched call, so the step reads no shape for it and checks no site's
+sizes against the batch's (a size that varies, a height, stays read and checked). The batched
+calls then depend on parameters alone and run first in the step, together, not each between
+a stage's large convolutions (an excitation that draws random numbers is not batched: it
+would draw one mask over the stacked sites).
+
 The batched graph computes the same values as the per-site one (vmap applies the same ops to
 each slice; the rounding of a batched matmul may differ from K single ones in the last bits).
 Parameter-free modules (activations) run as they are; ``nn.Linear`` and ``nn.Conv1d/2d/3d`` are
@@ -37,6 +45,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from asrfx.errors import InputError
 from .find_attention import AttentionSite
 from .batch_rows import one_row
 from .const_eval import channel_dims
@@ -63,13 +72,25 @@ class BatchedExcitations(nn.Module):
     asrfx_pure = True  # no side effects: dead-code elimination may drop an unread call
 
     def __init__(self, template: fx.GraphModule, in_dims: tuple[int | None, ...],
-                 count: int) -> None:
+                 count: int, idle_dropouts: tuple[nn.Module, ...] = ()) -> None:
         super().__init__()
         self.template = template
         self.in_dims = tuple(in_dims)
         self.count = count
+        # every site's dropouts of rate 0 (they draw nothing: timm's ConvMlp(drop=0.)); held,
+        # not registered (they are the sites' own modules), to check their rate stays 0
+        self.idle_dropouts = tuple(idle_dropouts)
 
     def forward(self, *inputs: Any) -> torch.Tensor:
+        for drop in getattr(self, "idle_dropouts", ()):
+            rate = drop.p
+            if rate != 0 and self.training:
+                raise InputError(
+                    f"asrfx: a dropout in the excitations this batched call computes for "
+                    f"{self.count} sites now has p={rate}; it had p=0 (no random draws) when "
+                    f"prepare(fused=True) batched them, and one call cannot draw each site's "
+                    f"own mask. Set the rate before prepare, and prepare the model again: "
+                    f"excitations with a dropout are then left unbatched.")
         traced = self._traced(inputs)
         if traced is not None:
             return traced(*inputs)
@@ -177,8 +198,9 @@ def _trace_batched(template: fx.GraphModule, in_dims: tuple[int | None, ...], in
     return gm
 
 
-_RANDOM_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                     F.feature_alpha_dropout, torch.dropout, torch.bernoulli, torch.rand,
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+             F.feature_alpha_dropout, torch.dropout}
+_RANDOM_FUNCTIONS = {torch.bernoulli, torch.rand,
                      torch.randn, torch.rand_like, torch.randn_like, torch.randint,
                      torch.randint_like, torch.normal, torch.multinomial, torch.randperm,
                      torch.poisson, F.rrelu, torch.rrelu, F.gumbel_softmax}
@@ -187,12 +209,17 @@ _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", 
 
 
 def _draws_random(n: fx.Node, mod: nn.Module | None = None) -> bool:
-    """Template node ``n`` (calling ``mod``) draws random numbers: a dropout, RReLU, a
-    sampling function or method. Batched, it would draw one mask or sample over the stacked sites
+    """Template node ``n`` (calling ``mod``) draws random numbers: a dropout of a rate above
+    0, RReLU, a sampling function or method. Batched, it would draw one mask or sample over the stacked sites
     (``vmap`` refuses it in its default randomness mode), not each site's own in the
     multiply form's order; such an excitation keeps its own per-site computation."""
     if n.op == "call_module":
-        return isinstance(mod, (nn.modules.dropout._DropoutNd, nn.RReLU))
+        # a dropout of rate 0 draws nothing (BatchedExcitations checks the rate stays 0)
+        return isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p != 0 or \
+            isinstance(mod, nn.RReLU)
+    if n.op == "call_function" and n.target in _DROPOUTS:
+        rate = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+        return not (isinstance(rate, (int, float)) and rate == 0)
     return n.op == "call_function" and n.target in _RANDOM_FUNCTIONS or \
         n.op == "call_method" and n.target in _RANDOM_METHODS
 
@@ -359,6 +386,7 @@ class _Template:
         self.in_dims: list[int | None] = []
         self.modules: dict[str, nn.Module] = {}
         self.key: list[Any] = []
+        self.idle_dropouts: list[nn.Module] = []  # the dropouts of rate 0 it calls
 
     def leaf(self, path: str, value: torch.Tensor) -> fx.Node:
         self.inputs.append(path)
@@ -432,6 +460,8 @@ def _template(gm: fx.GraphModule, core: fx.Node, cone: list[fx.Node], sizes: lis
                 return f"{n.target} ({type(mod).__name__}) holds tensors"
             if _draws_random(n, mod):
                 return f"{n.target} ({type(mod).__name__}) draws random numbers"
+            if isinstance(mod, nn.modules.dropout._DropoutNd):
+                t.idle_dropouts.append(mod)
             name = f"m{len(t.modules)}"
             t.modules[name] = mod
             env[n] = t.graph.call_module(name, arg(n.args), arg(n.kwargs))
@@ -501,7 +531,9 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
             root.add_module(name, mod)
         template = fx.GraphModule(root, t0.graph, class_name="Excitation")
         name = unique_name(gm, "asrfx_excitations")
-        gm.add_module(name, BatchedExcitations(template, tuple(t0.in_dims), len(members)))
+        gm.add_module(name, BatchedExcitations(
+            template, tuple(t0.in_dims), len(members),
+            tuple(d for _, t in members for d in t.idle_dropouts)))
         # placed first in the graph, the topological sort below moving it after any size it
         # reads: computed from parameters only, the gates of every group are then computed
         # together at the start of the step, not each group between large convolutions

@@ -4,6 +4,7 @@ with the same gradients, parameter names, statistics and deploy model."""
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -515,9 +516,11 @@ class _DropSE(nn.Module):
 
 
 class _DropNet(_SizesNet):
-    def __init__(self, c: int = 8):
+    def __init__(self, c: int = 8, rate: float = 0.3):
         super().__init__(c)
         self.att = nn.ModuleList(_DropSE(c) for _ in range(3))
+        for a in self.att:
+            a.drop.p = rate
 
 
 def test_an_excitation_that_draws_random_numbers_is_not_batched():
@@ -534,6 +537,31 @@ def test_an_excitation_that_draws_random_numbers_is_not_batched():
     randomize_psi(plain, 47)
     fused.load_state_dict(plain.state_dict())
     _assert_same_training(plain, fused)
+
+
+def test_a_dropout_of_rate_zero_is_batched_and_may_not_change():
+    """A dropout of rate 0 draws nothing (timm's GC blocks: ``ConvMlp(drop=0.)``): such
+    excitations are batched. Raised later, the rate would need a mask per site: the batched
+    call refuses to train then, naming what to do, instead of ignoring it."""
+    from asrfx.errors import InputError
+    model = randomize_bn(_DropNet(rate=0.0), 48)
+    plain, fused = _pair(model)
+    assert sum(isinstance(m, BatchedExcitations) for m in fused.modules()) == 1
+    randomize_psi(plain, 49)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+    for twin in (copy.deepcopy(fused), pickled_copy(fused)):  # each checks its own sites
+        twin.get_submodule("att.2.drop").p = 0.1
+        with pytest.raises(InputError, match="p=0.1"):
+            twin.train()(X)
+    fused.train()(X)
+    fused.get_submodule("att.1.drop").p = 0.2
+    fused.eval()
+    with torch.no_grad():
+        fused(X)  # eval: the dropout is the identity whatever its rate
+    fused.train()
+    with pytest.raises(InputError, match="p=0.2.*prepare the model again"):
+        fused(X)
 
 
 def test_a_size_other_inputs_change_stays_read():
