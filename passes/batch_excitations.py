@@ -210,9 +210,9 @@ _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", 
 
 def _draws_random(n: fx.Node, mod: nn.Module | None = None) -> bool:
     """Template node ``n`` (calling ``mod``) draws random numbers: a dropout of a rate above
-    0, RReLU, a sampling function or method. Batched, it would draw one mask or sample over the stacked sites
-    (``vmap`` refuses it in its default randomness mode), not each site's own in the
-    multiply form's order; such an excitation keeps its own per-site computation."""
+    0, RReLU, a sampling function or method. Batched, it would draw one mask or sample over
+    the stacked sites (``vmap`` refuses it in its default randomness mode), not each site's
+    own in the multiply form's order; such an excitation keeps its own per-site computation."""
     if n.op == "call_module":
         # a dropout of rate 0 draws nothing (BatchedExcitations checks the rate stays 0)
         return isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p != 0 or \
@@ -538,8 +538,8 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
         # reads: computed from parameters only, the gates of every group are then computed
         # together at the start of the step, not each group between large convolutions
         # (ResNet-164 SE, batch 2, one thread: -2 ms of the fused form's ~11.5 ms over the
-        # backbone); an excitation that draws random numbers stays where it was, so it draws
-        # them in the multiply form's order (known random ops are not batched at all)
+        # backbone). Known random ops are not batched at all; a call of a user's module (which
+        # might sample inside) stays before the first site's use, in the multiply form's order
         first = top if _torch_modules_only(template) else \
             min(u for core, _ in members for u in core.users)  # fx nodes compare by position
         with graph.inserting_before(first):
