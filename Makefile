@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.asrfx-installed
 
-.PHONY: venv test test-all demo bench zoo zoo-sweep zoo-fused zoo-fold-paths zoo-collections clean
+.PHONY: venv test test-all demo bench zoo zoo-sweep zoo-fused zoo-fold-paths zoo-collections zoo-collections-fused clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,14 @@ zoo-collections: $(ZOO_STAMP)
 	$(ZOO_PY) -c "import pytorchcv, resnest, pretrainedmodels, geffnet, segmentation_models_pytorch, vit_pytorch" \
 		2>/dev/null || $(ZOO_PY) -m pip install -q --no-deps $(ZOO_COLLECTIONS)
 	$(ZOO_PY) bench/zoo_collections.py --out bench/results
+
+# the fused training form against the multiply form on the same models (bench/zoo_fused.py's
+# steps; about 9 min; bench/results/zoo-collections-fused.{md,json})
+zoo-collections-fused: $(ZOO_STAMP)
+	$(ZOO_PY) -m pip install -q --no-deps -e .
+	$(ZOO_PY) -c "import pytorchcv, resnest, pretrainedmodels, geffnet, segmentation_models_pytorch, vit_pytorch" \
+		2>/dev/null || $(ZOO_PY) -m pip install -q --no-deps $(ZOO_COLLECTIONS)
+	$(ZOO_PY) bench/zoo_collections.py --fused --out bench/results
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q
