@@ -297,7 +297,9 @@ def _fixed_size(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node], memo: dict) -
     elif n.op == "call_function" and n.target is one_row and len(n.args) == 1 and \
             isinstance(n.args[0], fx.Node):
         s = _fixed_size(gm, n.args[0], dep, memo)
-        v = 1 if type(s) is int else (1, *s[1:]) if isinstance(s, tuple) and s else _VARIES
+        # a shape gets batch extent 1; a number (a batch size, fixed or not) is 1
+        v = (1, *s[1:]) if isinstance(s, tuple) and s else \
+            _VARIES if isinstance(s, tuple) or _returns_shape(n.args[0]) else 1
     elif n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and \
             isinstance(n.args[0], fx.Node) and isinstance(n.args[1], (int, slice)):
         s = _fixed_size(gm, n.args[0], dep, memo)
@@ -316,6 +318,20 @@ def _fixed_size(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node], memo: dict) -
                 v = _VARIES
     memo[n] = v
     return v
+
+
+def _returns_shape(n: fx.Node) -> bool:
+    """Size node ``n`` holds a shape (``x.shape``, ``x.size()``, a slice of one, ``one_row`` of
+    one), not a number."""
+    if n.op == "call_function" and n.target is getattr:
+        return n.args[1] == "shape"
+    if n.op == "call_method" and n.target == "size":
+        return len(n.args) < 2 and "dim" not in n.kwargs
+    if n.op == "call_function" and n.target is operator.getitem:
+        return isinstance(n.args[1], slice)
+    if n.op == "call_function" and n.target is one_row:
+        return isinstance(n.args[0], fx.Node) and _returns_shape(n.args[0])
+    return False
 
 
 def _read_extents(gm: fx.GraphModule, n: fx.Node, shape: tuple[int, ...]) -> Any:

@@ -435,13 +435,21 @@ class _ReadsSizes(nn.Module):
         return x * torch.sigmoid(self.fc2(y)).view(b, c, 1, 1)
 
 
+class _ReadsBatchSize(_ReadsSizes):
+    """The batch size read on its own (``x.size(0)``): one row, whatever the batch."""
+
+    def forward(self, x):
+        y = torch.relu(self.fc1(x.mean((2, 3)).view(x.size(0), -1)))
+        return x * torch.sigmoid(self.fc2(y)).view(x.size(0), x.shape[1], 1, 1)
+
+
 class _SizesNet(nn.Module):
-    def __init__(self, c: int = 8):
+    def __init__(self, c: int = 8, attention: type = _ReadsSizes):
         super().__init__()
         self.c0 = nn.Conv2d(3, c, 3, padding=1)
         self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(3))
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(3))
-        self.att = nn.ModuleList(_ReadsSizes(c) for _ in range(3))
+        self.att = nn.ModuleList(attention(c) for _ in range(3))
         self.head = nn.Linear(c, 6)
 
     def forward(self, x):
@@ -457,7 +465,8 @@ def _shape_reads(gm: fx.GraphModule) -> list[fx.Node]:
             or n.op == "call_method" and n.target == "size"]
 
 
-def test_sizes_the_layers_fix_are_constants_of_the_batched_call():
+@pytest.mark.parametrize("attention", [_ReadsSizes, _ReadsBatchSize])
+def test_sizes_the_layers_fix_are_constants_of_the_batched_call(attention):
     """The channel count read from a conv's output and the batch extent psi's row has are the
     same at every input: the batched excitation takes them as constants, so the fused graph
     reads no shape at all and no site checks its sizes at every call (``excitation_row``).
@@ -465,7 +474,7 @@ def test_sizes_the_layers_fix_are_constants_of_the_batched_call():
     height would fail or differ."""
     from asrfx.passes.batch_excitations import excitation_row
     torch.manual_seed(40)
-    model = randomize_bn(_SizesNet(), 41)
+    model = randomize_bn(_SizesNet(attention=attention), 41)
     plain, fused = _pair(model)
     assert any("excitations of 3 site(s) run as 1 batched call(s)" in n
                for n in fused.asrfx_report.notes), fused.asrfx_report.notes
