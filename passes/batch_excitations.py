@@ -49,8 +49,8 @@ from asrfx.errors import InputError
 from .find_attention import AttentionSite
 from .batch_rows import one_row
 from .const_eval import channel_dims
-from .graph_utils import (module_hooks, reads_shape_only, safe_dce, stable_toposort, tensor_shape,
-                          unique_name, value_dependent)
+from .graph_utils import (module_hooks, reads_shape_only, safe_dce, size_dim, stable_toposort,
+                          tensor_shape, unique_name, value_dependent)
 
 __all__ = ["BatchedExcitations", "batch_excitations", "excitation_row"]
 
@@ -271,8 +271,10 @@ def _is_size(n: fx.Node, dep: set[fx.Node], vdep: set[fx.Node]) -> bool:
         all(_is_size(a, dep, vdep) for a in n.all_input_nodes)
 
 
-#: the value of a size that another input may change (see :func:`_fixed_size`)
+#: the value of a size that another input may change (see :func:`_fixed_size`), and of a
+#: whole shape whose rank is not known either
 _VARIES = object()
+_VARIES_SHAPE = object()
 _ARITHMETIC = {operator.add: operator.add, operator.sub: operator.sub,
                operator.mul: operator.mul, operator.floordiv: operator.floordiv,
                operator.truediv: operator.truediv}
@@ -292,14 +294,13 @@ def _fixed_size(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node], memo: dict) -
         return memo[n]
     v: Any = _VARIES
     if reads_shape_only(n) and n.args and n.args[0] in dep:
-        shape = tensor_shape(n.args[0])
-        v = _VARIES if shape is None else _read_extents(gm, n, shape)
+        v = _read_extents(gm, n, tensor_shape(n.args[0]))
     elif n.op == "call_function" and n.target is one_row and len(n.args) == 1 and \
             isinstance(n.args[0], fx.Node):
         s = _fixed_size(gm, n.args[0], dep, memo)
         # a shape gets batch extent 1; a number (a batch size, fixed or not) is 1
-        v = (1, *s[1:]) if isinstance(s, tuple) and s else \
-            _VARIES if isinstance(s, tuple) or _returns_shape(n.args[0]) else 1
+        v = (1, *s[1:]) if isinstance(s, tuple) and s else _VARIES if isinstance(s, tuple) \
+            else _VARIES_SHAPE if s is _VARIES_SHAPE else 1
     elif n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and \
             isinstance(n.args[0], fx.Node) and isinstance(n.args[1], (int, slice)):
         s = _fixed_size(gm, n.args[0], dep, memo)
@@ -308,6 +309,8 @@ def _fixed_size(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node], memo: dict) -
                 v = s[n.args[1]]
             except IndexError:
                 v = _VARIES
+        elif s is _VARIES_SHAPE and isinstance(n.args[1], slice):
+            v = _VARIES_SHAPE
     elif n.op == "call_function" and n.target in _ARITHMETIC and len(n.args) == 2 and \
             not n.kwargs:
         a, b = (_fixed_size(gm, x, dep, memo) if isinstance(x, fx.Node) else x for x in n.args)
@@ -320,34 +323,24 @@ def _fixed_size(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node], memo: dict) -
     return v
 
 
-def _returns_shape(n: fx.Node) -> bool:
-    """Size node ``n`` holds a shape (``x.shape``, ``x.size()``, a slice of one, ``one_row`` of
-    one), not a number."""
-    if n.op == "call_function" and n.target is getattr:
-        return n.args[1] == "shape"
-    if n.op == "call_method" and n.target == "size":
-        return len(n.args) < 2 and "dim" not in n.kwargs
-    if n.op == "call_function" and n.target is operator.getitem:
-        return isinstance(n.args[1], slice)
-    if n.op == "call_function" and n.target is one_row:
-        return isinstance(n.args[0], fx.Node) and _returns_shape(n.args[0])
-    return False
-
-
-def _read_extents(gm: fx.GraphModule, n: fx.Node, shape: tuple[int, ...]) -> Any:
-    """What shape read ``n`` returns, its varying extents ``_VARIES``; a whole shape as a tuple
-    (``torch.Size`` once no item of it varies)."""
+def _read_extents(gm: fx.GraphModule, n: fx.Node, shape: tuple[int, ...] | None) -> Any:
+    """What shape read ``n`` of a tensor of ``shape`` (None: not recorded) returns, its varying
+    extents ``_VARIES``; a whole shape as a tuple (``torch.Size`` once no item of it varies),
+    ``_VARIES_SHAPE`` where even its rank is unknown."""
+    whole = n.op == "call_function" and n.target is getattr and n.args[1] == "shape" or \
+        n.op == "call_method" and n.target == "size" and size_dim(n) is None
+    if shape is None:
+        return _VARIES_SHAPE if whole else _VARIES
     ndim = len(shape)
     fixed = channel_dims(gm, n.args[0], ndim) - {0}  # dim 0: a batch, or a rank-1 length
     extents = tuple(e if d in fixed else _VARIES for d, e in enumerate(shape))
-    if n.op == "call_function" and n.target is getattr:
-        return extents if n.args[1] == "shape" else ndim if n.args[1] == "ndim" else _VARIES
-    if n.op == "call_method" and n.target in ("dim", "ndimension"):
+    if whole:
+        return extents
+    if n.op == "call_function" and n.target is getattr and n.args[1] == "ndim" or \
+            n.op == "call_method" and n.target in ("dim", "ndimension"):
         return ndim
     if n.op == "call_method" and n.target == "size":
-        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-        if dim is None:
-            return extents
+        dim = size_dim(n)
         return extents[dim] if isinstance(dim, int) and -ndim <= dim < ndim else _VARIES
     return _VARIES  # numel, len (the batch), dtype, device
 
@@ -356,7 +349,7 @@ def _constant(v: Any) -> Any:
     """A fixed size as the program holds it (a shape as ``torch.Size``), or ``_VARIES``."""
     if isinstance(v, tuple):
         return _VARIES if any(e is _VARIES for e in v) else torch.Size(v)
-    return v
+    return _VARIES if v is _VARIES_SHAPE else v
 
 
 def _core(gate: fx.Node, vdep: set[fx.Node]) -> fx.Node | None:

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from .graph_utils import reads_shape_only, tensor_shape
+from .graph_utils import reads_shape_only, size_dim, tensor_shape
 
 __all__ = ["one_row", "collapse_batch"]
 
@@ -68,7 +68,7 @@ def _batch_read(node: fx.Node, dep: set[fx.Node]) -> str | None:
     shape = tensor_shape(src)
     ndim = len(shape) if shape is not None else None
     if node.op == "call_method" and node.target == "size":
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dim = size_dim(node)
         if dim is None:
             return "size"
         if not isinstance(dim, int) or ndim is None:

@@ -23,7 +23,7 @@ from .batch_rows import _shape_feeds, collapse_batch, one_row
 from .find_attention import channels_last, layouts
 from .graph_utils import (drop_dead, safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op,
                           module_path, set_attr_path, stable_toposort, tensor_shape, unique_name,
-                          value_dependent)
+                          size_dim, value_dependent)
 from .protocol import PassContext, record
 from .shapes import ShapeRecorder
 
@@ -251,7 +251,7 @@ def _extents_read(r: fx.Node, ndim: int, within: set[fx.Node]) -> set[int]:
     if r.op == "call_function" and r.target is getattr and r.args[1] != "shape":
         return set()  # ndim, dtype, device, layout
     if r.op == "call_method" and r.target == "size":
-        dim = r.args[1] if len(r.args) > 1 else r.kwargs.get("dim")
+        dim = size_dim(r)
         if isinstance(dim, int):
             return {dim % ndim}
         if dim is not None:

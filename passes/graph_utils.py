@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["tensor_shape", "value_dependent", "module_path", "is_op", "to_networkx",
+__all__ = ["tensor_shape", "size_dim", "value_dependent", "module_path", "is_op", "to_networkx",
            "MUL_OPS", "ADD_OPS", "SUB_OPS", "SHAPE_ATTRS", "SHAPE_METHODS", "call_sites",
            "node_module", "set_attr_path", "reads_shape_only", "stable_toposort", "clone_module", "safe_dce", "has_side_effects", "module_device", "shapes_only", "get_attr_path", "unique_name",
            "module_hooks", "describe_hooks", "deepcopy_module", "submodule", "to_eval",
@@ -56,6 +56,12 @@ def reads_shape_only(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is builtins.len:
         return True
     return False
+
+
+def size_dim(node: fx.Node) -> Any:
+    """The ``dim`` of an ``x.size(dim)`` call node (positional or keyword), None for
+    ``x.size()``."""
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
 
 
 #: methods reading their second argument's shape only (``y.reshape_as(x)``)
