@@ -256,6 +256,32 @@ def timed_until_stable(calls: dict[str, Callable[[], Any]], reps: int, warmup: i
     return times, rounds
 
 
+def ratio_interval(base: Sequence[float], samples: Sequence[float], level: float = 0.95
+                   ) -> tuple[float, float]:
+    """A ``level`` confidence interval of ``median(samples) / median(base)``: a paired
+    percentile bootstrap over the rounds of :func:`time_interleaved` (sample ``i`` of both
+    lists ran in round ``i``, side by side, so a slow round slows both), 2,000 resamples with a
+    fixed seed (``scipy.stats.bootstrap``). On a machine whose step times swing by 10-20% from
+    step to step (a shared virtual machine) a ratio of 20 steps per variant can be several
+    percent off; the interval says how far.
+
+    Raises:
+        ValueError: the lists differ in length or hold fewer than 3 samples.
+    """
+    from scipy.stats import bootstrap
+
+    if len(base) != len(samples) or len(base) < 3:
+        raise ValueError(f"need two paired lists of at least 3 samples, got {len(base)} and "
+                         f"{len(samples)}")
+    if all(a == b for a, b in zip(base, samples)):  # (one variant timed against itself)
+        return 1.0, 1.0
+    res = bootstrap((list(base), list(samples)),
+                    lambda b, s: statistics.median(s) / statistics.median(b), paired=True,
+                    vectorized=False, n_resamples=2000, confidence_level=level,
+                    method="percentile", random_state=0)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def _p(samples: list[float], q: float) -> float:
     s = sorted(samples)
     i = min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))
@@ -494,8 +520,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             # peak memory first, on fresh steps: its warm-up (which creates the gradients and
             # the momentum buffers) runs under the profiler too (see peak_step_memory)
             peaks = {name: peak_step_memory(step, device) for name, step in steps.items()}
-            times = time_interleaved(steps, cfg.train_reps, 1, sync, bar)
-            for name, samples in times.items():
+            train_times = time_interleaved(steps, cfg.train_reps, 1, sync, bar)
+            for name, samples in train_times.items():
                 by_name[name]["train"] = {"median_ms": 1000 * statistics.median(samples),
                                           "p90_ms": 1000 * _p(samples, 0.9),
                                           "batch": cfg.train_batch,
@@ -507,6 +533,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             lat["ratio"] = lat["median_ms"] / base["latency"][b]["median_ms"]
         if r["train"] is not None:
             r["train"]["ratio"] = r["train"]["median_ms"] / base["train"]["median_ms"]
+            if cfg.train_reps >= 3:
+                r["train"]["ratio_ci95"] = list(ratio_interval(train_times["backbone"],
+                                                                train_times[r["variant"]]))
             r["train"]["peak_ratio"] = (r["train"]["peak_bytes"] /
                                         max(1, base["train"]["peak_bytes"]))
     return {"config": {k: (list(v) if isinstance(v, tuple) else v)
@@ -575,9 +604,11 @@ def _targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any
     for r in rows:
         if r["variant"].endswith("train form") and r["train"] is not None:
             limit = 1.03 if r["variant"].endswith("fused train form") else 1.10
+            ci = r["train"].get("ratio_ci95")
             out.append({"target": f"{r['variant']} training step <= {limit:.2f}x backbone",
                         "value": round(r["train"]["ratio"], 3),
-                        "met": r["train"]["ratio"] <= limit})
+                        "met": r["train"]["ratio"] <= limit,
+                        **({"ci95": [round(v, 3) for v in ci]} if ci else {})})
             if r["variant"].endswith("fused train form"):
                 out.append({"target": f"{r['variant']} training peak memory <= 1.02x backbone",
                             "value": round(r["train"]["peak_ratio"], 3),
@@ -592,6 +623,18 @@ def _targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any
                                       f"Runtime at batch {b}", "value": round(v, 3),
                             "met": v <= 1.0})
     return out
+
+
+def _interval(train: dict[str, Any]) -> str:
+    """``"; 95% 1.01-1.06x"``: a training ratio's bootstrap interval (:func:`ratio_interval`),
+    or nothing for a run without one (an older results file, the backbone itself)."""
+    ci = train.get("ratio_ci95")
+    return "" if not ci or ci[0] == ci[1] else f"; 95% {ci[0]:.2f}-{ci[1]:.2f}x"
+
+
+def _target_ci(target: dict[str, Any]) -> str:
+    ci = target.get("ci95")
+    return f", 95% interval {ci[0]:.3f}-{ci[1]:.3f} over the paired steps" if ci else ""
 
 
 _PEAK_NOTE = ("train peak MiB: the most memory in torch tensors one training step (forward, "
@@ -618,8 +661,8 @@ def format_results(res: dict[str, Any]) -> str:
                      f"{lat['images_per_s']:,.0f}", f"{lat['ratio']:.2f}x"] if lat else
                     ["", "", "", ""])
         tr = r["train"]
-        row += [f"{tr['median_ms']:.1f}", f"{tr['ratio']:.2f}x", f"{tr['peak_mib']:,.1f}",
-                f"{tr['peak_ratio']:.3f}x"] if tr else ["", "", "", ""]
+        row += [f"{tr['median_ms']:.1f}", f"{tr['ratio']:.2f}x{_interval(tr)}",
+                f"{tr['peak_mib']:,.1f}", f"{tr['peak_ratio']:.3f}x"] if tr else ["", "", "", ""]
         table.append(row)
     cfg = res["config"]
     own = parse_model_spec(cfg["model"]).kind != "zoo"
@@ -651,7 +694,7 @@ def format_results(res: dict[str, Any]) -> str:
     if res.get("targets"):
         lines += ["", "targets:"]
         lines += [f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']}"
-                  for t in res["targets"]]
+                  f"{_target_ci(t)}" for t in res["targets"]]
     return "\n".join(lines)
 
 
@@ -670,7 +713,7 @@ def _markdown(res: dict[str, Any]) -> str:
             row += [f"{lat['median_ms']:.2f} / {lat['p90_ms']:.2f}",
                     f"{lat['ratio']:.2f}x"] if lat else ["", ""]
         tr = r["train"]
-        row += [f"{tr['median_ms']:.1f} ({tr['ratio']:.2f}x)" if tr else "",
+        row += [f"{tr['median_ms']:.1f} ({tr['ratio']:.2f}x{_interval(tr)})" if tr else "",
                 f"{tr['peak_mib']:,.1f} ({tr['peak_ratio']:.3f}x)" if tr else ""]
         md_rows.append(row)
     headers = ["variant", "params", "MFLOPs"]
@@ -687,7 +730,7 @@ def _markdown(res: dict[str, Any]) -> str:
         lines.append(f"- {_PEAK_NOTE}")
     if res.get("targets"):
         lines += ["", "## Targets", ""] + [f"- {'met' if t['met'] else '**not met**'}: "
-                                           f"{t['target']} ({t['value']})"
+                                           f"{t['target']} ({t['value']}{_target_ci(t)})"
                                            for t in res["targets"]]
     if res.get("compiler_cost"):
         lines += ["", "## Compiler cost", "", "```", format_cost(res["compiler_cost"]), "```"]

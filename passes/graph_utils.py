@@ -265,6 +265,23 @@ def prod(xs: Iterable[int]) -> int:
     return int(math.prod(xs))
 
 
+def _in_order(nodes: list[fx.Node], index: dict[fx.Node, int]) -> bool:
+    """Every node of ``nodes`` (a graph's order; ``index``: position) after its inputs, the
+    placeholders first and the output last."""
+    seen_other = False
+    for i, n in enumerate(nodes):
+        if n.op == "placeholder":
+            if seen_other:
+                return False
+        else:
+            seen_other = True
+            if n.op == "output" and i != len(nodes) - 1:
+                return False
+        if any(index[a] >= i for a in n.all_input_nodes):
+            return False
+    return True
+
+
 def stable_toposort(graph: fx.Graph) -> None:
     """Reorder ``graph`` so every node follows its inputs, keeping the current order otherwise.
 
@@ -273,6 +290,10 @@ def stable_toposort(graph: fx.Graph) -> None:
     """
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
+    if _in_order(nodes, index):
+        # the sort below would return this very order: among the nodes still to place, the
+        # earliest is always ready, and the placeholder-first / output-last key agrees with it
+        return
     g = to_networkx(graph)
     order = list(nx.lexicographical_topological_sort(g, key=lambda n: (
         0 if n.op == "placeholder" else 2 if n.op == "output" else 1, index[n])))

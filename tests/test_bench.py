@@ -13,8 +13,8 @@ import torch
 
 import asrfx
 from asrfx.bench import (BenchConfig, compiler_cost, format_cost, format_results,
-                         peak_step_memory, run_bench, strip_attention, time_interleaved,
-                         write_outputs)
+                         peak_step_memory, ratio_interval, run_bench, strip_attention,
+                         time_interleaved, write_outputs)
 from asrfx.cli import main
 from asrfx.zoo import cifar_resnet
 
@@ -22,7 +22,7 @@ from asrfx.zoo import cifar_resnet
 @pytest.fixture(scope="module")
 def small_run():
     cfg = BenchConfig(model="resnet20", attention=("se", "eca"), batches=(1, 2), reps=2,
-                      warmup=1, train_batch=4, train_reps=1, num_classes=10, runtimes=(),
+                      warmup=1, train_batch=4, train_reps=3, num_classes=10, runtimes=(),
                       progress=False)
     return run_bench(cfg)
 
@@ -70,6 +70,50 @@ def test_targets_and_table(small_run):
         assert isinstance(t["met"], bool) and t["value"] > 0
     text = format_results(small_run)
     assert "machine:" in text and "ASR(eca) BN-only fold" in text and "train ratio" in text
+
+
+def test_ratio_interval_brackets_the_ratio_and_narrows_with_samples():
+    gen = torch.Generator().manual_seed(0)
+
+    def rounds(n):  # each round's machine speed swings by up to 40%; the variant costs 1.05x
+        speed = 1 + 0.4 * torch.rand(n, generator=gen)
+        base = (speed * (1 + 0.02 * torch.randn(n, generator=gen))).tolist()
+        other = (1.05 * speed * (1 + 0.02 * torch.randn(n, generator=gen))).tolist()
+        return base, other
+
+    lo, hi = ratio_interval(*rounds(20))
+    assert lo < 1.05 < hi and hi - lo < 0.1
+    wide = hi - lo
+    lo, hi = ratio_interval(*rounds(400))
+    assert lo < 1.05 < hi and hi - lo < wide / 2
+    # paired: the rounds' common swing cancels; unpaired (shuffled) the interval is wider
+    base, other = rounds(40)
+    paired = ratio_interval(base, other)
+    shuffled = ratio_interval(base, other[7:] + other[:7])
+    assert paired[1] - paired[0] < shuffled[1] - shuffled[0]
+    assert ratio_interval([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="paired lists"):
+        ratio_interval([1.0, 2.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="paired lists"):
+        ratio_interval([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_training_ratios_carry_their_interval(small_run, tmp_path):
+    by = {r["variant"]: r for r in small_run["rows"]}
+    for r in small_run["rows"]:
+        if r["train"] is None:
+            continue
+        lo, hi = r["train"]["ratio_ci95"]
+        assert lo <= r["train"]["ratio"] <= hi
+    assert by["backbone"]["train"]["ratio_ci95"] == [1.0, 1.0]
+    t = next(t for t in small_run["targets"] if t["target"].startswith("ASR(se) fused train "
+                                                                        "form training step"))
+    assert t["ci95"] == [round(v, 3) for v in by["ASR(se) fused train form"]["train"]
+                         ["ratio_ci95"]]
+    lo, hi = by["ASR(se) fused train form"]["train"]["ratio_ci95"]
+    md = write_outputs(small_run, tmp_path)["md"].read_text()
+    assert lo < hi and f"; 95% {lo:.2f}-{hi:.2f}x" in md
+    assert "over the paired steps" in md
 
 
 def test_peak_step_memory_of_a_known_step():
