@@ -502,6 +502,57 @@ def _exclusive(cone: list[fx.Node], core: fx.Node) -> bool:
                for n in cone)
 
 
+def _gated_norm_call(gm: fx.GraphModule, row: fx.Node) -> fx.Node | None:
+    """The one reader of a batched gate ``row`` when it is a fused norm's call ``bn(x, row)``
+    (:class:`~.fuse_gates._Gated`) with a weight and a bias; else None."""
+    from .fuse_gates import _Gated
+
+    if row.target is not operator.getitem or len(row.users) != 1:
+        return None  # (a row read through excitation_row may be the site's own value)
+    (call,) = row.users
+    if call.op != "call_module" or len(call.args) != 2 or call.args[1] is not row or \
+            call.kwargs:
+        return None
+    mod = gm.get_submodule(call.target)
+    if not isinstance(mod, _Gated) or not isinstance(mod.weight, nn.Parameter) or \
+            not isinstance(mod.bias, nn.Parameter):
+        return None
+    return call
+
+
+def batch_gate_affines(gm: fx.GraphModule, out: fx.Node, parts: fx.Node,
+                       rows: list[fx.Node]) -> bool:
+    """Compute the scaled affines of a batched group's fused norms in one product: when every
+    gate row of the group (``rows``, read from ``parts = out.unbind(0)``) is the scale of a
+    fused BatchNorm with weight and bias of one shape, ``stack(weights) * out.reshape(k, -1)``
+    and the same for the biases, unbound, become each norm's ``affine`` (see
+    :class:`~.fuse_gates._Gated`): the same products, bit for bit, as each norm's ``weight *
+    s``, ``bias * s``, but two multiplies per group instead of two per norm, forward and
+    backward (placed with the batched call: at the start of the step). Returns whether the
+    group's norms got them."""
+    calls = [_gated_norm_call(gm, r) for r in rows]
+    if any(c is None for c in calls):
+        return False
+    mods = [gm.get_submodule(c.target) for c in calls]
+    like = mods[0].weight
+    if any(p.shape != like.shape or p.dtype != like.dtype or p.device != like.device
+           for m in mods for p in (m.weight, m.bias)):
+        return False
+    graph = gm.graph
+    with graph.inserting_before(parts.next):  # (in this order, after the batched call)
+        gate = graph.call_method("reshape", (out, len(rows), -1))
+        weights, biases = (
+            graph.call_method("unbind", (graph.call_function(operator.mul, (graph.call_function(
+                torch.stack, ([graph.get_attr(f"{c.target}.{attr}") for c in calls],)), gate)),
+                0)) for attr in ("weight", "bias"))
+    for k, call in enumerate(calls):
+        with graph.inserting_before(call):
+            w = graph.call_function(operator.getitem, (weights, k))
+            b = graph.call_function(operator.getitem, (biases, k))
+        call.kwargs = {"affine": (w, b)}
+    return True
+
+
 def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[int, int]:
     """Compute the gates of ``sites`` (converted, one row each) in one
     :class:`BatchedExcitations` call per group of identical excitations (two sites or more).
@@ -561,6 +612,7 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
                 inputs.append(graph.call_function(torch.stack, (leaves,)))
             out = graph.call_module(name, tuple(inputs))
             parts = graph.call_method("unbind", (out, 0))
+        rows = []
         for k, (core, t) in enumerate(members):
             with graph.inserting_before(min(core.users)):
                 if k == 0 or not t.sizes:
@@ -570,6 +622,8 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
                         graph.get_attr(name), parts, k, tuple(inputs), tuple(t.sizes)))
             part.meta = {key: v for key, v in core.meta.items() if key == "tensor_meta"}
             core.replace_all_uses_with(part)
+            rows.append(part)
+        batch_gate_affines(gm, out, parts, rows)
         batched += len(members)
         count += 1
     if count:

@@ -61,13 +61,19 @@ class _Gated:
     """``forward(x, scale)``: the BatchNorm of ``x`` with weight and bias scaled per channel by
     ``scale`` (any shape with ``num_features`` elements), i.e. ``scale * BN(x)``; without
     ``scale`` exactly the BatchNorm. Statistics, momentum and the batch counter behave as in
-    ``torch.nn.BatchNorm``."""
+    ``torch.nn.BatchNorm``.
 
-    def forward(self, input: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    ``forward(x, scale, affine=(weight * s, bias * s))``: the same with the scaled affine
+    computed by the caller from this norm's own parameters (``s``: ``scale`` flattened; the
+    batched excitations compute every norm of a group in one product,
+    :func:`asrfx.passes.batch_excitations.batch_gate_affines`); ``scale`` is then not read
+    here but stays the call's gate, which :func:`unfuse_gates` applies again."""
+
+    def forward(self, input: torch.Tensor, scale: torch.Tensor | None = None,
+                affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if scale is None:
             return super().forward(input)  # type: ignore[misc]
         self._check_input_dim(input)  # type: ignore[attr-defined]
-        s = scale.reshape(-1)
         # each parameter and buffer read once (a module attribute read costs a Python call)
         training, momentum = self.training, self.momentum  # type: ignore[attr-defined]
         factor = 0.0 if momentum is None else momentum
@@ -83,7 +89,11 @@ class _Gated:
         else:
             mean = var = None
         use_batch = training or (mean is None and var is None)
+        if affine is not None:
+            return F.batch_norm(input, mean, var, affine[0], affine[1], use_batch, factor,
+                                self.eps)  # type: ignore[attr-defined]
         weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
+        s = scale.reshape(-1)
         return F.batch_norm(input, mean, var, s if weight is None else weight * s,
                             None if bias is None else bias * s, use_batch, factor,
                             self.eps)  # type: ignore[attr-defined]
@@ -434,6 +444,7 @@ def unfuse_gates(gm: fx.GraphModule) -> int:
     graph = gm.graph
     count = 0
     gated = set()
+    precomputed = False
     for n in list(graph.nodes):
         if n.op != "call_module":
             continue
@@ -441,6 +452,7 @@ def unfuse_gates(gm: fx.GraphModule) -> int:
         if type(mod) not in PLAIN:
             continue
         gated.add(mod)
+        precomputed |= "affine" in n.kwargs
         if len(n.args) < 2:
             continue
         if isinstance(mod, _GatedConv):
@@ -452,8 +464,11 @@ def unfuse_gates(gm: fx.GraphModule) -> int:
                 scaled = graph.call_function(operator.mul, (n, n.args[1]))
             n.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
             n.args = (n.args[0],)
+            n.kwargs = {}  # (a batched group's precomputed affine: dead code now)
         count += 1
     count += _unfuse_functional(graph)
+    if precomputed:
+        safe_dce(gm)  # the batched groups' affine products, read by no norm now
     for mod in gated:  # after every call is rewritten: a module may be called more than once
         mod.__class__ = PLAIN[type(mod)]
     if count:

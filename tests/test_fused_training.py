@@ -512,6 +512,61 @@ def test_the_batched_gates_are_computed_first():
     assert len(calls) == 3 and max(calls) < first_conv
 
 
+def _affine_calls(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_module" and "affine" in n.kwargs]
+
+
+def test_a_batched_groups_norms_take_their_affines_from_one_product():
+    """Each stage's gated norms get ``weight * g`` and ``bias * g`` from one product of their
+    stacked parameters with the batched gates (two multiplies per group, placed with the
+    batched call before the first convolution), and train, evaluate and fold as the multiply
+    form; the same fused graph without the precomputed affines computes the same."""
+    torch.manual_seed(46)
+    model = randomize_bn(cifar_resnet(14, attention="se", block="basic", num_classes=6), 47)
+    plain, fused = _pair(model)
+    calls = _affine_calls(fused)
+    assert len(calls) == 6
+    assert all(isinstance(fused.get_submodule(str(c.target)), GatedBatchNorm2d) for c in calls)
+    order = list(fused.graph.nodes)
+    first_conv = next(i for i, n in enumerate(order) if n.op == "call_module"
+                      and isinstance(fused.get_submodule(str(n.target)), nn.Conv2d))
+    products = [i for i, n in enumerate(order) if n.target is operator.mul and
+                n.args[0].target is torch.stack]
+    assert len(products) == 6 and max(products) < first_conv
+    stacked = {str(a.target) for i in products for a in order[i].args[0].args[0]}
+    assert stacked == {f"{c.target}.{p}" for c in calls for p in ("weight", "bias")}
+    # the same graph with every norm computing its own weight * s: the same step
+    own = copy.deepcopy(fused)
+    for n in _affine_calls(own):
+        n.kwargs = {}
+    own.graph.eliminate_dead_code()
+    own.recompile()
+    assert not _affine_calls(own)
+    a, ga = _step(fused)
+    b, gb = _step(own)
+    assert rel_err(a, b) <= REL_TOL
+    for name in ga:
+        assert rel_err(ga[name], gb[name]) <= REL_TOL, name
+    randomize_psi(plain, 48)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+
+
+def test_norms_without_affine_parameters_compute_their_own_gated_affine():
+    torch.manual_seed(49)
+    model = cifar_resnet(14, attention="se", block="basic", num_classes=6)
+    for name, m in list(model.named_modules()):
+        if name.endswith("bn2"):
+            parent = model.get_submodule(name.rpartition(".")[0])
+            parent.bn2 = nn.BatchNorm2d(m.num_features, affine=False)
+    model = randomize_bn(model, 50)
+    plain, fused = _pair(model)
+    assert any(isinstance(m, BatchedExcitations) for m in fused.modules())
+    assert sum(isinstance(m, GatedBatchNorm2d) for m in fused.modules()) == 6
+    assert not _affine_calls(fused)
+    _assert_same_training(plain, fused)
+
+
 class _DropSE(nn.Module):
     """SE with a dropout inside its excitation: it draws random numbers."""
 
