@@ -49,6 +49,7 @@ from asrfx.errors import InputError
 from .find_attention import AttentionSite
 from .batch_rows import one_row
 from .const_eval import channel_dims
+from .layers import batch_norm_args
 from .graph_utils import (module_hooks, reads_shape_only, safe_dce, size_dim, stable_toposort,
                           tensor_shape, unique_name, value_dependent)
 
@@ -502,55 +503,90 @@ def _exclusive(cone: list[fx.Node], core: fx.Node) -> bool:
                for n in cone)
 
 
-def _gated_norm_call(gm: fx.GraphModule, row: fx.Node) -> fx.Node | None:
-    """The one reader of a batched gate ``row`` when it is a fused norm's call ``bn(x, row)``
-    (:class:`~.fuse_gates._Gated`) with a weight and a bias; else None."""
-    from .fuse_gates import _Gated
+class _NormAffine:
+    """Where one batched gate row is applied in a norm's affine: the weight and bias (their
+    attribute paths) and how the precomputed products replace the norm's own."""
 
-    if row.target is not operator.getitem or len(row.users) != 1:
+    def __init__(self, weight: str, bias: str, use: Any):
+        self.weight, self.bias, self.use = weight, bias, use
+
+
+def _norm_affine(gm: fx.GraphModule, row: fx.Node) -> _NormAffine | None:
+    """How the batched gate ``row`` scales a fused norm's weight and bias (Parameters): a
+    fused module's call ``bn(x, row)`` (:class:`~.fuse_gates._Gated`), or the two
+    ``gate_affine(param, row)`` of a traced-through ``F.batch_norm``; None for any other
+    reader."""
+    from .fuse_gates import _Gated, gate_affine
+
+    if row.target is not operator.getitem:
         return None  # (a row read through excitation_row may be the site's own value)
-    (call,) = row.users
-    if call.op != "call_module" or len(call.args) != 2 or call.args[1] is not row or \
-            call.kwargs:
+    users = list(row.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        (call,) = users
+        mod = gm.get_submodule(call.target)
+        if len(call.args) != 2 or call.args[1] is not row or call.kwargs or \
+                not isinstance(mod, _Gated) or not isinstance(mod.weight, nn.Parameter) or \
+                not isinstance(mod.bias, nn.Parameter):
+            return None
+
+        def use_module(w: fx.Node, b: fx.Node) -> None:
+            call.kwargs = {"affine": (w, b)}
+        return _NormAffine(f"{call.target}.weight", f"{call.target}.bias", use_module)
+    if len(users) != 2 or any(u.target is not gate_affine or len(u.args) != 2 or
+                              u.args[1] is not row or u.args[0].op != "get_attr" for u in users):
         return None
-    mod = gm.get_submodule(call.target)
-    if not isinstance(mod, _Gated) or not isinstance(mod.weight, nn.Parameter) or \
-            not isinstance(mod.bias, nn.Parameter):
+    norms = [(u, k) for u in users for n in u.users
+             if (args := batch_norm_args(n)) is not None for k in ("weight", "bias")
+             if args[k] is u]
+    if len(norms) != 2 or len({n for u in users for n in u.users}) != 1:
         return None
-    return call
+    by = {k: u for u, k in norms}
+    if set(by) != {"weight", "bias"} or not all(
+            isinstance(_attr(gm, by[k].args[0].target), nn.Parameter) for k in by):
+        return None
+
+    def use_functional(w: fx.Node, b: fx.Node) -> None:
+        by["weight"].args = (*by["weight"].args, w)
+        by["bias"].args = (*by["bias"].args, b)
+    return _NormAffine(by["weight"].args[0].target, by["bias"].args[0].target, use_functional)
+
+
+def _attr(gm: fx.GraphModule, path: str) -> Any:
+    *mods, last = path.split(".")
+    return getattr(gm.get_submodule(".".join(mods)), last, None)
 
 
 def batch_gate_affines(gm: fx.GraphModule, out: fx.Node, parts: fx.Node,
                        rows: list[fx.Node]) -> bool:
     """Compute the scaled affines of a batched group's fused norms in one product: when every
-    gate row of the group (``rows``, read from ``parts = out.unbind(0)``) is the scale of a
-    fused BatchNorm with weight and bias of one shape, ``stack(weights) * out.reshape(k, -1)``
-    and the same for the biases, unbound, become each norm's ``affine`` (see
-    :class:`~.fuse_gates._Gated`): the same elementwise products as each norm's ``weight *
-    s``, ``bias * s``, but two multiplies per group instead of two per norm, forward and
-    backward (placed with the batched call: at the start of the step; ResNet-164 with SE,
-    batch 2, one thread: 1.5-6.7 ms less per step). Returns whether the group's norms got
-    them."""
-    calls = [_gated_norm_call(gm, r) for r in rows]
-    if any(c is None for c in calls):
+    gate row of the group (``rows``, read from ``parts = out.unbind(0)``) scales a fused
+    BatchNorm's weight and bias, all of one shape, ``stack(weights) * out.reshape(k, -1)``
+    and the same for the biases, unbound, become each norm's scaled affine (a fused module's
+    ``affine`` argument, :class:`~.fuse_gates._Gated`; the ``product`` of a traced-through
+    ``F.batch_norm``'s :func:`~.fuse_gates.gate_affine`): the same elementwise products as
+    each norm's ``weight * s``, ``bias * s``, but two multiplies per group instead of two per
+    norm, forward and backward (placed with the batched call: at the start of the step;
+    ResNet-164 with SE, batch 2, one thread: 1.5-6.7 ms less per step). Returns whether the
+    group's norms got them."""
+    found = [_norm_affine(gm, r) for r in rows]
+    if any(f is None for f in found):
         return False
-    mods = [gm.get_submodule(c.target) for c in calls]
-    like = mods[0].weight
+    params = [_attr(gm, path) for f in found for path in (f.weight, f.bias)]
+    like = params[0]
     if any(p.shape != like.shape or p.dtype != like.dtype or p.device != like.device
-           for m in mods for p in (m.weight, m.bias)):
+           for p in params):
         return False
     graph = gm.graph
     with graph.inserting_before(parts.next):  # (in this order, after the batched call)
         gate = graph.call_method("reshape", (out, len(rows), -1))
         weights, biases = (
             graph.call_method("unbind", (graph.call_function(operator.mul, (graph.call_function(
-                torch.stack, ([graph.get_attr(f"{c.target}.{attr}") for c in calls],)), gate)),
+                torch.stack, ([graph.get_attr(getattr(f, attr)) for f in found],)), gate)),
                 0)) for attr in ("weight", "bias"))
-    for k, call in enumerate(calls):
-        with graph.inserting_before(call):
-            w = graph.call_function(operator.getitem, (weights, k))
-            b = graph.call_function(operator.getitem, (biases, k))
-        call.kwargs = {"affine": (w, b)}
+    for k, (f, row) in enumerate(zip(found, rows)):
+        with graph.inserting_before(min(row.users)):
+            f.use(graph.call_function(operator.getitem, (weights, k)),
+                  graph.call_function(operator.getitem, (biases, k)))
     return True
 
 

@@ -245,11 +245,15 @@ def _per_channel(site: AttentionSite, x: fx.Node) -> bool:
         all(d == 1 for d in gs[2:]) and tensor_shape(site.mul) == xs
 
 
-def gate_affine(param: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+def gate_affine(param: torch.Tensor | None, scale: torch.Tensor,
+                product: torch.Tensor | None = None) -> torch.Tensor:
     """A norm's ``weight`` or ``bias`` (None: the weight of a norm without one, 1) times the
     per-channel ``scale`` (any shape with ``num_features`` elements): the affine of ``scale *
     BN(x)``. A function, so that a fused ``F.batch_norm`` call's gate can be found again
-    (:func:`unfuse_gates`)."""
+    (:func:`unfuse_gates`). ``product``: that product, computed by the caller (a batched
+    group's, :func:`asrfx.passes.batch_excitations.batch_gate_affines`), returned as it is."""
+    if product is not None:
+        return product
     s = scale.reshape(-1)
     return s if param is None else param * s
 
@@ -452,7 +456,7 @@ def unfuse_gates(gm: fx.GraphModule) -> int:
         if type(mod) not in PLAIN:
             continue
         gated.add(mod)
-        precomputed |= "affine" in n.kwargs
+        precomputed |= "affine" in n.kwargs  # (a batched group's products)
         if len(n.args) < 2:
             continue
         if isinstance(mod, _GatedConv):
@@ -466,6 +470,7 @@ def unfuse_gates(gm: fx.GraphModule) -> int:
             n.args = (n.args[0],)
             n.kwargs = {}  # (a batched group's precomputed affine: dead code now)
         count += 1
+    precomputed |= any(n.target is gate_affine and len(n.args) > 2 for n in graph.nodes)
     count += _unfuse_functional(graph)
     if precomputed:
         safe_dce(gm)  # the batched groups' affine products, read by no norm now

@@ -552,6 +552,35 @@ def test_a_batched_groups_norms_take_their_affines_from_one_product():
     _assert_same_training(plain, fused)
 
 
+def test_traced_through_norms_of_a_group_take_their_affines_from_one_product():
+    """The same with every gated norm a BatchNorm subclass from outside torch (traced
+    through to ``F.batch_norm``): each ``gate_affine(w, g)`` returns its row of the group's
+    product, and fold takes the gates out again."""
+    from asrfx.passes.fuse_gates import gate_affine
+
+    torch.manual_seed(51)
+    model = cifar_resnet(14, attention="se", block="basic", num_classes=6)
+    for name, m in list(model.named_modules()):
+        if name.endswith("bn2"):
+            sub = _PlainSub(m.num_features)
+            model.get_submodule(name.rpartition(".")[0]).bn2 = sub
+    model = randomize_bn(model, 52)
+    plain, fused = _pair(model)
+    affines = [n for n in fused.graph.nodes if n.target is gate_affine]
+    assert len(affines) == 12 and all(len(n.args) == 3 for n in affines)
+    order = list(fused.graph.nodes)
+    first_conv = next(i for i, n in enumerate(order) if n.op == "call_module"
+                      and isinstance(fused.get_submodule(str(n.target)), nn.Conv2d))
+    products = [i for i, n in enumerate(order) if n.target is operator.mul and
+                n.args[0].target is torch.stack]
+    assert len(products) == 6 and max(products) < first_conv
+    randomize_psi(plain, 53)
+    fused.load_state_dict(plain.state_dict())
+    _assert_same_training(plain, fused)
+    deploy = asrfx.fold(fused, example_inputs=(X,))
+    assert not any(n.target in (gate_affine, torch.stack) for n in deploy.graph.nodes)
+
+
 def test_norms_without_affine_parameters_compute_their_own_gated_affine():
     torch.manual_seed(49)
     model = cifar_resnet(14, attention="se", block="basic", num_classes=6)
