@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -503,12 +504,14 @@ def _exclusive(cone: list[fx.Node], core: fx.Node) -> bool:
                for n in cone)
 
 
+@dataclass
 class _NormAffine:
     """Where one batched gate row is applied in a norm's affine: the weight and bias (their
-    attribute paths) and how the precomputed products replace the norm's own."""
+    attribute paths) and how the precomputed products replace the norm's own (``use(w, b)``)."""
 
-    def __init__(self, weight: str, bias: str, use: Any):
-        self.weight, self.bias, self.use = weight, bias, use
+    weight: str
+    bias: str
+    use: Callable[[fx.Node, fx.Node], None]
 
 
 def _norm_affine(gm: fx.GraphModule, row: fx.Node) -> _NormAffine | None:
@@ -533,8 +536,9 @@ def _norm_affine(gm: fx.GraphModule, row: fx.Node) -> _NormAffine | None:
             call.kwargs = {"affine": (w, b)}
         return _NormAffine(f"{call.target}.weight", f"{call.target}.bias", use_module)
     if len(users) != 2 or any(u.target is not gate_affine or len(u.args) != 2 or
-                              u.args[1] is not row or u.args[0].op != "get_attr" for u in users):
-        return None
+                              u.args[1] is not row or not isinstance(u.args[0], fx.Node) or
+                              u.args[0].op != "get_attr" for u in users):
+        return None  # (a norm without weight: gate_affine(None, row))
     norms = [(u, k) for u in users for n in u.users
              if (args := batch_norm_args(n)) is not None for k in ("weight", "bias")
              if args[k] is u]

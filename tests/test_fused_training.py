@@ -581,17 +581,24 @@ def test_traced_through_norms_of_a_group_take_their_affines_from_one_product():
     assert not any(n.target in (gate_affine, torch.stack) for n in deploy.graph.nodes)
 
 
-def test_norms_without_affine_parameters_compute_their_own_gated_affine():
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, _PlainSub])
+def test_norms_without_affine_parameters_compute_their_own_gated_affine(norm):
+    from asrfx.passes.fuse_gates import gate_affine
+
     torch.manual_seed(49)
     model = cifar_resnet(14, attention="se", block="basic", num_classes=6)
     for name, m in list(model.named_modules()):
         if name.endswith("bn2"):
             parent = model.get_submodule(name.rpartition(".")[0])
-            parent.bn2 = nn.BatchNorm2d(m.num_features, affine=False)
+            parent.bn2 = norm(m.num_features, affine=False)
     model = randomize_bn(model, 50)
     plain, fused = _pair(model)
     assert any(isinstance(m, BatchedExcitations) for m in fused.modules())
-    assert sum(isinstance(m, GatedBatchNorm2d) for m in fused.modules()) == 6
+    if norm is nn.BatchNorm2d:
+        assert sum(isinstance(m, GatedBatchNorm2d) for m in fused.modules()) == 6
+    else:  # traced through: F.batch_norm(x, ..., gate_affine(None, g), None)
+        affines = [n for n in fused.graph.nodes if n.target is gate_affine]
+        assert len(affines) == 6 and all(len(n.args) == 2 for n in affines)
     assert not _affine_calls(fused)
     _assert_same_training(plain, fused)
 
