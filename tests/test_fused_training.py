@@ -516,6 +516,26 @@ def _affine_calls(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and "affine" in n.kwargs]
 
 
+def _affine_products(gm: fx.GraphModule) -> list[fx.Node]:
+    """The products ``stack(params) * gates`` of the batched groups, checked to run before the
+    first convolution."""
+    order = list(gm.graph.nodes)
+    first_conv = next(i for i, n in enumerate(order) if n.op == "call_module"
+                      and isinstance(gm.get_submodule(str(n.target)), nn.Conv2d))
+    products = [i for i, n in enumerate(order) if n.target is operator.mul and
+                n.args[0].target is torch.stack]
+    assert products and max(products) < first_conv
+    return [order[i] for i in products]
+
+
+def _with_bn2(model: nn.Module, make) -> nn.Module:
+    """``model`` with each block's second norm replaced by ``make(num_features)``."""
+    for name, m in list(model.named_modules()):
+        if name.endswith("bn2"):
+            setattr(model.get_submodule(name.rpartition(".")[0]), "bn2", make(m.num_features))
+    return model
+
+
 def test_a_batched_groups_norms_take_their_affines_from_one_product():
     """Each stage's gated norms get ``weight * g`` and ``bias * g`` from one product of their
     stacked parameters with the batched gates (two multiplies per group, placed with the
@@ -527,13 +547,9 @@ def test_a_batched_groups_norms_take_their_affines_from_one_product():
     calls = _affine_calls(fused)
     assert len(calls) == 6
     assert all(isinstance(fused.get_submodule(str(c.target)), GatedBatchNorm2d) for c in calls)
-    order = list(fused.graph.nodes)
-    first_conv = next(i for i, n in enumerate(order) if n.op == "call_module"
-                      and isinstance(fused.get_submodule(str(n.target)), nn.Conv2d))
-    products = [i for i, n in enumerate(order) if n.target is operator.mul and
-                n.args[0].target is torch.stack]
-    assert len(products) == 6 and max(products) < first_conv
-    stacked = {str(a.target) for i in products for a in order[i].args[0].args[0]}
+    products = _affine_products(fused)
+    assert len(products) == 6
+    stacked = {str(a.target) for n in products for a in n.args[0].args[0]}
     assert stacked == {f"{c.target}.{p}" for c in calls for p in ("weight", "bias")}
     # the same graph with every norm computing its own weight * s: the same step
     own = copy.deepcopy(fused)
@@ -559,21 +575,12 @@ def test_traced_through_norms_of_a_group_take_their_affines_from_one_product():
     from asrfx.passes.fuse_gates import gate_affine
 
     torch.manual_seed(51)
-    model = cifar_resnet(14, attention="se", block="basic", num_classes=6)
-    for name, m in list(model.named_modules()):
-        if name.endswith("bn2"):
-            sub = _PlainSub(m.num_features)
-            model.get_submodule(name.rpartition(".")[0]).bn2 = sub
-    model = randomize_bn(model, 52)
+    model = randomize_bn(_with_bn2(cifar_resnet(14, attention="se", block="basic",
+                                                num_classes=6), _PlainSub), 52)
     plain, fused = _pair(model)
     affines = [n for n in fused.graph.nodes if n.target is gate_affine]
     assert len(affines) == 12 and all(len(n.args) == 3 for n in affines)
-    order = list(fused.graph.nodes)
-    first_conv = next(i for i, n in enumerate(order) if n.op == "call_module"
-                      and isinstance(fused.get_submodule(str(n.target)), nn.Conv2d))
-    products = [i for i, n in enumerate(order) if n.target is operator.mul and
-                n.args[0].target is torch.stack]
-    assert len(products) == 6 and max(products) < first_conv
+    assert len(_affine_products(fused)) == 6
     randomize_psi(plain, 53)
     fused.load_state_dict(plain.state_dict())
     _assert_same_training(plain, fused)
@@ -586,12 +593,9 @@ def test_norms_without_affine_parameters_compute_their_own_gated_affine(norm):
     from asrfx.passes.fuse_gates import gate_affine
 
     torch.manual_seed(49)
-    model = cifar_resnet(14, attention="se", block="basic", num_classes=6)
-    for name, m in list(model.named_modules()):
-        if name.endswith("bn2"):
-            parent = model.get_submodule(name.rpartition(".")[0])
-            parent.bn2 = norm(m.num_features, affine=False)
-    model = randomize_bn(model, 50)
+    model = randomize_bn(_with_bn2(cifar_resnet(14, attention="se", block="basic",
+                                                num_classes=6),
+                                   lambda c: norm(c, affine=False)), 50)
     plain, fused = _pair(model)
     assert any(isinstance(m, BatchedExcitations) for m in fused.modules())
     if norm is nn.BatchNorm2d:
