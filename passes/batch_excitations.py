@@ -51,8 +51,8 @@ from .find_attention import AttentionSite
 from .batch_rows import one_row
 from .const_eval import channel_dims
 from .layers import batch_norm_args
-from .graph_utils import (module_hooks, reads_shape_only, safe_dce, size_dim, stable_toposort,
-                          tensor_shape, unique_name, value_dependent)
+from .graph_utils import (get_attr_path, module_hooks, reads_shape_only, safe_dce, size_dim,
+                          stable_toposort, tensor_shape, unique_name, value_dependent)
 
 __all__ = ["BatchedExcitations", "batch_excitations", "excitation_row"]
 
@@ -546,18 +546,13 @@ def _norm_affine(gm: fx.GraphModule, row: fx.Node) -> _NormAffine | None:
         return None
     by = {k: u for u, k in norms}
     if set(by) != {"weight", "bias"} or not all(
-            isinstance(_attr(gm, by[k].args[0].target), nn.Parameter) for k in by):
+            isinstance(get_attr_path(gm, by[k].args[0].target), nn.Parameter) for k in by):
         return None
 
     def use_functional(w: fx.Node, b: fx.Node) -> None:
         by["weight"].args = (*by["weight"].args, w)
         by["bias"].args = (*by["bias"].args, b)
     return _NormAffine(by["weight"].args[0].target, by["bias"].args[0].target, use_functional)
-
-
-def _attr(gm: fx.GraphModule, path: str) -> Any:
-    *mods, last = path.split(".")
-    return getattr(gm.get_submodule(".".join(mods)), last, None)
 
 
 def batch_gate_affines(gm: fx.GraphModule, out: fx.Node, parts: fx.Node,
@@ -575,7 +570,7 @@ def batch_gate_affines(gm: fx.GraphModule, out: fx.Node, parts: fx.Node,
     found = [_norm_affine(gm, r) for r in rows]
     if any(f is None for f in found):
         return False
-    params = [_attr(gm, path) for f in found for path in (f.weight, f.bias)]
+    params = [get_attr_path(gm, path) for f in found for path in (f.weight, f.bias)]
     like = params[0]
     if any(p.shape != like.shape or p.dtype != like.dtype or p.device != like.device
            for p in params):

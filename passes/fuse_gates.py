@@ -89,13 +89,11 @@ class _Gated:
         else:
             mean = var = None
         use_batch = training or (mean is None and var is None)
-        if affine is not None:
-            return F.batch_norm(input, mean, var, affine[0], affine[1], use_batch, factor,
-                                self.eps)  # type: ignore[attr-defined]
-        weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
-        s = scale.reshape(-1)
-        return F.batch_norm(input, mean, var, s if weight is None else weight * s,
-                            None if bias is None else bias * s, use_batch, factor,
+        if affine is None:
+            weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
+            s = scale.reshape(-1)
+            affine = (s if weight is None else weight * s, None if bias is None else bias * s)
+        return F.batch_norm(input, mean, var, affine[0], affine[1], use_batch, factor,
                             self.eps)  # type: ignore[attr-defined]
 
 
@@ -451,6 +449,8 @@ def unfuse_gates(gm: fx.GraphModule) -> int:
     precomputed = False
     for n in list(graph.nodes):
         if n.op != "call_module":
+            # (a batched group's products, read by each traced-through norm's gate_affine)
+            precomputed |= n.target is gate_affine and len(n.args) > 2
             continue
         mod = submodule(gm, n.target)
         if type(mod) not in PLAIN:
@@ -470,7 +470,6 @@ def unfuse_gates(gm: fx.GraphModule) -> int:
             n.args = (n.args[0],)
             n.kwargs = {}  # (a batched group's precomputed affine: dead code now)
         count += 1
-    precomputed |= any(n.target is gate_affine and len(n.args) > 2 for n in graph.nodes)
     count += _unfuse_functional(graph)
     if precomputed:
         safe_dce(gm)  # the batched groups' affine products, read by no norm now
