@@ -23,6 +23,7 @@ from torch import nn
 from asrfx.report import Site
 from .find_attention import AttentionSite
 from .batch_rows import collapse_batch
+from .sizes import pin_sizes
 from .graph_utils import (get_attr_path, module_device, module_path, reads_shape_only, set_attr_path,
                           stable_toposort, tensor_shape, value_dependent)
 from .layers import batch_norm_args
@@ -250,6 +251,7 @@ def _one_row(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
         groups.append(([s for g in merged for s in g[0]] + [site], nodes, outs))
     dep = value_dependent(gm.graph)
     graph = gm.graph
+    pinned: set[fx.Node] = set()
     for group_sites, nodes, outs in groups:
         _, reason = collapse_batch(gm, nodes, outs, dep)
         for site in group_sites:
@@ -260,7 +262,10 @@ def _one_row(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
             # expand(psi, one_row(n), -1, ...) is psi itself now
             e.replace_all_uses_with(e.args[0])
             graph.erase_node(e)
+        pinned |= nodes | outs
     stable_toposort(graph)
+    # the channel counts and the batch extent 1 the branches read are numbers from now on
+    pin_sizes(gm, [n for n in graph.nodes if n in pinned])
 
 
 def _add_copy(gm: fx.GraphModule, site: AttentionSite, psis: dict[fx.Node, fx.Node],

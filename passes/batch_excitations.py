@@ -48,11 +48,10 @@ from torch import nn
 
 from asrfx.errors import InputError
 from .find_attention import AttentionSite
-from .batch_rows import one_row
-from .const_eval import channel_dims
+from .sizes import VARIES, depends_on_input, fixed_size, is_size
 from .layers import batch_norm_args
-from .graph_utils import (get_attr_path, module_hooks, reads_shape_only, safe_dce, size_dim,
-                          stable_toposort, tensor_shape, unique_name, value_dependent)
+from .graph_utils import (get_attr_path, module_hooks, safe_dce, stable_toposort, unique_name,
+                          value_dependent)
 
 __all__ = ["BatchedExcitations", "batch_excitations", "excitation_row"]
 
@@ -249,111 +248,6 @@ def excitation_row(batched: BatchedExcitations, rows: Any, k: int, inputs: tuple
     return batched.row(k, inputs, own)
 
 
-def _depends_on_input(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes that read an input in any way, its shape included."""
-    dep: set[fx.Node] = set()
-    for n in graph.nodes:
-        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
-            dep.add(n)
-    return dep
-
-
-_SIZE_FUNCTIONS = {operator.getitem, operator.add, operator.sub, operator.mul,
-                   operator.truediv, operator.floordiv, one_row}
-
-
-def _is_size(n: fx.Node, dep: set[fx.Node], vdep: set[fx.Node]) -> bool:
-    """``n`` is a size read from an input's shape (``x.shape[1]``, ``one_row(x.shape)[0]``,
-    arithmetic on such sizes only): not a tensor, and not computed from the input's values."""
-    if n not in dep or n in vdep:
-        return False
-    if reads_shape_only(n):
-        return True
-    return n.op == "call_function" and n.target in _SIZE_FUNCTIONS and \
-        all(_is_size(a, dep, vdep) for a in n.all_input_nodes)
-
-
-#: the value of a size that another input may change (see :func:`_fixed_size`), and of a
-#: whole shape whose rank is not known either
-_VARIES = object()
-_VARIES_SHAPE = object()
-_ARITHMETIC = {operator.add: operator.add, operator.sub: operator.sub,
-               operator.mul: operator.mul, operator.floordiv: operator.floordiv,
-               operator.truediv: operator.truediv}
-
-
-def _fixed_size(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node], memo: dict) -> Any:
-    """The value of size ``n`` (see :func:`_is_size`) when it is the same for every input the
-    model accepts, else ``_VARIES``. Fixed are the extents the layers set (a map's channels,
-    :func:`~.const_eval.channel_dims`), the rank, and the batch extent :func:`one_row` sets to
-    1; a batch size read otherwise, a spatial size or a sequence length varies. A shape may be
-    partly fixed (``one_row(x.shape)[:2]`` of a conv's output is ``(1, C)`` at every size).
-
-    Such a size needs no reading at every call: the batched excitation takes it as a constant,
-    and the per-site check that the batch used each site's own sizes (:func:`excitation_row`)
-    is settled once, here."""
-    if n in memo:
-        return memo[n]
-    v: Any = _VARIES
-    if reads_shape_only(n) and n.args and n.args[0] in dep:
-        v = _read_extents(gm, n, tensor_shape(n.args[0]))
-    elif n.op == "call_function" and n.target is one_row and len(n.args) == 1 and \
-            isinstance(n.args[0], fx.Node):
-        s = _fixed_size(gm, n.args[0], dep, memo)
-        # a shape gets batch extent 1; a number (a batch size, fixed or not) is 1
-        v = (1, *s[1:]) if isinstance(s, tuple) and s else _VARIES if isinstance(s, tuple) \
-            else _VARIES_SHAPE if s is _VARIES_SHAPE else 1
-    elif n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and \
-            isinstance(n.args[0], fx.Node) and isinstance(n.args[1], (int, slice)):
-        s = _fixed_size(gm, n.args[0], dep, memo)
-        if isinstance(s, tuple):
-            try:
-                v = s[n.args[1]]
-            except IndexError:
-                v = _VARIES
-        elif s is _VARIES_SHAPE and isinstance(n.args[1], slice):
-            v = _VARIES_SHAPE
-    elif n.op == "call_function" and n.target in _ARITHMETIC and len(n.args) == 2 and \
-            not n.kwargs:
-        a, b = (_fixed_size(gm, x, dep, memo) if isinstance(x, fx.Node) else x for x in n.args)
-        if type(a) in (int, float) and type(b) in (int, float):
-            try:
-                v = _ARITHMETIC[n.target](a, b)
-            except ZeroDivisionError:
-                v = _VARIES
-    memo[n] = v
-    return v
-
-
-def _read_extents(gm: fx.GraphModule, n: fx.Node, shape: tuple[int, ...] | None) -> Any:
-    """What shape read ``n`` of a tensor of ``shape`` (None: not recorded) returns, its varying
-    extents ``_VARIES``; a whole shape as a tuple (``torch.Size`` once no item of it varies),
-    ``_VARIES_SHAPE`` where even its rank is unknown."""
-    whole = n.op == "call_function" and n.target is getattr and n.args[1] == "shape" or \
-        n.op == "call_method" and n.target == "size" and size_dim(n) is None
-    if shape is None:
-        return _VARIES_SHAPE if whole else _VARIES
-    ndim = len(shape)
-    fixed = channel_dims(gm, n.args[0], ndim) - {0}  # dim 0: a batch, or a rank-1 length
-    extents = tuple(e if d in fixed else _VARIES for d, e in enumerate(shape))
-    if whole:
-        return extents
-    if n.op == "call_function" and n.target is getattr and n.args[1] == "ndim" or \
-            n.op == "call_method" and n.target in ("dim", "ndimension"):
-        return ndim
-    if n.op == "call_method" and n.target == "size":
-        dim = size_dim(n)
-        return extents[dim] if isinstance(dim, int) and -ndim <= dim < ndim else _VARIES
-    return _VARIES  # numel, len (the batch), dtype, device
-
-
-def _constant(v: Any) -> Any:
-    """A fixed size as the program holds it (a shape as ``torch.Size``), or ``_VARIES``."""
-    if isinstance(v, tuple):
-        return _VARIES if any(e is _VARIES for e in v) else torch.Size(v)
-    return _VARIES if v is _VARIES_SHAPE else v
-
-
 def _core(gate: fx.Node, vdep: set[fx.Node]) -> fx.Node | None:
     """The last parameter-only value on the way to ``gate``: ``gate`` itself, or what a chain of
     reshapes reading the input's values (``g.expand_as(x)``) starts from."""
@@ -376,7 +270,7 @@ def _cone(core: fx.Node, dep: set[fx.Node], vdep: set[fx.Node]
         n = todo.pop()
         if n in seen or n in sizes:
             continue
-        if n is not core and _is_size(n, dep, vdep):
+        if n is not core and is_size(n, dep, vdep):
             sizes.add(n)
             continue
         seen.add(n)
@@ -595,7 +489,7 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
     Edits ``gm`` in place; returns (sites batched, groups). A site whose excitation cannot be
     batched, or is alone of its kind, is left as it is."""
     graph = gm.graph
-    dep, vdep = _depends_on_input(graph), value_dependent(graph)
+    dep, vdep = depends_on_input(graph), value_dependent(graph)
     groups: dict[str, list[tuple[fx.Node, _Template]]] = {}
     alive = set(graph.nodes)
     memo: dict[fx.Node, Any] = {}
@@ -604,14 +498,13 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
         if site.rows is not None or site.gate not in alive:
             continue
         core = _core(site.gate, vdep)
-        if core is None or core.op in ("get_attr", "placeholder") or _is_size(core, dep, vdep):
+        if core is None or core.op in ("get_attr", "placeholder") or is_size(core, dep, vdep):
             continue
         cone, sizes = _cone(core, dep, vdep)
         if any(n in vdep or n.op == "placeholder" for n in cone) or \
                 not _exclusive(cone, core):
             continue
-        fixed = {n: v for n in sizes
-                 if (v := _constant(_fixed_size(gm, n, dep, memo))) is not _VARIES}
+        fixed = {n: v for n in sizes if (v := fixed_size(gm, n, dep, memo)) is not VARIES}
         t = _template(gm, core, cone, sizes, fixed)
         if isinstance(t, str):
             continue

@@ -20,12 +20,12 @@ import torch.fx as fx
 from asrfx.report import Site
 
 from .batch_rows import _shape_feeds, collapse_batch, one_row
-from .find_attention import channels_last, layouts
 from .graph_utils import (drop_dead, safe_dce, ADD_OPS, MUL_OPS, SUB_OPS, reads_shape_only, is_op,
                           module_path, set_attr_path, stable_toposort, tensor_shape, unique_name,
                           size_dim, value_dependent)
 from .protocol import PassContext, record
 from .shapes import ShapeRecorder
+from .sizes import channel_dims
 
 __all__ = ["evaluate_constants", "rows_agree", "channel_dims"]
 
@@ -227,20 +227,6 @@ def _reads_varying_extent(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node]) -> 
         if any(d not in fixed for d in _extents_read(r, len(shape), ancestors)):
             return True
     return False
-
-
-def channel_dims(gm: fx.GraphModule, x: fx.Node, ndim: int) -> set[int]:
-    """The dim of ``x`` that holds its channels, where the graph tells: 1, or the last for
-    channels-last maps and tokens. A rank-3 tensor whose layout the graph does not show
-    (:func:`~.find_attention.layouts`: ``(N, C, L)`` or tokens ``(N, L, C)``) has none known:
-    either of its dims 1 and 2 may be a length (XCiT's ``pos_embedding[:, :n]`` with ``n`` read
-    from tokens that an einops ``pack`` returned)."""
-    if ndim <= 2:
-        return {ndim - 1}
-    if ndim == 3:
-        lay = layouts(gm, x)
-        return {1} if lay == ("first",) else {2} if lay == ("last",) else set()
-    return {ndim - 1} if channels_last(gm, x) else {1}
 
 
 def _extents_read(r: fx.Node, ndim: int, within: set[fx.Node]) -> set[int]:

@@ -478,7 +478,8 @@ def test_sizes_the_layers_fix_are_constants_of_the_batched_call(attention):
     plain, fused = _pair(model)
     assert any("excitations of 3 site(s) run as 1 batched call(s)" in n
                for n in fused.asrfx_report.notes), fused.asrfx_report.notes
-    assert _shape_reads(plain), "the multiply form reads the sizes"
+    assert _shape_reads(asrfx.trace(model, example_inputs=(X,))), "the model reads sizes"
+    assert _shape_reads(plain) == [], "the rewrite pins them in the multiply form too"
     assert _shape_reads(fused) == []
     assert not any(n.target is excitation_row for n in fused.graph.nodes)
     (batched,) = [n for n in fused.graph.nodes if n.op == "call_module"
