@@ -98,6 +98,10 @@ class _SubmoduleTraceFailure(Exception):
         self.error = error
 
 
+#: argument types fx records as they are (see :meth:`AsrTracer.create_arg`)
+_PLAIN_ARGS = frozenset({int, float, bool, str, type(None)})
+
+
 class AsrTracer(fx.Tracer):
     """fx tracer that keeps standard ``torch.nn`` layers, norm/dropout subclasses, any
     user-named modules and every submodule with hooks (forward, forward-pre, backward: they
@@ -160,6 +164,19 @@ class AsrTracer(fx.Tracer):
             finally:
                 self._computing = False
         return self.values.get(node)
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's ``create_arg`` with the common cases first: a proxy, a number, a string, None
+        and plain tuples / lists of them, which fx returns as they are after a dozen checks for
+        parameters, constants and opaque types (a fifth of the tracing time of a ResNet)."""
+        kind = type(a)
+        if kind is fx.Proxy:
+            return a.node
+        if kind in _PLAIN_ARGS:
+            return a
+        if kind is tuple or kind is list:
+            return kind(self.create_arg(e) for e in a)
+        return super().create_arg(a)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         if self._computing:
@@ -894,17 +911,16 @@ def _may_depend_on_mode(model: nn.Module, leaf_modules: Sequence[str | type],
                         leaves: set[str]) -> bool:
     """False when no traced-through module's code reads ``self.training`` (one trace suffices)."""
     tracer = AsrTracer(list(leaf_modules) + sorted(leaves))
-    skip: set[str] = set()
-    for name, m in model.named_modules():
-        parts = name.split(".")
-        if any(".".join(parts[:i]) in skip for i in range(1, len(parts))):
-            continue
+
+    def reads(m: nn.Module, name: str) -> bool:  # (a leaf's insides are not traced)
         if name and tracer.is_leaf_module(m, name) and not isinstance(m, _CONTAINERS):
-            skip.add(name)
-            continue
+            return False
         if _class_reads_training(type(m)) or traced_norm(m):
             return True
-    return False
+        return any(reads(c, f"{name}.{k}" if name else k)
+                   for k, c in m._modules.items() if c is not None)
+
+    return reads(model, "")
 
 
 def uncompiled_graph_module(root: nn.Module, graph: fx.Graph, name: str) -> GraphModule:

@@ -178,15 +178,18 @@ def apply_asr(gm: fx.GraphModule, sites: list[AttentionSite], *, mode: str = "re
         for j, stat in enumerate(site.stats):
             if mode == "replace" and stat in shared:
                 names[j] = shared[stat][1]
-        with graph.inserting_before(site.mul):
-            psis = {}
-            for stat, name in zip(site.stats, names):
-                if mode == "replace" and stat in shared:
-                    psis[stat] = shared[stat][0]
-                    continue
+        psis = {}
+        for stat, name in zip(site.stats, names):
+            if mode == "replace" and stat in shared:
+                psis[stat] = shared[stat][0]
+                continue
+            # right after the statistic, before every node that will read psi instead: the
+            # graph stays in order (the sort below has nothing to do)
+            with graph.inserting_before(stat.next):
                 psis[stat] = _psi_node(gm, site, stat, name, init, created, mode == "both")
-                if mode == "replace":
-                    shared[stat] = (psis[stat], name)
+            if mode == "replace":
+                shared[stat] = (psis[stat], name)
+        with graph.inserting_before(site.mul):
             if mode == "replace":
                 branch = set(site.branch)
                 # a gate that is the statistic itself (``x * x.mean((2, 3), keepdim=True)``):
