@@ -1129,3 +1129,43 @@ def test_a_legacy_variable_of_a_traced_value_traces_as_detach():
     with torch.no_grad():
         for xi in (x, torch.randn(1, 3, 7, 4)):
             assert rel_err(model(xi), deploy(xi)) <= REL_TOL
+
+
+class _ManyArgs(nn.Module):
+    """Calls whose arguments are proxies, numbers, strings, None, a dtype, a slice, an Ellipsis
+    and plain / nested tuples and lists of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=(1, 1))
+        self.register_buffer("scale", torch.rand(4))
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = y.permute([0, 2, 3, 1]).reshape((y.shape[0], -1, 4))
+        z = F.pad(z, (0, 1), mode="constant", value=0.5)[..., :4]
+        w = torch.cat([y, y * self.scale.view(1, -1, 1, 1)], dim=1).to(torch.float32)
+        s = w.sum(dim=(2, 3), keepdim=True) + torch.tensor(2.0)
+        return torch.stack((z.mean(1), s.flatten(1)[:, :4]), 0), None, "tag", 1.5
+
+
+def test_asrfx_tracer_records_the_arguments_fx_records():
+    """AsrTracer's fast path for common argument types gives the graph fx's own tracer gives
+    (the same nodes with the same arguments), and the same outputs."""
+    class FxTracer(fx.Tracer):
+        proxy_buffer_attributes = True  # as AsrTracer
+
+    mine = _ManyArgs()  # one model per tracer: a trace stores its constants on the model
+    fxs = copy.deepcopy(mine)
+    ours = fx.GraphModule(mine, asrfx.tracing.AsrTracer().trace(mine))
+    theirs = fx.GraphModule(fxs, FxTracer().trace(fxs))
+
+    def shape(gm):
+        return [(n.op, str(n.target), fx.node.map_arg(n.args, lambda a: a.name),
+                 fx.node.map_arg(n.kwargs, lambda a: a.name)) for n in gm.graph.nodes]
+
+    assert shape(ours) == shape(theirs)
+    x = torch.randn(2, 3, 5, 5)
+    a, b = ours(x), theirs(x)
+    assert a[1:] == b[1:] == (None, "tag", 1.5)
+    torch.testing.assert_close(a[0], b[0])  # (float32's default tolerances)
