@@ -36,9 +36,11 @@ def _check_model(model: nn.Module, entry: str) -> None:
     """Refuse models whose weights asrfx cannot compute with: on the meta device (no values),
     complex or exotic floating dtypes (the fold computes in float64 and casts back, which would
     drop an imaginary part), integer weights of the layers a fold rewrites."""
-    name = type(model).__name__
     folded_types = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase,
                     nn.GroupNorm, nn.LayerNorm)
+    if _weights_ok(model, folded_types):
+        return  # (the common case, checked without naming every tensor)
+    name = type(model).__name__
     # one walk over the modules (named_parameters and named_buffers would walk it again per
     # call): every parameter, then every buffer, each once; those of the layers a fold rewrites
     params: list[tuple[str, torch.Tensor]] = []
@@ -72,6 +74,22 @@ def _check_model(model: nn.Module, entry: str) -> None:
             raise InputError(f"asrfx.{entry}: {name}.{path}.{key} ({type(mod).__name__}) is "
                              f"{str(t.dtype).replace('torch.', '')}: asrfx folds floating-point "
                              f"layers; dequantize the model (float weights) first")
+
+
+def _weights_ok(model: nn.Module, folded_types: tuple) -> bool:
+    """No tensor of ``model`` that :func:`_check_model` refuses: on the meta device, complex or
+    of another floating dtype than :data:`_DTYPES`, or not floating in a layer a fold rewrites
+    (``num_batches_tracked`` aside)."""
+    for mod in model.modules():
+        folded = isinstance(mod, folded_types)
+        for table in (mod._parameters, mod._buffers):
+            for key, t in table.items():
+                if t is None or (t.dtype in _DTYPES and not t.is_meta):
+                    continue
+                if t.is_meta or t.is_floating_point() or t.is_complex() or \
+                        (folded and key != "num_batches_tracked"):
+                    return False
+    return True
 
 
 def _inputs_for(model: nn.Module, example_inputs: Any) -> tuple:
