@@ -48,10 +48,9 @@ from torch import nn
 
 from asrfx.errors import InputError
 from .find_attention import AttentionSite
-from .sizes import VARIES, depends_on_input, fixed_size, is_size
+from .sizes import VARIES, fixed_size, input_dependence, is_size
 from .layers import batch_norm_args
-from .graph_utils import (get_attr_path, module_hooks, safe_dce, stable_toposort, unique_name,
-                          value_dependent)
+from .graph_utils import get_attr_path, module_hooks, safe_dce, stable_toposort, unique_name
 
 __all__ = ["BatchedExcitations", "batch_excitations", "excitation_row"]
 
@@ -489,7 +488,7 @@ def batch_excitations(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[i
     Edits ``gm`` in place; returns (sites batched, groups). A site whose excitation cannot be
     batched, or is alone of its kind, is left as it is."""
     graph = gm.graph
-    dep, vdep = depends_on_input(graph), value_dependent(graph)
+    dep, vdep = input_dependence(graph)
     groups: dict[str, list[tuple[fx.Node, _Template]]] = {}
     alive = set(graph.nodes)
     memo: dict[fx.Node, Any] = {}

@@ -547,7 +547,14 @@ def has_side_effects(node: fx.Node, gm: nn.Module | None = None) -> bool:
     t.mul_(t.sigmoid())`` with ``t`` unused later) is dead: the reads before it saw the old
     value either way.
     """
-    if node.is_impure():
+    if node.op == "call_module" and gm is not None and node.graph.owning_module is gm:
+        try:  # (fx's is_impure looks the module up with get_submodule, ~15x slower)
+            mod = submodule(gm, node.target)
+        except AttributeError:
+            return True
+        if getattr(mod, "_is_impure", False):
+            return True
+    elif node.is_impure():
         return True
     if _mutates(node, gm):
         first = node.args[0] if node.args else None

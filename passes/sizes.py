@@ -22,9 +22,10 @@ import torch.fx as fx
 
 from .batch_rows import one_row
 from .find_attention import channels_last, layouts
-from .graph_utils import reads_shape_only, size_dim, tensor_shape, value_dependent
+from .graph_utils import reads_shape_only, size_dim, tensor_shape
 
-__all__ = ["VARIES", "channel_dims", "depends_on_input", "fixed_size", "is_size", "pin_sizes"]
+__all__ = ["VARIES", "channel_dims", "depends_on_input", "fixed_size", "input_dependence", "is_size",
+           "pin_sizes"]
 
 
 def channel_dims(gm: fx.GraphModule, x: fx.Node, ndim: int) -> set[int]:
@@ -44,11 +45,28 @@ def channel_dims(gm: fx.GraphModule, x: fx.Node, ndim: int) -> set[int]:
 
 def depends_on_input(graph: fx.Graph) -> set[fx.Node]:
     """Nodes that read an input in any way, its shape included."""
+    return input_dependence(graph)[0]
+
+
+def input_dependence(graph: fx.Graph) -> tuple[set[fx.Node], set[fx.Node]]:
+    """(:func:`depends_on_input`, :func:`~.graph_utils.value_dependent`) of ``graph`` in one
+    walk over its nodes."""
     dep: set[fx.Node] = set()
+    vdep: set[fx.Node] = set()
     for n in graph.nodes:
-        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+        if n.op == "placeholder":
             dep.add(n)
-    return dep
+            vdep.add(n)
+            continue
+        ins = n.all_input_nodes
+        if any(a in dep for a in ins):
+            dep.add(n)
+            if n.op in _CALLS and not reads_shape_only(n) and any(a in vdep for a in ins):
+                vdep.add(n)
+    return dep, vdep
+
+
+_CALLS = frozenset({"call_function", "call_method", "call_module"})
 
 
 _SIZE_FUNCTIONS = {operator.getitem, operator.add, operator.sub, operator.mul,
@@ -163,7 +181,7 @@ def pin_sizes(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> int:
     Only arguments of ``nodes`` change: a size the rest of the graph reads too stays read
     there. A size that varies (:func:`fixed_size`) stays an argument."""
     graph = gm.graph
-    dep, vdep = depends_on_input(graph), value_dependent(graph)
+    dep, vdep = input_dependence(graph)
     memo: dict[fx.Node, Any] = {}
     pinned = 0
     reads: set[fx.Node] = set()

@@ -12,7 +12,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import asrfx
 from asrfx.passes import asr_rewrite
-from asrfx.passes.sizes import VARIES, depends_on_input, fixed_size, pin_sizes
+from asrfx.passes.sizes import VARIES, depends_on_input, fixed_size, input_dependence, pin_sizes
 from asrfx.passes.graph_utils import value_dependent
 from asrfx.zoo import cifar_resnet
 from helpers import randomize_bn, randomize_psi, rel_err, REL_TOL
@@ -171,3 +171,18 @@ def test_fixed_size_tells_channels_from_lengths(dim, fixed):
     assert read not in value_dependent(graph)
     v = fixed_size(gm, read, dep, {})
     assert (v == 6) if fixed else (v is VARIES)
+
+
+def test_input_dependence_is_both_walks_in_one():
+    """(every node that reads an input, shape reads included; the value-dependent ones) equal
+    what each definition gives alone, on a traced ResNet and its training form."""
+    model = cifar_resnet(14, attention="se", block="basic", num_classes=6)
+    for gm in (asrfx.trace(model, example_inputs=(X,)), asrfx.prepare(model, example_inputs=(X,)),
+               _traced_shared()):
+        dep: set = set()
+        for n in gm.graph.nodes:
+            if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+                dep.add(n)
+        both = input_dependence(gm.graph)
+        assert both == (dep, value_dependent(gm.graph))
+        assert both[1] < both[0]  # (the output node and shape reads are no value nodes)
