@@ -44,7 +44,7 @@ from torch import nn
 from .errors import InputError
 from .zoo import THIRD_PARTY, build_model, parse_model_spec
 
-__all__ = ["keep_freed_memory", "allocator_description", "BenchConfig", "run_bench", "format_results", "write_outputs", "strip_attention",
+__all__ = ["keep_freed_memory", "allocator_description", "speed_probe", "format_speed", "BenchConfig", "run_bench", "format_results", "write_outputs", "strip_attention",
            "compiler_cost", "machine_description", "time_interleaved", "build_models",
            "peak_step_memory", "THIRD_PARTY"]
 
@@ -88,6 +88,40 @@ def machine_description(device: torch.device | str = "cpu") -> str:
     if torch.device(device).type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
     return text + f", allocator: {allocator_description()}"
+
+
+def speed_probe(reps: int = 5) -> dict[str, float]:
+    """How fast this machine runs right now, in milliseconds (the best of ``reps`` timings): a
+    fixed pure-Python loop (two million additions: what the compiler's graph work is made of)
+    and 20 products of 512x512 float32 matrices on the current torch threads (what model runs
+    are made of).
+
+    A shared virtual machine's speed drifts within minutes: on the project's 2-core Intel Xeon
+    machine the loop took 72-112 ms and the products 33-43 ms within one hour, and ResNet-164's
+    prepare + fold 0.41 s and 0.49 s in two runs of 15 repetitions minutes apart, in step with
+    the probe. ``asrfx bench`` records the probe before and after its measurements, so that two
+    runs are compared on the machine speed they had."""
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    loop, mm = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(2_000_000):
+            total += i
+        t1 = time.perf_counter()
+        for _ in range(20):
+            a @ a
+        mm.append(time.perf_counter() - t1)
+        loop.append(t1 - t0)
+    return {"python_loop_ms": 1000 * min(loop), "matmul_ms": 1000 * min(mm)}
+
+
+def format_speed(speed: dict[str, dict[str, float]]) -> str:
+    """One line: the :func:`speed_probe` before and after a run."""
+    b, a = speed["before"], speed["after"]
+    return (f"speed probe (before / after; lower is faster): Python loop "
+            f"{b['python_loop_ms']:.0f} / {a['python_loop_ms']:.0f} ms, 20 matmuls 512x512 "
+            f"{b['matmul_ms']:.0f} / {a['matmul_ms']:.0f} ms")
 
 
 #: what :func:`keep_freed_memory` set with ``mallopt`` in this process (name -> value)
@@ -473,6 +507,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         raise InputError(f"batch sizes and --reps must be positive, got {list(cfg.batches)} and "
                          f"{cfg.reps}")
     _, _, shape = build_models(cfg, None if parse_model_spec(cfg.model).kind == "zoo" else "se")
+    before = speed_probe()
     gen = torch.Generator().manual_seed(cfg.seed)
     x1 = torch.randn(1, *shape, generator=gen).to(device)
     evals, trains, notes = _variants(cfg, x1, device)
@@ -541,6 +576,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return {"config": {k: (list(v) if isinstance(v, tuple) else v)
                        for k, v in asdict(cfg).items()},
             "machine": machine_description(device), "rows": rows, "notes": notes,
+            "speed": {"before": before, "after": speed_probe()},
             "runtimes": {k: v["status"] for k, v in runtimes.items()},
             # the project's own targets are about its benchmark models, not a user's
             "targets": _targets(rows, cfg) if parse_model_spec(cfg.model).kind == "zoo" else []}
@@ -670,7 +706,10 @@ def format_results(res: dict[str, Any]) -> str:
              f"{'its own attention' if own else 'attention ' + ', '.join(cfg['attention'])}), "
              f"{cfg['reps']} interleaved reps per batch, train step at batch "
              f"{cfg['train_batch']} x {cfg['train_reps']}",
-             f"machine: {res['machine']}", ""]
+             f"machine: {res['machine']}"]
+    if res.get("speed"):
+        lines.append(format_speed(res["speed"]))
+    lines += [""]
     lines.append(tabulate(table, headers=headers, disable_numparse=True))
     for rt, status in res.get("runtimes", {}).items():
         if status != "ok":
@@ -805,6 +844,7 @@ def compiler_cost(depths: Sequence[int] = (20, 56, 110, 164, 326, 650, 1001), re
     from tqdm.auto import tqdm
 
     x = torch.randn(1, 3, 32, 32)
+    before = speed_probe()
     rows: list[CostRow] = []
     for depth in tqdm(depths, desc="compiler cost", disable=not progress):
         # the CIFAR convention of the model specs (resnet<depth>): 20..110 basic, 164.. bottleneck
@@ -834,7 +874,8 @@ def compiler_cost(depths: Sequence[int] = (20, 56, 110, 164, 326, 650, 1001), re
                             fx_fuse_s=statistics.median(theirs)))
     fits = {ph: _linear_fit([r.nodes for r in rows], [getattr(r, f"{ph}_s") for r in rows])
             for ph in ("prepare", "fold")}
-    return {"rows": [asdict(r) for r in rows], "fits": fits, "reps": reps}
+    return {"rows": [asdict(r) for r in rows], "fits": fits, "reps": reps,
+            "speed": {"before": before, "after": speed_probe()}}
 
 
 def _zero_init_residual(model: nn.Module) -> nn.Module:
@@ -880,6 +921,8 @@ def format_cost(cost: dict[str, Any]) -> str:
     for ph, f in cost["fits"].items():
         lines.append(f"{ph}: {f['per_node_ms']:.3f} ms per node + {f['intercept_s']:.3f} s "
                      f"(linear fit R^2 = {f['r2']:.3f})")
+    if cost.get("speed"):
+        lines.append(format_speed(cost["speed"]))
     return "\n".join(lines)
 
 

@@ -70,6 +70,7 @@ def test_targets_and_table(small_run):
         assert isinstance(t["met"], bool) and t["value"] > 0
     text = format_results(small_run)
     assert "machine:" in text and "ASR(eca) BN-only fold" in text and "train ratio" in text
+    assert "speed probe (before / after" in text and set(small_run["speed"]) == {"before", "after"}
 
 
 def test_ratio_interval_brackets_the_ratio_and_narrows_with_samples():
@@ -269,8 +270,28 @@ def test_cli_cost_only_writes_the_cost_report(tmp_path, capsys):
     assert md.startswith("# asrfx bench: compiler cost") and "prepare:" in md
     assert "allocator: " in md  # the machine line names the allocator and its settings
     assert (tmp_path / "compiler_cost.png").read_bytes()[:4] == b"\x89PNG"
-    rows = json.loads((tmp_path / "bench.json").read_text())["compiler_cost"]["rows"]
+    cost = json.loads((tmp_path / "bench.json").read_text())["compiler_cost"]
+    rows = cost["rows"]
     assert rows and all(r["fx_fuse_s"] > 0 and r["plain_fold_s"] > 0 for r in rows)
+    # the machine's speed before and after, in the JSON and in both reports
+    assert all(cost["speed"][k]["python_loop_ms"] > 0 and cost["speed"][k]["matmul_ms"] > 0
+               for k in ("before", "after"))
+    assert "speed probe (before / after" in out and "speed probe (before / after" in md
+
+
+def test_speed_probe_times_the_python_loop_and_the_products(monkeypatch):
+    """The probe reports the best of its repetitions, in milliseconds, of each workload: here
+    with a clock that advances 0.1 s per Python loop and 0.03 s per 20 products (0.2 s / 0.06 s
+    in the first repetition)."""
+    from asrfx import bench
+    ticks = iter([0.0, 0.2, 0.26] + [x for i in range(1, 5) for x in
+                                     (i, i + 0.1, i + 0.13)])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    got = bench.speed_probe(reps=5)
+    assert got == pytest.approx({"python_loop_ms": 100.0, "matmul_ms": 30.0})
+    line = bench.format_speed({"before": got, "after": {"python_loop_ms": 140.0,
+                                                        "matmul_ms": 45.0}})
+    assert "Python loop 100 / 140 ms" in line and "512x512 30 / 45 ms" in line
 
 
 @pytest.mark.parametrize("size,shape", [(None, (3, 32, 32)), (16, (3, 16, 16)),
