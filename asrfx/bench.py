@@ -760,8 +760,10 @@ def _markdown(res: dict[str, Any]) -> str:
         headers += [f"batch {b} ms p50 / p90", "vs backbone"]
     headers += [f"train step ms (batch {res['config']['train_batch']})",
                 f"train peak MiB (batch {res['config']['train_batch']})"]
-    lines = [f"# asrfx bench: {res['config']['model']}", "", f"Machine: {res['machine']}", "",
-             tabulate(md_rows, headers=headers, tablefmt="github", disable_numparse=True), ""]
+    lines = [f"# asrfx bench: {res['config']['model']}", "", f"Machine: {res['machine']}", ""]
+    if res.get("speed"):
+        lines += ["S" + format_speed(res["speed"])[1:], ""]
+    lines += [tabulate(md_rows, headers=headers, tablefmt="github", disable_numparse=True), ""]
     for rt, status in res.get("runtimes", {}).items():
         if status != "ok":
             lines.append(f"- {rt}: {status}")

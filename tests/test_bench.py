@@ -177,6 +177,7 @@ def test_outputs_are_written(small_run, tmp_path):
     assert [r["variant"] for r in data["rows"]] == [r["variant"] for r in small_run["rows"]]
     md = paths["md"].read_text()
     assert md.startswith("# asrfx bench: resnet20") and "| ASR(se) folded" in md
+    assert "Speed probe (before / after; lower is faster): Python loop" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
