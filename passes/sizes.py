@@ -24,8 +24,8 @@ from .batch_rows import one_row
 from .find_attention import channels_last, layouts
 from .graph_utils import reads_shape_only, size_dim, tensor_shape
 
-__all__ = ["VARIES", "channel_dims", "depends_on_input", "fixed_size", "input_dependence", "is_size",
-           "pin_sizes"]
+__all__ = ["VARIES", "channel_dims", "depends_on_input", "fixed_size", "input_dependence",
+           "is_size", "pin_sizes"]
 
 
 def channel_dims(gm: fx.GraphModule, x: fx.Node, ndim: int) -> set[int]:
@@ -40,7 +40,6 @@ def channel_dims(gm: fx.GraphModule, x: fx.Node, ndim: int) -> set[int]:
         lay = layouts(gm, x)
         return {1} if lay == ("first",) else {2} if lay == ("last",) else set()
     return {ndim - 1} if channels_last(gm, x) else {1}
-
 
 
 def depends_on_input(graph: fx.Graph) -> set[fx.Node]:
@@ -94,15 +93,15 @@ _ARITHMETIC = {operator.add: operator.add, operator.sub: operator.sub,
 
 
 def _fixed_size(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node], memo: dict) -> Any:
-    """The value of size ``n`` (see :func:`_is_size`) when it is the same for every input the
+    """The value of size ``n`` (see :func:`is_size`) when it is the same for every input the
     model accepts, else ``VARIES``. Fixed are the extents the layers set (a map's channels,
-    :func:`~.const_eval.channel_dims`), the rank, and the batch extent :func:`one_row` sets to
+    :func:`channel_dims`), the rank, and the batch extent :func:`one_row` sets to
     1; a batch size read otherwise, a spatial size or a sequence length varies. A shape may be
     partly fixed (``one_row(x.shape)[:2]`` of a conv's output is ``(1, C)`` at every size).
 
-    Such a size needs no reading at every call: the batched excitation takes it as a constant,
-    and the per-site check that the batch used each site's own sizes (:func:`excitation_row`)
-    is settled once, here."""
+    Such a size needs no reading at every call: :func:`pin_sizes` writes it into the branch,
+    the batched excitation takes it as a constant, and the per-site check that the batch used
+    each site's own sizes (:func:`~.batch_excitations.excitation_row`) is settled once, here."""
     if n in memo:
         return memo[n]
     v: Any = VARIES
