@@ -93,8 +93,8 @@ def machine_description(device: torch.device | str = "cpu") -> str:
 def speed_probe(reps: int = 5) -> dict[str, float]:
     """How fast this machine runs right now, in milliseconds (the best of ``reps`` timings): a
     fixed pure-Python loop (two million additions: what the compiler's graph work is made of)
-    and 20 products of 512x512 float32 matrices on the current torch threads (what model runs
-    are made of).
+    and 20 products of 512x512 float32 matrices on the CPU with the current torch threads
+    (what model runs on the CPU are made of; on a GPU bench it still describes the host).
 
     A shared virtual machine's speed drifts within minutes: on the project's 2-core Intel Xeon
     machine the loop took 72-112 ms and the products 33-43 ms within one hour, and ResNet-164's
