@@ -44,9 +44,10 @@ from torch import nn
 from .errors import InputError
 from .zoo import THIRD_PARTY, build_model, parse_model_spec
 
-__all__ = ["keep_freed_memory", "allocator_description", "speed_probe", "format_speed", "BenchConfig", "run_bench", "format_results", "write_outputs", "strip_attention",
+__all__ = ["keep_freed_memory", "allocator_description", "speed_probe", "format_speed",
+           "BenchConfig", "run_bench", "format_results", "write_outputs", "strip_attention",
            "compiler_cost", "machine_description", "time_interleaved", "build_models",
-           "peak_step_memory", "THIRD_PARTY"]
+           "peak_step_memory", "ratio_interval", "THIRD_PARTY"]
 
 @dataclass
 class BenchConfig:

@@ -24,8 +24,7 @@ from .batch_rows import one_row
 from .find_attention import channels_last, layouts
 from .graph_utils import reads_shape_only, size_dim, tensor_shape
 
-__all__ = ["VARIES", "channel_dims", "depends_on_input", "fixed_size", "input_dependence",
-           "is_size", "pin_sizes"]
+__all__ = ["VARIES", "channel_dims", "fixed_size", "input_dependence", "is_size", "pin_sizes"]
 
 
 def channel_dims(gm: fx.GraphModule, x: fx.Node, ndim: int) -> set[int]:
@@ -42,14 +41,10 @@ def channel_dims(gm: fx.GraphModule, x: fx.Node, ndim: int) -> set[int]:
     return {ndim - 1} if channels_last(gm, x) else {1}
 
 
-def depends_on_input(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes that read an input in any way, its shape included."""
-    return input_dependence(graph)[0]
-
-
 def input_dependence(graph: fx.Graph) -> tuple[set[fx.Node], set[fx.Node]]:
-    """(:func:`depends_on_input`, :func:`~.graph_utils.value_dependent`) of ``graph`` in one
-    walk over its nodes."""
+    """(the nodes that read an input in any way, its shape included; those whose values
+    depend on it, :func:`~.graph_utils.value_dependent`) of ``graph``, in one walk over its
+    nodes."""
     dep: set[fx.Node] = set()
     vdep: set[fx.Node] = set()
     for n in graph.nodes:
@@ -167,7 +162,7 @@ def _constant(v: Any) -> Any:
 def fixed_size(gm: fx.GraphModule, n: fx.Node, dep: set[fx.Node], memo: dict) -> Any:
     """The value of size ``n`` (see :func:`is_size`) as the program holds it (an ``int``, a
     whole shape as ``torch.Size``) when every input the model accepts gives it, else
-    :data:`VARIES`. ``dep``: :func:`depends_on_input` of the graph; ``memo``: a dict shared
+    :data:`VARIES`. ``dep``: the first set of :func:`input_dependence`; ``memo``: a dict shared
     by the calls on one graph."""
     return _constant(_fixed_size(gm, n, dep, memo))
 

@@ -12,7 +12,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import asrfx
 from asrfx.passes import asr_rewrite
-from asrfx.passes.sizes import VARIES, depends_on_input, fixed_size, input_dependence, pin_sizes
+from asrfx.passes.sizes import VARIES, fixed_size, input_dependence, pin_sizes
 from asrfx.passes.graph_utils import value_dependent
 from asrfx.zoo import cifar_resnet
 from helpers import randomize_bn, randomize_psi, rel_err, REL_TOL
@@ -167,7 +167,7 @@ def test_fixed_size_tells_channels_from_lengths(dim, fixed):
     with gm.graph.inserting_after(y):
         read = gm.graph.call_method("size", (y, dim))
     graph = gm.graph
-    dep = depends_on_input(graph)
+    dep = input_dependence(graph)[0]
     assert read not in value_dependent(graph)
     v = fixed_size(gm, read, dep, {})
     assert (v == 6) if fixed else (v is VARIES)
